@@ -1,0 +1,39 @@
+"""The command line: info output, and bad input as one line on stderr with exit code 2."""
+
+import subprocess
+import sys
+
+
+def run(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "wasmchord", *args], capture_output=True, text=True, **kw)
+
+
+def test_info_on_alias_shows_architecture_and_types(smollm2_path):
+    r = run("info", "smollm2-135m-instruct")
+    assert r.returncode == 0, r.stderr
+    assert "llama" in r.stdout and "Q4_1 x210" in r.stdout and "layers         30" in r.stdout
+    assert "134,515,008" in r.stdout
+
+
+def test_info_tensors_lists_every_tensor(gemma_path):
+    r = run("info", str(gemma_path), "--tensors")
+    assert r.returncode == 0, r.stderr
+    assert "token_embd.weight" in r.stdout and "blk.17.ffn_down.weight" in r.stdout
+    assert r.stdout.count("blk.") == 18 * 13  # 13 tensors per gemma3 block
+
+
+def test_bad_path_is_one_line_on_stderr_exit_2(tmp_path):
+    r = run("info", str(tmp_path / "missing.gguf"))
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and "missing.gguf" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_not_a_gguf_file(tmp_path):
+    (tmp_path / "x.gguf").write_bytes(b"hello world, not gguf")
+    r = run("info", str(tmp_path / "x.gguf"))
+    assert r.returncode == 2 and "magic" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_unknown_alias_for_pull():
+    r = run("pull", "no-such-model")
+    assert r.returncode == 2 and "unknown model alias" in r.stderr

@@ -1,0 +1,64 @@
+"""Model config from GGUF metadata."""
+
+import pytest
+
+from wasmchord.config import ModelConfig
+from wasmchord.errors import ConfigError, UnsupportedError
+from wasmchord.gguf_file import GGUFFile
+
+LLAMA = {
+    "general.architecture": "llama", "llama.block_count": 2, "llama.embedding_length": 64,
+    "llama.attention.head_count": 4, "llama.attention.head_count_kv": 2, "llama.feed_forward_length": 96,
+    "llama.context_length": 128, "llama.attention.layer_norm_rms_epsilon": 1e-5,
+    "tokenizer.ggml.tokens": ["a"] * 100,
+}
+
+
+def test_llama_config_derives_head_dim_and_vocab_from_tokens():
+    c = ModelConfig.from_gguf(LLAMA)
+    assert (c.n_layers, c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_dim) == (2, 64, 4, 2, 16, 96)
+    assert c.vocab_size == 100 and c.n_rep == 2 and c.rope_base == 10000.0 and c.rope_dim == 16
+
+
+def test_explicit_vocab_size_and_linear_rope_scaling():
+    c = ModelConfig.from_gguf({**LLAMA, "llama.vocab_size": 90, "llama.rope.scaling.type": "linear",
+                               "llama.rope.scaling.factor": 4.0, "llama.rope.freq_base": 5e5})
+    assert c.vocab_size == 90 and c.rope_scale == 4.0 and c.rope_base == 5e5
+
+
+@pytest.mark.parametrize("key", ["llama.block_count", "llama.embedding_length", "llama.attention.head_count",
+                                 "llama.feed_forward_length", "llama.context_length",
+                                 "llama.attention.layer_norm_rms_epsilon"])
+def test_missing_required_key_is_named(key):
+    md = {k: v for k, v in LLAMA.items() if k != key}
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        ModelConfig.from_gguf(md)
+
+
+def test_wrong_value_kind_is_named():
+    with pytest.raises(ConfigError, match="llama.block_count"):
+        ModelConfig.from_gguf({**LLAMA, "llama.block_count": "two"})
+
+
+def test_unsupported_architecture_is_named():
+    with pytest.raises(UnsupportedError, match="mamba"):
+        ModelConfig.from_gguf({**LLAMA, "general.architecture": "mamba"})
+
+
+def test_heads_must_divide():
+    with pytest.raises(ConfigError, match="head_count_kv"):
+        ModelConfig.from_gguf({**LLAMA, "llama.attention.head_count_kv": 3})
+
+
+def test_real_smollm2_config(smollm2_path):
+    c = ModelConfig.from_gguf(GGUFFile(smollm2_path).metadata)
+    assert (c.arch, c.n_layers, c.d_model, c.ffn_dim, c.n_heads, c.n_kv_heads, c.head_dim) == \
+        ("llama", 30, 576, 1536, 9, 3, 64)
+    assert (c.rope_base, c.context_length, c.vocab_size) == (100000.0, 8192, 49152)
+
+
+def test_real_gemma3_config(gemma_path):
+    c = ModelConfig.from_gguf(GGUFFile(gemma_path).metadata)
+    assert (c.arch, c.n_layers, c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.sliding_window) == \
+        ("gemma3", 18, 640, 4, 1, 256, 512)
+    assert [c.is_local_layer(i) for i in range(6)] == [True] * 5 + [False]

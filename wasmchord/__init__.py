@@ -1,0 +1,11 @@
+"""wasmchord: run GGUF language models on any GPU through WebGPU, or on the CPU through NumPy."""
+
+from .errors import (BackendError, ConfigError, GenerationError, GGUFError, PullError, TokenizerError,
+                     UnsupportedError, WasmchordError)
+from .gguf_file import GGUFFile
+from .hub import KNOWN_MODELS, pull
+
+__version__ = "0.1.0"
+
+__all__ = ["GGUFFile", "pull", "KNOWN_MODELS", "WasmchordError", "GGUFError", "UnsupportedError",
+           "ConfigError", "TokenizerError", "PullError", "BackendError", "GenerationError"]

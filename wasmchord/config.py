@@ -1,0 +1,151 @@
+"""Model configuration from GGUF metadata: one frozen dataclass, architectures as table entries.
+
+Keys are llama.cpp's (src/llama-arch.cpp `LLM_KV_NAMES`), prefixed by `general.architecture`.
+Every key read is named here; a missing required key raises `ConfigError` naming it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import ConfigError, UnsupportedError
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """How an architecture differs from plain LLaMA. The graph reads these, never the arch name."""
+
+    norm: str = "rms"                 # "rms" | "layer" (LayerNorm with bias)
+    ffn: str = "swiglu"               # "swiglu" | "geglu" (tanh GELU) | "gelu" (plain MLP)
+    rope_style: str = "norm"          # "norm": adjacent pairs (GGUF/llama); "neox": halves
+    parallel_block: bool = False      # attention and MLP from one normalized input (phi2)
+    qk_norm: bool = False             # per-head RMSNorm on q and k (gemma3)
+    post_norms: bool = False          # post-attention / post-ffn norms (gemma3)
+    embed_scale_sqrt_d: bool = False  # multiply embeddings by sqrt(d_model) (gemma)
+    eps_key: str = "attention.layer_norm_rms_epsilon"
+    sliding_window_pattern: int = 0   # every Nth layer is global, the rest local (gemma3: 6)
+    rope_base_local: float | None = None
+
+
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "llama": ArchSpec(),
+    "qwen2": ArchSpec(),  # LLaMA graph plus QKV biases (picked up from the tensors)
+    "phi2": ArchSpec(norm="layer", ffn="gelu", rope_style="neox", parallel_block=True,
+                     eps_key="attention.layer_norm_epsilon"),
+    # llama.cpp src/llama-model.cpp, LLM_ARCH_GEMMA3: swa pattern 6, local rope base 10000.
+    "gemma3": ArchSpec(ffn="geglu", rope_style="norm", qk_norm=True, post_norms=True,
+                       embed_scale_sqrt_d=True, sliding_window_pattern=6, rope_base_local=10000.0),
+}
+
+
+def _get(md: dict, key: str, kind, required: bool = True, default=None):
+    if key not in md:
+        if required:
+            raise ConfigError(f"model metadata is missing required key {key!r}")
+        return default
+    v = md[key]
+    if kind is int:
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+            raise ConfigError(f"metadata key {key!r} is {v!r}, expected an integer")
+        return int(v)
+    if kind is float:
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+            raise ConfigError(f"metadata key {key!r} is {v!r}, expected a number")
+        return float(v)
+    if kind is str and not isinstance(v, str):
+        raise ConfigError(f"metadata key {key!r} is {v!r}, expected a string")
+    return v
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str
+    n_layers: int
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int        # key length per head
+    head_dim_v: int      # value length per head
+    ffn_dim: int
+    vocab_size: int
+    context_length: int  # as trained (metadata)
+    norm_eps: float
+    rope_base: float
+    rope_dim: int        # rotated dimensions per head (partial rotary when < head_dim)
+    rope_scale: float    # linear scaling: positions are divided by this
+    sliding_window: int = 0
+    spec: ArchSpec = field(default_factory=ArchSpec)
+
+    @property
+    def n_rep(self) -> int:
+        """Query heads per KV head (grouped-query attention)."""
+        return self.n_heads // self.n_kv_heads
+
+    @property
+    def attn_scale(self) -> float:
+        return 1.0 / math.sqrt(self.head_dim)
+
+    def is_local_layer(self, i: int) -> bool:
+        """Sliding-window layer? llama.cpp `llama_hparams::set_swa_pattern`: every Nth layer is global."""
+        p = self.spec.sliding_window_pattern
+        return bool(p and self.sliding_window and (i + 1) % p != 0)
+
+    @classmethod
+    def from_gguf(cls, md: dict) -> "ModelConfig":
+        """Build the config from a GGUF metadata dict.
+
+        Raises:
+            UnsupportedError: `general.architecture` is not in `ARCHITECTURES`.
+            ConfigError: a required key is missing or has the wrong kind of value.
+        """
+        arch = _get(md, "general.architecture", str)
+        if arch not in ARCHITECTURES:
+            raise UnsupportedError(f"unsupported architecture {arch!r}; supported: {', '.join(ARCHITECTURES)}")
+        spec = ARCHITECTURES[arch]
+        k = lambda name: f"{arch}.{name}"  # noqa: E731
+        d_model = _get(md, k("embedding_length"), int)
+        n_heads = _get(md, k("attention.head_count"), int)
+        n_kv = _get(md, k("attention.head_count_kv"), int, False, n_heads)
+        head_dim = _get(md, k("attention.key_length"), int, False, d_model // max(n_heads, 1))
+        vocab = _get(md, k("vocab_size"), int, False)
+        if vocab is None:
+            tokens = md.get("tokenizer.ggml.tokens")
+            if tokens is None:
+                raise ConfigError(f"model metadata has neither {k('vocab_size')!r} nor 'tokenizer.ggml.tokens'")
+            vocab = len(tokens)
+        scaling = _get(md, k("rope.scaling.type"), str, False, "none")
+        factor = _get(md, k("rope.scaling.factor"), float, False, 1.0)
+        if scaling not in ("none", "linear"):
+            raise UnsupportedError(f"{k('rope.scaling.type')} = {scaling!r} is not supported (only linear)")
+        cfg = cls(
+            arch=arch,
+            n_layers=_get(md, k("block_count"), int),
+            d_model=d_model,
+            n_heads=n_heads,
+            n_kv_heads=n_kv,
+            head_dim=head_dim,
+            head_dim_v=_get(md, k("attention.value_length"), int, False, head_dim),
+            ffn_dim=_get(md, k("feed_forward_length"), int),
+            vocab_size=vocab,
+            context_length=_get(md, k("context_length"), int),
+            norm_eps=_get(md, k(spec.eps_key), float),
+            rope_base=_get(md, k("rope.freq_base"), float, False, 10000.0),
+            rope_dim=_get(md, k("rope.dimension_count"), int, False, head_dim),
+            rope_scale=factor if scaling == "linear" and factor > 0 else 1.0,
+            sliding_window=_get(md, k("attention.sliding_window"), int, False, 0),
+            spec=spec,
+        )
+        for name, v in [("block_count", cfg.n_layers), ("embedding_length", d_model),
+                        ("attention.head_count", n_heads), ("attention.head_count_kv", n_kv),
+                        ("feed_forward_length", cfg.ffn_dim), ("context_length", cfg.context_length)]:
+            if v <= 0:
+                raise ConfigError(f"metadata key {k(name)!r} is {v}, expected a positive integer")
+        if n_heads % n_kv:
+            raise ConfigError(f"{k('attention.head_count')} = {n_heads} is not a multiple of "
+                              f"{k('attention.head_count_kv')} = {n_kv}")
+        if cfg.rope_dim > head_dim or cfg.rope_dim % 2:
+            raise ConfigError(f"{k('rope.dimension_count')} = {cfg.rope_dim} must be even and <= head size {head_dim}")
+        return cfg
