@@ -4,6 +4,8 @@ from .errors import (BackendError, ConfigError, GenerationError, GGUFError, Pull
                      UnsupportedError, WasmchordError)
 from .gguf_file import GGUFFile
 from .hub import KNOWN_MODELS, pull
+from .tokenizer import Tokenizer
+from .api import Model
 
 __version__ = "0.1.0"
 

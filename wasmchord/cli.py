@@ -98,11 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_engine_commands(sub):
-    """Hook for the generation commands (defined in cli_engine to keep this module small)."""
-    try:
-        from .cli_engine import add_commands
-    except ImportError:
-        return
+    """The commands that run a model live in cli_engine, to keep this module small."""
+    from .cli_engine import add_commands
     add_commands(sub)
 
 

@@ -32,11 +32,12 @@ class ArchSpec:
 
 ARCHITECTURES: dict[str, ArchSpec] = {
     "llama": ArchSpec(),
-    "qwen2": ArchSpec(),  # LLaMA graph plus QKV biases (picked up from the tensors)
+    # llama.cpp llama_model_rope_type(): qwen2, phi2 and gemma3 rotate halves (NEOX), llama adjacent pairs.
+    "qwen2": ArchSpec(rope_style="neox"),  # LLaMA graph plus QKV biases (picked up from the tensors)
     "phi2": ArchSpec(norm="layer", ffn="gelu", rope_style="neox", parallel_block=True,
                      eps_key="attention.layer_norm_epsilon"),
     # llama.cpp src/llama-model.cpp, LLM_ARCH_GEMMA3: swa pattern 6, local rope base 10000.
-    "gemma3": ArchSpec(ffn="geglu", rope_style="norm", qk_norm=True, post_norms=True,
+    "gemma3": ArchSpec(ffn="geglu", rope_style="neox", qk_norm=True, post_norms=True,
                        embed_scale_sqrt_d=True, sliding_window_pattern=6, rope_base_local=10000.0),
 }
 

@@ -1,0 +1,133 @@
+"""Generation API on the CPU backend with SmolLM2: stream/generate/chat, stops, sessions, bad input."""
+
+import pytest
+
+from wasmchord import Model
+from wasmchord.errors import BackendError, GenerationError
+
+
+@pytest.fixture(scope="module")
+def m():
+    return Model.load("smollm2-135m-instruct", device="cpu", context_length=256)
+
+
+def test_generate_greedy_knows_paris(m):
+    c = m.generate("The capital of France is", max_tokens=4, temperature=0)
+    assert c.text.startswith(" Paris") and c.finish_reason == "length" and c.completion_tokens == 4
+    assert c.prompt_tokens == 5 and c.tok_per_s > 0
+
+
+def test_prompt_as_token_ids(m):
+    ids = m.tokenizer.encode("The capital of France is")
+    assert m.generate(ids, max_tokens=3, temperature=0).tokens == \
+        m.generate("The capital of France is", max_tokens=3, temperature=0).tokens
+
+
+def test_stream_concatenation_equals_generate(m):
+    chunks = list(m.stream("Once upon a time", max_tokens=20, temperature=0))
+    assert chunks[-1].finish_reason == "length" and all(c.finish_reason is None for c in chunks[:-1])
+    assert "".join(c.text for c in chunks) == m.generate("Once upon a time", max_tokens=20, temperature=0).text
+
+
+def test_stop_string_is_never_partially_emitted(m):
+    full = m.generate("Once upon a time", max_tokens=30, temperature=0).text
+    stop = full[10:14]
+    assert stop and stop not in full[:10]
+    chunks = list(m.stream("Once upon a time", max_tokens=30, temperature=0, stop=[stop, "zzzz"]))
+    text = "".join(c.text for c in chunks)
+    assert text == full[:full.index(stop)] and chunks[-1].finish_reason == "stop"
+    seen = ""
+    for c in chunks:  # no prefix of the stop string ever leaked into emitted text beyond the final cut
+        seen += c.text
+        assert stop not in seen
+
+
+def test_seeded_sampling_is_reproducible(m):
+    a = m.generate("Tell me a story", max_tokens=16, temperature=1.0, seed=42).tokens
+    b = m.generate("Tell me a story", max_tokens=16, temperature=1.0, seed=42).tokens
+    c = m.generate("Tell me a story", max_tokens=16, temperature=1.0, seed=43).tokens
+    assert a == b and a != c
+
+
+def test_chat_stops_at_end_of_turn(m):
+    c = m.chat([{"role": "user", "content": "What is 2+2? Answer with one number."}], max_tokens=40, temperature=0)
+    assert c.finish_reason == "stop" and "4" in c.text and "<|im_end|>" not in c.text
+
+
+def test_chat_session_reuses_the_cache(m):
+    s = m.session()
+    first = s.send("Hi! My name is Ada.", max_tokens=20, temperature=0)
+    second = s.send("What is my name?", max_tokens=20, temperature=0)
+    assert m.last_stats.cached_tokens > first.prompt_tokens  # the earlier turns were not re-evaluated
+    fresh = m.chat(s.messages[:-1], max_tokens=20, temperature=0)
+    assert fresh.text == second.text
+    s.reset()
+    assert s.messages == []
+
+
+def test_interleaved_sessions_do_not_share_stale_cache(m):
+    s = m.session()
+    s.send("Hi! My name is Ada.", max_tokens=10, temperature=0)
+    m.generate("Completely unrelated text about boats", max_tokens=5, temperature=0)  # overwrites the cache
+    second = s.send("What is my name?", max_tokens=15, temperature=0)
+    assert m.last_stats.cached_tokens == 0  # the session noticed and re-evaluated
+    assert second.text == m.chat(s.messages[:-1], max_tokens=15, temperature=0).text
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(max_tokens=0), "max_tokens"), (dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"),
+    (dict(top_k=-2), "top_k"), (dict(stop=[1]), "stop"), (dict(stop=[""]), "stop"),
+])
+def test_bad_arguments_are_clear_errors(m, kw, match):
+    with pytest.raises(GenerationError, match=match):
+        m.generate("hi", **kw)
+    assert m.generate("The capital of France is", max_tokens=2, temperature=0).text.startswith(" Paris")
+
+
+def test_empty_prompt(m):
+    with pytest.raises(GenerationError, match="empty"):
+        m.generate("")
+
+
+def test_prompt_longer_than_context(m):
+    with pytest.raises(GenerationError, match="context"):
+        m.generate("word " * 400, max_tokens=2)
+    assert m.generate("The capital of France is", max_tokens=2, temperature=0).text.startswith(" Paris")
+
+
+def test_context_fills_during_generation(m):
+    ids = m.tokenizer.encode("a")[:1] * 250
+    with pytest.raises(GenerationError, match="context full"):
+        m.generate(ids, max_tokens=50, temperature=0)
+
+
+@pytest.mark.parametrize("msgs", [[], [{"role": "user"}], [{"content": "x"}], ["hello"], "hello"])
+def test_malformed_chat_messages(m, msgs):
+    with pytest.raises(GenerationError):
+        m.chat(msgs)
+
+
+def test_chat_template_that_raises(m, monkeypatch):
+    monkeypatch.setattr(m.tokenizer, "chat_template", "{{ raise_exception('roles must alternate') }}")
+    with pytest.raises(GenerationError, match="roles must alternate"):
+        m.chat([{"role": "user", "content": "x"}])
+    monkeypatch.setattr(m.tokenizer, "chat_template", "{{ messages[0].nope() }}")
+    with pytest.raises(GenerationError, match="chat template"):
+        m.chat([{"role": "user", "content": "x"}])
+
+
+def test_out_of_range_prompt_ids(m):
+    with pytest.raises(ValueError, match="99999"):
+        m.generate([1, 99999])
+
+
+def test_unknown_device():
+    with pytest.raises(BackendError, match="tpu"):
+        Model.load("smollm2-135m-instruct", device="tpu")
+
+
+def test_quantized_weights_mode_gives_the_same_logits(m):
+    q = Model.load("smollm2-135m-instruct", device="cpu", weights="quantized", context_length=64)
+    ids = m.tokenizer.encode("The capital of France is")
+    import numpy as np
+    np.testing.assert_allclose(q.logits(ids), m.logits(ids), atol=1e-3)

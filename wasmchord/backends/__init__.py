@@ -1,0 +1,64 @@
+"""Backends by name, imported lazily: `import wasmchord` needs no GPU driver."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+
+from ..errors import BackendError
+
+log = logging.getLogger(__name__)
+
+# name -> "module:class"
+BACKENDS = {
+    "cpu": "wasmchord.backends.numpy_backend:NumpyBackend",
+    "gpu": "wasmchord.backends.wgpu_backend:WgpuBackend",
+}
+
+
+def _load(name: str):
+    mod, cls = BACKENDS[name].split(":")
+    return getattr(importlib.import_module(mod), cls)
+
+
+def get_backend(device: str = "auto", **options):
+    """Instantiate a backend: "cpu", "gpu", or "auto" (a hardware GPU if present, else the CPU).
+
+    Raises:
+        BackendError: unknown device name, or the GPU is unavailable (the message says what to install).
+    """
+    if device == "auto":
+        if _hardware_gpu_present():
+            return _load("gpu")(**options)
+        log.info("no hardware GPU adapter: using the cpu backend")
+        return _load("cpu")(**{k: v for k, v in options.items() if k in ("weights", "attention_chunk")})
+    if device not in BACKENDS:
+        raise BackendError(f"unknown device {device!r}; expected one of: auto, {', '.join(BACKENDS)}")
+    try:
+        cls = _load(device)
+    except ModuleNotFoundError as e:
+        if e.name and e.name.endswith("wgpu_backend"):
+            raise BackendError("the GPU backend is not part of this build of wasmchord; use device='cpu'") from None
+        raise
+    return cls(**options)
+
+
+def _hardware_gpu_present() -> bool:
+    try:
+        _load("gpu")
+        from .gpu_device import find_adapter
+    except ModuleNotFoundError:
+        return False
+    try:
+        return find_adapter(allow_software=False) is not None
+    except BackendError:
+        return False
+
+
+def gpu_info() -> str:
+    """Adapter, backend, limits and features of the GPU (for `wasmchord info --gpu`)."""
+    try:
+        from .gpu_device import describe_adapter
+    except ModuleNotFoundError:
+        raise BackendError("the GPU backend is not part of this build of wasmchord") from None
+    return describe_adapter()

@@ -1,0 +1,99 @@
+"""The backend interface: a small set of coarse ops the transformer graph is written against.
+
+Handles (weights, activations, the KV cache) are owned by the backend: NumPy arrays on the CPU,
+device buffers on the GPU. Weights arrive as raw GGUF blocks so a backend may keep them quantized.
+Shapes: n = positions in this call, d = model width, H = query heads, hd = head size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..quants import GGMLType
+
+
+@dataclass(frozen=True)
+class WeightSource:
+    """A GGUF tensor as stored: raw bytes (a memory-map view), type and NumPy-order shape."""
+
+    name: str
+    raw: np.ndarray
+    qtype: GGMLType
+    shape: tuple[int, ...]
+
+
+class Backend:
+    """Base class: every op raises until a backend implements it (tinygrad's Allocator style)."""
+
+    name = "base"
+
+    # ------------------------------------------------------------------------------------ memory
+    def load_matrix(self, parts: list[WeightSource]):
+        """A weight matrix [rows, k]: `parts` stacked by rows (e.g. Q, K and V as one matrix)."""
+        raise NotImplementedError("need load_matrix")
+
+    def load_vector(self, array: np.ndarray):
+        """A small float32 tensor (norm weights, biases)."""
+        raise NotImplementedError("need load_vector")
+
+    def alloc_kv_cache(self, n_layers: int, n_kv_heads: int, max_ctx: int, head_dim: int, head_dim_v: int):
+        raise NotImplementedError("need alloc_kv_cache")
+
+    def read(self, x) -> np.ndarray:
+        """Bring a handle back to the host as a NumPy array."""
+        raise NotImplementedError("need read")
+
+    # ------------------------------------------------------------------------------------ ops
+    def embed(self, table, ids: np.ndarray, scale: float = 1.0):
+        """Rows `ids` of `table` [vocab, d], times `scale` -> [n, d]."""
+        raise NotImplementedError("need embed")
+
+    def rmsnorm(self, x, w, eps: float):
+        """x / rms(x) * w over the last axis; x [..., m], w [m]."""
+        raise NotImplementedError("need rmsnorm")
+
+    def layernorm(self, x, w, b, eps: float):
+        raise NotImplementedError("need layernorm")
+
+    def matmul(self, x, w, bias=None):
+        """x [n, k] @ w[rows, k].T (+ bias) -> [n, rows]."""
+        raise NotImplementedError("need matmul")
+
+    def add(self, a, b):
+        """a + b (a may be updated in place and returned)."""
+        raise NotImplementedError("need add")
+
+    def rope(self, x, pos0: int, *, base: float, n_rot: int, scale: float, neox: bool):
+        """Rotate x [n, heads, hd] for positions pos0..pos0+n-1 (first n_rot dims of each head)."""
+        raise NotImplementedError("need rope")
+
+    def kv_write(self, cache, layer: int, k, v, pos0: int):
+        """Store k [n, KV, hd] and v [n, KV, hd_v] at positions pos0..pos0+n-1 of `layer`."""
+        raise NotImplementedError("need kv_write")
+
+    def attention(self, q, cache, layer: int, pos0: int, *, scale: float, window: int = 0):
+        """Causal attention of q [n, H, hd] (positions pos0..) over the cache -> [n, H * hd_v].
+
+        `window` > 0 limits each query to the last `window` positions (sliding-window layers)."""
+        raise NotImplementedError("need attention")
+
+    def swiglu(self, gate_up):
+        """[n, 2f] (gate | up) -> silu(gate) * up [n, f]."""
+        raise NotImplementedError("need swiglu")
+
+    def geglu(self, gate_up):
+        """[n, 2f] (gate | up) -> gelu_tanh(gate) * up [n, f]."""
+        raise NotImplementedError("need geglu")
+
+    def gelu(self, x):
+        raise NotImplementedError("need gelu")
+
+    def argmax(self, logits) -> int:
+        """Index of the largest value of a [vocab] vector."""
+        raise NotImplementedError("need argmax")
+
+    def split_heads(self, x, sizes: list[int], heads: list[int]):
+        """Split [n, sum(sizes)] into views [n, heads_i, sizes_i / heads_i]."""
+        raise NotImplementedError("need split_heads")

@@ -1,0 +1,193 @@
+"""The NumPy backend: float32 math on the CPU, matrix products through BLAS.
+
+Weights are dequantized to float32 once at load (`weights="f32"`, the fast path: BLAS sgemm for
+prefill, sgemv for decode). `weights="quantized"` keeps the GGUF blocks (the file's size in memory)
+and dequantizes a matrix each time it is used: far slower decode, for models too large for f32.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import BackendError
+from ..quants import dequantize_rows
+from .base import Backend, WeightSource
+
+_SQRT_2_OVER_PI = np.float32(np.sqrt(2.0 / np.pi))
+
+class _QuantizedMatrix:
+    """Rows of several GGUF tensors kept as raw blocks; dequantized on use."""
+
+    def __init__(self, parts: list[WeightSource]):
+        self.parts = parts
+        self.shape = (sum(p.shape[0] for p in parts), parts[0].shape[1])
+
+    def f32(self, rows: slice | None = None) -> np.ndarray:
+        if rows is not None and len(self.parts) == 1:
+            p = self.parts[0]
+            return dequantize_rows(p.raw, p.qtype, p.shape, rows)
+        full = np.concatenate([dequantize_rows(p.raw, p.qtype, p.shape) for p in self.parts])
+        return full if rows is None else full[rows]
+
+
+class KVCache:
+    """Per layer: k [KV, max_ctx, hd], v [KV, max_ctx, hd_v]. np.zeros pages are only committed when
+    written, so a long context costs memory only as it fills."""
+
+    def __init__(self, n_layers, n_kv, max_ctx, hd, hd_v):
+        self.k = [np.zeros((n_kv, max_ctx, hd), np.float32) for _ in range(n_layers)]
+        self.v = [np.zeros((n_kv, max_ctx, hd_v), np.float32) for _ in range(n_layers)]
+        self.max_ctx = max_ctx
+
+
+class NumpyBackend(Backend):
+    name = "cpu"
+
+    def __init__(self, *, weights: str = "f32", attention_chunk: int = 512):
+        if weights not in ("f32", "quantized"):
+            raise BackendError(f"cpu backend: weights={weights!r}, expected 'f32' or 'quantized'")
+        self.weights = weights
+        self.attention_chunk = attention_chunk
+        self._rope_tables: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+
+    def describe(self) -> str:
+        return f"NumPy (float32 BLAS, weights {self.weights})"
+
+    # ------------------------------------------------------------------------------------ memory
+    def load_matrix(self, parts):
+        if self.weights == "quantized":
+            return _QuantizedMatrix(parts)
+        k = parts[0].shape[1]
+        out = np.empty((sum(p.shape[0] for p in parts), k), np.float32)
+        r = 0
+        for p in parts:
+            dequantize_rows(p.raw, p.qtype, p.shape, out=out[r:r + p.shape[0]].reshape(-1), what=p.name)
+            r += p.shape[0]
+        return out
+
+    def load_vector(self, array):
+        return np.ascontiguousarray(array, dtype=np.float32)
+
+    def alloc_kv_cache(self, n_layers, n_kv_heads, max_ctx, head_dim, head_dim_v):
+        return KVCache(n_layers, n_kv_heads, max_ctx, head_dim, head_dim_v)
+
+    def read(self, x):
+        return np.asarray(x)
+
+
+    # ------------------------------------------------------------------------------------ ops
+    def embed(self, table, ids, scale=1.0):
+        ids = np.asarray(ids, dtype=np.int64)
+        if isinstance(table, _QuantizedMatrix):
+            x = np.stack([table.f32(slice(int(i), int(i) + 1))[0] for i in ids])
+        else:
+            x = table[ids]
+        if scale != 1.0:
+            x *= np.float32(scale)
+        return x
+
+    def rmsnorm(self, x, w, eps):
+        ms = np.mean(np.square(x), axis=-1, keepdims=True, dtype=np.float32)
+        return x * (1.0 / np.sqrt(ms + np.float32(eps))) * w
+
+    def layernorm(self, x, w, b, eps):
+        mu = x.mean(axis=-1, keepdims=True)
+        xc = x - mu
+        var = np.mean(np.square(xc), axis=-1, keepdims=True)
+        return xc * (1.0 / np.sqrt(var + np.float32(eps))) * w + b
+
+    def matmul(self, x, w, bias=None):
+        y = x @ (w.f32() if isinstance(w, _QuantizedMatrix) else w).T
+        if bias is not None:
+            y += bias
+        return y
+
+    def add(self, a, b):
+        a += b
+        return a
+
+    def _rope_table(self, base, n_rot, scale, n_pos):
+        key = (base, n_rot, scale)
+        tab = self._rope_tables.get(key)
+        if tab is None or tab[0].shape[0] < n_pos:
+            n_pos = max(n_pos, 4096)
+            inv = base ** (-np.arange(0, n_rot, 2, dtype=np.float64) / n_rot)  # [n_rot/2]
+            ang = np.outer(np.arange(n_pos, dtype=np.float64) / scale, inv)     # [pos, n_rot/2]
+            tab = (np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32))
+            self._rope_tables[key] = tab
+        return tab
+
+    def rope(self, x, pos0, *, base, n_rot, scale, neox):
+        n = x.shape[0]
+        cos, sin = self._rope_table(base, n_rot, scale, pos0 + n)
+        c = cos[pos0:pos0 + n, None, :]  # [n, 1, n_rot/2]
+        s = sin[pos0:pos0 + n, None, :]
+        if neox:  # pairs (i, i + n_rot/2)
+            x0, x1 = x[..., :n_rot // 2], x[..., n_rot // 2:n_rot]
+        else:     # GGUF/llama: adjacent pairs (2i, 2i+1)
+            x0, x1 = x[..., 0:n_rot:2], x[..., 1:n_rot:2]
+        r0 = x0 * c - x1 * s
+        r1 = x0 * s + x1 * c
+        x0[...] = r0
+        x1[...] = r1
+        return x
+
+    def kv_write(self, cache, layer, k, v, pos0):
+        n = k.shape[0]
+        if pos0 + n > cache.max_ctx:
+            raise BackendError(f"KV cache overflow: positions up to {pos0 + n} > context {cache.max_ctx}")
+        cache.k[layer][:, pos0:pos0 + n] = k.transpose(1, 0, 2)
+        cache.v[layer][:, pos0:pos0 + n] = v.transpose(1, 0, 2)
+
+    def attention(self, q, cache, layer, pos0, *, scale, window=0):
+        n, H, hd = q.shape
+        K, V = cache.k[layer], cache.v[layer]
+        kv = K.shape[0]
+        out = np.empty((n, H * V.shape[2]), np.float32)
+        for c0 in range(0, n, self.attention_chunk):
+            c1 = min(n, c0 + self.attention_chunk)
+            out[c0:c1] = self._attend(q[c0:c1], K, V, pos0 + c0, scale, window, kv)
+        return out
+
+    @staticmethod
+    def _attend(q, K, V, pos0, scale, window, kv):
+        n, H, hd = q.shape
+        rep = H // kv
+        t_end = pos0 + n
+        t0 = max(0, pos0 + 1 - window) if window else 0
+        qg = q.reshape(n, kv, rep, hd).transpose(1, 2, 0, 3) * np.float32(scale)  # [kv, rep, n, hd]
+        s = qg @ K[:, None, t0:t_end].transpose(0, 1, 3, 2)                         # [kv, rep, n, T]
+        if n > 1 or window:
+            qpos = np.arange(pos0, t_end)[:, None]
+            kpos = np.arange(t0, t_end)[None, :]
+            masked = kpos > qpos
+            if window:
+                masked |= qpos - kpos >= window
+            s[..., masked] = -np.inf
+        s -= s.max(axis=-1, keepdims=True)
+        np.exp(s, out=s)
+        s /= s.sum(axis=-1, keepdims=True)
+        o = s @ V[:, None, t0:t_end]                                                # [kv, rep, n, hd_v]
+        return o.transpose(2, 0, 1, 3).reshape(n, -1)
+
+    def swiglu(self, gate_up):
+        f = gate_up.shape[-1] // 2
+        g, u = gate_up[..., :f], gate_up[..., f:]
+        return g / (1.0 + np.exp(-g)) * u
+
+    def gelu(self, x):
+        return 0.5 * x * (1.0 + np.tanh(_SQRT_2_OVER_PI * (x + np.float32(0.044715) * x * x * x)))
+
+    def geglu(self, gate_up):
+        f = gate_up.shape[-1] // 2
+        return self.gelu(gate_up[..., :f]) * gate_up[..., f:]
+
+    def argmax(self, logits):
+        return int(np.argmax(logits))
+
+    def split_heads(self, x, sizes, heads):
+        out, c = [], 0
+        for size, h in zip(sizes, heads):
+            out.append(x[:, c:c + size].reshape(x.shape[0], h, size // h))
+            c += size
+        return out

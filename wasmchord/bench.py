@@ -1,0 +1,167 @@
+"""`wasmchord bench`: load time, prefill and decode tok/s, peak RSS, the memory-bandwidth roofline,
+and llama.cpp's figures in the same run when llama-cpp-python is importable."""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import resource
+import time
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+TEXT = ("The history of science is the study of the development of science and scientific knowledge, "
+        "including both the natural and social sciences. Science is a body of empirical, theoretical, and "
+        "practical knowledge about the natural world, produced by scientists who emphasize the observation, "
+        "explanation, and prediction of real-world phenomena. ")
+
+
+def prompt_ids(tokenizer, n: int) -> list[int]:
+    ids = tokenizer.encode(TEXT * (n // 40 + 2), add_bos=False)
+    return ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + ids[:n - 1]
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def read_bandwidth_gbps(nbytes: int = 512_000_000) -> float:
+    """Memory read bandwidth as decode sees it: best of 5 BLAS float32 matrix-vector products over a
+    matrix far larger than the caches (all threads, like the decode step)."""
+    w = np.ones((nbytes // 4 // 1024, 1024), np.float32)
+    x = np.ones(1024, np.float32)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        w @ x
+        best = min(best, time.perf_counter() - t)
+    return nbytes / best / 1e9
+
+
+def _timed(f):
+    t = time.perf_counter()
+    r = f()
+    return time.perf_counter() - t, r
+
+
+def bench_wasmchord(model_path, device, prompt_lengths, n_gen, progress=None, **backend_options) -> dict:
+    from .api import Model
+    from .generate import generate_tokens
+    from .sampling import SamplingParams
+    load_s, m = _timed(lambda: Model.load(model_path, device=device, context_length=max(prompt_lengths) + n_gen + 8,
+                                         progress=progress, **backend_options))
+    s = m._session
+    prefill = {}
+    for n in prompt_lengths:
+        ids = prompt_ids(m.tokenizer, n)
+        best = float("inf")
+        for _ in range(2):
+            s.reset()
+            dt, lg = _timed(lambda: m.backend.read(s.prefill(ids)[0]))
+            best = min(best, dt)
+        prefill[n] = n / best
+    ids = prompt_ids(m.tokenizer, min(256, max(prompt_lengths)))
+    s.reset()
+    stats_gen = generate_tokens(s, ids, SamplingParams(temperature=0), max_tokens=n_gen + 1)
+    next(stats_gen)  # prefill and first token
+    dt, toks = _timed(lambda: list(stats_gen))
+    decode = len(toks) / dt
+    out = {"engine": "wasmchord", "backend": m.backend.name, "backend_detail": getattr(m.backend, "describe", str)(),
+           "load_s": load_s, "prefill_tok_s": prefill, "decode_tok_s": decode, "peak_rss_mb": peak_rss_mb()}
+    wb = weight_bytes_per_token(m)
+    if wb:
+        out["weight_bytes_per_token"] = wb
+    return out
+
+
+def weight_bytes_per_token(m) -> int | None:
+    """Bytes of weights one decode step reads in this backend's representation."""
+    tf = m._tf
+    mats = [tf.output] + [w for L in tf.layers for w in (L.wqkv, L.wo, L.w_up, L.w_down)]
+    total = 0
+    for w in mats:
+        nb = getattr(w, "nbytes", None)
+        if nb is None:
+            return None
+        total += nb
+    return total
+
+
+def bench_llama_cpp(model_path, prompt_lengths, n_gen, threads) -> dict | None:
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    load_s, llm = _timed(lambda: llama_cpp.Llama(model_path=str(model_path), n_ctx=max(prompt_lengths) + n_gen + 8,
+                                                n_batch=max(prompt_lengths), n_ubatch=max(prompt_lengths),
+                                                n_threads=threads, n_threads_batch=threads, verbose=False))
+    from .tokenizer import Tokenizer
+    tok = Tokenizer.from_gguf(model_path)
+    prefill = {}
+    for n in prompt_lengths:
+        ids = prompt_ids(tok, n)
+        best = float("inf")
+        for _ in range(2):
+            llm.reset()
+            dt, _ = _timed(lambda: llm.eval(ids))
+            best = min(best, dt)
+        prefill[n] = n / best
+    ids = prompt_ids(tok, min(256, max(prompt_lengths)))
+    llm.reset()
+    llm.eval(ids)
+
+    def decode():
+        for _ in range(n_gen):
+            t = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            llm.eval([t])
+    dt, _ = _timed(decode)
+    return {"engine": "llama.cpp", "version": llama_cpp.__version__, "threads": threads, "load_s": load_s,
+            "prefill_tok_s": prefill, "decode_tok_s": n_gen / dt}
+
+
+def run(model_path, *, device="cpu", prompt_lengths=(64, 256, 1024), n_gen=128, llama_cpp="auto",
+        progress=None, **backend_options) -> dict:
+    """Benchmark wasmchord (and llama.cpp when available and not disabled) on one model."""
+    threads = os.cpu_count() or 1
+    ours = bench_wasmchord(model_path, device, prompt_lengths, n_gen, progress=progress, **backend_options)
+    res = {"model": str(model_path), "machine": {"cpu": platform.processor() or platform.machine(),
+                                                 "cores": threads, "python": platform.python_version()},
+           "wasmchord": ours}
+    if ours.get("weight_bytes_per_token") and ours["backend"] == "cpu":
+        bw = read_bandwidth_gbps()
+        roof = bw * 1e9 / ours["weight_bytes_per_token"]
+        res["roofline"] = {"read_bandwidth_GBps": bw, "weight_MB_per_token": ours["weight_bytes_per_token"] / 1e6,
+                           "decode_roofline_tok_s": roof, "decode_fraction_of_roofline": ours["decode_tok_s"] / roof}
+    ref = bench_llama_cpp(model_path, prompt_lengths, n_gen, threads) if llama_cpp != "off" else None
+    if ref:
+        res["llama_cpp"] = ref
+        res["ratios"] = {"load": ref["load_s"] / ours["load_s"],
+                         "decode": ours["decode_tok_s"] / ref["decode_tok_s"],
+                         **{f"prefill_{n}": ours["prefill_tok_s"][n] / ref["prefill_tok_s"][n] for n in prompt_lengths}}
+    return res
+
+
+def format_result(res: dict) -> str:
+    o = res["wasmchord"]
+    lines = [f"model: {res['model']}", f"backend: {o['backend_detail']}",
+             f"{'':<22}{'wasmchord':>12}" + (f"{'llama.cpp':>12}{'ratio':>8}" if "llama_cpp" in res else "")]
+    ref, r = res.get("llama_cpp"), res.get("ratios", {})
+
+    def row(name, ours, theirs=None, ratio=None, fmt="{:.1f}"):
+        s = f"{name:<22}{fmt.format(ours):>12}"
+        if theirs is not None:
+            s += f"{fmt.format(theirs):>12}{ratio:>7.2f}x"
+        return s
+    lines.append(row("load (s)", o["load_s"], ref and ref["load_s"], r.get("load"), "{:.2f}"))
+    for n, v in o["prefill_tok_s"].items():
+        lines.append(row(f"prefill {n} (tok/s)", v, ref and ref["prefill_tok_s"][n], r.get(f"prefill_{n}")))
+    lines.append(row("decode (tok/s)", o["decode_tok_s"], ref and ref["decode_tok_s"], r.get("decode")))
+    lines.append(f"{'peak RSS (MB)':<22}{o['peak_rss_mb']:>12.0f}")
+    if "roofline" in res:
+        rf = res["roofline"]
+        lines.append(f"roofline: {rf['weight_MB_per_token']:.0f} MB of weights per token / {rf['read_bandwidth_GBps']:.1f} GB/s "
+                     f"read = {rf['decode_roofline_tok_s']:.0f} tok/s; decode reaches {100 * rf['decode_fraction_of_roofline']:.0f}%")
+    return "\n".join(lines)

@@ -1,0 +1,193 @@
+"""Generation in three layers (mlx-lm style): token generator -> streaming chunks -> blocking call.
+
+A `Session` owns the KV cache contents: it remembers which tokens are in the cache, so a new prompt
+that extends the previous one only evaluates the new tokens (multi-turn chat).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+
+from .errors import GenerationError
+from .sampling import SamplingParams, make_rng, sample
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Chunk:
+    """One streamed piece: new text (may be empty while a character or stop string is pending)."""
+
+    text: str
+    token: int | None
+    finish_reason: str | None = None  # "stop" | "length" on the last chunk
+
+
+@dataclass
+class Completion:
+    text: str
+    tokens: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    prompt_eval_s: float
+    eval_s: float
+    cached_tokens: int = 0
+
+    @property
+    def prompt_tok_per_s(self) -> float:
+        n = self.prompt_tokens - self.cached_tokens
+        return n / self.prompt_eval_s if self.prompt_eval_s > 0 else float("inf")
+
+    @property
+    def tok_per_s(self) -> float:
+        return self.completion_tokens / self.eval_s if self.eval_s > 0 else float("inf")
+
+
+@dataclass
+class _Stats:
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    prompt_eval_s: float = 0.0
+    eval_s: float = 0.0
+    tokens: list = field(default_factory=list)
+
+
+class Session:
+    """A view of the model's KV cache plus the tokens it holds there. `reset()` forgets them.
+
+    Several sessions share one cache (one per model); the transformer records which session wrote it
+    last, and a session that finds the cache taken over starts from scratch."""
+
+    def __init__(self, transformer):
+        self.tf = transformer
+        self.tokens: list[int] = []
+
+    def reset(self):
+        self.tokens = []
+
+    @property
+    def n_ctx(self) -> int:
+        return self.tf.max_ctx
+
+    def prefill(self, ids: list[int]):
+        """Make the cache hold exactly `ids`, evaluating only what differs; returns last logits."""
+        if not ids:
+            raise GenerationError("the prompt is empty: there is nothing to continue from")
+        if len(ids) >= self.n_ctx:
+            raise GenerationError(f"the prompt has {len(ids)} tokens; the context holds {self.n_ctx} "
+                                  f"(raise context_length, or shorten the prompt)")
+        if getattr(self.tf, "cache_owner", None) is not self:
+            self.tokens = []
+        self.tf.cache_owner = self
+        common = 0
+        for a, b in zip(self.tokens, ids):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(ids) - 1)  # always evaluate at least the last token for its logits
+        self.tokens = self.tokens[:common]
+        logits = self.tf.forward(np.asarray(ids[common:], np.int64), common)
+        self.tokens = list(ids)
+        return logits, common
+
+    def step(self, token: int):
+        if len(self.tokens) >= self.n_ctx:
+            raise GenerationError(f"context full ({self.n_ctx} tokens)")
+        assert self.tf.cache_owner is self, "step() after another session used the cache"
+        logits = self.tf.forward(np.asarray([token], np.int64), len(self.tokens))
+        self.tokens.append(token)
+        return logits
+
+
+def generate_tokens(session: Session, prompt_ids: list[int], params: SamplingParams, *, max_tokens: int,
+                    stop_ids: frozenset[int] = frozenset(), stats: _Stats | None = None) -> Iterator[int]:
+    """Layer 1: yield sampled token ids until a stop id (not yielded) or `max_tokens`."""
+    stats = stats or _Stats()
+    rng = make_rng(params.seed)
+    t0 = time.perf_counter()
+    logits, cached = session.prefill(prompt_ids)
+    be = session.tf.be
+    stats.prompt_tokens, stats.cached_tokens = len(prompt_ids), cached
+    stats.prompt_eval_s = time.perf_counter() - t0
+    history = list(prompt_ids)
+    t1 = time.perf_counter()
+    try:
+        for i in range(max_tokens):
+            if params.greedy and params.repeat_penalty == 1.0 and not params.presence_penalty \
+                    and not params.frequency_penalty:
+                tok = be.argmax(logits)
+            else:
+                tok = sample(be.read(logits), params, rng, history)
+            if tok in stop_ids:
+                return
+            history.append(tok)
+            stats.tokens.append(tok)
+            yield tok
+            if i + 1 == max_tokens:
+                return
+            if len(session.tokens) >= session.n_ctx:
+                raise GenerationError(f"context full ({session.n_ctx} tokens) after {i + 1} generated tokens")
+            logits = session.step(tok)
+    finally:
+        stats.eval_s = time.perf_counter() - t1
+
+
+def _stop_prefix_len(text: str, stops: list[str]) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of some stop string."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best
+
+
+def stream_chunks(session: Session, tokenizer, prompt_ids: list[int], params: SamplingParams, *,
+                  max_tokens: int, stop: list[str], stop_ids: frozenset[int], stats: _Stats) -> Iterator[Chunk]:
+    """Layer 2: text chunks through the incremental decoder; stop strings never partially emitted."""
+    dec = tokenizer.stream()
+    pending = ""  # decoded text held back because it might begin a stop string
+    gen = generate_tokens(session, prompt_ids, params, max_tokens=max_tokens, stop_ids=stop_ids, stats=stats)
+    n = 0
+    for tok in gen:
+        n += 1
+        pending += dec.add_token(tok)
+        if stop:
+            hit = min(((pending.find(s), s) for s in stop if s in pending), default=None)
+            if hit:
+                gen.close()
+                yield Chunk(pending[:hit[0]], tok, "stop")
+                return
+            keep = _stop_prefix_len(pending, stop)
+            out, pending = pending[:len(pending) - keep], pending[len(pending) - keep:]
+        else:
+            out, pending = pending, ""
+        yield Chunk(out, tok)
+    tail = pending + dec.flush()
+    if stop:
+        hit = min(((tail.find(s), s) for s in stop if s in tail), default=None)
+        if hit:
+            yield Chunk(tail[:hit[0]], None, "stop")
+            return
+    yield Chunk(tail, None, "length" if n >= max_tokens else "stop")
+
+
+def check_args(max_tokens, stop):
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)) or max_tokens < 1:
+        raise GenerationError(f"max_tokens = {max_tokens!r}: expected an integer >= 1")
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        stop = [stop]
+    stop = list(stop)
+    for s in stop:
+        if not isinstance(s, str) or not s:
+            raise GenerationError(f"stop strings must be non-empty str, got {s!r}")
+    return stop

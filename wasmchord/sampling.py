@@ -1,0 +1,111 @@
+"""Sampling: pure functions over a logit vector plus an explicit seeded RNG.
+
+Order follows llama.cpp's default sampler chain: penalties -> top-k -> top-p -> min-p -> temperature
+-> draw. Temperature 0 is greedy (argmax after penalties). Filters are computed on the softmax of the
+untempered logits, as llama.cpp does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import GenerationError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    penalty_last_n: int = 64
+    seed: int | None = None
+
+    def __post_init__(self):
+        def bad(name, want):
+            raise GenerationError(f"{name} = {getattr(self, name)!r}: expected {want}")
+        for name in ("temperature", "top_p", "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v):
+                bad(name, "a finite number")
+        if self.temperature < 0:
+            bad("temperature", ">= 0 (0 is greedy)")
+        if not 0 < self.top_p <= 1:
+            bad("top_p", "a value in (0, 1]")
+        if not 0 <= self.min_p <= 1:
+            bad("min_p", "a value in [0, 1]")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, np.integer)) or self.top_k < 0:
+            bad("top_k", "an integer >= 0 (0 disables it)")
+        if self.repeat_penalty <= 0:
+            bad("repeat_penalty", "> 0 (1.0 disables it)")
+        if isinstance(self.penalty_last_n, bool) or not isinstance(self.penalty_last_n, int) or self.penalty_last_n < 0:
+            bad("penalty_last_n", "an integer >= 0")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer))):
+            bad("seed", "an integer or None")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def apply_penalties(logits: np.ndarray, history, *, repeat: float = 1.0, presence: float = 0.0,
+                    frequency: float = 0.0, last_n: int = 64) -> np.ndarray:
+    """llama.cpp `llama_sampler_penalties_apply`: over the last `last_n` tokens of `history`, divide
+    positive logits (multiply negative ones) by `repeat`, subtract count*frequency + presence."""
+    if (repeat == 1.0 and presence == 0.0 and frequency == 0.0) or last_n == 0 or len(history) == 0:
+        return logits
+    recent = np.asarray(history[-last_n:], dtype=np.int64)
+    ids, counts = np.unique(recent, return_counts=True)
+    out = logits.astype(np.float32, copy=True)
+    v = out[ids]
+    v = np.where(v <= 0, v * repeat, v / repeat)
+    v -= counts * np.float32(frequency) + np.float32(presence)
+    out[ids] = v
+    return out
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - np.max(x))
+    return e / e.sum()
+
+
+def filter_candidates(logits: np.ndarray, *, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0):
+    """Candidate ids (sorted by logit, descending) surviving top-k, then top-p, then min-p."""
+    n = logits.shape[0]
+    k = n if top_k <= 0 or top_k >= n else top_k
+    if k < n:
+        idx = np.argpartition(-logits, k - 1)[:k]
+    else:
+        idx = np.arange(n)
+    idx = idx[np.argsort(-logits[idx], kind="stable")]
+    if top_p < 1.0:
+        p = softmax(logits[idx])
+        cum = np.cumsum(p)
+        keep = int(np.searchsorted(cum, top_p) + 1)  # smallest prefix with mass >= top_p
+        idx = idx[:max(1, keep)]
+    if min_p > 0.0:
+        lg = logits[idx]
+        keep = lg >= lg[0] + np.log(min_p)  # p_i >= min_p * p_max
+        idx = idx[keep]
+    return idx
+
+
+def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator, history=()) -> int:
+    """Draw the next token id from a [vocab] logit vector."""
+    logits = apply_penalties(np.asarray(logits, dtype=np.float32), history, repeat=params.repeat_penalty,
+                             presence=params.presence_penalty, frequency=params.frequency_penalty,
+                             last_n=params.penalty_last_n)
+    if params.greedy:
+        return int(np.argmax(logits))
+    idx = filter_candidates(logits, top_k=params.top_k, top_p=params.top_p, min_p=params.min_p)
+    p = softmax(logits[idx].astype(np.float64) / params.temperature)
+    return int(idx[rng.choice(len(idx), p=p)])
+
+
+def make_rng(seed: int | None) -> np.random.Generator:
+    return np.random.default_rng(seed)
