@@ -15,7 +15,7 @@ import numpy as np
 
 from .backends.base import Backend, WeightSource
 from .config import ModelConfig
-from .errors import ConfigError, GGUFError
+from .errors import ConfigError, GGUFError, UnsupportedError
 from .gguf_file import GGUFFile
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,9 @@ class Transformer:
         self.cfg, self.be, self.max_ctx = cfg, backend, max_ctx
         self._gf = gf
         spec = cfg.spec
+        why = backend.supports(spec)
+        if why:
+            raise UnsupportedError(f"{gf.path.name}: the {backend.name} backend cannot run {cfg.arch}: {why}")
         t = self._tensor
         self.tok_embd = backend.load_matrix([t("token_embd.weight")])
         self.tied = "output.weight" not in gf.tensors
@@ -120,6 +123,7 @@ class Transformer:
         if pos0 + n > self.max_ctx:
             raise ConfigError(f"context full: {pos0 + n} positions > context length {self.max_ctx}")
         neox = spec.rope_style == "neox"
+        be.begin_forward()
         x = be.embed(self.tok_embd, ids, math.sqrt(cfg.d_model) if spec.embed_scale_sqrt_d else 1.0)  # [n, d]
         for i, L in enumerate(self.layers):
             local = cfg.is_local_layer(i)
@@ -130,9 +134,9 @@ class Transformer:
             if spec.qk_norm:
                 q = be.rmsnorm(q, L.q_norm, cfg.norm_eps)                                    # per head
                 k = be.rmsnorm(k, L.k_norm, cfg.norm_eps)
-            q = be.rope(q, pos0, base=base, n_rot=cfg.rope_dim, scale=cfg.rope_scale, neox=neox)
-            k = be.rope(k, pos0, base=base, n_rot=cfg.rope_dim, scale=cfg.rope_scale, neox=neox)
-            be.kv_write(self.cache, i, k, v, pos0)
+            rope = dict(base=base, n_rot=cfg.rope_dim, scale=cfg.rope_scale, neox=neox)
+            q = be.rope(q, pos0, **rope)                                                     # [n, H, hd]
+            be.kv_write(self.cache, i, k, v, pos0, rope=rope)                                # k rotated on the way in
             a = be.attention(q, self.cache, i, pos0, scale=cfg.attn_scale,
                              window=cfg.sliding_window if local else 0)                       # [n, H*hdv]
             a = be.matmul(a, L.wo, L.bo)                                                     # [n, d]

@@ -45,6 +45,13 @@ class Backend:
         """Bring a handle back to the host as a NumPy array."""
         raise NotImplementedError("need read")
 
+    def supports(self, spec) -> str | None:
+        """None when this backend runs the architecture variant `spec`, else the reason it cannot."""
+        return None
+
+    def begin_forward(self):
+        """Called at the start of each forward pass (GPU: start recording a new step)."""
+
     # ------------------------------------------------------------------------------------ ops
     def embed(self, table, ids: np.ndarray, scale: float = 1.0):
         """Rows `ids` of `table` [vocab, d], times `scale` -> [n, d]."""
@@ -69,8 +76,9 @@ class Backend:
         """Rotate x [n, heads, hd] for positions pos0..pos0+n-1 (first n_rot dims of each head)."""
         raise NotImplementedError("need rope")
 
-    def kv_write(self, cache, layer: int, k, v, pos0: int):
-        """Store k [n, KV, hd] and v [n, KV, hd_v] at positions pos0..pos0+n-1 of `layer`."""
+    def kv_write(self, cache, layer: int, k, v, pos0: int, *, rope: dict | None = None):
+        """Store k [n, KV, hd] (rotated first with `rope` = rope()'s keyword arguments, when given)
+        and v [n, KV, hd_v] at positions pos0..pos0+n-1 of `layer`."""
         raise NotImplementedError("need kv_write")
 
     def attention(self, q, cache, layer: int, pos0: int, *, scale: float, window: int = 0):

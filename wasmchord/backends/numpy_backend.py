@@ -132,8 +132,10 @@ class NumpyBackend(Backend):
         x1[...] = r1
         return x
 
-    def kv_write(self, cache, layer, k, v, pos0):
+    def kv_write(self, cache, layer, k, v, pos0, *, rope=None):
         n = k.shape[0]
+        if rope is not None:
+            k = self.rope(k, pos0, **rope)
         if pos0 + n > cache.max_ctx:
             raise BackendError(f"KV cache overflow: positions up to {pos0 + n} > context {cache.max_ctx}")
         cache.k[layer][:, pos0:pos0 + n] = k.transpose(1, 0, 2)

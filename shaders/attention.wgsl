@@ -1,0 +1,128 @@
+// attention.wgsl: causal attention of n queries over the KV cache, in three passes:
+// scores (q.k * scale, causal and sliding-window mask by index), softmax per row, weighted sum of v.
+//
+// Bindings (group 0):
+//   0 uniform P
+//   1 storage q      f32 query view, read        (head h of token i at q_off + i*q_stride + h*hd)
+//   2 storage kc     f32 key cache [KV, ctx, hd], read
+//   3 storage vc     f32 value cache [KV, ctx, hd_v], read
+//   4 storage sc     f32 scores scratch [n, H, ctx], read_write
+//   5 storage out    f32 output [n, H * hd_v], read_write
+// Query i sits at position pos0 + i and sees keys t <= pos0 + i (and pos0 + i - t < window if window > 0).
+// Grouped-query attention: query head h reads KV head h / (H / KV).
+
+struct P {
+    n: u32,
+    heads: u32,
+    kv_heads: u32,
+    hd: u32,
+    hd_v: u32,
+    ctx: u32,
+    pos0: u32,
+    window: u32,
+    q_off: u32,
+    q_stride: u32,
+    scale: f32,
+    out_off: u32,    // element offset of this chunk's first output row
+    pad0: u32, pad1: u32, pad2: u32, pad3: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: P;
+@group(0) @binding(1) var<storage, read> q: array<f32>;
+@group(0) @binding(2) var<storage, read> kc: array<f32>;
+@group(0) @binding(3) var<storage, read> vc: array<f32>;
+@group(0) @binding(4) var<storage, read_write> sc: array<f32>;
+@group(0) @binding(5) var<storage, read_write> out: array<f32>;
+
+const NEG_INF: f32 = -3.0e38;
+
+fn visible(i: u32, t: u32) -> bool {
+    let qp = p.pos0 + i;
+    if (t > qp) { return false; }
+    if (p.window > 0u && qp - t >= p.window) { return false; }
+    return true;
+}
+
+// grid: (ceil((pos0 + n) / 64), H, n)
+@compute @workgroup_size(64)
+fn scores(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let t = gid.x;
+    let h = gid.y;
+    let i = gid.z;
+    if (t >= p.pos0 + p.n || h >= p.heads || i >= p.n) { return; }
+    let row = (i * p.heads + h) * p.ctx;
+    if (!visible(i, t)) {
+        sc[row + t] = NEG_INF;
+        return;
+    }
+    let kh = h / (p.heads / p.kv_heads);
+    let qb = p.q_off + i * p.q_stride + h * p.hd;
+    let kb = (kh * p.ctx + t) * p.hd;
+    var acc = 0.0;
+    for (var d = 0u; d < p.hd; d = d + 1u) {
+        acc = acc + q[qb + d] * kc[kb + d];
+    }
+    sc[row + t] = acc * p.scale;
+}
+
+var<workgroup> red: array<f32, 64>;
+
+// grid: (n * H) workgroups, one per row of scores
+@compute @workgroup_size(64)
+fn softmax(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+           @builtin(local_invocation_index) lid: u32) {
+    let r = wg.x + wg.y * nwg.x;
+    let valid = r < p.n * p.heads;
+    let i = r / p.heads;
+    let len = p.pos0 + i + 1u;
+    let row = r * p.ctx;
+    var mx = NEG_INF;
+    if (valid) {
+        for (var t = lid; t < len; t = t + 64u) { mx = max(mx, sc[row + t]); }
+    }
+    red[lid] = mx;
+    workgroupBarrier();
+    for (var st = 32u; st > 0u; st = st >> 1u) {
+        if (lid < st) { red[lid] = max(red[lid], red[lid + st]); }
+        workgroupBarrier();
+    }
+    mx = red[0];
+    workgroupBarrier();
+    var sum = 0.0;
+    if (valid) {
+        for (var t = lid; t < len; t = t + 64u) {
+            let e = select(exp(sc[row + t] - mx), 0.0, sc[row + t] <= NEG_INF);
+            sc[row + t] = e;
+            sum = sum + e;
+        }
+    }
+    red[lid] = sum;
+    workgroupBarrier();
+    for (var st = 32u; st > 0u; st = st >> 1u) {
+        if (lid < st) { red[lid] = red[lid] + red[lid + st]; }
+        workgroupBarrier();
+    }
+    let inv = 1.0 / red[0];
+    if (valid) {
+        for (var t = lid; t < len; t = t + 64u) { sc[row + t] = sc[row + t] * inv; }
+    }
+}
+
+// grid: (ceil(hd_v / 64), H, n)
+@compute @workgroup_size(64)
+fn weighted_sum(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let d = gid.x;
+    let h = gid.y;
+    let i = gid.z;
+    if (d >= p.hd_v || h >= p.heads || i >= p.n) { return; }
+    let kh = h / (p.heads / p.kv_heads);
+    let row = (i * p.heads + h) * p.ctx;
+    let len = p.pos0 + i + 1u;
+    var t0 = 0u;
+    if (p.window > 0u && p.pos0 + i + 1u > p.window) { t0 = p.pos0 + i + 1u - p.window; }
+    var acc = 0.0;
+    for (var t = t0; t < len; t = t + 1u) {
+        acc = acc + sc[row + t] * vc[(kh * p.ctx + t) * p.hd_v + d];
+    }
+    out[p.out_off + (i * p.heads + h) * p.hd_v + d] = acc;
+}

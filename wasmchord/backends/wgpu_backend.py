@@ -1,0 +1,492 @@
+"""The WebGPU backend: weights, activations and the KV cache resident on the device.
+
+Each forward pass is recorded as a list of dispatches and submitted once, with all its parameters
+written in one `write_buffer`. Activation buffers come from an arena indexed by the dispatch's
+position in the pass, so the same buffers (and cached bind groups) serve every decode step.
+Greedy decoding reads back 4 bytes: argmax writes the token id into the buffer the next step's
+embedding reads.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+
+from ..errors import BackendError, UnsupportedError
+from ..quants import QK_K, _k4_nibbles, _k_scale_min
+from .base import Backend, WeightSource
+from .gpu_device import open_device, shader_dir
+
+log = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------------------- tensors on the device
+
+
+class GTensor:
+    """A 2-D (or per-head 3-D) view of a device buffer: element (i, c) at off + i * stride + c."""
+
+    __slots__ = ("buf", "off", "shape", "stride")
+
+    def __init__(self, buf, off, shape, stride=None):
+        self.buf, self.off, self.shape = buf, off, tuple(shape)
+        self.stride = stride if stride is not None else int(np.prod(self.shape[1:], dtype=np.int64)) if len(self.shape) > 1 else 0
+
+    @property
+    def cols(self) -> int:
+        return int(np.prod(self.shape[1:], dtype=np.int64)) if len(self.shape) > 1 else self.shape[0]
+
+    def __getitem__(self, key):
+        n = self.shape[0]
+        if isinstance(key, int):  # one row, as a vector
+            i = key % n
+            return GTensor(self.buf, self.off + i * self.stride, self.shape[1:] or (1,), 0)
+        i0, i1, step = key.indices(n)
+        assert step == 1
+        return GTensor(self.buf, self.off + i0 * self.stride, (i1 - i0,) + self.shape[1:], self.stride)
+
+
+class _Piece:
+    """Rows [col0, col0 + rows) of a weight matrix in one GPU format, in buffers within binding limits."""
+
+    def __init__(self, fmt, q, s, m, col0, rows):
+        self.fmt, self.q, self.s, self.m, self.col0, self.rows = fmt, q, s, m, col0, rows
+
+
+class GMatrix:
+    def __init__(self, pieces, rows, k, nbytes):
+        self.pieces, self.shape, self.nbytes = pieces, (rows, k), nbytes
+
+
+# ---------------------------------------------------------------------------- repacking (NumPy, at load)
+# GPU formats (override FMT in qmatrix.wgsl): 0 F32, 1 F16, 2 Q4 sym, 3 Q4+min, 4 Q5 sym, 5 Q8, 6 Q8/16
+_WORDS = {0: 32, 1: 16, 2: 4, 3: 4, 4: 5, 5: 8, 6: 8}
+
+
+def _f16col(b, i):
+    return np.ascontiguousarray(b[:, i:i + 2]).view(np.float16).astype(np.float32).reshape(-1)
+
+
+def _u32(a):
+    return np.ascontiguousarray(a).view(np.uint32)
+
+
+def _pack_q4(v):
+    """(n, 32) uint8 nibble values -> (n, 4) u32 in GGUF byte order."""
+    return _u32((v[:, :16] | (v[:, 16:] << 4)).astype(np.uint8))
+
+
+def repack(src: WeightSource):
+    """A GGUF tensor -> (fmt, quant words [blocks, words], scales, mins) for qmatrix.wgsl."""
+    t, raw = src.qtype.name, src.raw
+    if t == "F32":
+        return 0, _u32(raw).reshape(-1, 32), None, None
+    if t == "F16":
+        return 1, _u32(raw).reshape(-1, 16), None, None
+    if t == "BF16":
+        f = (raw.view(np.int16).astype(np.int32) << 16).view(np.float32)
+        return 0, _u32(f).reshape(-1, 32), None, None
+    b = raw.reshape(-1, src.qtype.type_size)
+    if t == "Q4_0":
+        return 2, _u32(b[:, 2:18]), _f16col(b, 0), None
+    if t == "Q4_1":
+        return 3, _u32(b[:, 4:20]), _f16col(b, 0), _f16col(b, 2)
+    if t == "Q5_0":
+        return 4, np.concatenate([_u32(b[:, 6:22]), _u32(b[:, 2:6])], axis=1), _f16col(b, 0), None
+    if t == "Q8_0":
+        return 5, _u32(b[:, 2:34]), _f16col(b, 0), None
+    if t == "Q4_K":  # 8 sub-blocks of 32 with scale d*sc and min dmin*m (exact in f32)
+        n = b.shape[0]
+        d, dmin = _f16col(b, 0)[:, None], _f16col(b, 2)[:, None]
+        sc, mn = _k_scale_min(b[:, 4:16])
+        v = _k4_nibbles(b[:, 16:144]).reshape(n * 8, 32)
+        return 3, _pack_q4(v), (d * sc).reshape(-1), (-(dmin * mn)).reshape(-1)
+    if t == "Q6_K":  # int8 values q-32 in element order, a scale d*sc per 16
+        n = b.shape[0]
+        ql, qh = b[:, 0:128], b[:, 128:192]
+        scales = np.ascontiguousarray(b[:, 192:208]).view(np.int8).astype(np.float32)
+        d = _f16col(b, 208)[:, None]
+        lo = (ql.reshape(n, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)).reshape(n, 8, 32) & 0xF
+        hi = (qh.reshape(n, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)).reshape(n, 8, 32) & 3
+        q = ((lo | (hi << 4)).view(np.int8) - np.int8(32)).reshape(n * 8, 32)
+        return 6, _u32(q), (d * scales).reshape(-1), None
+    raise UnsupportedError(f"{src.name}: the GPU backend does not support {t} weights "
+                           f"(supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K)")
+
+
+# ---------------------------------------------------------------------------- bind group layouts
+U, R, W = "uniform", "read-only-storage", "storage"
+_QM = [(0, U), (1, R), (2, R), (3, R), (4, R), (5, W), (6, R)]
+LAYOUTS = {
+    ("qmatrix", "matvec"): _QM, ("qmatrix", "matmul"): _QM, ("qmatrix", "embed"): _QM,
+    ("norm", "rmsnorm"): [(0, U), (1, R), (2, R), (3, W)],
+    ("rope", "rope"): [(0, U), (1, R), (2, W)],
+    ("rope", "rope_store"): [(0, U), (1, R), (3, R), (4, W), (5, W), (6, R)],
+    ("attention", "scores"): [(0, U), (1, R), (2, R), (3, R), (4, W)],
+    ("attention", "softmax"): [(0, U), (4, W)],
+    ("attention", "weighted_sum"): [(0, U), (2, R), (3, R), (4, W), (5, W)],
+    ("elementwise", "swiglu"): [(0, U), (1, W), (2, R)], ("elementwise", "geglu"): [(0, U), (1, W), (2, R)],
+    ("elementwise", "add"): [(0, U), (1, W), (2, R)],
+    ("argmax", "argmax"): [(0, U), (1, R), (2, W)],
+}
+PARAM_BYTES = 64  # every shader's parameter struct fits in 16 words
+
+
+class KVCacheGPU:
+    """Per layer: k [KV, ctx, hd] and v [KV, ctx, hd_v] buffers."""
+
+    def __init__(self, k, v, max_ctx, n_kv, hd_v):
+        self.k, self.v, self.max_ctx, self.n_kv, self.hd_v = k, v, max_ctx, n_kv, hd_v
+
+
+class WgpuBackend(Backend):
+    name = "gpu"
+
+    def __init__(self, *, max_binding_size: int | None = None, allow_software: bool = True):
+        import wgpu
+        self.wgpu = wgpu
+        self.adapter, self.device, self.features = open_device(allow_software=allow_software)
+        lim = self.device.limits
+        self.max_binding = min(lim["max-storage-buffer-binding-size"], max_binding_size or 2**62)
+        self.max_wg = lim["max-compute-workgroups-per-dimension"]
+        self.slot_bytes = max(256, lim["min-uniform-buffer-offset-alignment"])
+        self._modules, self._pipelines, self._layouts, self._bind_groups = {}, {}, {}, {}
+        self._arena: dict[int, object] = {}
+        self._ops: list = []
+        self._params = np.zeros(0, np.uint8)
+        self._param_buf = None
+        self._grow_params(512)
+        self._slot = 0
+        self._failed: str | None = None
+        self._dummy = self._buffer(16)
+        self._ids = self._buffer(4 * 4096, extra=wgpu.BufferUsage.COPY_SRC)
+        self._ids_cap = 4096
+        self._ids_on_device: int | None = None
+        self._readback = self.device.create_buffer(size=4, usage=wgpu.BufferUsage.MAP_READ | wgpu.BufferUsage.COPY_DST)
+        self._rope_tables: dict[tuple, object] = {}
+        self._scratch = None
+        info = self.adapter.info
+        self.device_name = f"{info.get('device')} ({info.get('backend_type')})"
+
+    def describe(self) -> str:
+        return f"WebGPU on {self.device_name}, features: {', '.join(self.features) or 'none'}"
+
+    def supports(self, spec):
+        if spec.norm != "rms":
+            return "LayerNorm is not implemented on the GPU yet"
+        if spec.ffn == "gelu":
+            return "the plain GELU MLP is not implemented on the GPU yet"
+        return None
+
+    # ------------------------------------------------------------------------------------ plumbing
+    def _check(self):
+        if self._failed:
+            raise BackendError(f"the GPU backend failed earlier and cannot be used: {self._failed}")
+
+    def _fail(self, what, e):
+        self._failed = f"{what}: {type(e).__name__}: {e}"
+        raise BackendError(self._failed) from None
+
+    def _buffer(self, nbytes, data=None, extra=0):
+        U_ = self.wgpu.BufferUsage
+        size = max(16, -(-int(nbytes) // 4) * 4)
+        try:
+            buf = self.device.create_buffer(size=size, usage=U_.STORAGE | U_.COPY_DST | U_.COPY_SRC | extra)
+            if data is not None:
+                self.device.queue.write_buffer(buf, 0, np.ascontiguousarray(data))
+        except Exception as e:
+            self._fail(f"allocating {size} bytes on the GPU", e)
+        return buf
+
+    def _grow_params(self, slots):
+        U_ = self.wgpu.BufferUsage
+        self._params = np.zeros(slots * self.slot_bytes, np.uint8)
+        self._param_buf = self.device.create_buffer(size=slots * self.slot_bytes, usage=U_.UNIFORM | U_.COPY_DST)
+        self._bind_groups.clear()
+
+    def _pipeline(self, shader, entry, fmt=None):
+        key = (shader, entry, fmt)
+        pl = self._pipelines.get(key)
+        if pl is not None:
+            return pl
+        mod = self._modules.get(shader)
+        if mod is None:
+            path = shader_dir() / f"{shader}.wgsl"
+            try:
+                mod = self.device.create_shader_module(label=path.name, code=path.read_text())
+            except Exception as e:
+                raise BackendError(f"{path}: shader compilation failed: {e}") from None
+            self._modules[shader] = mod
+        layout = self._layouts.get((shader, entry))
+        if layout is None:
+            entries = [{"binding": b, "visibility": self.wgpu.ShaderStage.COMPUTE,
+                        "buffer": {"type": t}} for b, t in LAYOUTS[(shader, entry)]]
+            bgl = self.device.create_bind_group_layout(entries=entries)
+            layout = (bgl, self.device.create_pipeline_layout(bind_group_layouts=[bgl]))
+            self._layouts[(shader, entry)] = layout
+        compute = {"module": mod, "entry_point": entry}
+        if fmt is not None:
+            compute["constants"] = {"FMT": fmt}
+        try:
+            pl = self.device.create_compute_pipeline(layout=layout[1], compute=compute)
+        except Exception as e:
+            raise BackendError(f"{shader_dir() / (shader + '.wgsl')}: pipeline {entry!r} failed: {e}") from None
+        self._pipelines[key] = pl
+        return pl
+
+    def _dispatch(self, shader, entry, params: list, buffers: dict, groups, fmt=None):
+        """Record one dispatch: params (list of int/float), buffers {binding: buffer}, workgroup counts."""
+        self._check()
+        slot = self._slot
+        self._slot += 1
+        if (slot + 1) * self.slot_bytes > self._params.size:
+            self._flush()
+            self._grow_params(2 * self._params.size // self.slot_bytes)
+            slot, self._slot = 0, 1
+        words = np.zeros(PARAM_BYTES // 4, np.uint32)
+        for j, v in enumerate(params):
+            words[j] = np.float32(v).view(np.uint32) if isinstance(v, float) else np.uint32(v)
+        self._params[slot * self.slot_bytes:slot * self.slot_bytes + PARAM_BYTES] = words.view(np.uint8)
+        pipeline = self._pipeline(shader, entry, fmt)
+        key = (shader, entry, fmt, slot) + tuple((b, id(buf)) for b, buf in sorted(buffers.items()))
+        bg = self._bind_groups.get(key)
+        if bg is None:
+            entries = [{"binding": 0, "resource": {"buffer": self._param_buf, "offset": slot * self.slot_bytes,
+                                                   "size": PARAM_BYTES}}]
+            entries += [{"binding": b, "resource": {"buffer": buf}} for b, buf in sorted(buffers.items())]
+            bg = self.device.create_bind_group(layout=self._layouts[(shader, entry)][0], entries=entries)
+            self._bind_groups[key] = bg
+        gx, gy, gz = (tuple(groups) + (1, 1))[:3]
+        if gx > self.max_wg:  # fold a long 1-D grid into 2-D; kernels rebuild the index from num_workgroups
+            gx, gy = self.max_wg, gy * math.ceil(gx / self.max_wg)
+        self._ops.append((pipeline, bg, (int(gx), int(gy), int(gz))))
+
+    def _flush(self, copy=None):
+        """Submit the recorded dispatches (and an optional buffer copy) as one command buffer."""
+        if not self._ops and copy is None:
+            return
+        try:
+            if self._ops:
+                self.device.queue.write_buffer(self._param_buf, 0, self._params[:self._slot * self.slot_bytes])
+            enc = self.device.create_command_encoder()
+            if self._ops:
+                cp = enc.begin_compute_pass()
+                for pipeline, bg, g in self._ops:
+                    cp.set_pipeline(pipeline)
+                    cp.set_bind_group(0, bg)
+                    cp.dispatch_workgroups(*g)
+                cp.end()
+            if copy is not None:
+                enc.copy_buffer_to_buffer(*copy)
+            self.device.queue.submit([enc.finish()])
+        except Exception as e:
+            self._fail("submitting GPU work", e)
+        finally:
+            self._ops = []
+
+    def _out(self, shape):
+        """The arena buffer for the current dispatch slot, at least big enough for `shape`."""
+        nbytes = 4 * int(np.prod(shape, dtype=np.int64))
+        slot = self._slot
+        buf = self._arena.get(slot)
+        if buf is None or buf.size < nbytes:
+            buf = self._buffer(nbytes)
+            self._arena[slot] = buf
+        return GTensor(buf, 0, shape)
+
+    def begin_forward(self):
+        self._flush()
+        self._slot = 0
+
+    # ------------------------------------------------------------------------------------ memory
+    def load_matrix(self, parts):
+        self._check()
+        pieces, col0, nbytes = [], 0, 0
+        k = parts[0].shape[1]
+        for p in parts:
+            fmt, q, s, m = repack(p)
+            rows = p.shape[0]
+            bpr = q.shape[0] // rows  # blocks per row
+            row_bytes = bpr * q.shape[1] * 4
+            per = max(1, min(rows, self.max_binding // row_bytes))
+            spb = 2 if fmt == 6 else 1  # scales per block
+            for r0 in range(0, rows, per):
+                r1 = min(rows, r0 + per)
+                b0, b1 = r0 * bpr, r1 * bpr
+                qb = self._buffer(q[b0:b1].nbytes, q[b0:b1])
+                sb = self._dummy if s is None else self._buffer(s[b0 * spb:b1 * spb].nbytes, s[b0 * spb:b1 * spb])
+                mb = self._dummy if m is None else self._buffer(m[b0:b1].nbytes, m[b0:b1])
+                pieces.append(_Piece(fmt, qb, sb, mb, col0 + r0, r1 - r0))
+            nbytes += q.nbytes + (s.nbytes if s is not None else 0) + (m.nbytes if m is not None else 0)
+            col0 += rows
+        return GMatrix(pieces, col0, k, nbytes)
+
+    def load_vector(self, array):
+        a = np.ascontiguousarray(array, dtype=np.float32)
+        return GTensor(self._buffer(a.nbytes, a), 0, a.shape)
+
+    def alloc_kv_cache(self, n_layers, n_kv_heads, max_ctx, head_dim, head_dim_v):
+        k = [self._buffer(4 * n_kv_heads * max_ctx * head_dim) for _ in range(n_layers)]
+        v = [self._buffer(4 * n_kv_heads * max_ctx * head_dim_v) for _ in range(n_layers)]
+        return KVCacheGPU(k, v, max_ctx, n_kv_heads, head_dim_v)
+
+    def read(self, x):
+        self._check()
+        if isinstance(x, np.ndarray):
+            return x
+        rows = x.shape[0] if len(x.shape) > 1 else 1
+        cols = x.cols if len(x.shape) > 1 else x.shape[0]
+        self._flush()
+        span = 4 * ((rows - 1) * x.stride + cols)
+        try:
+            data = self.device.queue.read_buffer(x.buf, 4 * x.off, span)
+        except Exception as e:
+            self._fail("reading back from the GPU", e)
+        a = np.frombuffer(data, np.float32)
+        if rows > 1:
+            a = np.lib.stride_tricks.as_strided(a, (rows, cols), (4 * x.stride, 4)).copy()
+        return a.reshape(x.shape) if len(x.shape) > 1 else a.copy()
+
+    # ------------------------------------------------------------------------------------ ops
+    def embed(self, table, ids, scale=1.0):
+        ids = np.asarray(ids, dtype=np.uint32)
+        n = len(ids)
+        if n > self._ids_cap:
+            self._ids_cap = 2 * n
+            self._ids = self._buffer(4 * self._ids_cap, extra=self.wgpu.BufferUsage.COPY_SRC)
+            self._ids_on_device = None
+        if not (n == 1 and self._ids_on_device == int(ids[0])):  # argmax left it there already
+            self.device.queue.write_buffer(self._ids, 0, ids)
+        self._ids_on_device = None
+        k = table.shape[1]
+        out = self._out((n, k))
+        for pc in table.pieces:
+            self._dispatch("qmatrix", "embed", [n, k, pc.rows, 0, k, 0, 0, 0, 0, pc.col0, float(scale)],
+                           {1: self._ids, 2: pc.q, 3: pc.s, 4: pc.m, 5: out.buf, 6: self._dummy},
+                           (math.ceil(k / 64), n), fmt=pc.fmt)
+        return out
+
+    def rmsnorm(self, x, w, eps):
+        if len(x.shape) == 3:
+            n, heads, m = x.shape
+        else:
+            (n, m), heads = x.shape, 1
+        rows = n * heads
+        out = self._out(x.shape)
+        self._dispatch("norm", "rmsnorm", [rows, m, heads, x.off, x.stride, float(eps)],
+                       {1: x.buf, 2: w.buf, 3: out.buf}, (rows,))
+        return out
+
+    def matmul(self, x, w, bias=None):
+        n, k = x.shape[0], x.cols
+        rows = w.shape[0]
+        out = self._out((n, rows))
+        for pc in w.pieces:
+            params = [n, k, pc.rows, pc.col0, rows, x.off, x.stride, 0, int(bias is not None)]
+            bufs = {1: x.buf, 2: pc.q, 3: pc.s, 4: pc.m, 5: out.buf, 6: self._bias_piece(bias, pc)}
+            if n == 1:
+                self._dispatch("qmatrix", "matvec", params, bufs, (pc.rows,), fmt=pc.fmt)
+            else:
+                self._dispatch("qmatrix", "matmul", params, bufs, (math.ceil(pc.rows / 16), math.ceil(n / 16)), fmt=pc.fmt)
+        return out
+
+    def _bias_piece(self, bias, pc):
+        if bias is None:
+            return self._dummy
+        key = ("bias", id(bias.buf), pc.col0, pc.rows)
+        b = self._bind_groups.get(key)  # bias slices are small; cached next to the bind groups
+        if b is None:
+            host = self.read(bias)[pc.col0:pc.col0 + pc.rows]
+            b = self._buffer(host.nbytes, host)
+            self._bind_groups[key] = b
+        return b
+
+    def add(self, a, b):
+        count = a.shape[0] * a.cols
+        self._dispatch("elementwise", "add", [count, 1, a.off, b.off], {1: a.buf, 2: b.buf}, (math.ceil(count / 64),))
+        return a
+
+    def _glu(self, gate_up, entry):
+        n, f = gate_up.shape[0], gate_up.cols // 2
+        out = self._out((n, f))
+        self._dispatch("elementwise", entry, [n * f, f, 0, gate_up.off], {1: out.buf, 2: gate_up.buf},
+                       (math.ceil(n * f / 64),))
+        return out
+
+    def swiglu(self, gate_up):
+        return self._glu(gate_up, "swiglu")
+
+    def geglu(self, gate_up):
+        return self._glu(gate_up, "geglu")
+
+    def _rope_table(self, base, n_rot, scale, n_pos):
+        key = (base, n_rot, scale)
+        t = self._rope_tables.get(key)
+        if t is None or t[1] < n_pos:  # the same float64 -> float32 table as the NumPy backend
+            n_pos = max(n_pos, 4096)
+            inv = base ** (-np.arange(0, n_rot, 2, dtype=np.float64) / n_rot)
+            ang = np.outer(np.arange(n_pos, dtype=np.float64) / scale, inv)
+            cs = np.stack([np.cos(ang), np.sin(ang)], axis=-1).astype(np.float32)
+            t = (self._buffer(cs.nbytes, cs), n_pos)
+            self._rope_tables[key] = t
+        return t[0]
+
+    def rope(self, x, pos0, *, base, n_rot, scale, neox):
+        n, heads, hd = x.shape
+        cs = self._rope_table(base, n_rot, scale, pos0 + n)
+        self._dispatch("rope", "rope", [n, heads, hd, n_rot, pos0, int(neox), x.off, x.stride],
+                       {1: cs, 2: x.buf}, (math.ceil(n_rot / 2 / 64), heads, n))
+        return x
+
+    def kv_write(self, cache, layer, k, v, pos0, *, rope=None):
+        n, kvh, hd = k.shape
+        hdv = v.shape[2]
+        if pos0 + n > cache.max_ctx:
+            raise BackendError(f"KV cache overflow: positions up to {pos0 + n} > context {cache.max_ctx}")
+        rope = rope or dict(base=10000.0, n_rot=0, scale=1.0, neox=False)
+        cs = self._rope_table(rope["base"], max(rope["n_rot"], 2), rope["scale"], pos0 + n)
+        self._dispatch("rope", "rope_store",
+                       [n, kvh, hd, rope["n_rot"], pos0, int(rope["neox"]), k.off, k.stride, v.off, v.stride, hdv,
+                        cache.max_ctx],
+                       {1: cs, 3: v.buf, 4: cache.k[layer], 5: cache.v[layer], 6: k.buf},
+                       (math.ceil(max(hd, hdv) / 64), kvh, n))
+
+    def attention(self, q, cache, layer, pos0, *, scale, window=0):
+        n, H, hd = q.shape
+        ctx, hdv = cache.max_ctx, cache.hd_v
+        out = self._out((n, H * hdv))
+        # Query chunks keep the scores scratch [chunk, H, ctx] within one binding.
+        chunk = max(1, min(n, self.max_binding // (4 * H * ctx)))
+        need = 4 * chunk * H * ctx
+        if self._scratch is None or self._scratch.size < need:
+            self._scratch = self._buffer(need)
+        for c0 in range(0, n, chunk):
+            c = min(chunk, n - c0)
+            p = [c, H, cache.n_kv, hd, hdv, ctx, pos0 + c0, window, q.off + c0 * q.stride, q.stride, float(scale),
+                 out.off + c0 * H * hdv]
+            kv = {2: cache.k[layer], 3: cache.v[layer], 4: self._scratch}
+            self._dispatch("attention", "scores", p, {1: q.buf, **kv}, (math.ceil((pos0 + c0 + c) / 64), H, c))
+            self._dispatch("attention", "softmax", p, {4: self._scratch}, (c * H,))
+            self._dispatch("attention", "weighted_sum", p, {**kv, 5: out.buf}, (math.ceil(hdv / 64), H, c))
+        return out
+
+    def argmax(self, logits):
+        count = logits.cols if len(logits.shape) > 1 else logits.shape[0]
+        self._dispatch("argmax", "argmax", [count, logits.off], {1: logits.buf, 2: self._ids}, (1,))
+        self._flush(copy=(self._ids, 0, self._readback, 0, 4))
+        try:
+            self._readback.map_sync(self.wgpu.MapMode.READ)
+            tok = int(np.frombuffer(self._readback.read_mapped(), np.uint32)[0])
+            self._readback.unmap()
+        except Exception as e:
+            self._fail("reading the sampled token", e)
+        self._ids_on_device = tok
+        return tok
+
+    def split_heads(self, x, sizes, heads):
+        out, c = [], 0
+        for size, h in zip(sizes, heads):
+            out.append(GTensor(x.buf, x.off + c, (x.shape[0], h, size // h), x.stride))
+            c += size
+        return out
