@@ -18,3 +18,18 @@ def smollm2_path():
 @pytest.fixture(scope="session")
 def gemma_path():
     return _model("gemma3-270m")
+
+
+@pytest.fixture(scope="session")
+def gpu_backend():
+    """A WebGPU backend (lavapipe in CI). With CI set, a missing adapter is a failure, not a skip."""
+    import os
+
+    from wasmchord.errors import BackendError
+    try:
+        from wasmchord.backends.wgpu_backend import WgpuBackend
+        return WgpuBackend()
+    except BackendError as e:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI is set but no WebGPU adapter is available: {e}")
+        pytest.skip(f"no WebGPU adapter: {e}")

@@ -133,6 +133,16 @@ LAYOUTS = {
 PARAM_BYTES = 64  # every shader's parameter struct fits in 16 words
 
 
+def _shader_error(path, e) -> str:
+    """naga's multi-line report -> one line: file:line:col: shader compilation failed: reason."""
+    import re
+    text = str(e)
+    where = re.search(r"wgsl:(\d+):(\d+)", text)
+    why = re.search(r"error: (.*)", text)
+    loc = f"{path}:{where.group(1)}:{where.group(2)}" if where else str(path)
+    return f"{loc}: shader compilation failed: {why.group(1).strip() if why else text.splitlines()[0]}"
+
+
 class KVCacheGPU:
     """Per layer: k [KV, ctx, hd] and v [KV, ctx, hd_v] buffers."""
 
@@ -152,6 +162,7 @@ class WgpuBackend(Backend):
         self.max_wg = lim["max-compute-workgroups-per-dimension"]
         self.slot_bytes = max(256, lim["min-uniform-buffer-offset-alignment"])
         self._modules, self._pipelines, self._layouts, self._bind_groups = {}, {}, {}, {}
+        self._bias_slices: dict = {}
         self._arena: dict[int, object] = {}
         self._ops: list = []
         self._params = np.zeros(0, np.uint8)
@@ -160,7 +171,7 @@ class WgpuBackend(Backend):
         self._slot = 0
         self._failed: str | None = None
         self._dummy = self._buffer(16)
-        self._ids = self._buffer(4 * 4096, extra=wgpu.BufferUsage.COPY_SRC)
+        self._ids = self._buffer(4 * 4096)
         self._ids_cap = 4096
         self._ids_on_device: int | None = None
         self._readback = self.device.create_buffer(size=4, usage=wgpu.BufferUsage.MAP_READ | wgpu.BufferUsage.COPY_DST)
@@ -188,11 +199,11 @@ class WgpuBackend(Backend):
         self._failed = f"{what}: {type(e).__name__}: {e}"
         raise BackendError(self._failed) from None
 
-    def _buffer(self, nbytes, data=None, extra=0):
+    def _buffer(self, nbytes, data=None):
         U_ = self.wgpu.BufferUsage
         size = max(16, -(-int(nbytes) // 4) * 4)
         try:
-            buf = self.device.create_buffer(size=size, usage=U_.STORAGE | U_.COPY_DST | U_.COPY_SRC | extra)
+            buf = self.device.create_buffer(size=size, usage=U_.STORAGE | U_.COPY_DST | U_.COPY_SRC)
             if data is not None:
                 self.device.queue.write_buffer(buf, 0, np.ascontiguousarray(data))
         except Exception as e:
@@ -216,7 +227,7 @@ class WgpuBackend(Backend):
             try:
                 mod = self.device.create_shader_module(label=path.name, code=path.read_text())
             except Exception as e:
-                raise BackendError(f"{path}: shader compilation failed: {e}") from None
+                raise BackendError(_shader_error(path, e)) from None
             self._modules[shader] = mod
         layout = self._layouts.get((shader, entry))
         if layout is None:
@@ -249,7 +260,9 @@ class WgpuBackend(Backend):
             words[j] = np.float32(v).view(np.uint32) if isinstance(v, float) else np.uint32(v)
         self._params[slot * self.slot_bytes:slot * self.slot_bytes + PARAM_BYTES] = words.view(np.uint8)
         pipeline = self._pipeline(shader, entry, fmt)
-        key = (shader, entry, fmt, slot) + tuple((b, id(buf)) for b, buf in sorted(buffers.items()))
+        # Keyed by the buffer objects (not id()): the key keeps them alive, so a freed buffer's id can
+        # never alias a new one. Replacing an arena buffer clears the cache (_replace_buffer).
+        key = (shader, entry, fmt, slot) + tuple(sorted(buffers.items(), key=lambda kv: kv[0]))
         bg = self._bind_groups.get(key)
         if bg is None:
             entries = [{"binding": 0, "resource": {"buffer": self._param_buf, "offset": slot * self.slot_bytes,
@@ -291,6 +304,8 @@ class WgpuBackend(Backend):
         slot = self._slot
         buf = self._arena.get(slot)
         if buf is None or buf.size < nbytes:
+            if buf is not None:
+                self._bind_groups.clear()
             buf = self._buffer(nbytes)
             self._arena[slot] = buf
         return GTensor(buf, 0, shape)
@@ -354,7 +369,8 @@ class WgpuBackend(Backend):
         n = len(ids)
         if n > self._ids_cap:
             self._ids_cap = 2 * n
-            self._ids = self._buffer(4 * self._ids_cap, extra=self.wgpu.BufferUsage.COPY_SRC)
+            self._ids = self._buffer(4 * self._ids_cap)
+            self._bind_groups.clear()
             self._ids_on_device = None
         if not (n == 1 and self._ids_on_device == int(ids[0])):  # argmax left it there already
             self.device.queue.write_buffer(self._ids, 0, ids)
@@ -394,12 +410,13 @@ class WgpuBackend(Backend):
     def _bias_piece(self, bias, pc):
         if bias is None:
             return self._dummy
-        key = ("bias", id(bias.buf), pc.col0, pc.rows)
-        b = self._bind_groups.get(key)  # bias slices are small; cached next to the bind groups
+        if len(bias.shape) == 1 and pc.col0 == 0 and pc.rows == bias.shape[0]:
+            return bias.buf
+        key = (bias.buf, pc.col0, pc.rows)
+        b = self._bias_slices.get(key)  # a bias split with its matrix's pieces, sliced once
         if b is None:
             host = self.read(bias)[pc.col0:pc.col0 + pc.rows]
-            b = self._buffer(host.nbytes, host)
-            self._bind_groups[key] = b
+            b = self._bias_slices[key] = self._buffer(host.nbytes, host)
         return b
 
     def add(self, a, b):
@@ -460,6 +477,7 @@ class WgpuBackend(Backend):
         chunk = max(1, min(n, self.max_binding // (4 * H * ctx)))
         need = 4 * chunk * H * ctx
         if self._scratch is None or self._scratch.size < need:
+            self._bind_groups.clear()
             self._scratch = self._buffer(need)
         for c0 in range(0, n, chunk):
             c = min(chunk, n - c0)

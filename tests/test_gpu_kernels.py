@@ -1,0 +1,162 @@
+"""Every GPU kernel against the NumPy backend: fresh random inputs, several shapes (odd ones too),
+every weight type; output buffers are poisoned with NaN before the measured run."""
+
+import numpy as np
+import pytest
+
+from test_quants import random_raw
+from wasmchord.backends.base import WeightSource
+from wasmchord.backends.numpy_backend import NumpyBackend
+from wasmchord.backends.wgpu_backend import GTensor
+from wasmchord.quants import ggml_type, quantize
+
+pytestmark = pytest.mark.gpu
+GPU_TYPES = ["F32", "F16", "Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q6_K"]
+CPU = NumpyBackend()
+
+
+def weight(name, rows, k, rng):
+    t = ggml_type(name)
+    if name in ("Q4_0", "Q4_1", "Q8_0"):
+        raw = quantize(rng.standard_normal((rows, k)).astype(np.float32), t).reshape(-1)
+    else:
+        raw = random_raw(t, (rows, k), rng)
+    return WeightSource("w", raw, t, (rows, k))
+
+
+def upload(g, a):
+    a = np.ascontiguousarray(a, np.float32)
+    return GTensor(g._buffer(a.nbytes, a), 0, a.shape)
+
+
+def poison(g):
+    for buf in g._arena.values():
+        g.device.queue.write_buffer(buf, 0, np.full(buf.size // 4, np.nan, np.float32))
+
+
+def run_twice(g, f):
+    """Run once to allocate the arena, poison every arena buffer, run again and read the result."""
+    g.begin_forward()
+    f()
+    g._flush()
+    poison(g)
+    g.begin_forward()
+    return g.read(f())
+
+
+def close(a, b, tol=1e-4):
+    scale = max(1.0, float(np.abs(b).max()))
+    assert not np.isnan(a).any()
+    np.testing.assert_allclose(a, b, rtol=0, atol=tol * scale)
+
+
+@pytest.mark.parametrize("name", GPU_TYPES)
+@pytest.mark.parametrize("n,rows,k", [(1, 37, 256), (1, 8, 512), (7, 33, 256), (19, 5, 768)])
+def test_matmul_every_type(gpu_backend, name, n, rows, k):
+    g, rng = gpu_backend, np.random.default_rng()
+    src = weight(name, rows, k, rng)
+    x = rng.standard_normal((n, k)).astype(np.float32)
+    bias = rng.standard_normal(rows).astype(np.float32)
+    W, xg, bg = g.load_matrix([src]), upload(g, x), g.load_vector(bias)
+    got = run_twice(g, lambda: g.matmul(xg, W, bg))
+    close(got, CPU.matmul(x, CPU.load_matrix([src]), bias))
+
+
+def test_matmul_of_stacked_mixed_types_and_split_bindings(gpu_backend):
+    """Q/K/V-style stacking with different types, and rows split across bindings by a small limit."""
+    from wasmchord.backends.wgpu_backend import WgpuBackend
+    g, rng = WgpuBackend(max_binding_size=4096), np.random.default_rng()
+    parts = [weight("Q4_1", 40, 256, rng), weight("Q8_0", 24, 256, rng), weight("Q6_K", 9, 256, rng)]
+    W = g.load_matrix(parts)
+    assert len(W.pieces) > 3  # split beyond one piece per part
+    for n in (1, 5):
+        x = rng.standard_normal((n, 256)).astype(np.float32)
+        close(run_twice(g, lambda: g.matmul(upload(g, x), W)), CPU.matmul(x, CPU.load_matrix(parts)))
+
+
+@pytest.mark.parametrize("name", ["Q8_0", "Q4_K", "Q6_K", "F16"])
+def test_embedding_lookup_from_quantized_table_split_across_bindings(gpu_backend, name):
+    from wasmchord.backends.wgpu_backend import WgpuBackend
+    g, rng = WgpuBackend(max_binding_size=8192), np.random.default_rng()
+    src = weight(name, 50, 256, rng)
+    T = g.load_matrix([src])
+    ids = rng.integers(0, 50, size=6)
+    got = run_twice(g, lambda: g.embed(T, ids, 1.5))
+    close(got, CPU.embed(CPU.load_matrix([src]), ids, 1.5))
+
+
+@pytest.mark.parametrize("shape", [(1, 576), (5, 64), (3, 4, 64)])
+def test_rmsnorm(gpu_backend, shape):
+    g, rng = gpu_backend, np.random.default_rng()
+    x = rng.standard_normal(shape).astype(np.float32) * 3
+    w = rng.standard_normal(shape[-1]).astype(np.float32)
+    if len(shape) == 3:  # a per-head view inside a wider buffer, as q/k norms see it
+        n, h, d = shape
+        wide = rng.standard_normal((n, h * d + 40)).astype(np.float32)
+        wide[:, 8:8 + h * d] = x.reshape(n, -1)
+        xb = upload(g, wide)
+        xg = GTensor(xb.buf, 8, shape, wide.shape[1])
+    else:
+        xg = upload(g, x)
+    close(run_twice(g, lambda: g.rmsnorm(xg, g.load_vector(w), 1e-5)), CPU.rmsnorm(x, w, 1e-5))
+
+
+@pytest.mark.parametrize("neox,n_rot", [(False, 64), (True, 64), (True, 32)])
+def test_rope_in_place(gpu_backend, neox, n_rot):
+    g, rng = gpu_backend, np.random.default_rng()
+    x = rng.standard_normal((5, 3, 64)).astype(np.float32)
+    xg = upload(g, x)
+    g.begin_forward()
+    g.rope(xg, 17, base=10000.0, n_rot=n_rot, scale=2.0, neox=neox)
+    close(g.read(xg), CPU.rope(x.copy(), 17, base=10000.0, n_rot=n_rot, scale=2.0, neox=neox))
+
+
+@pytest.mark.parametrize("n,H,kv,window", [(1, 9, 3, 0), (6, 4, 4, 0), (11, 4, 1, 5), (1, 4, 2, 3)])
+def test_kv_write_with_rope_and_attention(gpu_backend, n, H, kv, window):
+    g, rng = gpu_backend, np.random.default_rng()
+    hd, ctx, past = 32, 64, 9
+    rope = dict(base=10000.0, n_rot=hd, scale=1.0, neox=False)
+    cc, gc = CPU.alloc_kv_cache(1, kv, ctx, hd, hd), g.alloc_kv_cache(1, kv, ctx, hd, hd)
+    for pos0, m in ((0, past), (past, n)):  # fill some history, then the queries' own positions
+        qkv = rng.standard_normal((m, (H + 2 * kv) * hd)).astype(np.float32)
+        q, k, v = CPU.split_heads(qkv.copy(), [H * hd, kv * hd, kv * hd], [H, kv, kv])
+        CPU.kv_write(cc, 0, k, v, pos0, rope=rope)
+        qg, kg, vg = g.split_heads(upload(g, qkv), [H * hd, kv * hd, kv * hd], [H, kv, kv])
+        g.begin_forward()
+        g.kv_write(gc, 0, kg, vg, pos0, rope=rope)
+    want = CPU.attention(CPU.rope(q, past, **rope), cc, 0, past, scale=0.17, window=window)
+    g.begin_forward()
+    g.rope(qg, past, **rope)
+    got = run_twice(g, lambda: g.attention(qg, gc, 0, past, scale=0.17, window=window))
+    close(got, want)
+    close(g.read(GTensor(gc.k[0], 0, (kv * ctx * hd,))).reshape(kv, ctx, hd)[:, :past + n], cc.k[0][:, :past + n])
+
+
+@pytest.mark.parametrize("op", ["swiglu", "geglu"])
+def test_gated_activations(gpu_backend, op):
+    g, rng = gpu_backend, np.random.default_rng()
+    x = rng.standard_normal((3, 2 * 100)).astype(np.float32) * 4
+    close(run_twice(g, lambda: getattr(g, op)(upload(g, x))), getattr(CPU, op)(x))
+
+
+def test_residual_add(gpu_backend):
+    g, rng = gpu_backend, np.random.default_rng()
+    a, b = rng.standard_normal((4, 70)).astype(np.float32), rng.standard_normal((4, 70)).astype(np.float32)
+    ag = upload(g, a)
+    g.begin_forward()
+    g.add(ag, upload(g, b))
+    close(g.read(ag), a + b)
+
+
+@pytest.mark.parametrize("size", [1, 255, 49152, 100003])
+def test_argmax_writes_the_token_buffer(gpu_backend, size):
+    g, rng = gpu_backend, np.random.default_rng()
+    x = rng.standard_normal(size).astype(np.float32)
+    j = int(rng.integers(0, size))
+    x[j] = 10.0
+    if size > 2:
+        x[(j + 1) % size] = 10.0  # a tie: the lower index wins, as np.argmax
+    g.begin_forward()
+    tok = g.argmax(upload(g, x))
+    assert tok == int(np.argmax(x))
+    assert int(np.frombuffer(g.device.queue.read_buffer(g._ids, 0, 4), np.uint32)[0]) == tok

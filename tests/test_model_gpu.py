@@ -1,0 +1,161 @@
+"""The whole model on the GPU backend (lavapipe in CI): against the CPU backend and llama.cpp fixtures;
+the same generate/stream/chat API and CLI; large tensors split across bindings; faults."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from wasmchord import Model
+from wasmchord.errors import BackendError
+
+pytestmark = pytest.mark.gpu
+FIXTURES = Path(__file__).parent / "fixtures"
+LLAMA_CPP_NOISE = 0.5  # see test_model_cpu.py
+SHORT = [0, 4, 9]      # llama.cpp fixture prompts short enough for lavapipe
+
+
+@pytest.fixture(scope="module")
+def pair(gpu_backend):
+    g = Model.load("smollm2-135m-instruct", device="gpu", context_length=128)
+    c = Model.load("smollm2-135m-instruct", device="cpu", context_length=128)
+    return g, c
+
+
+def test_logits_match_cpu_backend(pair):
+    g, c = pair
+    ids = c.tokenizer.encode("The quick brown fox jumps over the lazy dog because")
+    lg, lc = g.logits(ids), c.logits(ids)
+    assert np.abs(lg - lc).max() < 1e-3 * np.abs(lc).max()
+    assert (lg.argmax(1) == lc.argmax(1)).all()
+
+
+def test_against_llama_cpp_fixtures(pair):
+    g, c = pair
+    fx = np.load(FIXTURES / "llama_smollm2-135m-instruct.npz")
+    agree = total = 0
+    for i in SHORT:
+        ids = fx[f"p{i}_ids"].tolist()
+        lg = g.logits(ids)
+        sure = fx[f"p{i}_margin"] >= LLAMA_CPP_NOISE
+        agree += ((lg.argmax(1) == fx[f"p{i}_argmax"]) | ~sure).sum()
+        total += len(ids)
+        assert np.corrcoef(lg[-1], fx[f"p{i}_last"])[0, 1] > 0.999
+    assert agree / total >= 0.99
+
+
+def test_greedy_continuations_equal_cpu(pair):
+    g, c = pair
+    fx = np.load(FIXTURES / "llama_smollm2-135m-instruct.npz")
+    for i in SHORT[:2]:
+        ids = fx[f"p{i}_ids"].tolist()
+        assert g.generate(ids, max_tokens=12, temperature=0).tokens == c.generate(ids, max_tokens=12, temperature=0).tokens
+
+
+def test_greedy_decode_reads_back_only_the_token(pair):
+    g, _ = pair
+    calls = []
+    orig = g.backend.read
+    g.backend.read = lambda x: calls.append(x) or orig(x)
+    try:
+        g.generate("Hello", max_tokens=4, temperature=0)
+    finally:
+        g.backend.read = orig
+    assert calls == []  # no logits came back: argmax ran on the GPU
+
+
+def test_stream_chat_and_sampling_work_on_gpu(pair):
+    g, c = pair
+    chunks = list(g.stream("Once upon a time", max_tokens=6, temperature=0))
+    assert chunks[-1].finish_reason == "length"
+    assert "".join(ch.text for ch in chunks) == c.generate("Once upon a time", max_tokens=6, temperature=0).text
+    r = g.chat([{"role": "user", "content": "Say hi."}], max_tokens=4, temperature=0.7, seed=3)
+    assert r.completion_tokens >= 1
+    assert r.tokens == g.chat([{"role": "user", "content": "Say hi."}], max_tokens=4, temperature=0.7, seed=3).tokens
+
+
+def test_output_head_split_across_bindings(gpu_backend):
+    """A forced 8 MiB binding limit splits the 28 MB embedding/output table into pieces."""
+    small = Model.load("smollm2-135m-instruct", device="gpu", context_length=32, max_binding_size=8 << 20)
+    assert len(small._tf.tok_embd.pieces) > 1
+    ref = Model.load("smollm2-135m-instruct", device="cpu", context_length=32)
+    ids = ref.tokenizer.encode("Hello world")
+    lg = small.logits(ids)
+    assert np.abs(lg - ref.logits(ids)).max() < 1e-3 * np.abs(lg).max()
+
+
+def test_cli_generate_on_gpu(gpu_backend):
+    r = subprocess.run([sys.executable, "-m", "wasmchord", "generate", "The capital of France is", "-n", "3",
+                        "--temperature", "0", "--backend", "gpu"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(" Paris")
+
+
+def test_auto_device_does_not_pick_a_software_adapter(gpu_backend):
+    m = Model.load("smollm2-135m-instruct", device="auto", context_length=16)
+    from wasmchord.backends.gpu_device import is_software
+    assert m.backend.name == ("cpu" if is_software(gpu_backend.adapter) else "gpu")
+
+
+def test_device_failure_is_our_error_and_sticks(gpu_backend):
+    m = Model.load("smollm2-135m-instruct", device="gpu", context_length=16)
+    real = m.backend.device
+
+    class LostQueue:
+        def __getattr__(self, name):
+            if name == "submit":
+                def boom(*a, **k):
+                    raise RuntimeError("device lost (simulated)")
+                return boom
+            return getattr(real.queue, name)
+
+    class LostDevice:
+        queue = LostQueue()
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    m.backend.device = LostDevice()
+    with pytest.raises(BackendError, match="device lost"):
+        m.generate("Hello", max_tokens=2, temperature=0)
+    m.backend.device = real
+    with pytest.raises(BackendError, match="failed earlier"):
+        m.generate("Hello", max_tokens=2, temperature=0)
+
+
+def test_shader_compile_error_names_file_and_line(gpu_backend, tmp_path, monkeypatch):
+    from wasmchord.backends import gpu_device, wgpu_backend
+    src = gpu_device.shader_dir()
+    for f in src.glob("*.wgsl"):
+        (tmp_path / f.name).write_text(f.read_text())
+    (tmp_path / "norm.wgsl").write_text((src / "norm.wgsl").read_text().replace("let inv =", "let inv = nope +"))
+    monkeypatch.setattr(wgpu_backend, "shader_dir", lambda: tmp_path)
+    b = wgpu_backend.WgpuBackend()
+    with pytest.raises(BackendError, match=r"norm\.wgsl.*(:\d+|line)"):
+        b._pipeline("norm", "rmsnorm")
+
+
+def test_missing_adapter_message_names_the_driver(monkeypatch):
+    from wasmchord.backends import gpu_device
+    monkeypatch.setattr(gpu_device, "find_adapter", lambda allow_software: None)
+    with pytest.raises(BackendError, match="mesa-vulkan-drivers"):
+        Model.load("smollm2-135m-instruct", device="gpu")
+
+
+def test_shaders_ship_inside_the_package_build(tmp_path):
+    """The wheel carries shaders/ as wasmchord/shaders (hatchling force-include)."""
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path),
+                        str(root)], capture_output=True, text=True)
+    if r.returncode != 0 and "hatchling" in r.stderr:
+        r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(tmp_path), str(root)],
+                           capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    import zipfile
+    names = zipfile.ZipFile(next(tmp_path.glob("wasmchord-*.whl"))).namelist()
+    for f in (root / "shaders").glob("*.wgsl"):
+        assert f"wasmchord/shaders/{f.name}" in names
