@@ -49,7 +49,7 @@ class Model:
 
         Args:
             path_or_alias: a .gguf path or a known alias (pulled on first use).
-            device: "cpu", "gpu" or "auto" (a hardware GPU when present, else the CPU).
+            device: "cpu", "gpu", "auto" (a hardware GPU when present, else the CPU), or a Backend instance.
             context_length: cap on the context (default: the model's, at most 4096).
             progress: called as progress(stage, done, total) while pulling and loading.
             backend_options: passed to the backend (cpu: weights="f32" | "quantized").
@@ -75,14 +75,16 @@ class Model:
         return cls(gf, cfg, tok, tf, stats)
 
     # ------------------------------------------------------------------------------------ evaluation
-    def logits(self, ids) -> np.ndarray:
-        """Logits [len(ids), vocab] (float32) for `ids` evaluated in a fresh context."""
+    def logits(self, ids, *, hidden: list | None = None) -> np.ndarray:
+        """Logits [len(ids), vocab] (float32) for `ids` evaluated in a fresh context.
+
+        `hidden`, when given, receives the residual stream [len(ids), d] after each layer."""
         ids = self._ids(ids)
         if len(ids) > self._tf.max_ctx:
             raise GenerationError(f"{len(ids)} tokens exceed the context length {self._tf.max_ctx}")
         self._session.reset()
         self._tf.cache_owner = self._session
-        out = self.backend.read(self._tf.forward(np.asarray(ids, np.int64), 0, all_logits=True))
+        out = self.backend.read(self._tf.forward(np.asarray(ids, np.int64), 0, all_logits=True, hidden=hidden))
         self._session.tokens = list(ids)
         return np.asarray(out, dtype=np.float32)
 

@@ -113,10 +113,12 @@ def bench_llama_cpp(model_path, prompt_lengths, n_gen, threads) -> dict | None:
     llm.reset()
     llm.eval(ids)
 
-    def decode():
+    n_vocab = llm.n_vocab()
+
+    def decode():  # greedy, reading the last logits straight from llama.cpp's context
         for _ in range(n_gen):
-            t = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-            llm.eval([t])
+            last = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,))
+            llm.eval([int(np.argmax(last))])
     dt, _ = _timed(decode)
     return {"engine": "llama.cpp", "version": llama_cpp.__version__, "threads": threads, "load_s": load_s,
             "prefill_tok_s": prefill, "decode_tok_s": n_gen / dt}

@@ -112,10 +112,11 @@ class Transformer:
             return self.be.layernorm(x, w, b, self.cfg.norm_eps)
         return self.be.rmsnorm(x, w, self.cfg.norm_eps)
 
-    def forward(self, ids: np.ndarray, pos0: int, *, all_logits: bool = False):
+    def forward(self, ids: np.ndarray, pos0: int, *, all_logits: bool = False, hidden: list | None = None):
         """Run positions pos0..pos0+n-1 for token `ids` [n]; write their K/V to the cache.
 
         Returns logits [n, vocab] when all_logits, else [vocab] for the last position (backend handles).
+        `hidden`, when given, receives the residual stream [n, d] after each layer (as NumPy arrays).
         """
         cfg, be, spec = self.cfg, self.be, self.cfg.spec
         n = len(ids)
@@ -152,6 +153,8 @@ class Transformer:
             if spec.post_norms:
                 f = be.rmsnorm(f, L.post_ffn_norm, cfg.norm_eps)
             x = be.add(x, f)
+            if hidden is not None:
+                hidden.append(np.array(be.read(x)))
         if not all_logits:
             x = x[-1:]
         x = self._norm(x, self.output_norm, self.output_norm_b)                              # [n|1, d]

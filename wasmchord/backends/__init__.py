@@ -21,12 +21,16 @@ def _load(name: str):
     return getattr(importlib.import_module(mod), cls)
 
 
-def get_backend(device: str = "auto", **options):
+def get_backend(device="auto", **options):
     """Instantiate a backend: "cpu", "gpu", or "auto" (a hardware GPU if present, else the CPU).
+    A `Backend` instance is returned as it is (e.g. a subclass that records intermediate values).
 
     Raises:
         BackendError: unknown device name, or the GPU is unavailable (the message says what to install).
     """
+    from .base import Backend
+    if isinstance(device, Backend):
+        return device
     if device == "auto":
         if _hardware_gpu_present():
             return _load("gpu")(**options)
