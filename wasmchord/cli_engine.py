@@ -89,6 +89,21 @@ def cmd_bench(a):
             json.dump(res, f, indent=2, default=str)
 
 
+def cmd_convert(a):
+    from .convert import main
+    argv = ["--model", a.model_dir, "--output", a.output, "--quant", a.quant] + (["--force"] if a.force else [])
+    rc = main(argv)
+    if rc:
+        raise SystemExit(rc)
+
+
+def cmd_validate(a):
+    from .validate import main
+    rc = main(a.files + (["--no-values"] if a.no_values else []))
+    if rc:
+        raise SystemExit(rc)
+
+
 def _common(s, *, sampling=True):
     s.add_argument("--backend", default="auto", choices=["auto", "cpu", "gpu"], help="compute backend")
     s.add_argument("--context-length", type=int, default=None, help="cap the context (default: model's, max 4096)")
@@ -125,3 +140,15 @@ def add_commands(sub):
     s.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp comparison")
     s.add_argument("--json", help="write results as JSON here")
     s.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser("convert", help="convert a Hugging Face model directory to GGUF")
+    s.add_argument("--model", dest="model_dir", required=True)
+    s.add_argument("--output", required=True)
+    s.add_argument("--quant", default="f16", help="f32, f16, q8_0, q4_0 or q4_1")
+    s.add_argument("--force", action="store_true")
+    s.set_defaults(func=cmd_convert)
+
+    s = sub.add_parser("validate", help="check GGUF files (structure, metadata, shapes, values, tokenizer)")
+    s.add_argument("files", nargs="+")
+    s.add_argument("--no-values", action="store_true")
+    s.set_defaults(func=cmd_validate)

@@ -69,8 +69,8 @@ def encode_value(v) -> tuple[int, bytes]:
             et = _NP_TO_VT[v.dtype]
             return vt, struct.pack("<IQ", et, len(v)) + v.astype(v.dtype.newbyteorder("<")).tobytes()
         items = list(v)
-        if not items:
-            return vt, struct.pack("<IQ", _U32, 0)
+        if not items:  # numeric arrays arrive as NumPy arrays; an empty list is a list of strings
+            return vt, struct.pack("<IQ", _STR, 0)
         encoded = [encode_value(x) for x in items]
         et = encoded[0][0]
         if any(e[0] != et for e in encoded):

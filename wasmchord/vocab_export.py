@@ -36,7 +36,7 @@ def sentencepiece_metadata(model_file: str | os.PathLike, *, add_bos: bool = Tru
     return md
 
 
-def bpe_metadata(tokenizer_json: str | os.PathLike, *, pre: str = "gpt2", add_bos: bool = False) -> dict:
+def bpe_metadata(tokenizer_json: str | os.PathLike, *, pre: str = "gpt-2", add_bos: bool = False) -> dict:
     """`tokenizer.ggml.*` keys for a byte-level BPE `tokenizer.json` (the `gpt2` tokenizer)."""
     with open(tokenizer_json, encoding="utf-8") as f:
         tj = json.load(f)

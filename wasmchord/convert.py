@@ -1,0 +1,331 @@
+"""Hugging Face checkpoint directory -> one GGUF file (LLaMA family and Phi-2).
+
+Tensors are read one at a time from memory-mapped safetensors (or torch .bin files when torch is
+installed), transformed, quantized and written; the output appears only when complete.
+Keys and the Q/K permutation follow llama.cpp's convert_hf_to_gguf.py (LlamaModel, Phi2Model).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import struct
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .errors import UnsupportedError, WasmchordError
+from .gguf_writer import GGUFWriter
+from .quants import ggml_type
+
+log = logging.getLogger(__name__)
+QUANTS = ("f32", "f16", "q8_0", "q4_0", "q4_1")
+FILE_TYPE = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7}  # llama_ftype
+
+
+class ConvertError(WasmchordError, ValueError):
+    """The input directory cannot be converted (the message names the file or tensor)."""
+
+
+# ---------------------------------------------------------------------------- reading checkpoints
+
+_ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": "bf16", "F64": np.float64, "I64": np.int64}
+
+
+class _SafeTensors:
+    """A memory-mapped .safetensors file: 8-byte header length, JSON header, raw data."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        with open(path, "rb") as f:
+            n = struct.unpack("<Q", f.read(8))[0]
+            if n > path.stat().st_size:
+                raise ConvertError(f"{path}: corrupt safetensors header")
+            self.header = json.loads(f.read(n))
+        self.header.pop("__metadata__", None)
+        self.base = 8 + n
+        self.mm = np.memmap(path, dtype=np.uint8, mode="r")
+
+    def shape(self, name):
+        return tuple(self.header[name]["shape"])
+
+    def get(self, name) -> np.ndarray:
+        h = self.header[name]
+        dt = _ST_DTYPES.get(h["dtype"])
+        if dt is None:
+            raise ConvertError(f"{self.path}: tensor {name!r} has unsupported dtype {h['dtype']}")
+        a, b = h["data_offsets"]
+        raw = self.mm[self.base + a:self.base + b]
+        if dt == "bf16":
+            return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(h["shape"])
+        return raw.view(dt).astype(np.float32).reshape(h["shape"])
+
+
+class Checkpoint:
+    """name -> (shape, loader) over all weight files of a directory."""
+
+    def __init__(self, d: Path):
+        self.tensors: dict[str, tuple[tuple, Callable[[], np.ndarray]]] = {}
+        st = sorted(d.glob("*.safetensors"))
+        if st:
+            for p in st:
+                f = _SafeTensors(p)
+                for name in f.header:
+                    self.tensors[name] = (f.shape(name), lambda f=f, name=name: f.get(name))
+            return
+        bins = sorted(d.glob("pytorch_model*.bin"))
+        if not bins:
+            raise ConvertError(f"{d}: no weights found (expected *.safetensors or pytorch_model*.bin)")
+        try:
+            import torch
+        except ImportError:
+            raise ConvertError(f"{d}: reading pytorch_model*.bin needs torch; convert to safetensors or install torch") from None
+        for p in bins:
+            sd = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+            for name, t in sd.items():
+                self.tensors[name] = (tuple(t.shape), lambda t=t: t.float().numpy())
+
+
+# ---------------------------------------------------------------------------- architectures
+
+def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """HF rotate-half row order -> GGUF's adjacent pairs (convert_hf_to_gguf.py LlamaModel.permute)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+# HF name pattern -> GGUF name, per architecture. {i} is the layer.
+LLAMA_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+    "model.layers.{i}.input_layernorm.weight": "blk.{i}.attn_norm.weight",
+    "model.layers.{i}.self_attn.q_proj.weight": "blk.{i}.attn_q.weight",
+    "model.layers.{i}.self_attn.k_proj.weight": "blk.{i}.attn_k.weight",
+    "model.layers.{i}.self_attn.v_proj.weight": "blk.{i}.attn_v.weight",
+    "model.layers.{i}.self_attn.o_proj.weight": "blk.{i}.attn_output.weight",
+    "model.layers.{i}.post_attention_layernorm.weight": "blk.{i}.ffn_norm.weight",
+    "model.layers.{i}.mlp.gate_proj.weight": "blk.{i}.ffn_gate.weight",
+    "model.layers.{i}.mlp.up_proj.weight": "blk.{i}.ffn_up.weight",
+    "model.layers.{i}.mlp.down_proj.weight": "blk.{i}.ffn_down.weight",
+}
+PHI2_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.final_layernorm.weight": "output_norm.weight", "model.final_layernorm.bias": "output_norm.bias",
+    "lm_head.weight": "output.weight", "lm_head.bias": "output.bias",
+    "model.layers.{i}.input_layernorm.weight": "blk.{i}.attn_norm.weight",
+    "model.layers.{i}.input_layernorm.bias": "blk.{i}.attn_norm.bias",
+    **{f"model.layers.{{i}}.self_attn.{x}_proj.{w}": f"blk.{{i}}.attn_{x}.{w}" for x in "qkv" for w in ("weight", "bias")},
+    "model.layers.{i}.self_attn.dense.weight": "blk.{i}.attn_output.weight",
+    "model.layers.{i}.self_attn.dense.bias": "blk.{i}.attn_output.bias",
+    "model.layers.{i}.mlp.fc1.weight": "blk.{i}.ffn_up.weight", "model.layers.{i}.mlp.fc1.bias": "blk.{i}.ffn_up.bias",
+    "model.layers.{i}.mlp.fc2.weight": "blk.{i}.ffn_down.weight", "model.layers.{i}.mlp.fc2.bias": "blk.{i}.ffn_down.bias",
+}
+ARCHS = {  # HF architectures[0] -> (gguf arch, name table)
+    "LlamaForCausalLM": ("llama", LLAMA_NAMES), "MistralForCausalLM": ("llama", LLAMA_NAMES),
+    "PhiForCausalLM": ("phi2", PHI2_NAMES),
+}
+IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+
+
+def _arch_metadata(arch: str, c: dict) -> dict:
+    def need(key):
+        if key not in c:
+            raise ConvertError(f"config.json has no {key!r}, required for {arch}")
+        return c[key]
+    d, H = need("hidden_size"), need("num_attention_heads")
+    hd = c.get("head_dim") or d // H
+    md = {f"{arch}.context_length": need("max_position_embeddings"), f"{arch}.embedding_length": d,
+          f"{arch}.block_count": need("num_hidden_layers"), f"{arch}.feed_forward_length": need("intermediate_size"),
+          f"{arch}.attention.head_count": H, f"{arch}.attention.head_count_kv": c.get("num_key_value_heads") or H,
+          f"{arch}.rope.freq_base": float(c.get("rope_theta") or (c.get("rope_parameters") or {}).get("rope_theta", 10000.0))}
+    if arch == "llama":
+        md["llama.attention.layer_norm_rms_epsilon"] = float(need("rms_norm_eps"))
+        md["llama.rope.dimension_count"] = hd
+        md["llama.vocab_size"] = need("vocab_size")
+        rs = c.get("rope_scaling") or {}
+        if rs.get("type", rs.get("rope_type")) == "linear":
+            md["llama.rope.scaling.type"] = "linear"
+            md["llama.rope.scaling.factor"] = float(rs["factor"])
+    else:  # phi2
+        md["phi2.attention.layer_norm_epsilon"] = float(need("layer_norm_eps"))
+        md["phi2.rope.dimension_count"] = int(c.get("partial_rotary_factor", 0.5) * hd)
+    return md
+
+
+# ---------------------------------------------------------------------------- tokenizer
+
+def _tokenizer_metadata(d: Path, c: dict) -> dict:
+    from .vocab_export import bpe_metadata, sentencepiece_metadata
+    tc = json.loads((d / "tokenizer_config.json").read_text()) if (d / "tokenizer_config.json").exists() else {}
+    gc = json.loads((d / "generation_config.json").read_text()) if (d / "generation_config.json").exists() else {}
+    if (d / "tokenizer.model").exists():
+        md = sentencepiece_metadata(d / "tokenizer.model", add_bos=tc.get("add_bos_token", True))
+    elif (d / "tokenizer.json").exists():
+        md = bpe_metadata(d / "tokenizer.json", pre=_bpe_pre(d / "tokenizer.json"), add_bos=tc.get("add_bos_token", False))
+        tj = json.loads((d / "tokenizer.json").read_text())
+        ids = {a["content"]: a["id"] for a in tj.get("added_tokens", [])}
+        for key, name in (("bos", tc.get("bos_token")), ("eos", tc.get("eos_token")), ("unknown", tc.get("unk_token"))):
+            name = name.get("content") if isinstance(name, dict) else name
+            if name in ids:
+                md[f"tokenizer.ggml.{key}_token_id"] = ids[name]
+    else:
+        raise ConvertError(f"{d}: no tokenizer (expected tokenizer.model or tokenizer.json)")
+    for key, src in (("bos", "bos_token_id"), ("eos", "eos_token_id")):
+        v = gc.get(src, c.get(src))
+        if isinstance(v, list):
+            v = v[0]
+        if isinstance(v, int):
+            md[f"tokenizer.ggml.{key}_token_id"] = v
+    if isinstance(tc.get("chat_template"), str):
+        md["tokenizer.chat_template"] = tc["chat_template"]
+    return md
+
+
+def _pad_vocab(md: dict, vocab_size):
+    """Models pad their embedding beyond the tokenizer (llama.cpp adds [PAD{i}] tokens, type UNUSED)."""
+    from .tokenizer import UNUSED
+    toks = md["tokenizer.ggml.tokens"]
+    if isinstance(vocab_size, int) and vocab_size > len(toks):
+        extra = vocab_size - len(toks)
+        md["tokenizer.ggml.tokens"] = list(toks) + [f"[PAD{len(toks) + i}]" for i in range(extra)]
+        md["tokenizer.ggml.token_type"] = np.concatenate([md["tokenizer.ggml.token_type"],
+                                                          np.full(extra, UNUSED, np.int32)])
+        if "tokenizer.ggml.scores" in md:
+            md["tokenizer.ggml.scores"] = np.concatenate([md["tokenizer.ggml.scores"], np.zeros(extra, np.float32)])
+
+
+def _bpe_pre(path: Path) -> str:
+    """Pick llama.cpp's pre-tokenizer name from tokenizer.json's pre_tokenizer."""
+    text = json.dumps(json.loads(path.read_text()).get("pre_tokenizer"))
+    if "individual_digits\": true" in text:
+        return "smollm"
+    if "\\\\p{N}{1,3}" in text:
+        return "llama-bpe"
+    return "gpt-2"  # llama.cpp spelling
+
+
+# ---------------------------------------------------------------------------- conversion
+
+def convert(model_dir, output, *, quant: str = "f16", force: bool = False, progress=None) -> Path:
+    """Convert a Hugging Face model directory to GGUF. Returns the output path.
+
+    Raises:
+        ConvertError: missing or inconsistent inputs; an existing output without `force`.
+        UnsupportedError: an architecture or quantization we do not convert.
+    """
+    d, out = Path(model_dir), Path(output)
+    if quant not in QUANTS:
+        raise UnsupportedError(f"unknown --quant {quant!r}; expected one of {', '.join(QUANTS)}")
+    if not d.is_dir():
+        raise ConvertError(f"{d}: not a directory")
+    if not (d / "config.json").exists():
+        raise ConvertError(f"{d}: missing config.json")
+    if not out.parent.is_dir():
+        raise ConvertError(f"{out}: the output directory {out.parent} does not exist")
+    if out.exists() and not force:
+        raise ConvertError(f"{out} exists (use --force to overwrite)")
+    c = json.loads((d / "config.json").read_text())
+    hf_arch = (c.get("architectures") or [None])[0]
+    if hf_arch not in ARCHS:
+        raise UnsupportedError(f"{d / 'config.json'}: architecture {hf_arch!r} is not supported "
+                               f"(supported: {', '.join(ARCHS)})")
+    arch, names = ARCHS[hf_arch]
+    ckpt = Checkpoint(d)
+    md = {"general.architecture": arch, "general.name": c.get("_name_or_path") or d.name,
+          "general.file_type": FILE_TYPE[quant], **_arch_metadata(arch, c), **_tokenizer_metadata(d, c)}
+    _pad_vocab(md, c.get("vocab_size"))
+    n_layers, H = md[f"{arch}.block_count"], md[f"{arch}.attention.head_count"]
+    KV = md[f"{arch}.attention.head_count_kv"]
+
+    mapping: dict[str, str] = {}
+    for pat, target in names.items():
+        for i in range(n_layers) if "{i}" in pat else [None]:
+            src = pat.format(i=i) if i is not None else pat
+            if src in ckpt.tensors:
+                mapping[src] = target.format(i=i) if i is not None else target
+    extra = sorted(n for n in ckpt.tensors if n not in mapping and not IGNORED.match(n))
+    if extra:
+        raise ConvertError(f"{d}: unexpected tensors {extra[:5]}{' ...' if len(extra) > 5 else ''} "
+                           f"for {hf_arch} with {n_layers} layers")
+    required = [t.format(i=i) for t in names.values() if "{i}" in t for i in range(n_layers)]
+    present = set(mapping.values())
+    missing = [r for r in ["token_embd.weight", "output_norm.weight"] + required if r not in present]
+    if missing:
+        raise ConvertError(f"{d}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+
+    w = GGUFWriter(arch)
+    for k, v in md.items():
+        w.add(k, v)
+    expect = _expected_shapes(md, arch)
+    for src, dst in mapping.items():
+        shape, load = ckpt.tensors[src]
+        want = expect(dst)
+        if want is not None and tuple(shape) != want:
+            raise ConvertError(f"{src}: shape {list(shape)} does not match config.json (expected {list(want)})")
+        qtype = _qtype(dst, shape, quant)
+        perm = H if dst.endswith("attn_q.weight") else KV if dst.endswith("attn_k.weight") else None
+        if arch != "llama":
+            perm = None
+
+        def data(load=load, perm=perm):
+            a = load()
+            return permute_qk(a, perm) if perm else a
+        w.add_tensor(dst, data, qtype=qtype, shape=shape)
+    w.write(out, progress=progress)
+    log.info("wrote %s (%s, %d tensors)", out, quant, len(mapping))
+    return out
+
+
+def _qtype(name: str, shape, quant: str) -> str:
+    """Norms, biases and 1-D tensors stay F32; rows that do not divide into blocks stay F16. With 4-bit
+    types the embedding and output head are Q8_0, as llama.cpp's quantizer keeps them higher (Q6_K)."""
+    if len(shape) == 1 or name.endswith(".bias") or "norm" in name:
+        return "F32"
+    if quant in ("f32", "f16"):
+        return quant.upper()
+    if quant in ("q4_0", "q4_1") and name in ("token_embd.weight", "output.weight"):
+        quant = "q8_0"
+    return quant.upper() if shape[-1] % ggml_type(quant).block_size == 0 else "F16"
+
+
+def _expected_shapes(md: dict, arch: str):
+    g = lambda k: md[f"{arch}.{k}"]  # noqa: E731
+    d, H, KV, f = g("embedding_length"), g("attention.head_count"), g("attention.head_count_kv"), g("feed_forward_length")
+    hd = d // H
+    vocab = len(md["tokenizer.ggml.tokens"])
+    table = {"token_embd.weight": (vocab, d), "output.weight": (vocab, d), "output_norm.weight": (d,),
+             "attn_norm.weight": (d,), "attn_q.weight": (H * hd, d), "attn_k.weight": (KV * hd, d),
+             "attn_v.weight": (KV * hd, d), "attn_output.weight": (d, H * hd), "ffn_norm.weight": (d,),
+             "ffn_gate.weight": (f, d), "ffn_up.weight": (f, d), "ffn_down.weight": (d, f)}
+
+    def expect(name):
+        key = name.split(".", 2)[-1] if name.startswith("blk.") else name
+        if arch == "phi2" and name.startswith("output.weight"):
+            return None  # phi2 pads its vocabulary beyond the tokenizer's
+        return table.get(key)
+    return expect
+
+
+def main(argv=None) -> int:
+    """tools/convert_model.py and `wasmchord convert`."""
+    import argparse
+    import sys
+    ap = argparse.ArgumentParser(prog="convert_model", description="Hugging Face model directory -> GGUF")
+    ap.add_argument("--model", required=True, help="directory with config.json, weights and tokenizer")
+    ap.add_argument("--output", required=True, help="output .gguf file")
+    ap.add_argument("--quant", default="f16", help=f"one of {', '.join(QUANTS)}")
+    ap.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    a = ap.parse_args(argv)
+    from .cli import _Bar
+    bar = _Bar()
+    try:
+        path = convert(a.model, a.output, quant=a.quant, force=a.force, progress=bar)
+    except (WasmchordError, OSError, json.JSONDecodeError) as e:
+        bar.close()
+        print(f"convert: error: {e}", file=sys.stderr)
+        return 2
+    bar.close()
+    print(path)
+    return 0
+

@@ -1,0 +1,124 @@
+"""Check a GGUF file: structure, required metadata, tensor shapes against the config, NaN/Inf in the
+weights, tokenizer consistency. `wasmchord validate FILE` / tools/validate_gguf.py."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .config import ModelConfig
+from .errors import WasmchordError
+from .gguf_file import GGUFFile
+
+
+@dataclass
+class Report:
+    path: str
+    checks: list[tuple[str, bool, str]] = field(default_factory=list)  # (check, ok, detail)
+
+    def add(self, check, ok, detail=""):
+        self.checks.append((check, bool(ok), detail))
+
+    @property
+    def ok(self) -> bool:
+        return all(ok for _, ok, _ in self.checks)
+
+    @property
+    def problems(self) -> list[str]:
+        return [f"{c}: {d}" for c, ok, d in self.checks if not ok]
+
+    def format(self) -> str:
+        lines = [f"{self.path}"]
+        lines += [f"  [{'ok' if ok else 'FAIL'}] {c}{': ' + d if d else ''}" for c, ok, d in self.checks]
+        lines.append(f"  {'valid' if self.ok else f'{len(self.problems)} problem(s)'}")
+        return "\n".join(lines)
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Tensors the graph needs for this config and their NumPy-order shapes."""
+    d, H, KV, hd, hdv, f = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.head_dim_v, cfg.ffn_dim
+    out = {"token_embd.weight": (cfg.vocab_size, d), "output_norm.weight": (d,)}
+    for i in range(cfg.n_layers):
+        p = f"blk.{i}."
+        out.update({p + "attn_norm.weight": (d,), p + "attn_output.weight": (d, H * hdv),
+                    p + "ffn_up.weight": (f, d), p + "ffn_down.weight": (d, f)})
+        if not cfg.spec.parallel_block:
+            out[p + "ffn_norm.weight"] = (d,)
+        if cfg.spec.ffn != "gelu":
+            out[p + "ffn_gate.weight"] = (f, d)
+        out.update({p + "attn_q.weight": (H * hd, d), p + "attn_k.weight": (KV * hd, d), p + "attn_v.weight": (KV * hdv, d)})
+        if cfg.spec.qk_norm:
+            out.update({p + "attn_q_norm.weight": (hd,), p + "attn_k_norm.weight": (hd,)})
+        if cfg.spec.post_norms:
+            out.update({p + "post_attention_norm.weight": (d,), p + "post_ffw_norm.weight": (d,)})
+    return out
+
+
+def validate(path, *, check_values: bool = True) -> Report:
+    r = Report(str(path))
+    try:
+        gf = GGUFFile(path)
+    except WasmchordError as e:
+        r.add("structure (header, metadata, tensor infos, alignment, offsets, sizes, duplicates)", False, str(e))
+        return r
+    r.add("structure (header, metadata, tensor infos, alignment, offsets, sizes, duplicates)", True,
+          f"GGUF v{gf.version}, {len(gf.metadata)} keys, {len(gf.tensors)} tensors")
+    try:
+        cfg = ModelConfig.from_gguf(gf.metadata)
+        r.add("required metadata", True, f"{cfg.arch}, {cfg.n_layers} layers")
+    except WasmchordError as e:
+        r.add("required metadata", False, str(e))
+        cfg = None
+    if cfg is not None:
+        want = expected_shapes(cfg)
+        if "attn_qkv" in " ".join(gf.tensors):  # fused QKV files carry one tensor instead of three
+            want = {k: v for k, v in want.items() if not k.endswith(("attn_q.weight", "attn_k.weight", "attn_v.weight"))}
+        missing = [n for n in want if n not in gf.tensors]
+        bad = [f"{n} is {list(gf.tensors[n].shape)}, expected {list(s)}" for n, s in want.items()
+               if n in gf.tensors and gf.tensors[n].shape != s]
+        out = gf.tensors.get("output.weight")
+        if out is not None and out.shape != (cfg.vocab_size, cfg.d_model):
+            bad.append(f"output.weight is {list(out.shape)}, expected {[cfg.vocab_size, cfg.d_model]}")
+        r.add("required tensors present", not missing, ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))
+        r.add("tensor shapes match the config", not bad, "; ".join(bad[:3]) + (" ..." if len(bad) > 3 else ""))
+    if check_values:
+        nonfinite, skipped = [], []
+        for name, ti in gf.tensors.items():
+            if ti.ggml_type.dequantize_blocks is None:
+                skipped.append(name)
+                continue
+            if not np.isfinite(gf.dequantize(name)).all():
+                nonfinite.append(name)
+        r.add("no NaN/Inf in the weights", not nonfinite, ", ".join(nonfinite[:5]) +
+              (f" ({len(skipped)} tensors of types without a decoder not checked)" if skipped else ""))
+    try:
+        from .tokenizer import Tokenizer
+        tok = Tokenizer(gf.metadata, source=str(path))
+        issues = []
+        if cfg is not None and tok.vocab_size != cfg.vocab_size:
+            issues.append(f"{tok.vocab_size} tokens but vocab size {cfg.vocab_size}")
+        emb = gf.tensors.get("token_embd.weight")
+        if emb is not None and emb.shape[0] != tok.vocab_size:
+            issues.append(f"token_embd has {emb.shape[0]} rows for {tok.vocab_size} tokens")
+        if tok.encode("Hello world", add_bos=False) and tok.decode(tok.encode("Hello world", add_bos=False)) != "Hello world":
+            issues.append("decode(encode('Hello world')) does not round-trip")
+        r.add("tokenizer consistent", not issues, "; ".join(issues) or f"{tok.model}, {tok.vocab_size} tokens")
+    except WasmchordError as e:
+        r.add("tokenizer consistent", False, str(e))
+    return r
+
+
+def main(argv=None) -> int:
+    import argparse
+    ap = argparse.ArgumentParser(prog="validate_gguf", description="check GGUF files; exit 1 on problems")
+    ap.add_argument("files", nargs="+")
+    ap.add_argument("--no-values", action="store_true", help="skip the NaN/Inf scan of the weights")
+    a = ap.parse_args(argv)
+    from .hub import resolve_model
+    status = 0
+    for f in a.files:
+        rep = validate(resolve_model(f), check_values=not a.no_values)
+        print(rep.format())
+        status = status or (0 if rep.ok else 1)
+    return status
