@@ -87,8 +87,10 @@ class NumpyBackend(Backend):
         return x
 
     def rmsnorm(self, x, w, eps):
-        ms = np.mean(np.square(x), axis=-1, keepdims=True, dtype=np.float32)
-        return x * (1.0 / np.sqrt(ms + np.float32(eps))) * w
+        ms = np.einsum("...i,...i->...", x, x)[..., None] / np.float32(x.shape[-1])
+        out = x * (np.float32(1.0) / np.sqrt(ms + np.float32(eps)))
+        out *= w
+        return out
 
     def layernorm(self, x, w, b, eps):
         mu = x.mean(axis=-1, keepdims=True)
@@ -159,13 +161,13 @@ class NumpyBackend(Backend):
         t0 = max(0, pos0 + 1 - window) if window else 0
         qg = q.reshape(n, kv, rep, hd).transpose(1, 2, 0, 3) * np.float32(scale)  # [kv, rep, n, hd]
         s = qg @ K[:, None, t0:t_end].transpose(0, 1, 3, 2)                         # [kv, rep, n, T]
-        if n > 1 or window:
+        if n > 1 or window:  # causal (and sliding-window) mask by index, added as 0 / -inf
             qpos = np.arange(pos0, t_end)[:, None]
             kpos = np.arange(t0, t_end)[None, :]
             masked = kpos > qpos
             if window:
                 masked |= qpos - kpos >= window
-            s[..., masked] = -np.inf
+            s += np.where(masked, np.float32(-np.inf), np.float32(0))
         s -= s.max(axis=-1, keepdims=True)
         np.exp(s, out=s)
         s /= s.sum(axis=-1, keepdims=True)
@@ -175,7 +177,12 @@ class NumpyBackend(Backend):
     def swiglu(self, gate_up):
         f = gate_up.shape[-1] // 2
         g, u = gate_up[..., :f], gate_up[..., f:]
-        return g / (1.0 + np.exp(-g)) * u
+        t = np.negative(g)          # silu(g) * u = g / (1 + exp(-g)) * u, one temporary
+        np.exp(t, out=t)
+        t += 1.0
+        np.divide(g, t, out=t)
+        t *= u
+        return t
 
     def gelu(self, x):
         return 0.5 * x * (1.0 + np.tanh(_SQRT_2_OVER_PI * (x + np.float32(0.044715) * x * x * x)))
