@@ -1,9 +1,9 @@
-// elementwise.wgsl: gated activations (SwiGLU, GeGLU with tanh GELU) and the residual add.
+// elementwise.wgsl: gated activations (SwiGLU, GeGLU with tanh GELU), GELU, and the residual add.
 //
 // Bindings (group 0):
 //   0 uniform P
-//   1 storage a    f32, read_write  (swiglu/geglu: output [n, f]; add: accumulator a += b)
-//   2 storage b    f32, read        (swiglu/geglu: gate | up [n, 2f]; add: addend)
+//   1 storage a    f32, read_write  (swiglu/geglu/gelu: output; add: accumulator a += b)
+//   2 storage b    f32, read        (swiglu/geglu: gate | up [n, 2f]; gelu: input; add: addend)
 // P.count = elements to produce; P.f = width of the gate half.
 
 struct P {
@@ -32,6 +32,20 @@ fn swiglu(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
     a[p.a_off + j] = g / (1.0 + exp(-g)) * u;
 }
 
+// tanh-approximated GELU; tanh written through exp, clamped so exp never overflows.
+fn gelu_tanh(g: f32) -> f32 {
+    let z = clamp(0.7978845608 * (g + 0.044715 * g * g * g), -15.0, 15.0);
+    let e = exp(2.0 * z);
+    return 0.5 * g * (1.0 + (e - 1.0) / (e + 1.0));
+}
+
+@compute @workgroup_size(64)
+fn gelu(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let j = index(gid, nwg);
+    if (j >= p.count) { return; }
+    a[p.a_off + j] = gelu_tanh(b[p.b_off + j]);
+}
+
 @compute @workgroup_size(64)
 fn geglu(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let j = index(gid, nwg);
@@ -40,10 +54,7 @@ fn geglu(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
     let c = j % p.f;
     let g = b[p.b_off + i * 2u * p.f + c];
     let u = b[p.b_off + i * 2u * p.f + p.f + c];
-    // tanh-approximated GELU; tanh written through exp, clamped so exp never overflows.
-    let z = clamp(0.7978845608 * (g + 0.044715 * g * g * g), -15.0, 15.0);
-    let e = exp(2.0 * z);
-    a[p.a_off + j] = 0.5 * g * (1.0 + (e - 1.0) / (e + 1.0)) * u;
+    a[p.a_off + j] = gelu_tanh(g) * u;
 }
 
 @compute @workgroup_size(64)

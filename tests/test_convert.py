@@ -247,3 +247,14 @@ def test_cli_convert_bad_input_is_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "wasmchord", "convert", "--model", str(tmp_path), "--output",
                         str(tmp_path / "o.gguf")], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "config.json" in r.stderr
+
+
+@pytest.mark.gpu
+def test_phi2_on_the_gpu_matches_the_cpu(tmp_path, gpu_backend):
+    make_phi2(tmp_path / "hf")
+    out = convert(tmp_path / "hf", tmp_path / "m.gguf", quant="q8_0")
+    ids = np.random.default_rng().integers(3, 250, size=9).tolist()
+    g, c = Model.load(out, device="gpu"), Model.load(out, device="cpu")
+    lg, lc = g.logits(ids), c.logits(ids)
+    assert np.abs(lg - lc).max() < 1e-3 * np.abs(lc).max()
+    assert g.generate(ids, max_tokens=5, temperature=0).tokens == c.generate(ids, max_tokens=5, temperature=0).tokens

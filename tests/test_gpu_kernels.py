@@ -160,3 +160,19 @@ def test_argmax_writes_the_token_buffer(gpu_backend, size):
     tok = g.argmax(upload(g, x))
     assert tok == int(np.argmax(x))
     assert int(np.frombuffer(g.device.queue.read_buffer(g._ids, 0, 4), np.uint32)[0]) == tok
+
+
+@pytest.mark.parametrize("shape", [(1, 64), (7, 96)])
+def test_layernorm_with_bias(gpu_backend, shape):
+    g, rng = gpu_backend, np.random.default_rng()
+    x = rng.standard_normal(shape).astype(np.float32) * 2 + 1
+    w, b = rng.standard_normal(shape[-1]).astype(np.float32), rng.standard_normal(shape[-1]).astype(np.float32)
+    xg = upload(g, x)
+    got = run_twice(g, lambda: g.layernorm(xg, g.load_vector(w), g.load_vector(b), 1e-5))
+    close(got, CPU.layernorm(x, w, b, 1e-5))
+
+
+def test_gelu(gpu_backend):
+    g, rng = gpu_backend, np.random.default_rng()
+    x = rng.standard_normal((3, 130)).astype(np.float32) * 4
+    close(run_twice(g, lambda: g.gelu(upload(g, x))), CPU.gelu(x))

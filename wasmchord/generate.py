@@ -14,7 +14,7 @@ from typing import Iterator
 import numpy as np
 
 from .errors import GenerationError
-from .sampling import SamplingParams, make_rng, sample
+from .sampling import SamplingParams, make_rng
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def generate_tokens(session: Session, prompt_ids: list[int], params: SamplingPar
                     and not params.frequency_penalty:
                 tok = be.argmax(logits)
             else:
-                tok = sample(be.read(logits), params, rng, history)
+                tok = be.sample(logits, params, rng, history, i)
             if tok in stop_ids:
                 return
             history.append(tok)

@@ -66,8 +66,9 @@ class Transformer:
                 wqkv, bqkv = [t(f"{p}attn_qkv.weight")], self._vec(f"{p}attn_qkv.bias", required=False)
             else:
                 wqkv = [t(f"{p}attn_{x}.weight") for x in ("q", "k", "v")]
-                biases = [self._vec(f"{p}attn_{x}.bias", required=False) for x in ("q", "k", "v")]
-                bqkv = None if biases[0] is None else backend.load_vector(np.concatenate(biases))
+                names = [f"{p}attn_{x}.bias" for x in ("q", "k", "v")]  # concatenated on the host, then uploaded
+                bqkv = (backend.load_vector(np.concatenate([gf.dequantize(b).reshape(-1) for b in names]))
+                        if all(b in gf.tensors for b in names) else None)
             up = [t(f"{p}ffn_gate.weight"), t(f"{p}ffn_up.weight")] if spec.ffn != "gelu" else [t(f"{p}ffn_up.weight")]
             self.layers.append(Layer(
                 attn_norm=self._vec(f"{p}attn_norm.weight"),

@@ -102,6 +102,11 @@ class Backend:
         """Index of the largest value of a [vocab] vector."""
         raise NotImplementedError("need argmax")
 
+    def sample(self, logits, params, rng, history, step: int) -> int:
+        """Draw a token from [vocab] logits (penalties from `history`); default: on the host."""
+        from ..sampling import sample
+        return sample(self.read(logits), params, rng, history)
+
     def split_heads(self, x, sizes: list[int], heads: list[int]):
         """Split [n, sum(sizes)] into views [n, heads_i, sizes_i / heads_i]."""
         raise NotImplementedError("need split_heads")

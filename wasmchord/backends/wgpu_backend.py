@@ -121,6 +121,8 @@ _QM = [(0, U), (1, R), (2, R), (3, R), (4, R), (5, W), (6, R)]
 LAYOUTS = {
     ("qmatrix", "matvec"): _QM, ("qmatrix", "matmul"): _QM, ("qmatrix", "embed"): _QM,
     ("norm", "rmsnorm"): [(0, U), (1, R), (2, R), (3, W)],
+    ("norm", "layernorm"): [(0, U), (1, R), (2, R), (3, W), (4, R)],
+    ("elementwise", "gelu"): [(0, U), (1, W), (2, R)],
     ("rope", "rope"): [(0, U), (1, R), (2, W)],
     ("rope", "rope_store"): [(0, U), (1, R), (3, R), (4, W), (5, W), (6, R)],
     ("attention", "scores"): [(0, U), (1, R), (2, R), (3, R), (4, W)],
@@ -129,6 +131,7 @@ LAYOUTS = {
     ("elementwise", "swiglu"): [(0, U), (1, W), (2, R)], ("elementwise", "geglu"): [(0, U), (1, W), (2, R)],
     ("elementwise", "add"): [(0, U), (1, W), (2, R)],
     ("argmax", "argmax"): [(0, U), (1, R), (2, W)],
+    ("sample", "sample"): [(0, U), (1, W), (2, W), (3, R)],
 }
 PARAM_BYTES = 64  # every shader's parameter struct fits in 16 words
 
@@ -177,18 +180,12 @@ class WgpuBackend(Backend):
         self._readback = self.device.create_buffer(size=4, usage=wgpu.BufferUsage.MAP_READ | wgpu.BufferUsage.COPY_DST)
         self._rope_tables: dict[tuple, object] = {}
         self._scratch = None
+        self._hist = None
         info = self.adapter.info
         self.device_name = f"{info.get('device')} ({info.get('backend_type')})"
 
     def describe(self) -> str:
         return f"WebGPU on {self.device_name}, features: {', '.join(self.features) or 'none'}"
-
-    def supports(self, spec):
-        if spec.norm != "rms":
-            return "LayerNorm is not implemented on the GPU yet"
-        if spec.ffn == "gelu":
-            return "the plain GELU MLP is not implemented on the GPU yet"
-        return None
 
     # ------------------------------------------------------------------------------------ plumbing
     def _check(self):
@@ -383,15 +380,29 @@ class WgpuBackend(Backend):
                            (math.ceil(k / 64), n), fmt=pc.fmt)
         return out
 
-    def rmsnorm(self, x, w, eps):
+    def _norm(self, entry, x, w, b, eps):
         if len(x.shape) == 3:
             n, heads, m = x.shape
         else:
             (n, m), heads = x.shape, 1
         rows = n * heads
         out = self._out(x.shape)
-        self._dispatch("norm", "rmsnorm", [rows, m, heads, x.off, x.stride, float(eps)],
-                       {1: x.buf, 2: w.buf, 3: out.buf}, (rows,))
+        bufs = {1: x.buf, 2: w.buf, 3: out.buf}
+        if b is not None:
+            bufs[4] = b.buf
+        self._dispatch("norm", entry, [rows, m, heads, x.off, x.stride, float(eps)], bufs, (rows,))
+        return out
+
+    def rmsnorm(self, x, w, eps):
+        return self._norm("rmsnorm", x, w, None, eps)
+
+    def layernorm(self, x, w, b, eps):
+        return self._norm("layernorm", x, w, b, eps)
+
+    def gelu(self, x):
+        n, f = x.shape[0], x.cols
+        out = self._out((n, f))
+        self._dispatch("elementwise", "gelu", [n * f, f, 0, x.off], {1: out.buf, 2: x.buf}, (math.ceil(n * f / 64),))
         return out
 
     def matmul(self, x, w, bias=None):
@@ -492,6 +503,31 @@ class WgpuBackend(Backend):
     def argmax(self, logits):
         count = logits.cols if len(logits.shape) > 1 else logits.shape[0]
         self._dispatch("argmax", "argmax", [count, logits.off], {1: logits.buf, 2: self._ids}, (1,))
+        return self._read_token()
+
+    def sample(self, logits, params, rng, history, step):
+        """sample.wgsl: penalties, top-k/top-p/min-p, temperature and a counter-based draw on the GPU.
+        The host's RNG only supplies a 32-bit seed per step, so a seeded generation repeats exactly."""
+        if params.greedy:  # penalties then argmax: temperature 0 in the kernel would divide by zero
+            params = type(params)(**{**params.__dict__, "temperature": 1e-6, "top_k": 1})
+        count = logits.cols if len(logits.shape) > 1 else logits.shape[0]
+        penalize = params.repeat_penalty != 1.0 or params.presence_penalty or params.frequency_penalty
+        hist = np.asarray(history[-params.penalty_last_n:] if penalize and params.penalty_last_n else [], np.uint32)
+        if self._hist is None or self._hist.size < max(16, hist.nbytes):
+            self._hist = self._buffer(max(256, hist.nbytes))
+            self._bind_groups.clear()
+        if hist.size:
+            self.device.queue.write_buffer(self._hist, 0, hist)
+        seed = int(rng.integers(0, 2**32))
+        self._dispatch("sample", "sample",
+                       [count, logits.off, int(params.top_k), int(hist.size), float(params.temperature),
+                        float(params.top_p), float(params.min_p), float(params.repeat_penalty),
+                        float(params.presence_penalty), float(params.frequency_penalty), seed, int(step)],
+                       {1: logits.buf, 2: self._ids, 3: self._hist}, (1,))
+        return self._read_token()
+
+    def _read_token(self) -> int:
+        """Submit, then read the 4-byte token the last argmax/sample wrote."""
         self._flush(copy=(self._ids, 0, self._readback, 0, 4))
         try:
             self._readback.map_sync(self.wgpu.MapMode.READ)
