@@ -106,8 +106,12 @@ class Session:
 
 
 def generate_tokens(session: Session, prompt_ids: list[int], params: SamplingParams, *, max_tokens: int,
-                    stop_ids: frozenset[int] = frozenset(), stats: _Stats | None = None) -> Iterator[int]:
-    """Layer 1: yield sampled token ids until a stop id (not yielded) or `max_tokens`."""
+                    stop_ids: frozenset[int] = frozenset(), stats: _Stats | None = None,
+                    encode_ahead: bool | None = None) -> Iterator[int]:
+    """Layer 1: yield sampled token ids until a stop id (not yielded) or `max_tokens`.
+
+    `encode_ahead` (default: when the backend supports it and no penalties need the history on the
+    host) submits step t+1 before waiting for step t's token."""
     stats = stats or _Stats()
     rng = make_rng(params.seed)
     t0 = time.perf_counter()
@@ -116,7 +120,16 @@ def generate_tokens(session: Session, prompt_ids: list[int], params: SamplingPar
     stats.prompt_tokens, stats.cached_tokens = len(prompt_ids), cached
     stats.prompt_eval_s = time.perf_counter() - t0
     history = list(prompt_ids)
+    penalized = params.repeat_penalty != 1.0 or params.presence_penalty or params.frequency_penalty
+    if encode_ahead is None:
+        encode_ahead = be.encode_ahead and not penalized
     t1 = time.perf_counter()
+    if encode_ahead:
+        try:
+            yield from _generate_ahead(session, logits, params, rng, max_tokens, stop_ids, stats)
+        finally:
+            stats.eval_s = time.perf_counter() - t1
+        return
     try:
         for i in range(max_tokens):
             if params.greedy and params.repeat_penalty == 1.0 and not params.presence_penalty \
@@ -136,6 +149,39 @@ def generate_tokens(session: Session, prompt_ids: list[int], params: SamplingPar
             logits = session.step(tok)
     finally:
         stats.eval_s = time.perf_counter() - t1
+
+
+def _generate_ahead(session, logits, params, rng, max_tokens, stop_ids, stats):
+    """Encode-ahead decoding: while the device runs step t the host already encodes and submits step
+    t+1, which reads its input token from the device buffer step t's argmax/sample wrote; tokens come
+    back through a ring of mappable buffers. A step computed past a stop is discarded, and the session
+    never counts its position, which rolls the KV cache back to the stop."""
+    from .backends.base import ON_DEVICE
+    tf, be = session.tf, session.tf.be
+
+    def select(lg, step):
+        if params.greedy:
+            return be.argmax(lg, defer=True)
+        return be.sample(lg, params, rng, (), step, defer=True)
+
+    pending = select(logits, 0)
+    for i in range(max_tokens):
+        pos = len(session.tokens)
+        ahead = None
+        if i + 1 < max_tokens and pos < session.n_ctx:
+            ahead = select(tf.forward(ON_DEVICE, pos), i + 1)  # submitted before step i is read
+        tok = be.collect(pending)
+        if tok in stop_ids:
+            return
+        if ahead is not None:  # its K/V are at `pos` only if the step after it ran
+            session.tokens.append(tok)
+        stats.tokens.append(tok)
+        yield tok
+        if i + 1 == max_tokens:
+            return
+        if ahead is None:
+            raise GenerationError(f"context full ({session.n_ctx} tokens) after {i + 1} generated tokens")
+        pending = ahead
 
 
 def _stop_prefix_len(text: str, stops: list[str]) -> int:

@@ -14,6 +14,16 @@ import numpy as np
 from ..quants import GGMLType
 
 
+class OnDevice:
+    """Stands for token ids that the last argmax/sample left on the device (encode-ahead decoding)."""
+
+    def __len__(self):
+        return 1
+
+
+ON_DEVICE = OnDevice()
+
+
 @dataclass(frozen=True)
 class WeightSource:
     """A GGUF tensor as stored: raw bytes (a memory-map view), type and NumPy-order shape."""
@@ -28,6 +38,7 @@ class Backend:
     """Base class: every op raises until a backend implements it (tinygrad's Allocator style)."""
 
     name = "base"
+    encode_ahead = False  # True: argmax/sample(defer=True) and embed(ON_DEVICE) are supported
 
     # ------------------------------------------------------------------------------------ memory
     def load_matrix(self, parts: list[WeightSource]):

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import BackendError, UnsupportedError
 from ..quants import QK_K, _k4_nibbles, _k_scale_min
-from .base import Backend, WeightSource
+from .base import Backend, OnDevice, WeightSource
 from .gpu_device import open_device, shader_dir
 
 log = logging.getLogger(__name__)
@@ -155,6 +155,8 @@ class KVCacheGPU:
 
 class WgpuBackend(Backend):
     name = "gpu"
+    encode_ahead = True
+    RING = 3  # persistent mappable buffers for sampled tokens in flight
 
     def __init__(self, *, max_binding_size: int | None = None, allow_software: bool = True):
         import wgpu
@@ -177,7 +179,9 @@ class WgpuBackend(Backend):
         self._ids = self._buffer(4 * 4096)
         self._ids_cap = 4096
         self._ids_on_device: int | None = None
-        self._readback = self.device.create_buffer(size=4, usage=wgpu.BufferUsage.MAP_READ | wgpu.BufferUsage.COPY_DST)
+        self._ring = [self.device.create_buffer(size=4, usage=wgpu.BufferUsage.MAP_READ | wgpu.BufferUsage.COPY_DST)
+                      for _ in range(self.RING)]
+        self._ring_next = self._last_slot = 0
         self._rope_tables: dict[tuple, object] = {}
         self._scratch = None
         self._hist = None
@@ -362,15 +366,18 @@ class WgpuBackend(Backend):
 
     # ------------------------------------------------------------------------------------ ops
     def embed(self, table, ids, scale=1.0):
-        ids = np.asarray(ids, dtype=np.uint32)
-        n = len(ids)
-        if n > self._ids_cap:
-            self._ids_cap = 2 * n
-            self._ids = self._buffer(4 * self._ids_cap)
-            self._bind_groups.clear()
-            self._ids_on_device = None
-        if not (n == 1 and self._ids_on_device == int(ids[0])):  # argmax left it there already
-            self.device.queue.write_buffer(self._ids, 0, ids)
+        if isinstance(ids, OnDevice):  # encode-ahead: the previous step's sample is already in _ids
+            n = 1
+        else:
+            ids = np.asarray(ids, dtype=np.uint32)
+            n = len(ids)
+            if n > self._ids_cap:
+                self._ids_cap = 2 * n
+                self._ids = self._buffer(4 * self._ids_cap)
+                self._bind_groups.clear()
+                self._ids_on_device = None
+            if not (n == 1 and self._ids_on_device == int(ids[0])):  # argmax left it there already
+                self.device.queue.write_buffer(self._ids, 0, ids)
         self._ids_on_device = None
         k = table.shape[1]
         out = self._out((n, k))
@@ -500,12 +507,12 @@ class WgpuBackend(Backend):
             self._dispatch("attention", "weighted_sum", p, {**kv, 5: out.buf}, (math.ceil(hdv / 64), H, c))
         return out
 
-    def argmax(self, logits):
+    def argmax(self, logits, *, defer=False):
         count = logits.cols if len(logits.shape) > 1 else logits.shape[0]
         self._dispatch("argmax", "argmax", [count, logits.off], {1: logits.buf, 2: self._ids}, (1,))
-        return self._read_token()
+        return self._submit_token(defer)
 
-    def sample(self, logits, params, rng, history, step):
+    def sample(self, logits, params, rng, history, step, *, defer=False):
         """sample.wgsl: penalties, top-k/top-p/min-p, temperature and a counter-based draw on the GPU.
         The host's RNG only supplies a 32-bit seed per step, so a seeded generation repeats exactly."""
         if params.greedy:  # penalties then argmax: temperature 0 in the kernel would divide by zero
@@ -524,18 +531,28 @@ class WgpuBackend(Backend):
                         float(params.top_p), float(params.min_p), float(params.repeat_penalty),
                         float(params.presence_penalty), float(params.frequency_penalty), seed, int(step)],
                        {1: logits.buf, 2: self._ids, 3: self._hist}, (1,))
-        return self._read_token()
+        return self._submit_token(defer)
 
-    def _read_token(self) -> int:
-        """Submit, then read the 4-byte token the last argmax/sample wrote."""
-        self._flush(copy=(self._ids, 0, self._readback, 0, 4))
+    def _submit_token(self, defer: bool):
+        """Submit the step, copying the 4-byte token into the next ring buffer. With defer, return the
+        ring slot without waiting (collect() reads it later); else wait and return the token."""
+        slot = self._ring_next
+        self._ring_next = (slot + 1) % self.RING
+        self._flush(copy=(self._ids, 0, self._ring[slot], 0, 4))
+        self._last_slot = slot
+        return slot if defer else self.collect(slot)
+
+    def collect(self, slot: int) -> int:
+        """Wait for the step that filled ring `slot` and return its token."""
+        buf = self._ring[slot]
         try:
-            self._readback.map_sync(self.wgpu.MapMode.READ)
-            tok = int(np.frombuffer(self._readback.read_mapped(), np.uint32)[0])
-            self._readback.unmap()
+            buf.map_sync(self.wgpu.MapMode.READ)
+            tok = int(np.frombuffer(buf.read_mapped(), np.uint32)[0])
+            buf.unmap()
         except Exception as e:
             self._fail("reading the sampled token", e)
-        self._ids_on_device = tok
+        # The token buffer holds this token only if no later step has been submitted since.
+        self._ids_on_device = tok if slot == self._last_slot and not self._ops else None
         return tok
 
     def split_heads(self, x, sizes, heads):
