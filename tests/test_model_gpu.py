@@ -159,3 +159,24 @@ def test_shaders_ship_inside_the_package_build(tmp_path):
     names = zipfile.ZipFile(next(tmp_path.glob("wasmchord-*.whl"))).namelist()
     for f in (root / "shaders").glob("*.wgsl"):
         assert f"wasmchord/shaders/{f.name}" in names
+
+
+def test_bench_profile_reports_kernels_bandwidth_and_host_time(gpu_backend, tmp_path):
+    out = tmp_path / "p.json"
+    r = subprocess.run([sys.executable, "-m", "wasmchord", "bench", "smollm2-135m-instruct", "--backend", "gpu",
+                        "--prompt-lengths", "4", "--gen-tokens", "2", "--no-llama-cpp", "--profile", "--json", str(out)],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr
+    p = json.loads(out.read_text())["profile"]
+    kernels = {k["kernel"]: k for k in p["kernels"]}
+    assert kernels["qmatrix.matvec[q4m]"]["calls_per_step"] == 30 * 4  # qkv, o, gate|up, down per layer
+    assert kernels["qmatrix.matvec[q4m]"]["GBps"] > 0 and p["copy_GBps"] > 0
+    assert p["dispatches_per_step"] >= sum(k["calls_per_step"] for k in p["kernels"])
+    assert 0 < p["host_encode_ms_per_step"] < 1000
+    assert "dispatches per decode step" in r.stdout
+
+
+def test_profile_needs_the_gpu_backend():
+    r = subprocess.run([sys.executable, "-m", "wasmchord", "bench", "--backend", "cpu", "--profile",
+                        "--prompt-lengths", "4", "--gen-tokens", "1", "--no-llama-cpp"], capture_output=True, text=True)
+    assert r.returncode == 2 and "--backend gpu" in r.stderr

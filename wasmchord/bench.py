@@ -124,8 +124,60 @@ def bench_llama_cpp(model_path, prompt_lengths, n_gen, threads) -> dict | None:
             "prefill_tok_s": prefill, "decode_tok_s": n_gen / dt}
 
 
+def profile_gpu(model_path, *, n_steps=3, timestamp_period_ns=1.0, context=256) -> dict:
+    """Per-kernel GPU time of a decode step (timestamp queries), GB/s of each weight kernel against the
+    device's copy bandwidth, host encode time per step and dispatches per step."""
+    from collections import defaultdict
+
+    from .api import Model
+    from .backends.base import ON_DEVICE
+    m = Model.load(model_path, device="gpu", context_length=context)
+    be, s, tf = m.backend, m._session, m._tf
+    ids = prompt_ids(m.tokenizer, 32)
+    s.reset()
+    s.prefill(ids)
+    pos = len(s.tokens)
+    encode = []
+    for i in range(n_steps + 1):  # host time to record and submit a step (encode-ahead form), GPU wait excluded
+        t = time.perf_counter()
+        slot = be.argmax(tf.forward(ON_DEVICE, pos + i), defer=True)
+        encode.append(time.perf_counter() - t)
+        be.collect(slot)
+    be.enable_profiling(True)
+    for i in range(n_steps):
+        be.argmax(tf.forward(ON_DEVICE, pos + n_steps + 1 + i))
+    log, dispatches = be.profile_log, be.last_dispatches
+    be.enable_profiling(False)
+    agg = defaultdict(lambda: [0, 0, 0])
+    for label, nb, ticks in log:
+        a = agg[label]
+        a[0] += ticks * timestamp_period_ns / n_steps
+        a[1] += nb / n_steps
+        a[2] += 1 / n_steps
+    copy = be.copy_bandwidth_gbps()
+    kernels = [{"kernel": k, "calls_per_step": round(c), "ms_per_step": t / 1e6, "weight_MB_per_step": b / 1e6,
+                "GBps": (b / t if t and b else None), "fraction_of_copy": (b / t / copy if t and b else None)}
+               for k, (t, b, c) in sorted(agg.items(), key=lambda kv: -kv[1][0])]
+    return {"device": be.device_name, "dispatches_per_step": dispatches, "host_encode_ms_per_step":
+            1e3 * float(np.median(encode[1:])), "copy_GBps": copy, "timestamp_period_ns": timestamp_period_ns,
+            "gpu_ms_per_step": sum(k["ms_per_step"] for k in kernels), "kernels": kernels}
+
+
+def format_profile(p: dict) -> str:
+    lines = [f"profile on {p['device']}: {p['dispatches_per_step']} dispatches per decode step, host encode "
+             f"{p['host_encode_ms_per_step']:.2f} ms per step, kernels {p['gpu_ms_per_step']:.2f} ms per step "
+             f"(timestamps at {p['timestamp_period_ns']:g} ns/tick), copy bandwidth {p['copy_GBps']:.1f} GB/s",
+             f"  {'kernel':<28}{'calls':>6}{'ms/step':>10}{'weight MB':>11}{'GB/s':>8}{'of copy':>9}"]
+    for k in p["kernels"]:
+        gb = f"{k['GBps']:.1f}" if k["GBps"] else ""
+        fr = f"{100 * k['fraction_of_copy']:.0f}%" if k["fraction_of_copy"] else ""
+        lines.append(f"  {k['kernel']:<28}{k['calls_per_step']:>6}{k['ms_per_step']:>10.3f}"
+                     f"{k['weight_MB_per_step']:>11.1f}{gb:>8}{fr:>9}")
+    return "\n".join(lines)
+
+
 def run(model_path, *, device="cpu", prompt_lengths=(64, 256, 1024), n_gen=128, llama_cpp="auto",
-        progress=None, **backend_options) -> dict:
+        progress=None, profile=False, timestamp_period_ns=1.0, **backend_options) -> dict:
     """Benchmark wasmchord (and llama.cpp when available and not disabled) on one model."""
     threads = os.cpu_count() or 1
     ours = bench_wasmchord(model_path, device, prompt_lengths, n_gen, progress=progress, **backend_options)
@@ -137,6 +189,11 @@ def run(model_path, *, device="cpu", prompt_lengths=(64, 256, 1024), n_gen=128, 
         roof = bw * 1e9 / ours["weight_bytes_per_token"]
         res["roofline"] = {"read_bandwidth_GBps": bw, "weight_MB_per_token": ours["weight_bytes_per_token"] / 1e6,
                            "decode_roofline_tok_s": roof, "decode_fraction_of_roofline": ours["decode_tok_s"] / roof}
+    if profile:
+        if device != "gpu":
+            from .errors import BackendError
+            raise BackendError("--profile times GPU kernels: use it with --backend gpu")
+        res["profile"] = profile_gpu(model_path, timestamp_period_ns=timestamp_period_ns)
     ref = bench_llama_cpp(model_path, prompt_lengths, n_gen, threads) if llama_cpp != "off" else None
     if ref:
         res["llama_cpp"] = ref
@@ -162,6 +219,8 @@ def format_result(res: dict) -> str:
         lines.append(row(f"prefill {n} (tok/s)", v, ref and ref["prefill_tok_s"][n], r.get(f"prefill_{n}")))
     lines.append(row("decode (tok/s)", o["decode_tok_s"], ref and ref["decode_tok_s"], r.get("decode")))
     lines.append(f"{'peak RSS (MB)':<22}{o['peak_rss_mb']:>12.0f}")
+    if "profile" in res:
+        lines.append(format_profile(res["profile"]))
     if "roofline" in res:
         rf = res["roofline"]
         lines.append(f"roofline: {rf['weight_MB_per_token']:.0f} MB of weights per token / {rf['read_bandwidth_GBps']:.1f} GB/s "

@@ -80,7 +80,8 @@ def cmd_bench(a):
     bar = _Bar()
     try:
         res = bench.run(path, device=a.backend, prompt_lengths=lengths, n_gen=a.gen_tokens,
-                        llama_cpp="off" if a.no_llama_cpp else "auto", progress=bar)
+                        llama_cpp="off" if a.no_llama_cpp else "auto", progress=bar, profile=a.profile,
+                        timestamp_period_ns=a.timestamp_period)
     finally:
         bar.close()
     print(bench.format_result(res))
@@ -138,6 +139,10 @@ def add_commands(sub):
     s.add_argument("--prompt-lengths", default="64,256,1024")
     s.add_argument("--gen-tokens", type=int, default=128)
     s.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp comparison")
+    s.add_argument("--profile", action="store_true", help="GPU: per-kernel times (timestamp queries), GB/s, "
+                   "host encode time and dispatches per decode step")
+    s.add_argument("--timestamp-period", type=float, default=1.0,
+                   help="ns per GPU timestamp tick (Vulkan timestampPeriod: 1 on lavapipe and NVIDIA)")
     s.add_argument("--json", help="write results as JSON here")
     s.set_defaults(func=cmd_bench)
 

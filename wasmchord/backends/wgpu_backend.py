@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import struct
 
 import numpy as np
 
@@ -62,6 +63,7 @@ class GMatrix:
 # ---------------------------------------------------------------------------- repacking (NumPy, at load)
 # GPU formats (override FMT in qmatrix.wgsl): 0 F32, 1 F16, 2 Q4 sym, 3 Q4+min, 4 Q5 sym, 5 Q8, 6 Q8/16
 _WORDS = {0: 32, 1: 16, 2: 4, 3: 4, 4: 5, 5: 8, 6: 8}
+_FMT_NAMES = {0: "f32", 1: "f16", 2: "q4", 3: "q4m", 4: "q5", 5: "q8", 6: "q8/16"}
 
 
 def _f16col(b, i):
@@ -185,6 +187,8 @@ class WgpuBackend(Backend):
         self._rope_tables: dict[tuple, object] = {}
         self._scratch = None
         self._hist = None
+        self.profile, self.profile_log, self.last_dispatches = False, [], 0
+        self._qset, self._qset_count, self._qbuf = None, 0, None
         info = self.adapter.info
         self.device_name = f"{info.get('device')} ({info.get('backend_type')})"
 
@@ -247,8 +251,9 @@ class WgpuBackend(Backend):
         self._pipelines[key] = pl
         return pl
 
-    def _dispatch(self, shader, entry, params: list, buffers: dict, groups, fmt=None):
-        """Record one dispatch: params (list of int/float), buffers {binding: buffer}, workgroup counts."""
+    def _dispatch(self, shader, entry, params: list, buffers: dict, groups, fmt=None, nbytes=0):
+        """Record one dispatch: params (list of int/float), buffers {binding: buffer}, workgroup counts.
+        `nbytes`: weight bytes it reads (for the profiler's GB/s)."""
         self._check()
         slot = self._slot
         self._slot += 1
@@ -256,14 +261,16 @@ class WgpuBackend(Backend):
             self._flush()
             self._grow_params(2 * self._params.size // self.slot_bytes)
             slot, self._slot = 0, 1
-        words = np.zeros(PARAM_BYTES // 4, np.uint32)
-        for j, v in enumerate(params):
-            words[j] = np.float32(v).view(np.uint32) if isinstance(v, float) else np.uint32(v)
-        self._params[slot * self.slot_bytes:slot * self.slot_bytes + PARAM_BYTES] = words.view(np.uint8)
+        # floats as f32, everything else as u32, straight into this slot of the step's parameter block
+        fmt_ = "<" + "".join("f" if isinstance(v, float) else "I" for v in params)
+        base = slot * self.slot_bytes
+        struct.pack_into(fmt_, self._params, base, *params)
+        self._params[base + 4 * len(params):base + PARAM_BYTES] = 0
         pipeline = self._pipeline(shader, entry, fmt)
         # Keyed by the buffer objects (not id()): the key keeps them alive, so a freed buffer's id can
-        # never alias a new one. Replacing an arena buffer clears the cache (_replace_buffer).
-        key = (shader, entry, fmt, slot) + tuple(sorted(buffers.items(), key=lambda kv: kv[0]))
+        # never alias a new one. Replacing an arena buffer clears the cache. Call sites pass buffers
+        # in a fixed order, so no sort is needed.
+        key = (shader, entry, fmt, slot, *buffers.items())
         bg = self._bind_groups.get(key)
         if bg is None:
             entries = [{"binding": 0, "resource": {"buffer": self._param_buf, "offset": slot * self.slot_bytes,
@@ -274,7 +281,7 @@ class WgpuBackend(Backend):
         gx, gy, gz = (tuple(groups) + (1, 1))[:3]
         if gx > self.max_wg:  # fold a long 1-D grid into 2-D; kernels rebuild the index from num_workgroups
             gx, gy = self.max_wg, gy * math.ceil(gx / self.max_wg)
-        self._ops.append((pipeline, bg, (int(gx), int(gy), int(gz))))
+        self._ops.append((pipeline, bg, (int(gx), int(gy), int(gz)), (shader, entry, fmt), nbytes))
 
     def _flush(self, copy=None):
         """Submit the recorded dispatches (and an optional buffer copy) as one command buffer."""
@@ -284,9 +291,12 @@ class WgpuBackend(Backend):
             if self._ops:
                 self.device.queue.write_buffer(self._param_buf, 0, self._params[:self._slot * self.slot_bytes])
             enc = self.device.create_command_encoder()
-            if self._ops:
+            self.last_dispatches = len(self._ops)
+            if self._ops and self.profile:
+                self._encode_profiled(enc)
+            elif self._ops:
                 cp = enc.begin_compute_pass()
-                for pipeline, bg, g in self._ops:
+                for pipeline, bg, g, _, _ in self._ops:
                     cp.set_pipeline(pipeline)
                     cp.set_bind_group(0, bg)
                     cp.dispatch_workgroups(*g)
@@ -294,10 +304,59 @@ class WgpuBackend(Backend):
             if copy is not None:
                 enc.copy_buffer_to_buffer(*copy)
             self.device.queue.submit([enc.finish()])
+            if self._ops and self.profile:
+                self._collect_profile()
         except Exception as e:
             self._fail("submitting GPU work", e)
         finally:
             self._ops = []
+
+    # ------------------------------------------------------------------------------------ profiling
+    def _encode_profiled(self, enc):
+        """One compute pass per dispatch, with begin/end timestamps (the `timestamp-query` feature)."""
+        n = 2 * len(self._ops)
+        U_ = self.wgpu.BufferUsage
+        if self._qset is None or self._qset_count < n:
+            self._qset = self.device.create_query_set(type="timestamp", count=n)
+            self._qset_count = n
+            self._qbuf = self.device.create_buffer(size=8 * n, usage=U_.QUERY_RESOLVE | U_.COPY_SRC)
+        for j, (pipeline, bg, g, _, _) in enumerate(self._ops):
+            cp = enc.begin_compute_pass(timestamp_writes={"query_set": self._qset,
+                                                          "beginning_of_pass_write_index": 2 * j,
+                                                          "end_of_pass_write_index": 2 * j + 1})
+            cp.set_pipeline(pipeline)
+            cp.set_bind_group(0, bg)
+            cp.dispatch_workgroups(*g)
+            cp.end()
+        enc.resolve_query_set(self._qset, 0, n, self._qbuf, 0)
+        self._profiled_ops = [(f"{sh}.{en}" + (f"[{_FMT_NAMES[f]}]" if f is not None else ""), nb)
+                              for _, _, _, (sh, en, f), nb in self._ops]
+
+    def _collect_profile(self):
+        n = 2 * len(self._profiled_ops)
+        ticks = np.frombuffer(self.device.queue.read_buffer(self._qbuf, 0, 8 * n), np.uint64).reshape(-1, 2)
+        for (label, nb), (t0, t1) in zip(self._profiled_ops, ticks):
+            self.profile_log.append((label, nb, int(t1) - int(t0)))
+
+    def enable_profiling(self, on: bool = True):
+        """Time every dispatch with timestamp queries (needs the `timestamp-query` feature)."""
+        if on and "timestamp-query" not in self.features:
+            raise BackendError(f"{self.device_name} has no timestamp-query feature: cannot profile kernels")
+        self.profile, self.profile_log = on, []
+
+    def copy_bandwidth_gbps(self, nbytes: int = 64 << 20) -> float:
+        """Device buffer-to-buffer copy bandwidth (read + write bytes / wall time, best of 3)."""
+        import time
+        a, b = self._buffer(nbytes), self._buffer(nbytes)
+        best = float("inf")
+        for _ in range(3):
+            enc = self.device.create_command_encoder()
+            enc.copy_buffer_to_buffer(a, 0, b, 0, nbytes)
+            t = time.perf_counter()
+            self.device.queue.submit([enc.finish()])
+            self.device.queue.read_buffer(b, 0, 4)  # waits for the copy
+            best = min(best, time.perf_counter() - t)
+        return 2 * nbytes / best / 1e9
 
     def _out(self, shape):
         """The arena buffer for the current dispatch slot, at least big enough for `shape`."""
@@ -317,12 +376,27 @@ class WgpuBackend(Backend):
 
     # ------------------------------------------------------------------------------------ memory
     def load_matrix(self, parts):
+        """Upload stacked parts; consecutive parts of one GPU format become one piece (so Q|K|V or gate|up
+        is a single dispatch), split by rows only where a binding would exceed the device limit."""
         self._check()
-        pieces, col0, nbytes = [], 0, 0
         k = parts[0].shape[1]
+        groups: list[list] = []  # [fmt, q arrays, s arrays, m arrays, rows]
         for p in parts:
             fmt, q, s, m = repack(p)
-            rows = p.shape[0]
+            if groups and groups[-1][0] == fmt and (groups[-1][3][0] is None) == (m is None):
+                g = groups[-1]
+            else:
+                g = [fmt, [], [], [], 0]
+                groups.append(g)
+            g[1].append(q)
+            g[2].append(s)
+            g[3].append(m)
+            g[4] += p.shape[0]
+        pieces, col0, nbytes = [], 0, 0
+        for fmt, qs, ss, ms, rows in groups:
+            q = np.concatenate(qs)
+            s = None if ss[0] is None else np.concatenate(ss)
+            m = None if ms[0] is None else np.concatenate(ms)
             bpr = q.shape[0] // rows  # blocks per row
             row_bytes = bpr * q.shape[1] * 4
             per = max(1, min(rows, self.max_binding // row_bytes))
@@ -419,10 +493,12 @@ class WgpuBackend(Backend):
         for pc in w.pieces:
             params = [n, k, pc.rows, pc.col0, rows, x.off, x.stride, 0, int(bias is not None)]
             bufs = {1: x.buf, 2: pc.q, 3: pc.s, 4: pc.m, 5: out.buf, 6: self._bias_piece(bias, pc)}
+            nb = pc.q.size + (pc.s.size if pc.s is not self._dummy else 0) + (pc.m.size if pc.m is not self._dummy else 0)
             if n == 1:
-                self._dispatch("qmatrix", "matvec", params, bufs, (pc.rows,), fmt=pc.fmt)
+                self._dispatch("qmatrix", "matvec", params, bufs, (pc.rows,), fmt=pc.fmt, nbytes=nb)
             else:
-                self._dispatch("qmatrix", "matmul", params, bufs, (math.ceil(pc.rows / 16), math.ceil(n / 16)), fmt=pc.fmt)
+                self._dispatch("qmatrix", "matmul", params, bufs, (math.ceil(pc.rows / 16), math.ceil(n / 16)),
+                               fmt=pc.fmt, nbytes=nb)
         return out
 
     def _bias_piece(self, bias, pc):
