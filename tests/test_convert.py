@@ -2,8 +2,6 @@
 (committed fixtures) and the source tokenizers; every bad input leaves no output file behind."""
 
 import json
-import shutil
-import struct
 import subprocess
 import sys
 from pathlib import Path

@@ -5,7 +5,7 @@ import pytest
 
 from wasmchord import Model
 from wasmchord.errors import GenerationError
-from wasmchord.generate import Session, _Stats, generate_tokens
+from wasmchord.generate import Session, generate_tokens
 from wasmchord.sampling import SamplingParams
 
 pytestmark = pytest.mark.gpu

@@ -2,7 +2,6 @@
 the same generate/stream/chat API and CLI; large tensors split across bindings; faults."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

@@ -22,7 +22,6 @@ MB = 1_000_000
 
 def english_text(n=MB):
     """Real English prose: docstrings and docs of installed Python packages (deterministic order)."""
-    import numpy
     import pydoc
     parts, size = [], 0
     for mod in ["numpy", "json", "argparse", "collections", "email", "http", "logging", "unittest", "typing",

@@ -11,7 +11,6 @@ import argparse
 import ctypes.util
 import glob
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

@@ -9,5 +9,5 @@ from .api import Model
 
 __version__ = "0.1.0"
 
-__all__ = ["GGUFFile", "pull", "KNOWN_MODELS", "WasmchordError", "GGUFError", "UnsupportedError",
+__all__ = ["Model", "Tokenizer", "GGUFFile", "pull", "KNOWN_MODELS", "WasmchordError", "GGUFError", "UnsupportedError",
            "ConfigError", "TokenizerError", "PullError", "BackendError", "GenerationError"]

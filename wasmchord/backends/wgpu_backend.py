@@ -16,7 +16,7 @@ import struct
 import numpy as np
 
 from ..errors import BackendError, UnsupportedError
-from ..quants import QK_K, _k4_nibbles, _k_scale_min
+from ..quants import _k4_nibbles, _k_scale_min
 from .base import Backend, OnDevice, WeightSource
 from .gpu_device import open_device, shader_dir
 
