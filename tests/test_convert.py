@@ -35,7 +35,8 @@ def arch(request):
 
 @pytest.mark.parametrize("quant,tol", [("f32", 1e-4), ("f16", 1e-2)])
 def test_float_conversions_match_transformers(tmp_path, arch, quant, tol):
-    m = MAKERS[arch](tmp_path / "hf")
+    # f32 on the widened (sensitive) model; f16 on the calm one, whose logits are not chaotic
+    m = MAKERS[arch](tmp_path / "hf", calm=quant == "f16")
     out = convert(tmp_path / "hf", tmp_path / "m.gguf", quant=quant)
     ids = np.random.default_rng().integers(3, 250, size=40).tolist()
     ref, ours = hf_logits(m, ids), Model.load(out, device="cpu").logits(ids)

@@ -17,7 +17,7 @@ def _widen(model, seed, calm=False):
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() > 1:
-                p.mul_(60 if calm and ("embed" in name or "lm_head" in name) else 1 if calm else 20)
+                p.mul_(150 if calm and ("embed" in name or "lm_head" in name) else 1 if calm else 20)
             else:
                 p.add_(torch.randn_like(p) * 0.1)
     return model
