@@ -27,7 +27,8 @@ struct P {
     has_bias: u32,
     row0: u32,       // embed: first vocabulary row of this chunk
     scale: f32,      // embed: multiplier
-    pad0: u32, pad1: u32, pad2: u32, pad3: u32, pad4: u32,
+    accumulate: u32, // 1: out += result (the residual add fused into the epilogue)
+    pad0: u32, pad1: u32, pad2: u32, pad3: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: P;
@@ -72,7 +73,9 @@ fn deq(gb: u32, e: u32) -> f32 {
 fn finish(i: u32, r: u32, acc: f32) {
     var v = acc;
     if (p.has_bias == 1u) { v = v + bias[r]; }
-    out[p.out_off + i * p.out_stride + p.out_col0 + r] = v;
+    let o = p.out_off + i * p.out_stride + p.out_col0 + r;
+    if (p.accumulate == 1u) { v = v + out[o]; }
+    out[o] = v;
 }
 
 // ---------------------------------------------------------------------------- matvec (one token)

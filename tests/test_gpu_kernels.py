@@ -176,3 +176,16 @@ def test_gelu(gpu_backend):
     g, rng = gpu_backend, np.random.default_rng()
     x = rng.standard_normal((3, 130)).astype(np.float32) * 4
     close(run_twice(g, lambda: g.gelu(upload(g, x))), CPU.gelu(x))
+
+
+@pytest.mark.parametrize("n", [1, 6])
+def test_matmul_with_fused_residual_add(gpu_backend, n):
+    g, rng = gpu_backend, np.random.default_rng()
+    src = weight("Q4_1", 96, 256, rng)
+    x = rng.standard_normal((n, 256)).astype(np.float32)
+    r = rng.standard_normal((n, 96)).astype(np.float32)
+    rg = upload(g, r)
+    g.begin_forward()
+    out = g.matmul(upload(g, x), g.load_matrix([src]), residual=rg)
+    assert out.buf is rg.buf
+    close(g.read(rg), CPU.matmul(x, CPU.load_matrix([src]), residual=r.copy()))

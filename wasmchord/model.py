@@ -141,19 +141,16 @@ class Transformer:
             be.kv_write(self.cache, i, k, v, pos0, rope=rope)                                # k rotated on the way in
             a = be.attention(q, self.cache, i, pos0, scale=cfg.attn_scale,
                              window=cfg.sliding_window if local else 0)                       # [n, H*hdv]
-            a = be.matmul(a, L.wo, L.bo)                                                     # [n, d]
+            if spec.post_norms:  # gemma3: norm the attention output before the residual add
+                x = be.add(x, be.rmsnorm(be.matmul(a, L.wo, L.bo), L.post_attn_norm, cfg.norm_eps))
+            else:
+                x = be.matmul(a, L.wo, L.bo, residual=x)                                     # x += a @ wo.T
+            if not spec.parallel_block:  # phi2's MLP reads the same normalized h as its attention
+                h = self._norm(x, L.ffn_norm)                                                # [n, d]
             if spec.post_norms:
-                a = be.rmsnorm(a, L.post_attn_norm, cfg.norm_eps)
-            if spec.parallel_block:  # phi2: attention and MLP both read h
-                f = self._ffn(h, L)
-                x = be.add(be.add(x, a), f)
-                continue
-            x = be.add(x, a)                                                                 # [n, d]
-            h = self._norm(x, L.ffn_norm)                                                    # [n, d]
-            f = self._ffn(h, L)                                                              # [n, d]
-            if spec.post_norms:
-                f = be.rmsnorm(f, L.post_ffn_norm, cfg.norm_eps)
-            x = be.add(x, f)
+                x = be.add(x, be.rmsnorm(self._ffn(h, L), L.post_ffn_norm, cfg.norm_eps))  # [n, d]
+            else:
+                x = self._ffn(h, L, residual=x)                                              # x += ffn(h)
             if hidden is not None:
                 hidden.append(np.array(be.read(x)))
         if not all_logits:
@@ -162,8 +159,8 @@ class Transformer:
         logits = be.matmul(x, self.output, self.output_b)                                    # [n|1, vocab]
         return logits if all_logits else logits[0]
 
-    def _ffn(self, h, L):
+    def _ffn(self, h, L, residual=None):
         be, ffn = self.be, self.cfg.spec.ffn
         up = be.matmul(h, L.w_up, L.b_up)                                                    # [n, 2f] or [n, f]
         act = be.swiglu(up) if ffn == "swiglu" else be.geglu(up) if ffn == "geglu" else be.gelu(up)  # [n, f]
-        return be.matmul(act, L.w_down, L.b_down)                                            # [n, d]
+        return be.matmul(act, L.w_down, L.b_down, residual=residual)                         # [n, d]

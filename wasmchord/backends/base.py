@@ -75,8 +75,9 @@ class Backend:
     def layernorm(self, x, w, b, eps: float):
         raise NotImplementedError("need layernorm")
 
-    def matmul(self, x, w, bias=None):
-        """x [n, k] @ w[rows, k].T (+ bias) -> [n, rows]."""
+    def matmul(self, x, w, bias=None, *, residual=None):
+        """x [n, k] @ w[rows, k].T (+ bias) -> [n, rows]; with `residual` [n, rows], the product is
+        added into it (the residual add fused into the matmul) and `residual` is returned."""
         raise NotImplementedError("need matmul")
 
     def add(self, a, b):

@@ -98,10 +98,13 @@ class NumpyBackend(Backend):
         var = np.mean(np.square(xc), axis=-1, keepdims=True)
         return xc * (1.0 / np.sqrt(var + np.float32(eps))) * w + b
 
-    def matmul(self, x, w, bias=None):
+    def matmul(self, x, w, bias=None, *, residual=None):
         y = x @ (w.f32() if isinstance(w, _QuantizedMatrix) else w).T
         if bias is not None:
             y += bias
+        if residual is not None:
+            residual += y
+            return residual
         return y
 
     def add(self, a, b):

@@ -486,12 +486,13 @@ class WgpuBackend(Backend):
         self._dispatch("elementwise", "gelu", [n * f, f, 0, x.off], {1: out.buf, 2: x.buf}, (math.ceil(n * f / 64),))
         return out
 
-    def matmul(self, x, w, bias=None):
+    def matmul(self, x, w, bias=None, *, residual=None):
         n, k = x.shape[0], x.cols
         rows = w.shape[0]
-        out = self._out((n, rows))
+        out = residual if residual is not None else self._out((n, rows))
         for pc in w.pieces:
-            params = [n, k, pc.rows, pc.col0, rows, x.off, x.stride, 0, int(bias is not None)]
+            params = [n, k, pc.rows, pc.col0, out.stride, x.off, x.stride, out.off, int(bias is not None), 0, 1.0,
+                      int(residual is not None)]
             bufs = {1: x.buf, 2: pc.q, 3: pc.s, 4: pc.m, 5: out.buf, 6: self._bias_piece(bias, pc)}
             nb = pc.q.size + (pc.s.size if pc.s is not self._dummy else 0) + (pc.m.size if pc.m is not self._dummy else 0)
             if n == 1:
