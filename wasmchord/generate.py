@@ -82,7 +82,7 @@ class Session:
         if len(ids) >= self.n_ctx:
             raise GenerationError(f"the prompt has {len(ids)} tokens; the context holds {self.n_ctx} "
                                   f"(raise context_length, or shorten the prompt)")
-        if getattr(self.tf, "cache_owner", None) is not self:
+        if self.tf.cache_owner is not self:
             self.tokens = []
         self.tf.cache_owner = self
         common = 0
