@@ -21,15 +21,18 @@ fn index(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return gid.x + gid.y * nwg.x * 64u;
 }
 
+// (gate, up) for output element j of a [n, f] result read from [n, 2f].
+fn gate_up(j: u32) -> vec2<f32> {
+    let row = p.b_off + (j / p.f) * 2u * p.f + j % p.f;
+    return vec2<f32>(b[row], b[row + p.f]);
+}
+
 @compute @workgroup_size(64)
 fn swiglu(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let j = index(gid, nwg);
     if (j >= p.count) { return; }
-    let i = j / p.f;
-    let c = j % p.f;
-    let g = b[p.b_off + i * 2u * p.f + c];
-    let u = b[p.b_off + i * 2u * p.f + p.f + c];
-    a[p.a_off + j] = g / (1.0 + exp(-g)) * u;
+    let gu = gate_up(j);
+    a[p.a_off + j] = gu.x / (1.0 + exp(-gu.x)) * gu.y;
 }
 
 // tanh-approximated GELU; tanh written through exp, clamped so exp never overflows.
@@ -50,11 +53,8 @@ fn gelu(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
 fn geglu(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let j = index(gid, nwg);
     if (j >= p.count) { return; }
-    let i = j / p.f;
-    let c = j % p.f;
-    let g = b[p.b_off + i * 2u * p.f + c];
-    let u = b[p.b_off + i * 2u * p.f + p.f + c];
-    a[p.a_off + j] = gelu_tanh(g) * u;
+    let gu = gate_up(j);
+    a[p.a_off + j] = gelu_tanh(gu.x) * gu.y;
 }
 
 @compute @workgroup_size(64)

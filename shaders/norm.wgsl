@@ -39,14 +39,8 @@ fn rmsnorm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: v
             acc = acc + v * v;
         }
     }
-    red[lid] = acc;
-    workgroupBarrier();
-    for (var st = 32u; st > 0u; st = st >> 1u) {
-        if (lid < st) { red[lid] = red[lid] + red[lid + st]; }
-        workgroupBarrier();
-    }
+    let inv = 1.0 / sqrt(reduce_sum(lid, acc) / f32(p.m) + p.eps);
     if (r >= p.rows) { return; }
-    let inv = 1.0 / sqrt(red[0] / f32(p.m) + p.eps);
     for (var j = lid; j < p.m; j = j + 64u) {
         out[r * p.m + j] = x[base + j] * inv * w[j];
     }
