@@ -2,12 +2,8 @@
 
 import numpy as np
 
+from wasmchord.convert import permute_qk
 from wasmchord.gguf_writer import GGUFWriter
-
-
-def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp convert_hf_to_gguf.py LlamaModel.permute: HF's rotate-half rows -> GGUF adjacent pairs."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def tiny_vocab(n: int) -> dict:

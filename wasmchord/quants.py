@@ -178,7 +178,9 @@ def _deq_q5_k(b, out):  # d:f16, dmin:f16, scales[12], qh[32], qs[128]
     return _scale(dl, q, out.reshape(n, 8, 32), ml, sub=True)
 
 
-def _deq_q6_k(b, out):  # ql[128], qh[64], scales:int8[16], d:f16
+def q6_k_values(b):
+    """Q6_K blocks -> (signed 6-bit values q-32 as int8 [n, 16, 16] in element order, scales d*sc [n, 16, 1]).
+    Shared by the NumPy decoder and the GPU repacker."""
     n = b.shape[0]
     ql, qh = b[:, 0:128], b[:, 128:192]
     scales = np.ascontiguousarray(b[:, 192:208]).view(np.int8).astype(np.float32)
@@ -186,7 +188,12 @@ def _deq_q6_k(b, out):  # ql[128], qh[64], scales:int8[16], d:f16
     lo = (ql.reshape(n, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)).reshape(n, 8, 32) & 0xF
     hi = (qh.reshape(n, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)).reshape(n, 8, 32) & 3
     q = (lo | (hi << 4)).view(np.int8) - np.int8(32)
-    return _scale(dl, q.reshape(n, 16, 16), out.reshape(n, 16, 16))
+    return q.reshape(n, 16, 16), dl
+
+
+def _deq_q6_k(b, out):  # ql[128], qh[64], scales:int8[16], d:f16
+    q, dl = q6_k_values(b)
+    return _scale(dl, q, out.reshape(b.shape[0], 16, 16))
 
 
 # ---------------------------------------------------------------------------- quantizers (converter)

@@ -14,6 +14,14 @@ import numpy as np
 from ..quants import GGMLType
 
 
+def rope_cos_sin(base: float, n_rot: int, scale: float, n_pos: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin [n_pos, n_rot/2] of pos / scale * base^(-2i/n_rot), computed in float64 then
+    rounded to float32 (both backends use this table, so they rotate identically)."""
+    inv = base ** (-np.arange(0, n_rot, 2, dtype=np.float64) / n_rot)
+    ang = np.outer(np.arange(n_pos, dtype=np.float64) / scale, inv)
+    return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+
+
 class OnDevice:
     """Stands for token ids that the last argmax/sample left on the device (encode-ahead decoding)."""
 

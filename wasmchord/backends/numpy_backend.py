@@ -11,7 +11,7 @@ import numpy as np
 
 from ..errors import BackendError
 from ..quants import dequantize_rows
-from .base import Backend, WeightSource
+from .base import Backend, WeightSource, rope_cos_sin
 
 _SQRT_2_OVER_PI = np.float32(np.sqrt(2.0 / np.pi))
 
@@ -115,11 +115,7 @@ class NumpyBackend(Backend):
         key = (base, n_rot, scale)
         tab = self._rope_tables.get(key)
         if tab is None or tab[0].shape[0] < n_pos:
-            n_pos = max(n_pos, 4096)
-            inv = base ** (-np.arange(0, n_rot, 2, dtype=np.float64) / n_rot)  # [n_rot/2]
-            ang = np.outer(np.arange(n_pos, dtype=np.float64) / scale, inv)     # [pos, n_rot/2]
-            tab = (np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32))
-            self._rope_tables[key] = tab
+            tab = self._rope_tables[key] = rope_cos_sin(base, n_rot, scale, max(n_pos, 4096))
         return tab
 
     def rope(self, x, pos0, *, base, n_rot, scale, neox):

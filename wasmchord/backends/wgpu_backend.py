@@ -16,8 +16,8 @@ import struct
 import numpy as np
 
 from ..errors import BackendError, UnsupportedError
-from ..quants import _k4_nibbles, _k_scale_min
-from .base import Backend, OnDevice, WeightSource
+from ..quants import _k4_nibbles, _k_scale_min, q6_k_values
+from .base import Backend, OnDevice, WeightSource, rope_cos_sin
 from .gpu_device import open_device, shader_dir
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ class GTensor:
 
     def __init__(self, buf, off, shape, stride=None):
         self.buf, self.off, self.shape = buf, off, tuple(shape)
-        self.stride = stride if stride is not None else int(np.prod(self.shape[1:], dtype=np.int64)) if len(self.shape) > 1 else 0
+        self.stride = self.cols if stride is None and len(self.shape) > 1 else (stride or 0)
 
     @property
     def cols(self) -> int:
@@ -105,14 +105,8 @@ def repack(src: WeightSource):
         v = _k4_nibbles(b[:, 16:144]).reshape(n * 8, 32)
         return 3, _pack_q4(v), (d * sc).reshape(-1), (-(dmin * mn)).reshape(-1)
     if t == "Q6_K":  # int8 values q-32 in element order, a scale d*sc per 16
-        n = b.shape[0]
-        ql, qh = b[:, 0:128], b[:, 128:192]
-        scales = np.ascontiguousarray(b[:, 192:208]).view(np.int8).astype(np.float32)
-        d = _f16col(b, 208)[:, None]
-        lo = (ql.reshape(n, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)).reshape(n, 8, 32) & 0xF
-        hi = (qh.reshape(n, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)).reshape(n, 8, 32) & 3
-        q = ((lo | (hi << 4)).view(np.int8) - np.int8(32)).reshape(n * 8, 32)
-        return 6, _u32(q), (d * scales).reshape(-1), None
+        q, dl = q6_k_values(b)
+        return 6, _u32(q.reshape(-1, 32)), dl.reshape(-1), None
     raise UnsupportedError(f"{src.name}: the GPU backend does not support {t} weights "
                            f"(supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K)")
 
@@ -535,11 +529,9 @@ class WgpuBackend(Backend):
     def _rope_table(self, base, n_rot, scale, n_pos):
         key = (base, n_rot, scale)
         t = self._rope_tables.get(key)
-        if t is None or t[1] < n_pos:  # the same float64 -> float32 table as the NumPy backend
+        if t is None or t[1] < n_pos:  # the same table as the NumPy backend, (cos, sin) interleaved
             n_pos = max(n_pos, 4096)
-            inv = base ** (-np.arange(0, n_rot, 2, dtype=np.float64) / n_rot)
-            ang = np.outer(np.arange(n_pos, dtype=np.float64) / scale, inv)
-            cs = np.stack([np.cos(ang), np.sin(ang)], axis=-1).astype(np.float32)
+            cs = np.stack(rope_cos_sin(base, n_rot, scale, n_pos), axis=-1)
             t = (self._buffer(cs.nbytes, cs), n_pos)
             self._rope_tables[key] = t
         return t[0]
