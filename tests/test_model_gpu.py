@@ -77,6 +77,18 @@ def test_stream_chat_and_sampling_work_on_gpu(pair):
     assert r.tokens == g.chat([{"role": "user", "content": "Say hi."}], max_tokens=4, temperature=0.7, seed=3).tokens
 
 
+def test_raw_encoding_equals_the_public_api(pair):
+    """Dispatches encoded through wgpu-native's C functions give bit-identical results to wgpu-py's
+    wrappers, for logits and for an encode-ahead greedy run."""
+    g, c = pair
+    assert g.backend._raw is not None  # the fast path is the one exercised everywhere else
+    slow = Model.load("smollm2-135m-instruct", device="gpu", context_length=128, raw_encode=False)
+    assert slow.backend._raw is None
+    ids = c.tokenizer.encode("Raw and wrapped encoders, one answer:")
+    assert np.array_equal(g.logits(ids), slow.logits(ids))
+    assert g.generate(ids, max_tokens=8, temperature=0).tokens == slow.generate(ids, max_tokens=8, temperature=0).tokens
+
+
 def test_output_head_split_across_bindings(gpu_backend):
     """A forced 8 MiB binding limit splits the 28 MB embedding/output table into pieces."""
     small = Model.load("smollm2-135m-instruct", device="gpu", context_length=32, max_binding_size=8 << 20)

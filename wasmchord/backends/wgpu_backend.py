@@ -22,6 +22,8 @@ from .gpu_device import open_device, shader_dir
 
 log = logging.getLogger(__name__)
 
+_PARAM_FORMATS: dict[tuple, str] = {}  # struct format of a dispatch's parameters, by their Python types
+
 # ---------------------------------------------------------------------------- tensors on the device
 
 
@@ -36,7 +38,7 @@ class GTensor:
 
     @property
     def cols(self) -> int:
-        return int(np.prod(self.shape[1:], dtype=np.int64)) if len(self.shape) > 1 else self.shape[0]
+        return math.prod(self.shape[1:]) if len(self.shape) > 1 else self.shape[0]
 
     def __getitem__(self, key):
         n = self.shape[0]
@@ -142,6 +144,19 @@ def _shader_error(path, e) -> str:
     return f"{loc}: shader compilation failed: {why.group(1).strip() if why else text.splitlines()[0]}"
 
 
+def _raw_encoder():
+    """wgpu-native's cffi `lib` and NULL, or None when this wgpu-py does not expose them (then the
+    public API is used)."""
+    try:
+        from wgpu.backends.wgpu_native._ffi import ffi, lib
+        lib.wgpuComputePassEncoderSetPipeline, lib.wgpuComputePassEncoderSetBindGroup
+        lib.wgpuComputePassEncoderDispatchWorkgroups
+    except (ImportError, AttributeError) as e:
+        log.info("wgpu-native functions not reachable (%s): encoding through the public API", e)
+        return None
+    return lib, ffi.NULL
+
+
 class KVCacheGPU:
     """Per layer: k [KV, ctx, hd] and v [KV, ctx, hd_v] buffers."""
 
@@ -154,7 +169,7 @@ class WgpuBackend(Backend):
     encode_ahead = True
     RING = 3  # persistent mappable buffers for sampled tokens in flight
 
-    def __init__(self, *, max_binding_size: int | None = None, allow_software: bool = True):
+    def __init__(self, *, max_binding_size: int | None = None, allow_software: bool = True, raw_encode: bool = True):
         import wgpu
         self.wgpu = wgpu
         self.adapter, self.device, self.features = open_device(allow_software=allow_software)
@@ -183,6 +198,7 @@ class WgpuBackend(Backend):
         self._hist = None
         self.profile, self.profile_log, self.last_dispatches = False, [], 0
         self._qset, self._qset_count, self._qbuf = None, 0, None
+        self._raw = _raw_encoder() if raw_encode else None
         info = self.adapter.info
         self.device_name = f"{info.get('device')} ({info.get('backend_type')})"
 
@@ -256,7 +272,10 @@ class WgpuBackend(Backend):
             self._grow_params(2 * self._params.size // self.slot_bytes)
             slot, self._slot = 0, 1
         # floats as f32, everything else as u32, straight into this slot of the step's parameter block
-        fmt_ = "<" + "".join("f" if isinstance(v, float) else "I" for v in params)
+        kinds = tuple(map(type, params))
+        fmt_ = _PARAM_FORMATS.get(kinds)
+        if fmt_ is None:
+            fmt_ = _PARAM_FORMATS[kinds] = "<" + "".join("f" if issubclass(t, float) else "I" for t in kinds)
         base = slot * self.slot_bytes
         struct.pack_into(fmt_, self._params, base, *params)
         self._params[base + 4 * len(params):base + PARAM_BYTES] = 0
@@ -290,10 +309,13 @@ class WgpuBackend(Backend):
                 self._encode_profiled(enc)
             elif self._ops:
                 cp = enc.begin_compute_pass()
-                for pipeline, bg, g, _, _ in self._ops:
-                    cp.set_pipeline(pipeline)
-                    cp.set_bind_group(0, bg)
-                    cp.dispatch_workgroups(*g)
+                if self._raw is not None:
+                    self._encode_raw(cp)
+                else:
+                    for pipeline, bg, g, _, _ in self._ops:
+                        cp.set_pipeline(pipeline)
+                        cp.set_bind_group(0, bg)
+                        cp.dispatch_workgroups(*g)
                 cp.end()
             if copy is not None:
                 enc.copy_buffer_to_buffer(*copy)
@@ -304,6 +326,21 @@ class WgpuBackend(Backend):
             self._fail("submitting GPU work", e)
         finally:
             self._ops = []
+
+    def _encode_raw(self, cp):
+        """The recorded dispatches through wgpu-native's C functions directly: wgpu-py's wrappers cost
+        ~10 us per call, three calls per dispatch. Validation errors still surface: wgpu-core marks the
+        encoder invalid and `finish()` (through wgpu-py) raises them."""
+        lib, null = self._raw
+        set_pipeline, set_bind_group = lib.wgpuComputePassEncoderSetPipeline, lib.wgpuComputePassEncoderSetBindGroup
+        dispatch = lib.wgpuComputePassEncoderDispatchWorkgroups
+        handle, last = cp._internal, None
+        for pipeline, bg, (gx, gy, gz), _, _ in self._ops:
+            if pipeline is not last:
+                set_pipeline(handle, pipeline._internal)
+                last = pipeline
+            set_bind_group(handle, 0, bg._internal, 0, null)
+            dispatch(handle, gx, gy, gz)
 
     # ------------------------------------------------------------------------------------ profiling
     def _encode_profiled(self, enc):
@@ -354,7 +391,7 @@ class WgpuBackend(Backend):
 
     def _out(self, shape):
         """The arena buffer for the current dispatch slot, at least big enough for `shape`."""
-        nbytes = 4 * int(np.prod(shape, dtype=np.int64))
+        nbytes = 4 * math.prod(shape)
         slot = self._slot
         buf = self._arena.get(slot)
         if buf is None or buf.size < nbytes:
