@@ -8,6 +8,7 @@
 //   4 storage m      f32 block minimums, read      (FMT 3 only)
 //   5 storage out    f32 output, read_write
 //   6 storage bias   f32 bias, read                (used when P.has_bias == 1)
+//   7 storage g      f32 RMSNorm weight, read      (matvec with P.norm == 1: out = W (rmsnorm(x) * g))
 // Override FMT: 0 F32 | 1 F16 | 2 Q4 sym (Q4_0) | 3 Q4 with min (Q4_1, Q4_K) | 4 Q5 sym (Q5_0)
 //               | 5 Q8 (Q8_0) | 6 Q8 with a scale per 16 (Q6_K repacked).
 // 4-bit words follow GGUF's byte order: in block word w, byte i holds element 4w+i (low nibble) and
@@ -28,7 +29,9 @@ struct P {
     row0: u32,       // embed: first vocabulary row of this chunk
     scale: f32,      // embed: multiplier
     accumulate: u32, // 1: out += result (the residual add fused into the epilogue)
-    pad0: u32, pad1: u32, pad2: u32, pad3: u32,
+    norm: u32,       // matvec: 1 = RMSNorm x (weight g) in the prologue
+    eps: f32,        // matvec: the RMSNorm epsilon
+    pad2: u32, pad3: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: P;
@@ -38,6 +41,7 @@ struct P {
 @group(0) @binding(4) var<storage, read> m: array<f32>;
 @group(0) @binding(5) var<storage, read_write> out: array<f32>;
 @group(0) @binding(6) var<storage, read> bias: array<f32>;
+@group(0) @binding(7) var<storage, read> g: array<f32>;
 
 // Element e (0..31) of global block gb.
 fn deq(gb: u32, e: u32) -> f32 {
@@ -80,26 +84,44 @@ fn finish(i: u32, r: u32, acc: f32) {
 
 // ---------------------------------------------------------------------------- matvec (one token)
 // One workgroup per weight row; threads stride over k, then a shared-memory tree reduction.
+// With p.norm, the RMSNorm of x is folded in: W (x * g / rms(x)) = (W (x * g)) / rms(x), the sum of
+// squares gathered in the same pass over x (one dispatch instead of two, no normalized copy of x).
 var<workgroup> red: array<f32, 64>;
+var<workgroup> red_ss: array<f32, 64>;
 
 @compute @workgroup_size(64)
 fn matvec(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
           @builtin(local_invocation_index) lid: u32) {
     let r = wg.x + wg.y * nwg.x;
     let nb = p.k / 32u;
+    let norm = p.norm == 1u;
     var acc = 0.0;
+    var ss = 0.0;
     if (r < p.rows) {
         for (var e = lid; e < p.k; e = e + 64u) {
-            acc = acc + deq(r * nb + e / 32u, e & 31u) * x[p.x_off + e];
+            var xe = x[p.x_off + e];
+            if (norm) {
+                ss = ss + xe * xe;
+                xe = xe * g[e];
+            }
+            acc = acc + deq(r * nb + e / 32u, e & 31u) * xe;
         }
     }
     red[lid] = acc;
+    red_ss[lid] = ss;
     workgroupBarrier();
     for (var st = 32u; st > 0u; st = st >> 1u) {
-        if (lid < st) { red[lid] = red[lid] + red[lid + st]; }
+        if (lid < st) {
+            red[lid] = red[lid] + red[lid + st];
+            red_ss[lid] = red_ss[lid] + red_ss[lid + st];
+        }
         workgroupBarrier();
     }
-    if (lid == 0u && r < p.rows) { finish(0u, r, red[0]); }
+    if (lid == 0u && r < p.rows) {
+        var v = red[0];
+        if (norm) { v = v * inverseSqrt(red_ss[0] / f32(p.k) + p.eps); }
+        finish(0u, r, v);
+    }
 }
 
 // ---------------------------------------------------------------------------- matmul (prefill)

@@ -189,3 +189,27 @@ def test_matmul_with_fused_residual_add(gpu_backend, n):
     out = g.matmul(upload(g, x), g.load_matrix([src]), residual=rg)
     assert out.buf is rg.buf
     close(g.read(rg), CPU.matmul(x, CPU.load_matrix([src]), residual=r.copy()))
+
+
+@pytest.mark.parametrize("name", ["F16", "Q4_0", "Q6_K"])
+@pytest.mark.parametrize("n", [1, 5])
+def test_matmul_with_fused_rmsnorm(gpu_backend, name, n):
+    """matmul(x, W, norm=(g, eps)) against the unfused reference rmsnorm(x, g, eps) @ W.T: folded into
+    the matvec's prologue for one token, a separate norm dispatch for several; with a bias, a residual
+    and x at an offset inside its buffer."""
+    g, rng = gpu_backend, np.random.default_rng()
+    k, rows, eps = 512, 45, 1e-5
+    src = weight(name, rows, k, rng)
+    xs = (rng.standard_normal((n + 2, k)) * rng.uniform(0.1, 10)).astype(np.float32)
+    gw = rng.standard_normal(k).astype(np.float32)
+    bias = rng.standard_normal(rows).astype(np.float32)
+    r = rng.standard_normal((n, rows)).astype(np.float32)
+    x = xs[1:1 + n]
+    ref = CPU.matmul(CPU.rmsnorm(x, gw, eps), CPU.load_matrix([src]), bias, residual=r.copy())
+    W, xg, gg, bg = g.load_matrix([src]), upload(g, xs)[1:1 + n], g.load_vector(gw), g.load_vector(bias)
+    assert xg.off > 0
+    close(run_twice(g, lambda: g.matmul(xg, W, bg, norm=(gg, eps))), ref - r)
+    rg = upload(g, r)
+    g.begin_forward()
+    g.matmul(xg, W, bg, residual=rg, norm=(gg, eps))
+    close(g.read(rg), ref)

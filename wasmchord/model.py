@@ -126,13 +126,17 @@ class Transformer:
         if pos0 + n > self.max_ctx:
             raise ConfigError(f"context full: {pos0 + n} positions > context length {self.max_ctx}")
         neox = spec.rope_style == "neox"
+        rms, eps = spec.norm != "layer", cfg.norm_eps
         be.begin_forward()
         x = be.embed(self.tok_embd, ids, math.sqrt(cfg.d_model) if spec.embed_scale_sqrt_d else 1.0)  # [n, d]
         for i, L in enumerate(self.layers):
             local = cfg.is_local_layer(i)
             base = spec.rope_base_local if local and spec.rope_base_local else cfg.rope_base
-            h = self._norm(x, L.attn_norm, L.attn_norm_b)                                    # [n, d]
-            qkv = be.matmul(h, L.wqkv, L.bqkv)                                               # [n, (H+2KV)*hd]
+            if rms and not spec.parallel_block:  # the norm folded into the matmul (one GPU dispatch)
+                qkv = be.matmul(x, L.wqkv, L.bqkv, norm=(L.attn_norm, eps))                  # [n, (H+2KV)*hd]
+            else:
+                h = self._norm(x, L.attn_norm, L.attn_norm_b)                                # [n, d]
+                qkv = be.matmul(h, L.wqkv, L.bqkv)                                           # [n, (H+2KV)*hd]
             q, k, v = be.split_heads(qkv, [H * hd, KV * hd, KV * hdv], [H, KV, KV])         # [n, H|KV, hd]
             if spec.qk_norm:
                 q = be.rmsnorm(q, L.q_norm, cfg.norm_eps)                                    # per head
@@ -146,22 +150,29 @@ class Transformer:
                 x = be.add(x, be.rmsnorm(be.matmul(a, L.wo, L.bo), L.post_attn_norm, cfg.norm_eps))
             else:
                 x = be.matmul(a, L.wo, L.bo, residual=x)                                     # x += a @ wo.T
-            if not spec.parallel_block:  # phi2's MLP reads the same normalized h as its attention
-                h = self._norm(x, L.ffn_norm)                                                # [n, d]
-            if spec.post_norms:
-                x = be.add(x, be.rmsnorm(self._ffn(h, L), L.post_ffn_norm, cfg.norm_eps))  # [n, d]
+            if spec.parallel_block:  # phi2's MLP reads the same normalized h as its attention
+                fnorm = None
+            elif rms:                # the FFN norm folded into the up projection
+                h, fnorm = x, (L.ffn_norm, eps)
             else:
-                x = self._ffn(h, L, residual=x)                                              # x += ffn(h)
+                h, fnorm = self._norm(x, L.ffn_norm), None                                  # [n, d]
+            if spec.post_norms:
+                x = be.add(x, be.rmsnorm(self._ffn(h, L, norm=fnorm), L.post_ffn_norm, eps))  # [n, d]
+            else:
+                x = self._ffn(h, L, residual=x, norm=fnorm)                                  # x += ffn(norm(x))
             if hidden is not None:
                 hidden.append(np.array(be.read(x)))
         if not all_logits:
             x = x[-1:]
-        x = self._norm(x, self.output_norm, self.output_norm_b)                              # [n|1, d]
-        logits = be.matmul(x, self.output, self.output_b)                                    # [n|1, vocab]
+        if rms:
+            logits = be.matmul(x, self.output, self.output_b, norm=(self.output_norm, eps))  # [n|1, vocab]
+        else:
+            x = self._norm(x, self.output_norm, self.output_norm_b)                          # [n|1, d]
+            logits = be.matmul(x, self.output, self.output_b)                                # [n|1, vocab]
         return logits if all_logits else logits[0]
 
-    def _ffn(self, h, L, residual=None):
+    def _ffn(self, h, L, residual=None, norm=None):
         be, ffn = self.be, self.cfg.spec.ffn
-        up = be.matmul(h, L.w_up, L.b_up)                                                    # [n, 2f] or [n, f]
+        up = be.matmul(h, L.w_up, L.b_up, norm=norm)                                         # [n, 2f] or [n, f]
         act = be.swiglu(up) if ffn == "swiglu" else be.geglu(up) if ffn == "geglu" else be.gelu(up)  # [n, f]
         return be.matmul(act, L.w_down, L.b_down, residual=residual)                         # [n, d]

@@ -83,9 +83,11 @@ class Backend:
     def layernorm(self, x, w, b, eps: float):
         raise NotImplementedError("need layernorm")
 
-    def matmul(self, x, w, bias=None, *, residual=None):
+    def matmul(self, x, w, bias=None, *, residual=None, norm=None):
         """x [n, k] @ w[rows, k].T (+ bias) -> [n, rows]; with `residual` [n, rows], the product is
-        added into it (the residual add fused into the matmul) and `residual` is returned."""
+        added into it (the residual add fused into the matmul) and `residual` is returned.
+        With `norm` = (weight [k], eps), x is RMS-normalized first: rmsnorm(x, weight, eps) @ w.T
+        (a backend may fold the norm into the matmul's prologue)."""
         raise NotImplementedError("need matmul")
 
     def add(self, a, b):

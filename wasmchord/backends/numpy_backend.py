@@ -98,7 +98,9 @@ class NumpyBackend(Backend):
         var = np.mean(np.square(xc), axis=-1, keepdims=True)
         return xc * (1.0 / np.sqrt(var + np.float32(eps))) * w + b
 
-    def matmul(self, x, w, bias=None, *, residual=None):
+    def matmul(self, x, w, bias=None, *, residual=None, norm=None):
+        if norm is not None:
+            x = self.rmsnorm(x, *norm)
         y = x @ (w.f32() if isinstance(w, _QuantizedMatrix) else w).T
         if bias is not None:
             y += bias

@@ -115,7 +115,7 @@ def repack(src: WeightSource):
 
 # ---------------------------------------------------------------------------- bind group layouts
 U, R, W = "uniform", "read-only-storage", "storage"
-_QM = [(0, U), (1, R), (2, R), (3, R), (4, R), (5, W), (6, R)]
+_QM = [(0, U), (1, R), (2, R), (3, R), (4, R), (5, W), (6, R), (7, R)]
 LAYOUTS = {
     ("qmatrix", "matvec"): _QM, ("qmatrix", "matmul"): _QM, ("qmatrix", "embed"): _QM,
     ("norm", "rmsnorm"): [(0, U), (1, R), (2, R), (3, W)],
@@ -488,7 +488,7 @@ class WgpuBackend(Backend):
         out = self._out((n, k))
         for pc in table.pieces:
             self._dispatch("qmatrix", "embed", [n, k, pc.rows, 0, k, 0, 0, 0, 0, pc.col0, float(scale)],
-                           {1: self._ids, 2: pc.q, 3: pc.s, 4: pc.m, 5: out.buf, 6: self._dummy},
+                           {1: self._ids, 2: pc.q, 3: pc.s, 4: pc.m, 5: out.buf, 6: self._dummy, 7: self._dummy},
                            (math.ceil(k / 64), n), fmt=pc.fmt)
         return out
 
@@ -517,14 +517,17 @@ class WgpuBackend(Backend):
         self._dispatch("elementwise", "gelu", [n * f, f, 0, x.off], {1: out.buf, 2: x.buf}, (math.ceil(n * f / 64),))
         return out
 
-    def matmul(self, x, w, bias=None, *, residual=None):
+    def matmul(self, x, w, bias=None, *, residual=None, norm=None):
         n, k = x.shape[0], x.cols
+        if norm is not None and n > 1:  # prefill: a separate RMSNorm dispatch (the tiled matmul has no prologue)
+            x, norm = self.rmsnorm(x, *norm), None
         rows = w.shape[0]
         out = residual if residual is not None else self._out((n, rows))
+        g, eps = (norm[0].buf, float(norm[1])) if norm is not None else (self._dummy, 0.0)
         for pc in w.pieces:
             params = [n, k, pc.rows, pc.col0, out.stride, x.off, x.stride, out.off, int(bias is not None), 0, 1.0,
-                      int(residual is not None)]
-            bufs = {1: x.buf, 2: pc.q, 3: pc.s, 4: pc.m, 5: out.buf, 6: self._bias_piece(bias, pc)}
+                      int(residual is not None), int(norm is not None), eps]
+            bufs = {1: x.buf, 2: pc.q, 3: pc.s, 4: pc.m, 5: out.buf, 6: self._bias_piece(bias, pc), 7: g}
             nb = pc.q.size + (pc.s.size if pc.s is not self._dummy else 0) + (pc.m.size if pc.m is not self._dummy else 0)
             if n == 1:
                 self._dispatch("qmatrix", "matvec", params, bufs, (pc.rows,), fmt=pc.fmt, nbytes=nb)
