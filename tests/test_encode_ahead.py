@@ -1,9 +1,11 @@
 """Encode-ahead decoding on the GPU equals the step-by-step path token for token, with stop strings,
 stop tokens, max_tokens, sampling, and a context that fills; the session's cache stays consistent."""
 
+import numpy as np
 import pytest
 
 from wasmchord import Model
+from wasmchord.backends.base import ON_DEVICE
 from wasmchord.errors import GenerationError
 from wasmchord.generate import Session, generate_tokens
 from wasmchord.sampling import SamplingParams
@@ -53,3 +55,42 @@ def test_context_fills(g):
     ids = g.tokenizer.encode("a")[:1] * 44
     with pytest.raises(GenerationError, match="context full"):
         run(g, ids, SamplingParams(temperature=0), 10, ahead=True)
+
+
+def test_replayed_steps_equal_the_graph(gpu_backend):
+    """Decode steps replayed from the recorded program (position words and the attention grid
+    patched) give bit-identical logits to running the graph, across the 64-position boundary where the
+    attention grid grows; generation through the public path equals the step-by-step one."""
+    m = Model.load("smollm2-135m-instruct", device="gpu", context_length=96)
+    be, tf = m.backend, m._tf
+    ids = m.tokenizer.encode("The rain in Spain stays mainly in the plain. " * 9)[:58]
+    assert len(ids) == 58  # decode positions 58..69 cross 64
+
+    def steps(replay):
+        be.replay_steps = replay
+        tf.cache_owner = None
+        tok, out, before = be.argmax(tf.forward(ids, 0)), [], be.replayed
+        for pos in range(len(ids), len(ids) + 12):
+            logits = tf.forward(ON_DEVICE, pos)
+            out.append(be.read(logits).copy())
+            tok = be.argmax(logits)
+        return out, be.replayed - before
+
+    replayed, n = steps(True)
+    graph, n0 = steps(False)
+    assert n >= 10 and n0 == 0
+    for a, b in zip(replayed, graph):
+        assert np.array_equal(a, b)
+    be.replay_steps = True
+    a, sa = run(m, ids, SamplingParams(temperature=0.8, seed=11), 12, ahead=True)
+    b, sb = run(m, ids, SamplingParams(temperature=0.8, seed=11), 12, ahead=False)
+    assert a == b and sa == sb
+
+
+def test_replay_program_is_dropped_when_buffers_change(g):
+    run(g, g.tokenizer.encode("Once upon a time"), SamplingParams(temperature=0), 4, ahead=True)
+    be, cache = g.backend, g._tf.cache
+    assert be._program is not None and be._program.gen == be._gen and be._program.cache is cache
+    assert be.replay(object(), 11) is None  # another model's cache
+    be._invalidate()  # e.g. an arena buffer grew: recorded bind groups point at the old one
+    assert be.replay(cache, 11) is None and not be._ops

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backends.base import Backend, WeightSource
+from .backends.base import Backend, OnDevice, WeightSource
 from .config import ModelConfig
 from .errors import ConfigError, GGUFError, UnsupportedError
 from .gguf_file import GGUFFile
@@ -127,7 +127,14 @@ class Transformer:
             raise ConfigError(f"context full: {pos0 + n} positions > context length {self.max_ctx}")
         neox = spec.rope_style == "neox"
         rms, eps = spec.norm != "layer", cfg.norm_eps
+        replayable = isinstance(ids, OnDevice) and hidden is None and not all_logits
+        if replayable:  # a decode step whose dispatches the backend recorded: patched and re-submitted
+            out = be.replay(self.cache, pos0)
+            if out is not None:
+                return out
         be.begin_forward()
+        if replayable:
+            be.record_begin()
         x = be.embed(self.tok_embd, ids, math.sqrt(cfg.d_model) if spec.embed_scale_sqrt_d else 1.0)  # [n, d]
         for i, L in enumerate(self.layers):
             local = cfg.is_local_layer(i)
@@ -169,6 +176,8 @@ class Transformer:
         else:
             x = self._norm(x, self.output_norm, self.output_norm_b)                          # [n|1, d]
             logits = be.matmul(x, self.output, self.output_b)                                # [n|1, vocab]
+        if replayable:
+            be.record_end(self.cache, logits[0], pos0)
         return logits if all_logits else logits[0]
 
     def _ffn(self, h, L, residual=None, norm=None):

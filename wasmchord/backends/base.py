@@ -71,6 +71,17 @@ class Backend:
     def begin_forward(self):
         """Called at the start of each forward pass (GPU: start recording a new step)."""
 
+    def replay(self, cache, pos0: int):
+        """A decode step (token on the device, one position) from a recorded program: its output, or
+        None when there is none to replay (then the graph runs, between record_begin/record_end)."""
+        return None
+
+    def record_begin(self):
+        """The decode step about to run may be recorded for replay."""
+
+    def record_end(self, cache, out, pos0: int):
+        """The recorded decode step ended with output `out`."""
+
     # ------------------------------------------------------------------------------------ ops
     def embed(self, table, ids: np.ndarray, scale: float = 1.0):
         """Rows `ids` of `table` [vocab, d], times `scale` -> [n, d]."""

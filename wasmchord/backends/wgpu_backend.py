@@ -157,6 +157,16 @@ def _raw_encoder():
     return lib, ffi.NULL
 
 
+class _Program:
+    """A recorded decode step: dispatches, parameter block, and where the position goes."""
+
+    __slots__ = ("gen", "cache", "ops", "params", "slots", "words", "offsets", "grids", "out", "max_pos")
+
+    def __init__(self, gen, cache, ops, params, slots, words, offsets, grids, out, max_pos):
+        self.gen, self.cache, self.ops, self.params, self.slots = gen, cache, ops, params, slots
+        self.words, self.offsets, self.grids, self.out, self.max_pos = words, offsets, grids, out, max_pos
+
+
 class KVCacheGPU:
     """Per layer: k [KV, ctx, hd] and v [KV, ctx, hd_v] buffers."""
 
@@ -169,7 +179,8 @@ class WgpuBackend(Backend):
     encode_ahead = True
     RING = 3  # persistent mappable buffers for sampled tokens in flight
 
-    def __init__(self, *, max_binding_size: int | None = None, allow_software: bool = True, raw_encode: bool = True):
+    def __init__(self, *, max_binding_size: int | None = None, allow_software: bool = True, raw_encode: bool = True,
+                 replay_steps: bool = True):
         import wgpu
         self.wgpu = wgpu
         self.adapter, self.device, self.features = open_device(allow_software=allow_software)
@@ -178,6 +189,7 @@ class WgpuBackend(Backend):
         self.max_wg = lim["max-compute-workgroups-per-dimension"]
         self.slot_bytes = max(256, lim["min-uniform-buffer-offset-alignment"])
         self._modules, self._pipelines, self._layouts, self._bind_groups = {}, {}, {}, {}
+        self._gen = 0  # bumped when buffers that cached bind groups (and recorded programs) refer to change
         self._bias_slices: dict = {}
         self._arena: dict[int, object] = {}
         self._ops: list = []
@@ -199,6 +211,10 @@ class WgpuBackend(Backend):
         self.profile, self.profile_log, self.last_dispatches = False, [], 0
         self._qset, self._qset_count, self._qbuf = None, 0, None
         self._raw = _raw_encoder() if raw_encode else None
+        self.replay_steps = replay_steps
+        self._program: _Program | None = None
+        self._recording: list | None = None
+        self.replayed = 0               # decode steps replayed from a recorded program (statistics)
         info = self.adapter.info
         self.device_name = f"{info.get('device')} ({info.get('backend_type')})"
 
@@ -229,7 +245,7 @@ class WgpuBackend(Backend):
         U_ = self.wgpu.BufferUsage
         self._params = np.zeros(slots * self.slot_bytes, np.uint8)
         self._param_buf = self.device.create_buffer(size=slots * self.slot_bytes, usage=U_.UNIFORM | U_.COPY_DST)
-        self._bind_groups.clear()
+        self._invalidate()
 
     def _pipeline(self, shader, entry, fmt=None):
         key = (shader, entry, fmt)
@@ -261,9 +277,11 @@ class WgpuBackend(Backend):
         self._pipelines[key] = pl
         return pl
 
-    def _dispatch(self, shader, entry, params: list, buffers: dict, groups, fmt=None, nbytes=0):
+    def _dispatch(self, shader, entry, params: list, buffers: dict, groups, fmt=None, nbytes=0, pos=(), grid=None):
         """Record one dispatch: params (list of int/float), buffers {binding: buffer}, workgroup counts.
-        `nbytes`: weight bytes it reads (for the profiler's GB/s)."""
+        `nbytes`: weight bytes it reads (for the profiler's GB/s). For step replay: `pos` lists
+        (param index, value) pairs whose value moves with the position, `grid` = (axis, divisor,
+        value) a workgroup count of ceil(value / divisor) that does."""
         self._check()
         slot = self._slot
         self._slot += 1
@@ -294,12 +312,18 @@ class WgpuBackend(Backend):
         gx, gy, gz = (tuple(groups) + (1, 1))[:3]
         if gx > self.max_wg:  # fold a long 1-D grid into 2-D; kernels rebuild the index from num_workgroups
             gx, gy = self.max_wg, gy * math.ceil(gx / self.max_wg)
+        if self._recording is not None:
+            if grid is not None and gx != groups[0]:  # a folded grid that moves cannot be patched
+                self._recording = None
+            elif pos or grid:
+                self._recording.append((len(self._ops), slot, pos, grid))
         self._ops.append((pipeline, bg, (int(gx), int(gy), int(gz)), (shader, entry, fmt), nbytes))
 
     def _flush(self, copy=None):
         """Submit the recorded dispatches (and an optional buffer copy) as one command buffer."""
         if not self._ops and copy is None:
             return
+        self._recording = None  # a step split across submits is not replayable
         try:
             if self._ops:
                 self.device.queue.write_buffer(self._param_buf, 0, self._params[:self._slot * self.slot_bytes])
@@ -326,6 +350,56 @@ class WgpuBackend(Backend):
             self._fail("submitting GPU work", e)
         finally:
             self._ops = []
+
+    def _invalidate(self):
+        """Buffers that cached bind groups (and recorded programs) refer to were replaced."""
+        self._bind_groups.clear()
+        self._gen += 1
+
+    # ------------------------------------------------------------------------------------ replay
+    # A decode step's dispatches are the same at every position except a few parameter words (the
+    # position given to RoPE, the KV write and attention) and the attention grid's length. The first
+    # step is recorded while the graph runs; later steps patch those words and grid sizes into a copy
+    # of the recorded parameter block and re-encode the recorded dispatches, without running the
+    # Python graph. Any buffer replacement (_invalidate) discards the program; the graph then runs
+    # and records again.
+    def replay(self, cache, pos0: int):
+        pr = self._program
+        if (not self.replay_steps or pr is None or pr.gen != self._gen or pr.cache is not cache or self.profile
+                or pos0 + 1 > pr.max_pos):
+            return None
+        self._flush()
+        u32 = pr.params.view(np.uint32)
+        u32[pr.words] = pos0 + pr.offsets
+        self._params[:pr.params.size] = pr.params
+        ops = list(pr.ops)
+        for i, axis, div, off in pr.grids:
+            pipeline, bg, g, label, nb = ops[i]
+            g = list(g)
+            g[axis] = -(-(pos0 + off) // div)
+            ops[i] = (pipeline, bg, tuple(g), label, nb)
+        self._ops, self._slot = ops, pr.slots
+        self._ids_on_device = None
+        self.replayed += 1
+        return pr.out
+
+    def record_begin(self):
+        self._recording = [] if self.replay_steps and not self.profile else None
+
+    def record_end(self, cache, out, pos0: int):
+        rec, self._recording = self._recording, None
+        if rec is None:  # not recording, or a flush cut the step in two
+            return
+        words, offsets, grids = [], [], []
+        for i, slot, dyn, grid in rec:
+            for index, off in dyn:
+                words.append(slot * self.slot_bytes // 4 + index)
+                offsets.append(off - pos0)
+            if grid is not None:
+                grids.append((i, grid[0], grid[1], grid[2] - pos0))
+        max_pos = min([t[1] for t in self._rope_tables.values()] + [cache.max_ctx])
+        self._program = _Program(self._gen, cache, list(self._ops), self._params[:self._slot * self.slot_bytes].copy(),
+                                 self._slot, np.array(words, np.int64), np.array(offsets, np.int64), grids, out, max_pos)
 
     def _encode_raw(self, cp):
         """The recorded dispatches through wgpu-native's C functions directly: wgpu-py's wrappers cost
@@ -396,7 +470,7 @@ class WgpuBackend(Backend):
         buf = self._arena.get(slot)
         if buf is None or buf.size < nbytes:
             if buf is not None:
-                self._bind_groups.clear()
+                self._invalidate()
             buf = self._buffer(nbytes)
             self._arena[slot] = buf
         return GTensor(buf, 0, shape)
@@ -479,7 +553,7 @@ class WgpuBackend(Backend):
             if n > self._ids_cap:
                 self._ids_cap = 2 * n
                 self._ids = self._buffer(4 * self._ids_cap)
-                self._bind_groups.clear()
+                self._invalidate()
                 self._ids_on_device = None
             if not (n == 1 and self._ids_on_device == int(ids[0])):  # argmax left it there already
                 self.device.queue.write_buffer(self._ids, 0, ids)
@@ -574,13 +648,14 @@ class WgpuBackend(Backend):
             cs = np.stack(rope_cos_sin(base, n_rot, scale, n_pos), axis=-1)
             t = (self._buffer(cs.nbytes, cs), n_pos)
             self._rope_tables[key] = t
+            self._invalidate()
         return t[0]
 
     def rope(self, x, pos0, *, base, n_rot, scale, neox):
         n, heads, hd = x.shape
         cs = self._rope_table(base, n_rot, scale, pos0 + n)
         self._dispatch("rope", "rope", [n, heads, hd, n_rot, pos0, int(neox), x.off, x.stride],
-                       {1: cs, 2: x.buf}, (math.ceil(n_rot / 2 / 64), heads, n))
+                       {1: cs, 2: x.buf}, (math.ceil(n_rot / 2 / 64), heads, n), pos=((4, pos0),))
         return x
 
     def kv_write(self, cache, layer, k, v, pos0, *, rope=None):
@@ -594,7 +669,7 @@ class WgpuBackend(Backend):
                        [n, kvh, hd, rope["n_rot"], pos0, int(rope["neox"]), k.off, k.stride, v.off, v.stride, hdv,
                         cache.max_ctx],
                        {1: cs, 3: v.buf, 4: cache.k[layer], 5: cache.v[layer], 6: k.buf},
-                       (math.ceil(max(hd, hdv) / 64), kvh, n))
+                       (math.ceil(max(hd, hdv) / 64), kvh, n), pos=((4, pos0),))
 
     def attention(self, q, cache, layer, pos0, *, scale, window=0):
         n, H, hd = q.shape
@@ -604,16 +679,18 @@ class WgpuBackend(Backend):
         chunk = max(1, min(n, self.max_binding // (4 * H * ctx)))
         need = 4 * chunk * H * ctx
         if self._scratch is None or self._scratch.size < need:
-            self._bind_groups.clear()
+            self._invalidate()
             self._scratch = self._buffer(need)
         for c0 in range(0, n, chunk):
             c = min(chunk, n - c0)
             p = [c, H, cache.n_kv, hd, hdv, ctx, pos0 + c0, window, q.off + c0 * q.stride, q.stride, float(scale),
                  out.off + c0 * H * hdv]
             kv = {2: cache.k[layer], 3: cache.v[layer], 4: self._scratch}
-            self._dispatch("attention", "scores", p, {1: q.buf, **kv}, (math.ceil((pos0 + c0 + c) / 64), H, c))
-            self._dispatch("attention", "softmax", p, {4: self._scratch}, (c * H,))
-            self._dispatch("attention", "weighted_sum", p, {**kv, 5: out.buf}, (math.ceil(hdv / 64), H, c))
+            at = ((6, pos0 + c0),)
+            self._dispatch("attention", "scores", p, {1: q.buf, **kv}, (math.ceil((pos0 + c0 + c) / 64), H, c),
+                           pos=at, grid=(0, 64, pos0 + c0 + c))
+            self._dispatch("attention", "softmax", p, {4: self._scratch}, (c * H,), pos=at)
+            self._dispatch("attention", "weighted_sum", p, {**kv, 5: out.buf}, (math.ceil(hdv / 64), H, c), pos=at)
         return out
 
     def argmax(self, logits, *, defer=False):
@@ -631,7 +708,7 @@ class WgpuBackend(Backend):
         hist = np.asarray(history[-params.penalty_last_n:] if penalize and params.penalty_last_n else [], np.uint32)
         if self._hist is None or self._hist.size < max(16, hist.nbytes):
             self._hist = self._buffer(max(256, hist.nbytes))
-            self._bind_groups.clear()
+            self._invalidate()
         if hist.size:
             self.device.queue.write_buffer(self._hist, 0, hist)
         seed = int(rng.integers(0, 2**32))
