@@ -83,43 +83,124 @@ fn finish(i: u32, r: u32, acc: f32) {
 }
 
 // ---------------------------------------------------------------------------- matvec (one token)
-// One workgroup per weight row; threads stride over k, then a shared-memory tree reduction.
+// MV_ROWS weight rows per workgroup, MV_LANES threads per row. A thread takes whole 32-element blocks
+// (lane, lane + MV_LANES, ...): it loads the block's activations once as eight vec4s, reads the packed
+// quants as u32 words, and applies the block scale once (the Q4/Q5 offset and the Q4_1/Q4_K minimum
+// folded in through the block's sum of activations). Lanes of a row are summed in shared memory.
 // With p.norm, the RMSNorm of x is folded in: W (x * g / rms(x)) = (W (x * g)) / rms(x), the sum of
 // squares gathered in the same pass over x (one dispatch instead of two, no normalized copy of x).
+const MV_ROWS: u32 = 8u;
+const MV_LANES: u32 = 8u;
 var<workgroup> red: array<f32, 64>;
 var<workgroup> red_ss: array<f32, 64>;
+
+fn nibbles(v: u32, sh: u32) -> vec4<f32> {
+    return vec4<f32>(f32((v >> sh) & 15u), f32((v >> (sh + 8u)) & 15u), f32((v >> (sh + 16u)) & 15u),
+                     f32((v >> (sh + 24u)) & 15u));
+}
+
+fn bits4(h: u32, e: u32) -> vec4<f32> {  // bit 4 of elements e..e+3 (Q5), as 0 or 16
+    return vec4<f32>(f32((h >> e) & 1u), f32((h >> (e + 1u)) & 1u), f32((h >> (e + 2u)) & 1u),
+                     f32((h >> (e + 3u)) & 1u)) * 16.0;
+}
+
+fn bytes4(v: u32) -> vec4<f32> {  // four signed bytes, low byte first
+    return vec4<f32>(f32(bitcast<i32>(v << 24u) >> 24u), f32(bitcast<i32>(v << 16u) >> 24u),
+                     f32(bitcast<i32>(v << 8u) >> 24u), f32(bitcast<i32>(v) >> 24u));
+}
+
+// Dot product of global block gb with its 32 activations xs (element 4j + i in xs[j][i]).
+fn block_dot(gb: u32, xs: array<vec4<f32>, 8>) -> f32 {
+    var d = 0.0;
+    switch FMT {
+        case 0u: {
+            for (var j = 0u; j < 8u; j = j + 1u) {
+                let b = gb * 32u + 4u * j;
+                d = d + dot(vec4<f32>(bitcast<f32>(q[b]), bitcast<f32>(q[b + 1u]), bitcast<f32>(q[b + 2u]),
+                                      bitcast<f32>(q[b + 3u])), xs[j]);
+            }
+            return d;
+        }
+        case 1u: {
+            for (var j = 0u; j < 8u; j = j + 1u) {
+                d = d + dot(vec4<f32>(unpack2x16float(q[gb * 16u + 2u * j]), unpack2x16float(q[gb * 16u + 2u * j + 1u])),
+                            xs[j]);
+            }
+            return d;
+        }
+        case 2u, 3u, 4u: {
+            let words = select(4u, 5u, FMT == 4u);
+            var sx = vec4<f32>(0.0);
+            for (var j = 0u; j < 4u; j = j + 1u) {
+                let v = q[gb * words + j];
+                var lo = nibbles(v, 0u);
+                var hi = nibbles(v, 4u);
+                if (FMT == 4u) {
+                    let h = q[gb * 5u + 4u];
+                    lo = lo + bits4(h, 4u * j);
+                    hi = hi + bits4(h, 16u + 4u * j);
+                }
+                d = d + dot(lo, xs[j]) + dot(hi, xs[4u + j]);
+                sx = sx + xs[j] + xs[4u + j];
+            }
+            let sum_x = sx.x + sx.y + sx.z + sx.w;
+            if (FMT == 2u) { return s[gb] * (d - 8.0 * sum_x); }
+            if (FMT == 4u) { return s[gb] * (d - 16.0 * sum_x); }
+            return s[gb] * d + m[gb] * sum_x;
+        }
+        case 5u: {
+            for (var j = 0u; j < 8u; j = j + 1u) { d = d + dot(bytes4(q[gb * 8u + j]), xs[j]); }
+            return s[gb] * d;
+        }
+        default: {  // 6: a scale per 16 elements
+            var d1 = 0.0;
+            for (var j = 0u; j < 4u; j = j + 1u) {
+                d = d + dot(bytes4(q[gb * 8u + j]), xs[j]);
+                d1 = d1 + dot(bytes4(q[gb * 8u + 4u + j]), xs[4u + j]);
+            }
+            return s[gb * 2u] * d + s[gb * 2u + 1u] * d1;
+        }
+    }
+}
 
 @compute @workgroup_size(64)
 fn matvec(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
           @builtin(local_invocation_index) lid: u32) {
-    let r = wg.x + wg.y * nwg.x;
+    let lane = lid % MV_LANES;
+    let r = (wg.x + wg.y * nwg.x) * MV_ROWS + lid / MV_LANES;
     let nb = p.k / 32u;
     let norm = p.norm == 1u;
     var acc = 0.0;
     var ss = 0.0;
     if (r < p.rows) {
-        for (var e = lid; e < p.k; e = e + 64u) {
-            var xe = x[p.x_off + e];
-            if (norm) {
-                ss = ss + xe * xe;
-                xe = xe * g[e];
+        for (var b = lane; b < nb; b = b + MV_LANES) {
+            var xs: array<vec4<f32>, 8>;
+            for (var j = 0u; j < 8u; j = j + 1u) {
+                let e = p.x_off + b * 32u + 4u * j;
+                var v = vec4<f32>(x[e], x[e + 1u], x[e + 2u], x[e + 3u]);
+                if (norm) {
+                    ss = ss + dot(v, v);
+                    let c = b * 32u + 4u * j;
+                    v = v * vec4<f32>(g[c], g[c + 1u], g[c + 2u], g[c + 3u]);
+                }
+                xs[j] = v;
             }
-            acc = acc + deq(r * nb + e / 32u, e & 31u) * xe;
+            acc = acc + block_dot(r * nb + b, xs);
         }
     }
     red[lid] = acc;
     red_ss[lid] = ss;
     workgroupBarrier();
-    for (var st = 32u; st > 0u; st = st >> 1u) {
-        if (lid < st) {
+    for (var st = MV_LANES / 2u; st > 0u; st = st >> 1u) {
+        if (lane < st) {
             red[lid] = red[lid] + red[lid + st];
             red_ss[lid] = red_ss[lid] + red_ss[lid + st];
         }
         workgroupBarrier();
     }
-    if (lid == 0u && r < p.rows) {
-        var v = red[0];
-        if (norm) { v = v * inverseSqrt(red_ss[0] / f32(p.k) + p.eps); }
+    if (lane == 0u && r < p.rows) {
+        var v = red[lid];
+        if (norm) { v = v * inverseSqrt(red_ss[lid] / f32(p.k) + p.eps); }
         finish(0u, r, v);
     }
 }

@@ -22,6 +22,7 @@ from .gpu_device import open_device, shader_dir
 
 log = logging.getLogger(__name__)
 
+MV_ROWS = 8  # weight rows per matvec workgroup (qmatrix.wgsl)
 _PARAM_FORMATS: dict[tuple, str] = {}  # struct format of a dispatch's parameters, by their Python types
 
 # ---------------------------------------------------------------------------- tensors on the device
@@ -604,7 +605,8 @@ class WgpuBackend(Backend):
             bufs = {1: x.buf, 2: pc.q, 3: pc.s, 4: pc.m, 5: out.buf, 6: self._bias_piece(bias, pc), 7: g}
             nb = pc.q.size + (pc.s.size if pc.s is not self._dummy else 0) + (pc.m.size if pc.m is not self._dummy else 0)
             if n == 1:
-                self._dispatch("qmatrix", "matvec", params, bufs, (pc.rows,), fmt=pc.fmt, nbytes=nb)
+                self._dispatch("qmatrix", "matvec", params, bufs, (math.ceil(pc.rows / MV_ROWS),), fmt=pc.fmt,
+                               nbytes=nb)
             else:
                 self._dispatch("qmatrix", "matmul", params, bufs, (math.ceil(pc.rows / 16), math.ceil(n / 16)),
                                fmt=pc.fmt, nbytes=nb)
