@@ -126,3 +126,96 @@ fn weighted_sum(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     out[p.out_off + (i * p.heads + h) * p.hd_v + d] = acc;
 }
+
+// ---------------------------------------------------------------------------- decode (one query)
+// Split-KV ("flash decoding"): the visible positions are cut into splits of DEC_SPLIT; one workgroup
+// per (split, head) computes its scores in shared memory, their max m and sum l of exp(score - m),
+// and the unnormalized weighted sum of v. decode_merge rescales the splits by exp(m_s - max m) and
+// normalizes. Partials in sc: [H, ceil(ctx / DEC_SPLIT), 2 + hd_v] = (m, l, o[hd_v]).
+const DEC_SPLIT: u32 = 128u;
+var<workgroup> ps: array<f32, 128>;
+
+fn partial_base(h: u32, s: u32) -> u32 {
+    return (h * ((p.ctx + DEC_SPLIT - 1u) / DEC_SPLIT) + s) * (p.hd_v + 2u);
+}
+
+// grid: (ceil((pos0 + 1) / DEC_SPLIT), H)
+@compute @workgroup_size(64)
+fn decode_split(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let s = wg.x;
+    let h = wg.y;
+    let len = p.pos0 + 1u;
+    var t0 = 0u;
+    if (p.window > 0u && len > p.window) { t0 = len - p.window; }
+    let b = max(s * DEC_SPLIT, t0);
+    let e = min((s + 1u) * DEC_SPLIT, len);
+    let kh = h / (p.heads / p.kv_heads);
+    let qb = p.q_off + h * p.hd;
+    var mx = NEG_INF;
+    for (var j = lid; j < DEC_SPLIT; j = j + 64u) {
+        let t = s * DEC_SPLIT + j;
+        var v = NEG_INF;
+        if (t >= b && t < e) {
+            let kb = (kh * p.ctx + t) * p.hd;
+            var acc = 0.0;
+            for (var d = 0u; d < p.hd; d = d + 1u) { acc = acc + q[qb + d] * kc[kb + d]; }
+            v = acc * p.scale;
+        }
+        ps[j] = v;
+        mx = max(mx, v);
+    }
+    red[lid] = mx;
+    workgroupBarrier();
+    for (var st = 32u; st > 0u; st = st >> 1u) {
+        if (lid < st) { red[lid] = max(red[lid], red[lid + st]); }
+        workgroupBarrier();
+    }
+    mx = red[0];
+    workgroupBarrier();
+    var sum = 0.0;
+    for (var j = lid; j < DEC_SPLIT; j = j + 64u) {
+        let w = select(exp(ps[j] - mx), 0.0, ps[j] <= NEG_INF);
+        ps[j] = w;
+        sum = sum + w;
+    }
+    red[lid] = sum;
+    workgroupBarrier();
+    for (var st = 32u; st > 0u; st = st >> 1u) {
+        if (lid < st) { red[lid] = red[lid] + red[lid + st]; }
+        workgroupBarrier();
+    }
+    let base = partial_base(h, s);
+    for (var d = lid; d < p.hd_v; d = d + 64u) {
+        var acc = 0.0;
+        for (var t = b; t < e; t = t + 1u) {
+            acc = acc + ps[t - s * DEC_SPLIT] * vc[(kh * p.ctx + t) * p.hd_v + d];
+        }
+        sc[base + 2u + d] = acc;
+    }
+    if (lid == 0u) {
+        sc[base] = mx;
+        sc[base + 1u] = red[0];
+    }
+}
+
+// grid: (H)
+@compute @workgroup_size(64)
+fn decode_merge(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let h = wg.x;
+    let ns = (p.pos0 + DEC_SPLIT) / DEC_SPLIT;
+    var mx = NEG_INF;
+    for (var s = 0u; s < ns; s = s + 1u) { mx = max(mx, sc[partial_base(h, s)]); }
+    var l = 0.0;
+    for (var s = 0u; s < ns; s = s + 1u) {
+        let b = partial_base(h, s);
+        l = l + select(exp(sc[b] - mx), 0.0, sc[b] <= NEG_INF) * sc[b + 1u];
+    }
+    for (var d = lid; d < p.hd_v; d = d + 64u) {
+        var o = 0.0;
+        for (var s = 0u; s < ns; s = s + 1u) {
+            let b = partial_base(h, s);
+            o = o + select(exp(sc[b] - mx), 0.0, sc[b] <= NEG_INF) * sc[b + 2u + d];
+        }
+        out[p.out_off + h * p.hd_v + d] = o / l;
+    }
+}

@@ -111,10 +111,13 @@ def test_rope_in_place(gpu_backend, neox, n_rot):
     close(g.read(xg), CPU.rope(x.copy(), 17, base=10000.0, n_rot=n_rot, scale=2.0, neox=neox))
 
 
-@pytest.mark.parametrize("n,H,kv,window", [(1, 9, 3, 0), (6, 4, 4, 0), (11, 4, 1, 5), (1, 4, 2, 3)])
-def test_kv_write_with_rope_and_attention(gpu_backend, n, H, kv, window):
+# One query (decode) runs split-KV attention over splits of 128 positions: past 300 gives three
+# splits, and a window of 150 leaves the first one empty.
+@pytest.mark.parametrize("n,H,kv,window,past", [(1, 9, 3, 0, 9), (6, 4, 4, 0, 9), (11, 4, 1, 5, 9), (1, 4, 2, 3, 9),
+                                                (1, 4, 2, 0, 300), (1, 6, 2, 150, 300), (1, 2, 1, 0, 127)])
+def test_kv_write_with_rope_and_attention(gpu_backend, n, H, kv, window, past):
     g, rng = gpu_backend, np.random.default_rng()
-    hd, ctx, past = 32, 64, 9
+    hd, ctx = 32, 320
     rope = dict(base=10000.0, n_rot=hd, scale=1.0, neox=False)
     cc, gc = CPU.alloc_kv_cache(1, kv, ctx, hd, hd), g.alloc_kv_cache(1, kv, ctx, hd, hd)
     for pos0, m in ((0, past), (past, n)):  # fill some history, then the queries' own positions

@@ -23,6 +23,7 @@ from .gpu_device import open_device, shader_dir
 log = logging.getLogger(__name__)
 
 MV_ROWS = 8  # weight rows per matvec workgroup (qmatrix.wgsl)
+DEC_SPLIT = 128  # key positions per split in decode attention (attention.wgsl)
 _PARAM_FORMATS: dict[tuple, str] = {}  # struct format of a dispatch's parameters, by their Python types
 
 # ---------------------------------------------------------------------------- tensors on the device
@@ -127,6 +128,8 @@ LAYOUTS = {
     ("attention", "scores"): [(0, U), (1, R), (2, R), (3, R), (4, W)],
     ("attention", "softmax"): [(0, U), (4, W)],
     ("attention", "weighted_sum"): [(0, U), (2, R), (3, R), (4, W), (5, W)],
+    ("attention", "decode_split"): [(0, U), (1, R), (2, R), (3, R), (4, W)],
+    ("attention", "decode_merge"): [(0, U), (4, W), (5, W)],
     ("elementwise", "swiglu"): [(0, U), (1, W), (2, R)], ("elementwise", "geglu"): [(0, U), (1, W), (2, R)],
     ("elementwise", "add"): [(0, U), (1, W), (2, R)],
     ("argmax", "argmax"): [(0, U), (1, R), (2, W)],
@@ -677,12 +680,20 @@ class WgpuBackend(Backend):
         n, H, hd = q.shape
         ctx, hdv = cache.max_ctx, cache.hd_v
         out = self._out((n, H * hdv))
-        # Query chunks keep the scores scratch [chunk, H, ctx] within one binding.
+        # Query chunks keep the scores scratch [chunk, H, ctx] within one binding; one query (decode)
+        # uses it for split-KV partials [H, splits, 2 + hd_v].
         chunk = max(1, min(n, self.max_binding // (4 * H * ctx)))
-        need = 4 * chunk * H * ctx
+        need = max(4 * chunk * H * ctx, 4 * H * math.ceil(ctx / DEC_SPLIT) * (2 + hdv))
         if self._scratch is None or self._scratch.size < need:
             self._invalidate()
             self._scratch = self._buffer(need)
+        if n == 1:
+            p = [1, H, cache.n_kv, hd, hdv, ctx, pos0, window, q.off, q.stride, float(scale), out.off]
+            kv, at = {2: cache.k[layer], 3: cache.v[layer], 4: self._scratch}, ((6, pos0),)
+            self._dispatch("attention", "decode_split", p, {1: q.buf, **kv}, (math.ceil((pos0 + 1) / DEC_SPLIT), H),
+                           pos=at, grid=(0, DEC_SPLIT, pos0 + 1))
+            self._dispatch("attention", "decode_merge", p, {4: self._scratch, 5: out.buf}, (H,), pos=at)
+            return out
         for c0 in range(0, n, chunk):
             c = min(chunk, n - c0)
             p = [c, H, cache.n_kv, hd, hdv, ctx, pos0 + c0, window, q.off + c0 * q.stride, q.stride, float(scale),
