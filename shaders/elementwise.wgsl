@@ -4,7 +4,7 @@
 //   0 uniform P
 //   1 storage a    f32, read_write  (swiglu/geglu/gelu: output; add: accumulator a += b)
 //   2 storage b    f32, read        (swiglu/geglu: gate | up [n, 2f]; gelu: input; add: addend)
-// P.count = elements to produce; P.f = width of the gate half.
+// P.count = elements to produce; P.f = width of the gate half. silu and gelu_tanh: activations.wgsl.
 
 struct P {
     count: u32,
@@ -32,14 +32,7 @@ fn swiglu(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
     let j = index(gid, nwg);
     if (j >= p.count) { return; }
     let gu = gate_up(j);
-    a[p.a_off + j] = gu.x / (1.0 + exp(-gu.x)) * gu.y;
-}
-
-// tanh-approximated GELU; tanh written through exp, clamped so exp never overflows.
-fn gelu_tanh(g: f32) -> f32 {
-    let z = clamp(0.7978845608 * (g + 0.044715 * g * g * g), -15.0, 15.0);
-    let e = exp(2.0 * z);
-    return 0.5 * g * (1.0 + (e - 1.0) / (e + 1.0));
+    a[p.a_off + j] = silu(gu.x) * gu.y;
 }
 
 @compute @workgroup_size(64)

@@ -1,4 +1,5 @@
-// qmatrix.wgsl: ops that read a (quantized) weight matrix: matvec, tiled matmul, embedding lookup.
+// qmatrix.wgsl: ops that read a (quantized) weight matrix: matvec (plain, and gate/up with the gated
+// activation), tiled matmul, embedding lookup. silu and gelu_tanh: activations.wgsl.
 //
 // Bindings (group 0):
 //   0 uniform P      parameters (below)
@@ -31,7 +32,8 @@ struct P {
     accumulate: u32, // 1: out += result (the residual add fused into the epilogue)
     norm: u32,       // matvec: 1 = RMSNorm x (weight g) in the prologue
     eps: f32,        // matvec: the RMSNorm epsilon
-    pad2: u32, pad3: u32,
+    glu: u32,        // matvec_glu: 0 SiLU, 1 tanh GELU
+    pad3: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: P;
@@ -163,33 +165,35 @@ fn block_dot(gb: u32, xs: array<vec4<f32>, 8>) -> f32 {
     }
 }
 
-@compute @workgroup_size(64)
-fn matvec(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-          @builtin(local_invocation_index) lid: u32) {
-    let lane = lid % MV_LANES;
-    let r = (wg.x + wg.y * nwg.x) * MV_ROWS + lid / MV_LANES;
+// One lane's partial sums for weight row r: (activations . weights, sum of squares of x if p.norm).
+fn mv_lane(r: u32, lane: u32) -> vec2<f32> {
     let nb = p.k / 32u;
     let norm = p.norm == 1u;
     var acc = 0.0;
     var ss = 0.0;
-    if (r < p.rows) {
-        for (var b = lane; b < nb; b = b + MV_LANES) {
-            var xs: array<vec4<f32>, 8>;
-            for (var j = 0u; j < 8u; j = j + 1u) {
-                let e = p.x_off + b * 32u + 4u * j;
-                var v = vec4<f32>(x[e], x[e + 1u], x[e + 2u], x[e + 3u]);
-                if (norm) {
-                    ss = ss + dot(v, v);
-                    let c = b * 32u + 4u * j;
-                    v = v * vec4<f32>(g[c], g[c + 1u], g[c + 2u], g[c + 3u]);
-                }
-                xs[j] = v;
+    for (var b = lane; b < nb; b = b + MV_LANES) {
+        var xs: array<vec4<f32>, 8>;
+        for (var j = 0u; j < 8u; j = j + 1u) {
+            let e = p.x_off + b * 32u + 4u * j;
+            var v = vec4<f32>(x[e], x[e + 1u], x[e + 2u], x[e + 3u]);
+            if (norm) {
+                ss = ss + dot(v, v);
+                let c = b * 32u + 4u * j;
+                v = v * vec4<f32>(g[c], g[c + 1u], g[c + 2u], g[c + 3u]);
             }
-            acc = acc + block_dot(r * nb + b, xs);
+            xs[j] = v;
         }
+        acc = acc + block_dot(r * nb + b, xs);
     }
-    red[lid] = acc;
-    red_ss[lid] = ss;
+    return vec2<f32>(acc, ss);
+}
+
+// Sum the MV_LANES lanes of each row slot (every invocation calls this: it has barriers); the sums
+// land in the slot's first lane.
+fn mv_reduce(lid: u32, v: vec2<f32>) {
+    let lane = lid % MV_LANES;
+    red[lid] = v.x;
+    red_ss[lid] = v.y;
     workgroupBarrier();
     for (var st = MV_LANES / 2u; st > 0u; st = st >> 1u) {
         if (lane < st) {
@@ -198,10 +202,40 @@ fn matvec(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
         }
         workgroupBarrier();
     }
-    if (lane == 0u && r < p.rows) {
-        var v = red[lid];
-        if (norm) { v = v * inverseSqrt(red_ss[lid] / f32(p.k) + p.eps); }
-        finish(0u, r, v);
+}
+
+// The reduced row at slot lane 0 `i`, with the RMSNorm scale applied when p.norm.
+fn mv_value(i: u32) -> f32 {
+    if (p.norm == 1u) { return red[i] * inverseSqrt(red_ss[i] / f32(p.k) + p.eps); }
+    return red[i];
+}
+
+@compute @workgroup_size(64)
+fn matvec(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+          @builtin(local_invocation_index) lid: u32) {
+    let r = (wg.x + wg.y * nwg.x) * MV_ROWS + lid / MV_LANES;
+    var v = vec2<f32>(0.0);
+    if (r < p.rows) { v = mv_lane(r, lid % MV_LANES); }
+    mv_reduce(lid, v);
+    if (lid % MV_LANES == 0u && r < p.rows) { finish(0u, r, mv_value(lid)); }
+}
+
+// Gate/up projection with the gated activation in the epilogue: the weight holds gate rows
+// [0, p.rows) then up rows [p.rows, 2 p.rows); a workgroup computes MV_ROWS / 2 gate rows and the
+// matching up rows, and writes act(gate) * up (p.glu: 0 SiLU, 1 tanh GELU). One token, no bias.
+@compute @workgroup_size(64)
+fn matvec_glu(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+              @builtin(local_invocation_index) lid: u32) {
+    let half = MV_ROWS / 2u;
+    let slot = lid / MV_LANES;
+    let j = (wg.x + wg.y * nwg.x) * half + slot % half;
+    var v = vec2<f32>(0.0);
+    if (j < p.rows) { v = mv_lane(select(j, p.rows + j, slot >= half), lid % MV_LANES); }
+    mv_reduce(lid, v);
+    if (lid % MV_LANES == 0u && slot < half && j < p.rows) {
+        let gate = mv_value(lid);
+        let up = mv_value(lid + half * MV_LANES);
+        out[p.out_off + p.out_col0 + j] = select(silu(gate), gelu_tanh(gate), p.glu == 1u) * up;
     }
 }
 

@@ -216,3 +216,25 @@ def test_matmul_with_fused_rmsnorm(gpu_backend, name, n):
     g.begin_forward()
     g.matmul(xg, W, bg, residual=rg, norm=(gg, eps))
     close(g.read(rg), ref)
+
+
+@pytest.mark.parametrize("name", ["F16", "Q4_1", "Q5_0", "Q4_K"])
+@pytest.mark.parametrize("act", ["swiglu", "geglu"])
+@pytest.mark.parametrize("n,normed", [(1, True), (1, False), (4, True)])
+def test_fused_gate_up_activation(gpu_backend, name, act, n, normed):
+    """matmul_glu against the unfused reference act(rmsnorm(x) @ [gate | up].T): one kernel with the
+    activation in the epilogue for one token (f = 37 is not a multiple of the rows per workgroup),
+    matmul then the elementwise kernel for several."""
+    g, rng = gpu_backend, np.random.default_rng()
+    k, f, eps = 512, 37, 1e-6
+    src = weight(name, 2 * f, k, rng)
+    xs = (rng.standard_normal((n + 1, k)) * 2).astype(np.float32)
+    gw = rng.standard_normal(k).astype(np.float32)
+    x = xs[1:]
+    h = CPU.rmsnorm(x, gw, eps) if normed else x
+    ref = getattr(CPU, act)(CPU.matmul(h, CPU.load_matrix([src])))
+    W, xg, gg = g.load_matrix([src]), upload(g, xs)[1:], g.load_vector(gw)
+    norm = (gg, eps) if normed else None
+    got = run_twice(g, lambda: g.matmul_glu(xg, W, act, norm=norm))
+    assert got.shape == (n, f)
+    close(got, ref)

@@ -138,16 +138,22 @@ def test_device_failure_is_our_error_and_sticks(gpu_backend):
         m.generate("Hello", max_tokens=2, temperature=0)
 
 
-def test_shader_compile_error_names_file_and_line(gpu_backend, tmp_path, monkeypatch):
+@pytest.mark.parametrize("file,shader,entry,needle", [
+    ("norm.wgsl", "norm", "rmsnorm", "let inv ="),
+    ("activations.wgsl", "qmatrix", "matvec_glu", "let e = exp(2.0 * z);"),  # a part appended to qmatrix
+])
+def test_shader_compile_error_names_file_and_line(gpu_backend, tmp_path, monkeypatch, file, shader, entry, needle):
     from wasmchord.backends import gpu_device, wgpu_backend
     src = gpu_device.shader_dir()
     for f in src.glob("*.wgsl"):
         (tmp_path / f.name).write_text(f.read_text())
-    (tmp_path / "norm.wgsl").write_text((src / "norm.wgsl").read_text().replace("let inv =", "let inv = nope +"))
+    text = (src / file).read_text()
+    line = text[:text.index(needle)].count("\n") + 1
+    (tmp_path / file).write_text(text.replace(needle, needle.replace("=", "= nope +", 1)))
     monkeypatch.setattr(wgpu_backend, "shader_dir", lambda: tmp_path)
     b = wgpu_backend.WgpuBackend()
-    with pytest.raises(BackendError, match=r"norm\.wgsl.*(:\d+|line)"):
-        b._pipeline("norm", "rmsnorm")
+    with pytest.raises(BackendError, match=rf"{file.replace('.', '[.]')}:{line}:\d+: shader compilation failed"):
+        b._pipeline(shader, entry)
 
 
 def test_missing_adapter_message_names_the_driver(monkeypatch):
@@ -180,7 +186,9 @@ def test_bench_profile_reports_kernels_bandwidth_and_host_time(gpu_backend, tmp_
     assert r.returncode == 0, r.stderr
     p = json.loads(out.read_text())["profile"]
     kernels = {k["kernel"]: k for k in p["kernels"]}
-    assert kernels["qmatrix.matvec[q4m]"]["calls_per_step"] == 30 * 4  # qkv, o, gate|up, down per layer
+    assert kernels["qmatrix.matvec[q4m]"]["calls_per_step"] == 30 * 3      # qkv, o, down per layer
+    assert kernels["qmatrix.matvec_glu[q4m]"]["calls_per_step"] == 30      # gate|up with SiLU-multiply
+    assert "elementwise.swiglu" not in kernels and "norm.rmsnorm" not in kernels  # both fused
     assert kernels["qmatrix.matvec[q4m]"]["GBps"] > 0 and p["copy_GBps"] > 0
     assert p["dispatches_per_step"] >= sum(k["calls_per_step"] for k in p["kernels"])
     assert 0 < p["host_encode_ms_per_step"] < 1000

@@ -182,6 +182,9 @@ class Transformer:
 
     def _ffn(self, h, L, residual=None, norm=None):
         be, ffn = self.be, self.cfg.spec.ffn
-        up = be.matmul(h, L.w_up, L.b_up, norm=norm)                                         # [n, 2f] or [n, f]
-        act = be.swiglu(up) if ffn == "swiglu" else be.geglu(up) if ffn == "geglu" else be.gelu(up)  # [n, f]
+        if ffn in ("swiglu", "geglu") and L.b_up is None:  # gate|up and the gated activation, fusable
+            act = be.matmul_glu(h, L.w_up, ffn, norm=norm)                                  # [n, f]
+        else:
+            up = be.matmul(h, L.w_up, L.b_up, norm=norm)                                     # [n, 2f] or [n, f]
+            act = be.swiglu(up) if ffn == "swiglu" else be.geglu(up) if ffn == "geglu" else be.gelu(up)  # [n, f]
         return be.matmul(act, L.w_down, L.b_down, residual=residual)                         # [n, d]

@@ -101,6 +101,12 @@ class Backend:
         (a backend may fold the norm into the matmul's prologue)."""
         raise NotImplementedError("need matmul")
 
+    def matmul_glu(self, x, w, act: str, *, norm=None):
+        """The gated feed-forward input: x [n, k] @ w.T with w = gate rows | up rows [2f, k], then
+        act ("swiglu" | "geglu") -> [n, f]; `norm` as in matmul. A backend may fuse it into one kernel."""
+        up = self.matmul(x, w, norm=norm)                                                    # [n, 2f]
+        return self.swiglu(up) if act == "swiglu" else self.geglu(up)                        # [n, f]
+
     def add(self, a, b):
         """a + b (a may be updated in place and returned)."""
         raise NotImplementedError("need add")

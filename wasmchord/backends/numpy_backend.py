@@ -179,7 +179,8 @@ class NumpyBackend(Backend):
         f = gate_up.shape[-1] // 2
         g, u = gate_up[..., :f], gate_up[..., f:]
         t = np.negative(g)          # silu(g) * u = g / (1 + exp(-g)) * u, one temporary
-        np.exp(t, out=t)
+        with np.errstate(over="ignore"):  # exp(-g) = inf for g < -88: silu(g) = g / inf = 0, as it should
+            np.exp(t, out=t)
         t += 1.0
         np.divide(g, t, out=t)
         t *= u

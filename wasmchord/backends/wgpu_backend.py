@@ -119,7 +119,7 @@ def repack(src: WeightSource):
 U, R, W = "uniform", "read-only-storage", "storage"
 _QM = [(0, U), (1, R), (2, R), (3, R), (4, R), (5, W), (6, R), (7, R)]
 LAYOUTS = {
-    ("qmatrix", "matvec"): _QM, ("qmatrix", "matmul"): _QM, ("qmatrix", "embed"): _QM,
+    ("qmatrix", "matvec"): _QM, ("qmatrix", "matmul"): _QM, ("qmatrix", "embed"): _QM, ("qmatrix", "matvec_glu"): _QM,
     ("norm", "rmsnorm"): [(0, U), (1, R), (2, R), (3, W)],
     ("norm", "layernorm"): [(0, U), (1, R), (2, R), (3, W), (4, R)],
     ("elementwise", "gelu"): [(0, U), (1, W), (2, R)],
@@ -136,15 +136,37 @@ LAYOUTS = {
     ("sample", "sample"): [(0, U), (1, W), (2, W), (3, R)],
 }
 PARAM_BYTES = 64  # every shader's parameter struct fits in 16 words
+# Shader files appended after a module's own file (WGSL declarations are order-free; appending keeps
+# the module's own line numbers).
+SHADER_PARTS = {"qmatrix": ["activations"], "elementwise": ["activations"]}
 
 
-def _shader_error(path, e) -> str:
-    """naga's multi-line report -> one line: file:line:col: shader compilation failed: reason."""
+def _shader_source(shader) -> tuple[str, list]:
+    """A module's WGSL and its parts as (path, first line, line count)."""
+    texts, parts, line = [], [], 1
+    for name in [shader, *SHADER_PARTS.get(shader, [])]:
+        path = shader_dir() / f"{name}.wgsl"
+        text = path.read_text()
+        if not text.endswith("\n"):
+            text += "\n"
+        texts.append(text)
+        parts.append((path, line, text.count("\n")))
+        line += text.count("\n")
+    return "".join(texts), parts
+
+
+def _shader_error(parts, e) -> str:
+    """naga's multi-line report -> one line: file:line:col: shader compilation failed: reason, with
+    the line mapped back to the part it came from."""
     import re
     text = str(e)
     where = re.search(r"wgsl:(\d+):(\d+)", text)
     why = re.search(r"error: (.*)", text)
-    loc = f"{path}:{where.group(1)}:{where.group(2)}" if where else str(path)
+    loc = str(parts[0][0])
+    if where:
+        line = int(where.group(1))
+        path, first = next(((p, f) for p, f, n in parts if f <= line < f + n), parts[0][:2])
+        loc = f"{path}:{line - first + 1}:{where.group(2)}"
     return f"{loc}: shader compilation failed: {why.group(1).strip() if why else text.splitlines()[0]}"
 
 
@@ -258,11 +280,11 @@ class WgpuBackend(Backend):
             return pl
         mod = self._modules.get(shader)
         if mod is None:
-            path = shader_dir() / f"{shader}.wgsl"
+            code, parts = _shader_source(shader)
             try:
-                mod = self.device.create_shader_module(label=path.name, code=path.read_text())
+                mod = self.device.create_shader_module(label=parts[0][0].name, code=code)
             except Exception as e:
-                raise BackendError(_shader_error(path, e)) from None
+                raise BackendError(_shader_error(parts, e)) from None
             self._modules[shader] = mod
         layout = self._layouts.get((shader, entry))
         if layout is None:
@@ -613,6 +635,21 @@ class WgpuBackend(Backend):
             else:
                 self._dispatch("qmatrix", "matmul", params, bufs, (math.ceil(pc.rows / 16), math.ceil(n / 16)),
                                fmt=pc.fmt, nbytes=nb)
+        return out
+
+    def matmul_glu(self, x, w, act, *, norm=None):
+        pc = w.pieces[0]
+        if x.shape[0] != 1 or len(w.pieces) != 1 or act not in ("swiglu", "geglu"):
+            return super().matmul_glu(x, w, act, norm=norm)  # prefill, or gate and up in separate pieces
+        k, f = x.cols, w.shape[0] // 2
+        out = self._out((1, f))
+        g, eps = (norm[0].buf, float(norm[1])) if norm is not None else (self._dummy, 0.0)
+        params = [1, k, f, 0, f, x.off, x.stride, out.off, 0, 0, 1.0, 0, int(norm is not None), eps,
+                  int(act == "geglu")]
+        nb = pc.q.size + (pc.s.size if pc.s is not self._dummy else 0) + (pc.m.size if pc.m is not self._dummy else 0)
+        self._dispatch("qmatrix", "matvec_glu", params,
+                       {1: x.buf, 2: pc.q, 3: pc.s, 4: pc.m, 5: out.buf, 6: self._dummy, 7: g},
+                       (math.ceil(f / (MV_ROWS // 2)),), fmt=pc.fmt, nbytes=nb)
         return out
 
     def _bias_piece(self, bias, pc):
