@@ -1,6 +1,8 @@
 """Every GPU kernel against the NumPy backend: fresh random inputs, several shapes (odd ones too),
 every weight type; output buffers are poisoned with NaN before the measured run."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -13,6 +15,21 @@ from wasmchord.quants import ggml_type, quantize
 pytestmark = pytest.mark.gpu
 GPU_TYPES = ["F32", "F16", "Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q6_K"]
 CPU = NumpyBackend()
+
+
+@pytest.fixture(params=["shared-memory", "subgroup"])
+def mv(request, gpu_backend):
+    """The backend with one of the two matvec reductions selected: shared memory and barriers, or
+    subgroup operations (qmatrix_subgroup.wgsl; lavapipe offers the feature, so CI runs both)."""
+    g = gpu_backend
+    if request.param == "subgroup" and "subgroup" not in g.features:
+        if os.environ.get("CI"):
+            pytest.fail("CI is set but the device has no 'subgroup' feature")
+        pytest.skip("the device has no 'subgroup' feature")
+    saved = g._mv
+    g._mv = ("matvec_sg", "matvec_glu_sg") if request.param == "subgroup" else ("matvec", "matvec_glu")
+    yield g
+    g._mv = saved
 
 
 def weight(name, rows, k, rng):
@@ -52,8 +69,8 @@ def close(a, b, tol=1e-4):
 
 @pytest.mark.parametrize("name", GPU_TYPES)
 @pytest.mark.parametrize("n,rows,k", [(1, 37, 256), (1, 8, 512), (7, 33, 256), (19, 5, 768)])
-def test_matmul_every_type(gpu_backend, name, n, rows, k):
-    g, rng = gpu_backend, np.random.default_rng()
+def test_matmul_every_type(mv, name, n, rows, k):
+    g, rng = mv, np.random.default_rng()
     src = weight(name, rows, k, rng)
     x = rng.standard_normal((n, k)).astype(np.float32)
     bias = rng.standard_normal(rows).astype(np.float32)
@@ -182,8 +199,8 @@ def test_gelu(gpu_backend):
 
 
 @pytest.mark.parametrize("n", [1, 6])
-def test_matmul_with_fused_residual_add(gpu_backend, n):
-    g, rng = gpu_backend, np.random.default_rng()
+def test_matmul_with_fused_residual_add(mv, n):
+    g, rng = mv, np.random.default_rng()
     src = weight("Q4_1", 96, 256, rng)
     x = rng.standard_normal((n, 256)).astype(np.float32)
     r = rng.standard_normal((n, 96)).astype(np.float32)
@@ -196,11 +213,11 @@ def test_matmul_with_fused_residual_add(gpu_backend, n):
 
 @pytest.mark.parametrize("name", ["F16", "Q4_0", "Q6_K"])
 @pytest.mark.parametrize("n", [1, 5])
-def test_matmul_with_fused_rmsnorm(gpu_backend, name, n):
+def test_matmul_with_fused_rmsnorm(mv, name, n):
     """matmul(x, W, norm=(g, eps)) against the unfused reference rmsnorm(x, g, eps) @ W.T: folded into
     the matvec's prologue for one token, a separate norm dispatch for several; with a bias, a residual
     and x at an offset inside its buffer."""
-    g, rng = gpu_backend, np.random.default_rng()
+    g, rng = mv, np.random.default_rng()
     k, rows, eps = 512, 45, 1e-5
     src = weight(name, rows, k, rng)
     xs = (rng.standard_normal((n + 2, k)) * rng.uniform(0.1, 10)).astype(np.float32)
@@ -221,11 +238,11 @@ def test_matmul_with_fused_rmsnorm(gpu_backend, name, n):
 @pytest.mark.parametrize("name", ["F16", "Q4_1", "Q5_0", "Q4_K"])
 @pytest.mark.parametrize("act", ["swiglu", "geglu"])
 @pytest.mark.parametrize("n,normed", [(1, True), (1, False), (4, True)])
-def test_fused_gate_up_activation(gpu_backend, name, act, n, normed):
+def test_fused_gate_up_activation(mv, name, act, n, normed):
     """matmul_glu against the unfused reference act(rmsnorm(x) @ [gate | up].T): one kernel with the
     activation in the epilogue for one token (f = 37 is not a multiple of the rows per workgroup),
     matmul then the elementwise kernel for several."""
-    g, rng = gpu_backend, np.random.default_rng()
+    g, rng = mv, np.random.default_rng()
     k, f, eps = 512, 37, 1e-6
     src = weight(name, 2 * f, k, rng)
     xs = (rng.standard_normal((n + 1, k)) * 2).astype(np.float32)

@@ -2,6 +2,7 @@
 the same generate/stream/chat API and CLI; large tensors split across bindings; faults."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -87,6 +88,30 @@ def test_raw_encoding_equals_the_public_api(pair):
     ids = c.tokenizer.encode("Raw and wrapped encoders, one answer:")
     assert np.array_equal(g.logits(ids), slow.logits(ids))
     assert g.generate(ids, max_tokens=8, temperature=0).tokens == slow.generate(ids, max_tokens=8, temperature=0).tokens
+
+
+def test_subgroup_matvec_option(pair):
+    """subgroups=True (matvec sums through subgroup operations) gives the CPU backend's logits and the
+    same greedy tokens; asking for it on a device without the feature is a clear error."""
+    g, c = pair
+    if "subgroup" not in g.backend.features:
+        pytest.fail("lavapipe offers the 'subgroup' feature; this device does not") if os.environ.get("CI") else \
+            pytest.skip("no 'subgroup' feature")
+    sg = Model.load("smollm2-135m-instruct", device="gpu", context_length=128, subgroups=True)
+    assert sg.backend._mv == ("matvec_sg", "matvec_glu_sg")
+    ids = c.tokenizer.encode("Subgroups sum the lanes of a row")
+    lg, lc = sg.logits(ids), c.logits(ids)
+    assert np.abs(lg - lc).max() < 1e-3 * np.abs(lc).max()
+    assert sg.generate(ids, max_tokens=6, temperature=0).tokens == c.generate(ids, max_tokens=6, temperature=0).tokens
+
+
+def test_subgroups_without_the_feature_is_an_error(gpu_backend, monkeypatch):
+    from wasmchord.backends import wgpu_backend
+    real = wgpu_backend.open_device
+    monkeypatch.setattr(wgpu_backend, "open_device",
+                        lambda **kw: (lambda a, d, f: (a, d, [x for x in f if x != "subgroup"]))(*real(**kw)))
+    with pytest.raises(BackendError, match="'subgroup' feature"):
+        wgpu_backend.WgpuBackend(subgroups=True)
 
 
 def test_output_head_split_across_bindings(gpu_backend):

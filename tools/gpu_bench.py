@@ -62,6 +62,16 @@ def main():
         results["models"][alias] = res
         md.append(f"## {alias}\n\n```\n{bench.format_result(res)}\n```\n")
         print(bench.format_result(res))
+    if "subgroup" in adapter.features:  # the two matvec reductions, A/B on this device (shared memory is the default)
+        ab = {}
+        for sg in (False, True, False, True):
+            p = bench.profile_gpu(resolve_model(a.models[0]), timestamp_period_ns=a.timestamp_period, subgroups=sg)
+            mv = sum(k["ms_per_step"] for k in p["kernels"] if k["kernel"].startswith("qmatrix.matvec"))
+            ab.setdefault("subgroup" if sg else "shared-memory", []).append(mv)
+        results["matvec_reduction_ms_per_step"] = ab
+        md.append("## matvec reduction A/B (matvec ms per decode step, two runs each)\n\n"
+                  + "\n".join(f"- {k}: {', '.join(f'{v:.3f}' for v in vs)}" for k, vs in ab.items()) + "\n")
+        print(md[-1])
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     (out / "results.md").write_text("\n".join(md))
     print(f"wrote {out / 'results.json'} and {out / 'results.md'}")

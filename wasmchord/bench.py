@@ -124,14 +124,15 @@ def bench_llama_cpp(model_path, prompt_lengths, n_gen, threads) -> dict | None:
             "prefill_tok_s": prefill, "decode_tok_s": n_gen / dt}
 
 
-def profile_gpu(model_path, *, n_steps=3, timestamp_period_ns=1.0, context=256) -> dict:
+def profile_gpu(model_path, *, n_steps=3, timestamp_period_ns=1.0, context=256, **backend_options) -> dict:
     """Per-kernel GPU time of a decode step (timestamp queries), GB/s of each weight kernel against the
-    device's copy bandwidth, host encode time per step and dispatches per step."""
+    device's copy bandwidth, host encode time per step and dispatches per step. `backend_options` go to
+    the GPU backend (e.g. subgroups=True)."""
     from collections import defaultdict
 
     from .api import Model
     from .backends.base import ON_DEVICE
-    m = Model.load(model_path, device="gpu", context_length=context)
+    m = Model.load(model_path, device="gpu", context_length=context, **backend_options)
     be, s, tf = m.backend, m._session, m._tf
     ids = prompt_ids(m.tokenizer, 32)
     s.reset()

@@ -120,6 +120,7 @@ U, R, W = "uniform", "read-only-storage", "storage"
 _QM = [(0, U), (1, R), (2, R), (3, R), (4, R), (5, W), (6, R), (7, R)]
 LAYOUTS = {
     ("qmatrix", "matvec"): _QM, ("qmatrix", "matmul"): _QM, ("qmatrix", "embed"): _QM, ("qmatrix", "matvec_glu"): _QM,
+    ("qmatrix", "matvec_sg"): _QM, ("qmatrix", "matvec_glu_sg"): _QM,
     ("norm", "rmsnorm"): [(0, U), (1, R), (2, R), (3, W)],
     ("norm", "layernorm"): [(0, U), (1, R), (2, R), (3, W), (4, R)],
     ("elementwise", "gelu"): [(0, U), (1, W), (2, R)],
@@ -141,10 +142,11 @@ PARAM_BYTES = 64  # every shader's parameter struct fits in 16 words
 SHADER_PARTS = {"qmatrix": ["activations"], "elementwise": ["activations"]}
 
 
-def _shader_source(shader) -> tuple[str, list]:
-    """A module's WGSL and its parts as (path, first line, line count)."""
+def _shader_source(shader, extra=()) -> tuple[str, list]:
+    """A module's WGSL (its file, SHADER_PARTS, then `extra` files) and its parts as (path, first
+    line, line count)."""
     texts, parts, line = [], [], 1
-    for name in [shader, *SHADER_PARTS.get(shader, [])]:
+    for name in [shader, *SHADER_PARTS.get(shader, []), *extra]:
         path = shader_dir() / f"{name}.wgsl"
         text = path.read_text()
         if not text.endswith("\n"):
@@ -206,7 +208,7 @@ class WgpuBackend(Backend):
     RING = 3  # persistent mappable buffers for sampled tokens in flight
 
     def __init__(self, *, max_binding_size: int | None = None, allow_software: bool = True, raw_encode: bool = True,
-                 replay_steps: bool = True):
+                 replay_steps: bool = True, subgroups: bool = False):
         import wgpu
         self.wgpu = wgpu
         self.adapter, self.device, self.features = open_device(allow_software=allow_software)
@@ -238,6 +240,12 @@ class WgpuBackend(Backend):
         self._qset, self._qset_count, self._qbuf = None, 0, None
         self._raw = _raw_encoder() if raw_encode else None
         self.replay_steps = replay_steps
+        # subgroups=True: matvec sums through subgroup operations (qmatrix_subgroup.wgsl). Off by
+        # default: on lavapipe, the one device measured, the shared-memory kernels are faster.
+        self.subgroups = bool(subgroups)
+        if self.subgroups and "subgroup" not in self.features:
+            raise BackendError("subgroups=True, but this device does not offer the 'subgroup' feature")
+        self._mv = ("matvec_sg", "matvec_glu_sg") if self.subgroups else ("matvec", "matvec_glu")
         self._program: _Program | None = None
         self._recording: list | None = None
         self.replayed = 0               # decode steps replayed from a recorded program (statistics)
@@ -280,7 +288,8 @@ class WgpuBackend(Backend):
             return pl
         mod = self._modules.get(shader)
         if mod is None:
-            code, parts = _shader_source(shader)
+            sg = shader == "qmatrix" and "subgroup" in self.features  # compiled in whenever the device can
+            code, parts = _shader_source(shader, ["qmatrix_subgroup"] if sg else [])
             try:
                 mod = self.device.create_shader_module(label=parts[0][0].name, code=code)
             except Exception as e:
@@ -630,7 +639,7 @@ class WgpuBackend(Backend):
             bufs = {1: x.buf, 2: pc.q, 3: pc.s, 4: pc.m, 5: out.buf, 6: self._bias_piece(bias, pc), 7: g}
             nb = pc.q.size + (pc.s.size if pc.s is not self._dummy else 0) + (pc.m.size if pc.m is not self._dummy else 0)
             if n == 1:
-                self._dispatch("qmatrix", "matvec", params, bufs, (math.ceil(pc.rows / MV_ROWS),), fmt=pc.fmt,
+                self._dispatch("qmatrix", self._mv[0], params, bufs, (math.ceil(pc.rows / MV_ROWS),), fmt=pc.fmt,
                                nbytes=nb)
             else:
                 self._dispatch("qmatrix", "matmul", params, bufs, (math.ceil(pc.rows / 16), math.ceil(n / 16)),
@@ -647,7 +656,7 @@ class WgpuBackend(Backend):
         params = [1, k, f, 0, f, x.off, x.stride, out.off, 0, 0, 1.0, 0, int(norm is not None), eps,
                   int(act == "geglu")]
         nb = pc.q.size + (pc.s.size if pc.s is not self._dummy else 0) + (pc.m.size if pc.m is not self._dummy else 0)
-        self._dispatch("qmatrix", "matvec_glu", params,
+        self._dispatch("qmatrix", self._mv[1], params,
                        {1: x.buf, 2: pc.q, 3: pc.s, 4: pc.m, 5: out.buf, 6: self._dummy, 7: g},
                        (math.ceil(f / (MV_ROWS // 2)),), fmt=pc.fmt, nbytes=nb)
         return out
