@@ -165,13 +165,14 @@ fn block_dot(gb: u32, xs: array<vec4<f32>, 8>) -> f32 {
     }
 }
 
-// One lane's partial sums for weight row r: (activations . weights, sum of squares of x if p.norm).
-fn mv_lane(r: u32, lane: u32) -> vec2<f32> {
+// One lane's partial sums for weight row r, the row's blocks dealt over `lanes` lanes:
+// (activations . weights, sum of squares of x if p.norm).
+fn mv_lane(r: u32, lane: u32, lanes: u32) -> vec2<f32> {
     let nb = p.k / 32u;
     let norm = p.norm == 1u;
     var acc = 0.0;
     var ss = 0.0;
-    for (var b = lane; b < nb; b = b + MV_LANES) {
+    for (var b = lane; b < nb; b = b + lanes) {
         var xs: array<vec4<f32>, 8>;
         for (var j = 0u; j < 8u; j = j + 1u) {
             let e = p.x_off + b * 32u + 4u * j;
@@ -215,7 +216,7 @@ fn matvec(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
           @builtin(local_invocation_index) lid: u32) {
     let r = (wg.x + wg.y * nwg.x) * MV_ROWS + lid / MV_LANES;
     var v = vec2<f32>(0.0);
-    if (r < p.rows) { v = mv_lane(r, lid % MV_LANES); }
+    if (r < p.rows) { v = mv_lane(r, lid % MV_LANES, MV_LANES); }
     mv_reduce(lid, v);
     if (lid % MV_LANES == 0u && r < p.rows) { finish(0u, r, mv_value(lid)); }
 }
@@ -230,7 +231,7 @@ fn matvec_glu(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg
     let slot = lid / MV_LANES;
     let j = (wg.x + wg.y * nwg.x) * half + slot % half;
     var v = vec2<f32>(0.0);
-    if (j < p.rows) { v = mv_lane(select(j, p.rows + j, slot >= half), lid % MV_LANES); }
+    if (j < p.rows) { v = mv_lane(select(j, p.rows + j, slot >= half), lid % MV_LANES, MV_LANES); }
     mv_reduce(lid, v);
     if (lid % MV_LANES == 0u && slot < half && j < p.rows) {
         let gate = mv_value(lid);

@@ -23,31 +23,14 @@ fn sg_lane(lid: u32, sg_id: u32, sg_size: u32) -> SgLane {
     return SgLane(subgroupBroadcastFirst(slot), max(64u / lanes, 1u), sg_id, lanes);
 }
 
-// Row r summed over the subgroup's lanes: (activations . weights, sum of squares of x if p.norm).
-fn sg_row(r: u32, l: SgLane) -> vec2<f32> {
-    let nb = p.k / 32u;
-    let norm = p.norm == 1u;
-    var acc = 0.0;
-    var ss = 0.0;
-    if (l.lane < l.lanes) {
-        for (var b = l.lane; b < nb; b = b + l.lanes) {
-            var xs: array<vec4<f32>, 8>;
-            for (var j = 0u; j < 8u; j = j + 1u) {
-                let e = p.x_off + b * 32u + 4u * j;
-                var v = vec4<f32>(x[e], x[e + 1u], x[e + 2u], x[e + 3u]);
-                if (norm) {
-                    ss = ss + dot(v, v);
-                    let c = b * 32u + 4u * j;
-                    v = v * vec4<f32>(g[c], g[c + 1u], g[c + 2u], g[c + 3u]);
-                }
-                xs[j] = v;
-            }
-            acc = acc + block_dot(r * nb + b, xs);
-        }
-    }
-    var v = subgroupAdd(acc);
-    if (norm) { v = v * inverseSqrt(subgroupAdd(ss) / f32(p.k) + p.eps); }
-    return vec2<f32>(v, 0.0);
+// Row r summed over the subgroup's lanes (mv_lane: qmatrix.wgsl), the RMSNorm scale applied if p.norm.
+fn sg_row(r: u32, l: SgLane) -> f32 {
+    var part = vec2<f32>(0.0);
+    if (l.lane < l.lanes) { part = mv_lane(r, l.lane, l.lanes); }
+    let v = subgroupAdd(part.x);
+    let ss = subgroupAdd(part.y);
+    if (p.norm == 1u) { return v * inverseSqrt(ss / f32(p.k) + p.eps); }
+    return v;
 }
 
 @compute @workgroup_size(64)
@@ -59,7 +42,7 @@ fn matvec_sg(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg:
     for (var i = l.slot; i < MV_ROWS; i = i + l.count) {
         let r = r0 + i;
         if (r >= p.rows) { break; }  // uniform within the subgroup
-        let v = sg_row(r, l).x;
+        let v = sg_row(r, l);
         if (l.lane == 0u) { finish(0u, r, v); }
     }
 }
@@ -74,8 +57,8 @@ fn matvec_glu_sg(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) 
     for (var i = l.slot; i < half; i = i + l.count) {
         let j = j0 + i;
         if (j >= p.rows) { break; }
-        let gate = sg_row(j, l).x;
-        let up = sg_row(p.rows + j, l).x;
+        let gate = sg_row(j, l);
+        let up = sg_row(p.rows + j, l);
         if (l.lane == 0u) {
             out[p.out_off + p.out_col0 + j] = select(silu(gate), gelu_tanh(gate), p.glu == 1u) * up;
         }
