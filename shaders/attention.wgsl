@@ -67,6 +67,31 @@ fn scores(@builtin(global_invocation_id) gid: vec3<u32>) {
 
 var<workgroup> red: array<f32, 64>;
 
+// Workgroup-wide max / sum of one value per invocation, returned to every invocation (all 64 call it).
+fn wg_max(lid: u32, v: f32) -> f32 {
+    red[lid] = v;
+    workgroupBarrier();
+    for (var st = 32u; st > 0u; st = st >> 1u) {
+        if (lid < st) { red[lid] = max(red[lid], red[lid + st]); }
+        workgroupBarrier();
+    }
+    let r = red[0];
+    workgroupBarrier();  // red is reused by the next reduction
+    return r;
+}
+
+fn wg_sum(lid: u32, v: f32) -> f32 {
+    red[lid] = v;
+    workgroupBarrier();
+    for (var st = 32u; st > 0u; st = st >> 1u) {
+        if (lid < st) { red[lid] = red[lid] + red[lid + st]; }
+        workgroupBarrier();
+    }
+    let r = red[0];
+    workgroupBarrier();
+    return r;
+}
+
 // grid: (n * H) workgroups, one per row of scores
 @compute @workgroup_size(64)
 fn softmax(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -80,14 +105,7 @@ fn softmax(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: v
     if (valid) {
         for (var t = lid; t < len; t = t + 64u) { mx = max(mx, sc[row + t]); }
     }
-    red[lid] = mx;
-    workgroupBarrier();
-    for (var st = 32u; st > 0u; st = st >> 1u) {
-        if (lid < st) { red[lid] = max(red[lid], red[lid + st]); }
-        workgroupBarrier();
-    }
-    mx = red[0];
-    workgroupBarrier();
+    mx = wg_max(lid, mx);
     var sum = 0.0;
     if (valid) {
         for (var t = lid; t < len; t = t + 64u) {
@@ -96,13 +114,7 @@ fn softmax(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: v
             sum = sum + e;
         }
     }
-    red[lid] = sum;
-    workgroupBarrier();
-    for (var st = 32u; st > 0u; st = st >> 1u) {
-        if (lid < st) { red[lid] = red[lid] + red[lid + st]; }
-        workgroupBarrier();
-    }
-    let inv = 1.0 / red[0];
+    let inv = 1.0 / wg_sum(lid, sum);
     if (valid) {
         for (var t = lid; t < len; t = t + 64u) { sc[row + t] = sc[row + t] * inv; }
     }
@@ -164,26 +176,14 @@ fn decode_split(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_
         ps[j] = v;
         mx = max(mx, v);
     }
-    red[lid] = mx;
-    workgroupBarrier();
-    for (var st = 32u; st > 0u; st = st >> 1u) {
-        if (lid < st) { red[lid] = max(red[lid], red[lid + st]); }
-        workgroupBarrier();
-    }
-    mx = red[0];
-    workgroupBarrier();
+    mx = wg_max(lid, mx);
     var sum = 0.0;
     for (var j = lid; j < DEC_SPLIT; j = j + 64u) {
         let w = select(exp(ps[j] - mx), 0.0, ps[j] <= NEG_INF);
         ps[j] = w;
         sum = sum + w;
     }
-    red[lid] = sum;
-    workgroupBarrier();
-    for (var st = 32u; st > 0u; st = st >> 1u) {
-        if (lid < st) { red[lid] = red[lid] + red[lid + st]; }
-        workgroupBarrier();
-    }
+    let l = wg_sum(lid, sum);  // also the barrier after which every ps[j] is visible
     let base = partial_base(h, s);
     for (var d = lid; d < p.hd_v; d = d + 64u) {
         var acc = 0.0;
@@ -194,7 +194,7 @@ fn decode_split(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_
     }
     if (lid == 0u) {
         sc[base] = mx;
-        sc[base + 1u] = red[0];
+        sc[base + 1u] = l;
     }
 }
 

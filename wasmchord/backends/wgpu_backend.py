@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import struct
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -185,14 +186,20 @@ def _raw_encoder():
     return lib, ffi.NULL
 
 
+@dataclass(slots=True)
 class _Program:
     """A recorded decode step: dispatches, parameter block, and where the position goes."""
 
-    __slots__ = ("gen", "cache", "ops", "params", "slots", "words", "offsets", "grids", "out", "max_pos")
-
-    def __init__(self, gen, cache, ops, params, slots, words, offsets, grids, out, max_pos):
-        self.gen, self.cache, self.ops, self.params, self.slots = gen, cache, ops, params, slots
-        self.words, self.offsets, self.grids, self.out, self.max_pos = words, offsets, grids, out, max_pos
+    gen: int                # the backend's _gen when recorded
+    cache: object           # the KV cache it writes
+    ops: list               # (pipeline, bind group, grid, label, weight bytes) per dispatch
+    params: np.ndarray      # the parameter block (uint8), slots [0, slots)
+    slots: int
+    words: np.ndarray       # u32 word indices holding a position ...
+    offsets: np.ndarray     # ... equal to pos0 + offset
+    grids: list             # (op index, axis, divisor, offset): grid[axis] = ceil((pos0 + offset) / divisor)
+    out: object             # the step's output (logits) tensor
+    max_pos: int            # replayable while pos0 + 1 <= max_pos (RoPE tables, KV cache)
 
 
 class KVCacheGPU:
@@ -632,12 +639,12 @@ class WgpuBackend(Backend):
             x, norm = self.rmsnorm(x, *norm), None
         rows = w.shape[0]
         out = residual if residual is not None else self._out((n, rows))
-        g, eps = (norm[0].buf, float(norm[1])) if norm is not None else (self._dummy, 0.0)
+        g, eps = self._norm_binding(norm)
         for pc in w.pieces:
             params = [n, k, pc.rows, pc.col0, out.stride, x.off, x.stride, out.off, int(bias is not None), 0, 1.0,
                       int(residual is not None), int(norm is not None), eps]
             bufs = {1: x.buf, 2: pc.q, 3: pc.s, 4: pc.m, 5: out.buf, 6: self._bias_piece(bias, pc), 7: g}
-            nb = pc.q.size + (pc.s.size if pc.s is not self._dummy else 0) + (pc.m.size if pc.m is not self._dummy else 0)
+            nb = self._piece_bytes(pc)
             if n == 1:
                 self._dispatch("qmatrix", self._mv[0], params, bufs, (math.ceil(pc.rows / MV_ROWS),), fmt=pc.fmt,
                                nbytes=nb)
@@ -652,14 +659,22 @@ class WgpuBackend(Backend):
             return super().matmul_glu(x, w, act, norm=norm)  # prefill, or gate and up in separate pieces
         k, f = x.cols, w.shape[0] // 2
         out = self._out((1, f))
-        g, eps = (norm[0].buf, float(norm[1])) if norm is not None else (self._dummy, 0.0)
+        g, eps = self._norm_binding(norm)
         params = [1, k, f, 0, f, x.off, x.stride, out.off, 0, 0, 1.0, 0, int(norm is not None), eps,
                   int(act == "geglu")]
-        nb = pc.q.size + (pc.s.size if pc.s is not self._dummy else 0) + (pc.m.size if pc.m is not self._dummy else 0)
+        nb = self._piece_bytes(pc)
         self._dispatch("qmatrix", self._mv[1], params,
                        {1: x.buf, 2: pc.q, 3: pc.s, 4: pc.m, 5: out.buf, 6: self._dummy, 7: g},
                        (math.ceil(f / (MV_ROWS // 2)),), fmt=pc.fmt, nbytes=nb)
         return out
+
+    def _piece_bytes(self, pc) -> int:
+        """Weight bytes a dispatch over piece `pc` reads (for the profiler's GB/s)."""
+        return pc.q.size + sum(b.size for b in (pc.s, pc.m) if b is not self._dummy)
+
+    def _norm_binding(self, norm):
+        """(buffer, eps) of matmul's `norm=` for binding 7 and the `eps` parameter."""
+        return (norm[0].buf, float(norm[1])) if norm is not None else (self._dummy, 0.0)
 
     def _bias_piece(self, bias, pc):
         if bias is None:
