@@ -16,9 +16,6 @@ struct P {
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(2) var<storage, read_write> ids: array<u32>;
 
-var<workgroup> bv: array<f32, 256>;
-var<workgroup> bi: array<u32, 256>;
-
 @compute @workgroup_size(256)
 fn argmax(@builtin(local_invocation_index) lid: u32) {
     var best = -3.4e38;
@@ -27,19 +24,6 @@ fn argmax(@builtin(local_invocation_index) lid: u32) {
         let v = x[p.x_off + j];
         if (v > best) { best = v; idx = j; }
     }
-    bv[lid] = best;
-    bi[lid] = idx;
-    workgroupBarrier();
-    for (var st = 128u; st > 0u; st = st >> 1u) {
-        if (lid < st) {
-            let ov = bv[lid + st];
-            let oi = bi[lid + st];
-            if (ov > bv[lid] || (ov == bv[lid] && oi < bi[lid])) {
-                bv[lid] = ov;
-                bi[lid] = oi;
-            }
-        }
-        workgroupBarrier();
-    }
-    if (lid == 0u) { ids[0] = bi[0]; }
+    let tok = wg_argmax(lid, 256u, best, idx);
+    if (lid == 0u) { ids[0] = tok; }
 }

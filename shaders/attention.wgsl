@@ -65,33 +65,6 @@ fn scores(@builtin(global_invocation_id) gid: vec3<u32>) {
     sc[row + t] = acc * p.scale;
 }
 
-var<workgroup> red: array<f32, 64>;
-
-// Workgroup-wide max / sum of one value per invocation, returned to every invocation (all 64 call it).
-fn wg_max(lid: u32, v: f32) -> f32 {
-    red[lid] = v;
-    workgroupBarrier();
-    for (var st = 32u; st > 0u; st = st >> 1u) {
-        if (lid < st) { red[lid] = max(red[lid], red[lid + st]); }
-        workgroupBarrier();
-    }
-    let r = red[0];
-    workgroupBarrier();  // red is reused by the next reduction
-    return r;
-}
-
-fn wg_sum(lid: u32, v: f32) -> f32 {
-    red[lid] = v;
-    workgroupBarrier();
-    for (var st = 32u; st > 0u; st = st >> 1u) {
-        if (lid < st) { red[lid] = red[lid] + red[lid + st]; }
-        workgroupBarrier();
-    }
-    let r = red[0];
-    workgroupBarrier();
-    return r;
-}
-
 // grid: (n * H) workgroups, one per row of scores
 @compute @workgroup_size(64)
 fn softmax(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -105,7 +78,7 @@ fn softmax(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: v
     if (valid) {
         for (var t = lid; t < len; t = t + 64u) { mx = max(mx, sc[row + t]); }
     }
-    mx = wg_max(lid, mx);
+    mx = wg_max(lid, 64u, mx);
     var sum = 0.0;
     if (valid) {
         for (var t = lid; t < len; t = t + 64u) {
@@ -114,7 +87,7 @@ fn softmax(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: v
             sum = sum + e;
         }
     }
-    let inv = 1.0 / wg_sum(lid, sum);
+    let inv = 1.0 / wg_sum(lid, 64u, sum);
     if (valid) {
         for (var t = lid; t < len; t = t + 64u) { sc[row + t] = sc[row + t] * inv; }
     }
@@ -176,14 +149,14 @@ fn decode_split(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_
         ps[j] = v;
         mx = max(mx, v);
     }
-    mx = wg_max(lid, mx);
+    mx = wg_max(lid, 64u, mx);
     var sum = 0.0;
     for (var j = lid; j < DEC_SPLIT; j = j + 64u) {
         let w = select(exp(ps[j] - mx), 0.0, ps[j] <= NEG_INF);
         ps[j] = w;
         sum = sum + w;
     }
-    let l = wg_sum(lid, sum);  // also the barrier after which every ps[j] is visible
+    let l = wg_sum(lid, 64u, sum);  // also the barrier after which every ps[j] is visible
     let base = partial_base(h, s);
     for (var d = lid; d < p.hd_v; d = d + 64u) {
         var acc = 0.0;

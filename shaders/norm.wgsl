@@ -7,7 +7,7 @@
 //   3 storage out  f32 output, contiguous [rows, m], read_write
 //   4 storage b    f32 bias [m], read (layernorm)
 // Row r of the view starts at x_off + (r / heads) * x_stride + (r % heads) * m.
-// One workgroup per row: f32 sum of squares, shared-memory tree reduction.
+// One workgroup per row: f32 sums, reduced with wg_sum (reduce.wgsl).
 
 struct P {
     rows: u32,
@@ -25,8 +25,6 @@ struct P {
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
 @group(0) @binding(4) var<storage, read> b: array<f32>;
 
-var<workgroup> red: array<f32, 64>;
-
 @compute @workgroup_size(64)
 fn rmsnorm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
            @builtin(local_invocation_index) lid: u32) {
@@ -39,24 +37,13 @@ fn rmsnorm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: v
             acc = acc + v * v;
         }
     }
-    let inv = 1.0 / sqrt(reduce_sum(lid, acc) / f32(p.m) + p.eps);
+    let inv = 1.0 / sqrt(wg_sum(lid, 64u, acc) / f32(p.m) + p.eps);
     if (r >= p.rows) { return; }
     for (var j = lid; j < p.m; j = j + 64u) {
         out[r * p.m + j] = x[base + j] * inv * w[j];
     }
 }
 
-fn reduce_sum(lid: u32, v: f32) -> f32 {
-    red[lid] = v;
-    workgroupBarrier();
-    for (var st = 32u; st > 0u; st = st >> 1u) {
-        if (lid < st) { red[lid] = red[lid] + red[lid + st]; }
-        workgroupBarrier();
-    }
-    let total = red[0];
-    workgroupBarrier();
-    return total;
-}
 
 // LayerNorm with bias (phi2): (x - mean) / sqrt(var + eps) * w + b, f32 statistics.
 @compute @workgroup_size(64)
@@ -68,7 +55,7 @@ fn layernorm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg:
     if (r < p.rows) {
         for (var j = lid; j < p.m; j = j + 64u) { acc = acc + x[base + j]; }
     }
-    let mean = reduce_sum(lid, acc) / f32(p.m);
+    let mean = wg_sum(lid, 64u, acc) / f32(p.m);
     var sq = 0.0;
     if (r < p.rows) {
         for (var j = lid; j < p.m; j = j + 64u) {
@@ -76,7 +63,7 @@ fn layernorm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg:
             sq = sq + c * c;
         }
     }
-    let inv = 1.0 / sqrt(reduce_sum(lid, sq) / f32(p.m) + p.eps);
+    let inv = 1.0 / sqrt(wg_sum(lid, 64u, sq) / f32(p.m) + p.eps);
     if (r >= p.rows) { return; }
     for (var j = lid; j < p.m; j = j + 64u) {
         out[r * p.m + j] = (x[base + j] - mean) * inv * w[j] + b[j];

@@ -31,9 +31,6 @@ struct P {
 @group(0) @binding(3) var<storage, read> hist: array<u32>;
 
 const WG: u32 = 256u;
-var<workgroup> rf: array<f32, 256>;
-var<workgroup> ru: array<u32, 256>;
-
 fn pcg(v: u32) -> u32 {
     let state = v * 747796405u + 2891336453u;
     let word = ((state >> ((state >> 28u) + 4u)) ^ state) * 277803737u;
@@ -43,42 +40,6 @@ fn pcg(v: u32) -> u32 {
 fn uniform01(i: u32) -> f32 {
     let h = pcg(i ^ pcg(p.step ^ pcg(p.seed)));
     return (f32(h >> 8u) + 0.5) / 16777216.0;  // in (0, 1)
-}
-
-fn sum_f(lid: u32, v: f32) -> f32 {
-    rf[lid] = v;
-    workgroupBarrier();
-    for (var st = WG / 2u; st > 0u; st = st >> 1u) {
-        if (lid < st) { rf[lid] = rf[lid] + rf[lid + st]; }
-        workgroupBarrier();
-    }
-    let r = rf[0];
-    workgroupBarrier();
-    return r;
-}
-
-fn max_f(lid: u32, v: f32) -> f32 {
-    rf[lid] = v;
-    workgroupBarrier();
-    for (var st = WG / 2u; st > 0u; st = st >> 1u) {
-        if (lid < st) { rf[lid] = max(rf[lid], rf[lid + st]); }
-        workgroupBarrier();
-    }
-    let r = rf[0];
-    workgroupBarrier();
-    return r;
-}
-
-fn sum_u(lid: u32, v: u32) -> u32 {
-    ru[lid] = v;
-    workgroupBarrier();
-    for (var st = WG / 2u; st > 0u; st = st >> 1u) {
-        if (lid < st) { ru[lid] = ru[lid] + ru[lid + st]; }
-        workgroupBarrier();
-    }
-    let r = ru[0];
-    workgroupBarrier();
-    return r;
 }
 
 @compute @workgroup_size(256)
@@ -111,8 +72,8 @@ fn sample(@builtin(local_invocation_index) lid: u32) {
         lo = min(lo, v);
         hi = max(hi, v);
     }
-    let mx = max_f(lid, hi);
-    let mn = -max_f(lid, -lo);
+    let mx = wg_max(lid, WG, hi);
+    let mn = -wg_max(lid, WG, -lo);
 
     // ---- top-k: the largest threshold keeping at least k values
     var tau = mn;
@@ -123,7 +84,7 @@ fn sample(@builtin(local_invocation_index) lid: u32) {
             let mid = 0.5 * (a + b);
             var c = 0u;
             for (var j = lid; j < p.count; j = j + WG) { c = c + select(0u, 1u, x[p.x_off + j] >= mid); }
-            if (sum_u(lid, c) >= p.top_k) { a = mid; } else { b = mid; }
+            if (wg_sum_u(lid, WG, c) >= p.top_k) { a = mid; } else { b = mid; }
         }
         tau = a;
     }
@@ -134,7 +95,7 @@ fn sample(@builtin(local_invocation_index) lid: u32) {
         let v = x[p.x_off + j];
         if (v >= tau) { z = z + exp(v - mx); }
     }
-    let total = sum_f(lid, z);
+    let total = wg_sum(lid, WG, z);
     if (p.top_p < 1.0) {
         var a = tau;
         var b = mx;
@@ -145,7 +106,7 @@ fn sample(@builtin(local_invocation_index) lid: u32) {
                 let v = x[p.x_off + j];
                 if (v >= mid) { s = s + exp(v - mx); }
             }
-            if (sum_f(lid, s) >= p.top_p * total) { a = mid; } else { b = mid; }
+            if (wg_sum(lid, WG, s) >= p.top_p * total) { a = mid; } else { b = mid; }
         }
         tau = max(tau, a);
     }
@@ -163,19 +124,6 @@ fn sample(@builtin(local_invocation_index) lid: u32) {
             if (g > best) { best = g; bi = j; }
         }
     }
-    rf[lid] = best;
-    ru[lid] = bi;
-    workgroupBarrier();
-    for (var st = WG / 2u; st > 0u; st = st >> 1u) {
-        if (lid < st) {
-            let ov = rf[lid + st];
-            let oi = ru[lid + st];
-            if (ov > rf[lid] || (ov == rf[lid] && oi < ru[lid])) {
-                rf[lid] = ov;
-                ru[lid] = oi;
-            }
-        }
-        workgroupBarrier();
-    }
-    if (lid == 0u) { ids[0] = ru[0]; }
+    let tok = wg_argmax(lid, WG, best, bi);
+    if (lid == 0u) { ids[0] = tok; }
 }

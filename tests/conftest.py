@@ -27,7 +27,7 @@ def gpu_backend():
 
     from wasmchord.errors import BackendError
     try:
-        from wasmchord.backends.wgpu_backend import WgpuBackend
+        from wasmchord.backends.webgpu import WgpuBackend
         return WgpuBackend()
     except BackendError as e:
         if os.environ.get("CI"):

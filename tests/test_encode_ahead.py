@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 
 from wasmchord import Model
-from wasmchord.backends.base import ON_DEVICE
 from wasmchord.errors import GenerationError
 from wasmchord.generate import Session, generate_tokens
 from wasmchord.sampling import SamplingParams
@@ -70,12 +69,12 @@ def test_replayed_steps_equal_the_graph(gpu_backend):
         be.replay_steps = replay
         tf.cache_owner = None
         be.argmax(tf.forward(ids, 0))  # the first token, left on the device for the next step
-        out, before = [], be.replayed
+        out, before = [], be.stream.replayed
         for pos in range(len(ids), len(ids) + 12):
-            logits = tf.forward(ON_DEVICE, pos)
+            logits = tf.decode(pos)
             out.append(be.read(logits).copy())
             be.argmax(logits)
-        return out, be.replayed - before
+        return out, be.stream.replayed - before
 
     replayed, n = steps(True)
     graph, n0 = steps(False)
@@ -91,7 +90,8 @@ def test_replayed_steps_equal_the_graph(gpu_backend):
 def test_replay_program_is_dropped_when_buffers_change(g):
     run(g, g.tokenizer.encode("Once upon a time"), SamplingParams(temperature=0), 4, ahead=True)
     be, cache = g.backend, g._tf.cache
-    assert be._program is not None and be._program.gen == be._gen and be._program.cache is cache
-    assert be.replay(object(), 11) is None  # another model's cache
-    be._invalidate()  # e.g. an arena buffer grew: recorded bind groups point at the old one
-    assert be.replay(cache, 11) is None and not be._ops
+    c = be.stream.capture
+    assert c is not None and c.gen == be.gpu.gen and c.key is cache
+    assert be.stream.replay(object(), 11) is None  # another model's cache
+    be.gpu.invalidate()  # e.g. an arena buffer grew: captured bind groups point at the old one
+    assert be.stream.replay(cache, 11) is None and not be.stream.ops

@@ -77,7 +77,7 @@ def test_gemma_gpu_matches_cpu(gpu_backend, gemma_cpu):
     lg, lc = g.logits(ids), gemma_cpu.logits(ids)
     assert np.abs(lg - lc).max() < 1e-3 * np.abs(lc).max()
     assert g.generate(ids, max_tokens=6, temperature=0).tokens == gemma_cpu.generate(ids, max_tokens=6, temperature=0).tokens
-    assert g.backend.replayed > 0  # decode steps replayed, the embedding's folded grid included
+    assert g.backend.stream.replayed > 0  # decode steps replayed, the embedding's folded grid included
 
 
 def test_gemma_chat_holds_a_multi_turn_conversation(gemma_path):

@@ -9,7 +9,7 @@ import pytest
 from test_quants import random_raw
 from wasmchord.backends.base import WeightSource
 from wasmchord.backends.numpy_backend import NumpyBackend
-from wasmchord.backends.wgpu_backend import GTensor
+from wasmchord.backends.webgpu import GTensor
 from wasmchord.quants import ggml_type, quantize
 
 pytestmark = pytest.mark.gpu
@@ -26,10 +26,10 @@ def mv(request, gpu_backend):
         if os.environ.get("CI"):
             pytest.fail("CI is set but the device has no 'subgroup' feature")
         pytest.skip("the device has no 'subgroup' feature")
-    saved = g._mv
-    g._mv = ("matvec_sg", "matvec_glu_sg") if request.param == "subgroup" else ("matvec", "matvec_glu")
+    saved = g.matvec_entries
+    g.matvec_entries = ("matvec_sg", "matvec_glu_sg") if request.param == "subgroup" else ("matvec", "matvec_glu")
     yield g
-    g._mv = saved
+    g.matvec_entries = saved
 
 
 def weight(name, rows, k, rng):
@@ -43,19 +43,19 @@ def weight(name, rows, k, rng):
 
 def upload(g, a):
     a = np.ascontiguousarray(a, np.float32)
-    return GTensor(g._buffer(a.nbytes, a), 0, a.shape)
+    return GTensor(g.gpu.buffer(a.nbytes, a), 0, a.shape)
 
 
 def poison(g):
-    for buf in g._arena.values():
-        g.device.queue.write_buffer(buf, 0, np.full(buf.size // 4, np.nan, np.float32))
+    for buf in g.arena.buffers.values():
+        g.gpu.device.queue.write_buffer(buf, 0, np.full(buf.size // 4, np.nan, np.float32))
 
 
 def run_twice(g, f):
     """Run once to allocate the arena, poison every arena buffer, run again and read the result."""
     g.begin_forward()
     f()
-    g._flush()
+    g.stream.flush()
     poison(g)
     g.begin_forward()
     return g.read(f())
@@ -81,7 +81,7 @@ def test_matmul_every_type(mv, name, n, rows, k):
 
 def test_matmul_of_stacked_mixed_types_and_split_bindings(gpu_backend):
     """Q/K/V-style stacking with different types, and rows split across bindings by a small limit."""
-    from wasmchord.backends.wgpu_backend import WgpuBackend
+    from wasmchord.backends.webgpu import WgpuBackend
     g, rng = WgpuBackend(max_binding_size=4096), np.random.default_rng()
     parts = [weight("Q4_1", 40, 256, rng), weight("Q8_0", 24, 256, rng), weight("Q6_K", 9, 256, rng)]
     W = g.load_matrix(parts)
@@ -93,7 +93,7 @@ def test_matmul_of_stacked_mixed_types_and_split_bindings(gpu_backend):
 
 @pytest.mark.parametrize("name", ["Q8_0", "Q4_K", "Q6_K", "F16"])
 def test_embedding_lookup_from_quantized_table_split_across_bindings(gpu_backend, name):
-    from wasmchord.backends.wgpu_backend import WgpuBackend
+    from wasmchord.backends.webgpu import WgpuBackend
     g, rng = WgpuBackend(max_binding_size=8192), np.random.default_rng()
     src = weight(name, 50, 256, rng)
     T = g.load_matrix([src])
@@ -179,7 +179,7 @@ def test_argmax_writes_the_token_buffer(gpu_backend, size):
     g.begin_forward()
     tok = g.argmax(upload(g, x))
     assert tok == int(np.argmax(x))
-    assert int(np.frombuffer(g.device.queue.read_buffer(g._ids, 0, 4), np.uint32)[0]) == tok
+    assert int(np.frombuffer(g.gpu.device.queue.read_buffer(g.tokens.ids, 0, 4), np.uint32)[0]) == tok
 
 
 @pytest.mark.parametrize("shape", [(1, 64), (7, 96)])

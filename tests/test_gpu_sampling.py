@@ -4,7 +4,7 @@ greedy exactness, penalties, seeded reproducibility; and the model API sampling 
 import numpy as np
 import pytest
 
-from wasmchord.backends.wgpu_backend import GTensor
+from wasmchord.backends.webgpu import GTensor
 from wasmchord.sampling import SamplingParams, apply_penalties, filter_candidates, make_rng, sample, softmax
 
 pytestmark = pytest.mark.gpu
@@ -12,7 +12,7 @@ pytestmark = pytest.mark.gpu
 
 def upload(g, a):
     a = np.ascontiguousarray(a, np.float32)
-    return GTensor(g._buffer(a.nbytes, a), 0, a.shape)
+    return GTensor(g.gpu.buffer(a.nbytes, a), 0, a.shape)
 
 
 def gpu_draws(g, logits, params, n, history=()):

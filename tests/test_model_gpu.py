@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from wasmchord import Model
+from wasmchord.backends.webgpu import WgpuBackend
 from wasmchord.errors import BackendError
 
 pytestmark = pytest.mark.gpu
@@ -82,9 +83,9 @@ def test_raw_encoding_equals_the_public_api(pair):
     """Dispatches encoded through wgpu-native's C functions give bit-identical results to wgpu-py's
     wrappers, for logits and for an encode-ahead greedy run."""
     g, c = pair
-    assert g.backend._raw is not None  # the fast path is the one exercised everywhere else
+    assert g.backend.stream.raw  # the fast path is the one exercised everywhere else
     slow = Model.load("smollm2-135m-instruct", device="gpu", context_length=128, raw_encode=False)
-    assert slow.backend._raw is None
+    assert not slow.backend.stream.raw
     ids = c.tokenizer.encode("Raw and wrapped encoders, one answer:")
     assert np.array_equal(g.logits(ids), slow.logits(ids))
     assert g.generate(ids, max_tokens=8, temperature=0).tokens == slow.generate(ids, max_tokens=8, temperature=0).tokens
@@ -98,7 +99,7 @@ def test_subgroup_matvec_option(pair):
         pytest.fail("lavapipe offers the 'subgroup' feature; this device does not") if os.environ.get("CI") else \
             pytest.skip("no 'subgroup' feature")
     sg = Model.load("smollm2-135m-instruct", device="gpu", context_length=128, subgroups=True)
-    assert sg.backend._mv == ("matvec_sg", "matvec_glu_sg")
+    assert sg.backend.matvec_entries == ("matvec_sg", "matvec_glu_sg")
     ids = c.tokenizer.encode("Subgroups sum the lanes of a row")
     lg, lc = sg.logits(ids), c.logits(ids)
     assert np.abs(lg - lc).max() < 1e-3 * np.abs(lc).max()
@@ -106,12 +107,12 @@ def test_subgroup_matvec_option(pair):
 
 
 def test_subgroups_without_the_feature_is_an_error(gpu_backend, monkeypatch):
-    from wasmchord.backends import wgpu_backend
-    real = wgpu_backend.open_device
-    monkeypatch.setattr(wgpu_backend, "open_device",
+    from wasmchord.backends.webgpu import device
+    real = device.open_device
+    monkeypatch.setattr(device, "open_device",
                         lambda **kw: (lambda a, d, f: (a, d, [x for x in f if x != "subgroup"]))(*real(**kw)))
     with pytest.raises(BackendError, match="'subgroup' feature"):
-        wgpu_backend.WgpuBackend(subgroups=True)
+        WgpuBackend(subgroups=True)
 
 
 def test_output_head_split_across_bindings(gpu_backend):
@@ -133,13 +134,13 @@ def test_cli_generate_on_gpu(gpu_backend):
 
 def test_auto_device_does_not_pick_a_software_adapter(gpu_backend):
     m = Model.load("smollm2-135m-instruct", device="auto", context_length=16)
-    from wasmchord.backends.gpu_device import is_software
-    assert m.backend.name == ("cpu" if is_software(gpu_backend.adapter) else "gpu")
+    from wasmchord.backends.webgpu.device import is_software
+    assert m.backend.name == ("cpu" if is_software(gpu_backend.gpu.adapter) else "gpu")
 
 
 def test_device_failure_is_our_error_and_sticks(gpu_backend):
     m = Model.load("smollm2-135m-instruct", device="gpu", context_length=16)
-    real = m.backend.device
+    real = m.backend.gpu.device
 
     class LostQueue:
         def __getattr__(self, name):
@@ -155,10 +156,10 @@ def test_device_failure_is_our_error_and_sticks(gpu_backend):
         def __getattr__(self, name):
             return getattr(real, name)
 
-    m.backend.device = LostDevice()
+    m.backend.gpu.device = LostDevice()
     with pytest.raises(BackendError, match="device lost"):
         m.generate("Hello", max_tokens=2, temperature=0)
-    m.backend.device = real
+    m.backend.gpu.device = real
     with pytest.raises(BackendError, match="failed earlier"):
         m.generate("Hello", max_tokens=2, temperature=0)
 
@@ -168,21 +169,21 @@ def test_device_failure_is_our_error_and_sticks(gpu_backend):
     ("activations.wgsl", "qmatrix", "matvec_glu", "let e = exp(2.0 * z);"),  # a part appended to qmatrix
 ])
 def test_shader_compile_error_names_file_and_line(gpu_backend, tmp_path, monkeypatch, file, shader, entry, needle):
-    from wasmchord.backends import gpu_device, wgpu_backend
-    src = gpu_device.shader_dir()
+    from wasmchord.backends.webgpu import device, shaders
+    src = device.shader_dir()
     for f in src.glob("*.wgsl"):
         (tmp_path / f.name).write_text(f.read_text())
     text = (src / file).read_text()
     line = text[:text.index(needle)].count("\n") + 1
     (tmp_path / file).write_text(text.replace(needle, needle.replace("=", "= nope +", 1)))
-    monkeypatch.setattr(wgpu_backend, "shader_dir", lambda: tmp_path)
-    b = wgpu_backend.WgpuBackend()
+    monkeypatch.setattr(shaders, "shader_dir", lambda: tmp_path)
+    b = WgpuBackend()
     with pytest.raises(BackendError, match=rf"{file.replace('.', '[.]')}:{line}:\d+: shader compilation failed"):
-        b._pipeline(shader, entry)
+        b.programs.kernel(shader, entry, {})
 
 
 def test_missing_adapter_message_names_the_driver(monkeypatch):
-    from wasmchord.backends import gpu_device
+    from wasmchord.backends.webgpu import device as gpu_device
     monkeypatch.setattr(gpu_device, "find_adapter", lambda allow_software: None)
     with pytest.raises(BackendError, match="mesa-vulkan-drivers"):
         Model.load("smollm2-135m-instruct", device="gpu")

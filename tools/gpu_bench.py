@@ -42,7 +42,7 @@ def main():
         subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--find-links", a.wheels, "wasmchord"],
                        check=True)
     from wasmchord import bench
-    from wasmchord.backends.gpu_device import describe_adapter, find_adapter, is_software
+    from wasmchord.backends.webgpu.device import describe_adapter, find_adapter, is_software
     from wasmchord.hub import resolve_model
     adapter = find_adapter(allow_software=True)
     if adapter is None:

@@ -131,7 +131,6 @@ def profile_gpu(model_path, *, n_steps=3, timestamp_period_ns=1.0, context=256, 
     from collections import defaultdict
 
     from .api import Model
-    from .backends.base import ON_DEVICE
     m = Model.load(model_path, device="gpu", context_length=context, **backend_options)
     be, s, tf = m.backend, m._session, m._tf
     ids = prompt_ids(m.tokenizer, 32)
@@ -141,13 +140,13 @@ def profile_gpu(model_path, *, n_steps=3, timestamp_period_ns=1.0, context=256, 
     encode = []
     for i in range(n_steps + 1):  # host time to record and submit a step (encode-ahead form), GPU wait excluded
         t = time.perf_counter()
-        slot = be.argmax(tf.forward(ON_DEVICE, pos + i), defer=True)
+        slot = be.argmax(tf.decode(pos + i), defer=True)
         encode.append(time.perf_counter() - t)
         be.collect(slot)
     be.enable_profiling(True)
     for i in range(n_steps):
-        be.argmax(tf.forward(ON_DEVICE, pos + n_steps + 1 + i))
-    log, dispatches = be.profile_log, be.last_dispatches
+        be.argmax(tf.decode(pos + n_steps + 1 + i))
+    log, dispatches = be.stream.profile_log, be.stream.last_dispatches
     be.enable_profiling(False)
     agg = defaultdict(lambda: [0, 0, 0])
     for label, nb, ticks in log:
@@ -155,7 +154,7 @@ def profile_gpu(model_path, *, n_steps=3, timestamp_period_ns=1.0, context=256, 
         a[0] += ticks * timestamp_period_ns / n_steps
         a[1] += nb / n_steps
         a[2] += 1 / n_steps
-    copy = be.copy_bandwidth_gbps()
+    copy = be.stream.copy_bandwidth_gbps()
     kernels = [{"kernel": k, "calls_per_step": round(c), "ms_per_step": t / 1e6, "weight_MB_per_step": b / 1e6,
                 "GBps": (b / t if t and b else None), "fraction_of_copy": (b / t / copy if t and b else None)}
                for k, (t, b, c) in sorted(agg.items(), key=lambda kv: -kv[1][0])]

@@ -156,7 +156,6 @@ def _generate_ahead(session, logits, params, rng, max_tokens, stop_ids, stats):
     t+1, which reads its input token from the device buffer step t's argmax/sample wrote; tokens come
     back through a ring of mappable buffers. A step computed past a stop is discarded, and the session
     never counts its position, which rolls the KV cache back to the stop."""
-    from .backends.base import ON_DEVICE
     tf, be = session.tf, session.tf.be
 
     def select(lg, step):
@@ -169,7 +168,7 @@ def _generate_ahead(session, logits, params, rng, max_tokens, stop_ids, stats):
         pos = len(session.tokens)
         ahead = None
         if i + 1 < max_tokens and pos < session.n_ctx:
-            ahead = select(tf.forward(ON_DEVICE, pos), i + 1)  # submitted before step i is read
+            ahead = select(tf.decode(pos), i + 1)  # submitted before step i is read
         tok = be.collect(pending)
         if tok in stop_ids:
             return

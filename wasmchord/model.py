@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backends.base import Backend, OnDevice, WeightSource
+from .backends.base import ON_DEVICE, Backend, WeightSource
 from .config import ModelConfig
 from .errors import ConfigError, GGUFError, UnsupportedError
 from .gguf_file import GGUFFile
@@ -114,6 +114,18 @@ class Transformer:
             return self.be.layernorm(x, w, b, self.cfg.norm_eps)
         return self.be.rmsnorm(x, w, self.cfg.norm_eps)
 
+    def _prenorm(self, x, w, b=None):
+        """The normalized input of a matmul as (x, norm=): an RMSNorm is handed to the matmul, which
+        may fold it into its prologue (one GPU dispatch); a LayerNorm is applied here."""
+        if self.cfg.spec.norm == "layer" or self.cfg.spec.parallel_block:  # parallel: x changes before the MLP reads h
+            return self._norm(x, w, b), None
+        return x, (w, self.cfg.norm_eps)
+
+    def decode(self, pos0: int):
+        """One decode step at position pos0 whose input token the last argmax/sample left on the device
+        (encode-ahead): the backend may replay a captured step instead of running the graph."""
+        return self.be.decode_step(self.cache, pos0, lambda: self.forward(ON_DEVICE, pos0))
+
     def forward(self, ids: np.ndarray, pos0: int, *, all_logits: bool = False, hidden: list | None = None):
         """Run positions pos0..pos0+n-1 for token `ids` [n]; write their K/V to the cache.
 
@@ -125,59 +137,39 @@ class Transformer:
         H, KV, hd, hdv = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.head_dim_v
         if pos0 + n > self.max_ctx:
             raise ConfigError(f"context full: {pos0 + n} positions > context length {self.max_ctx}")
-        neox = spec.rope_style == "neox"
-        rms, eps = spec.norm != "layer", cfg.norm_eps
-        replayable = isinstance(ids, OnDevice) and hidden is None and not all_logits
-        if replayable:  # a decode step whose dispatches the backend recorded: patched and re-submitted
-            out = be.replay(self.cache, pos0)
-            if out is not None:
-                return out
+        neox, eps = spec.rope_style == "neox", cfg.norm_eps
         be.begin_forward()
-        if replayable:
-            be.record_begin()
         x = be.embed(self.tok_embd, ids, math.sqrt(cfg.d_model) if spec.embed_scale_sqrt_d else 1.0)  # [n, d]
         for i, L in enumerate(self.layers):
             local = cfg.is_local_layer(i)
             base = spec.rope_base_local if local and spec.rope_base_local else cfg.rope_base
-            if rms and not spec.parallel_block:  # the norm folded into the matmul (one GPU dispatch)
-                qkv = be.matmul(x, L.wqkv, L.bqkv, norm=(L.attn_norm, eps))                  # [n, (H+2KV)*hd]
-            else:
-                h = self._norm(x, L.attn_norm, L.attn_norm_b)                                # [n, d]
-                qkv = be.matmul(h, L.wqkv, L.bqkv)                                           # [n, (H+2KV)*hd]
+            h, norm = self._prenorm(x, L.attn_norm, L.attn_norm_b)
+            qkv = be.matmul(h, L.wqkv, L.bqkv, norm=norm)                                   # [n, (H+2KV)*hd]
             q, k, v = be.split_heads(qkv, [H * hd, KV * hd, KV * hdv], [H, KV, KV])         # [n, H|KV, hd]
             if spec.qk_norm:
-                q = be.rmsnorm(q, L.q_norm, cfg.norm_eps)                                    # per head
-                k = be.rmsnorm(k, L.k_norm, cfg.norm_eps)
+                q = be.rmsnorm(q, L.q_norm, eps)                                             # per head
+                k = be.rmsnorm(k, L.k_norm, eps)
             rope = dict(base=base, n_rot=cfg.rope_dim, scale=cfg.rope_scale, neox=neox)
             q = be.rope(q, pos0, **rope)                                                     # [n, H, hd]
             be.kv_write(self.cache, i, k, v, pos0, rope=rope)                                # k rotated on the way in
             a = be.attention(q, self.cache, i, pos0, scale=cfg.attn_scale,
                              window=cfg.sliding_window if local else 0)                       # [n, H*hdv]
             if spec.post_norms:  # gemma3: norm the attention output before the residual add
-                x = be.add(x, be.rmsnorm(be.matmul(a, L.wo, L.bo), L.post_attn_norm, cfg.norm_eps))
+                x = be.add(x, be.rmsnorm(be.matmul(a, L.wo, L.bo), L.post_attn_norm, eps))
             else:
                 x = be.matmul(a, L.wo, L.bo, residual=x)                                     # x += a @ wo.T
-            if spec.parallel_block:  # phi2's MLP reads the same normalized h as its attention
-                fnorm = None
-            elif rms:                # the FFN norm folded into the up projection
-                h, fnorm = x, (L.ffn_norm, eps)
-            else:
-                h, fnorm = self._norm(x, L.ffn_norm), None                                  # [n, d]
+            if not spec.parallel_block:  # phi2's MLP reads the same normalized h as its attention
+                h, norm = self._prenorm(x, L.ffn_norm)
             if spec.post_norms:
-                x = be.add(x, be.rmsnorm(self._ffn(h, L, norm=fnorm), L.post_ffn_norm, eps))  # [n, d]
+                x = be.add(x, be.rmsnorm(self._ffn(h, L, norm=norm), L.post_ffn_norm, eps))  # [n, d]
             else:
-                x = self._ffn(h, L, residual=x, norm=fnorm)                                  # x += ffn(norm(x))
+                x = self._ffn(h, L, residual=x, norm=norm)                                   # x += ffn(norm(x))
             if hidden is not None:
                 hidden.append(np.array(be.read(x)))
         if not all_logits:
             x = x[-1:]
-        if rms:
-            logits = be.matmul(x, self.output, self.output_b, norm=(self.output_norm, eps))  # [n|1, vocab]
-        else:
-            x = self._norm(x, self.output_norm, self.output_norm_b)                          # [n|1, d]
-            logits = be.matmul(x, self.output, self.output_b)                                # [n|1, vocab]
-        if replayable:
-            be.record_end(self.cache, logits[0], pos0)
+        h, norm = self._prenorm(x, self.output_norm, self.output_norm_b)
+        logits = be.matmul(h, self.output, self.output_b, norm=norm)                         # [n|1, vocab]
         return logits if all_logits else logits[0]
 
     def _ffn(self, h, L, residual=None, norm=None):

@@ -140,7 +140,7 @@ def _deq_q3_k(b, out):  # hmask[32], qs[64], scales[12], d:f16
     return _scale(dl, q, out.reshape(n, 16, 16))
 
 
-def _k_scale_min(sc: np.ndarray):
+def k_scale_min(sc: np.ndarray):
     """Q4_K/Q5_K: 12 bytes -> 8 6-bit scales and 8 6-bit mins (ggml get_scale_min_k4)."""
     n = sc.shape[0]
     s = sc.reshape(n, 3, 4)
@@ -150,7 +150,7 @@ def _k_scale_min(sc: np.ndarray):
     return scale.astype(np.float32), mins.astype(np.float32)
 
 
-def _k4_nibbles(qs: np.ndarray) -> np.ndarray:
+def k4_nibbles(qs: np.ndarray) -> np.ndarray:
     """(n, 128) -> (n, 8, 32) uint8: chunk c of 32 bytes gives sub-block 2c (low) and 2c+1 (high)."""
     n = qs.shape[0]
     q = np.empty((n, 4, 2, 32), dtype=np.uint8)
@@ -163,17 +163,17 @@ def _k4_nibbles(qs: np.ndarray) -> np.ndarray:
 def _deq_q4_k(b, out):  # d:f16, dmin:f16, scales[12], qs[128]
     n = b.shape[0]
     d, dmin = _f16(b[:, 0:2]), _f16(b[:, 2:4])
-    sc, m = _k_scale_min(b[:, 4:16])
+    sc, m = k_scale_min(b[:, 4:16])
     dl, ml = (d * sc).reshape(n, 8, 1), (dmin * m).reshape(n, 8, 1)
-    return _scale(dl, _k4_nibbles(b[:, 16:144]), out.reshape(n, 8, 32), ml, sub=True)
+    return _scale(dl, k4_nibbles(b[:, 16:144]), out.reshape(n, 8, 32), ml, sub=True)
 
 
 def _deq_q5_k(b, out):  # d:f16, dmin:f16, scales[12], qh[32], qs[128]
     n = b.shape[0]
     d, dmin = _f16(b[:, 0:2]), _f16(b[:, 2:4])
-    sc, m = _k_scale_min(b[:, 4:16])
+    sc, m = k_scale_min(b[:, 4:16])
     dl, ml = (d * sc).reshape(n, 8, 1), (dmin * m).reshape(n, 8, 1)
-    q = _k4_nibbles(b[:, 48:176])
+    q = k4_nibbles(b[:, 48:176])
     q |= ((b[:, 16:48].reshape(n, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & 1) << np.uint8(4)
     return _scale(dl, q, out.reshape(n, 8, 32), ml, sub=True)
 

@@ -12,7 +12,7 @@ log = logging.getLogger(__name__)
 # name -> "module:class"
 BACKENDS = {
     "cpu": "wasmchord.backends.numpy_backend:NumpyBackend",
-    "gpu": "wasmchord.backends.wgpu_backend:WgpuBackend",
+    "gpu": "wasmchord.backends.webgpu:WgpuBackend",
 }
 
 
@@ -41,7 +41,7 @@ def get_backend(device="auto", **options):
     try:
         cls = _load(device)
     except ModuleNotFoundError as e:
-        if e.name and e.name.endswith("wgpu_backend"):
+        if e.name and e.name.startswith("wasmchord.backends.webgpu"):
             raise BackendError("the GPU backend is not part of this build of wasmchord; use device='cpu'") from None
         raise
     return cls(**options)
@@ -50,7 +50,7 @@ def get_backend(device="auto", **options):
 def _hardware_gpu_present() -> bool:
     try:
         _load("gpu")
-        from .gpu_device import find_adapter
+        from .webgpu.device import find_adapter
     except ModuleNotFoundError:
         return False
     try:
@@ -62,7 +62,7 @@ def _hardware_gpu_present() -> bool:
 def gpu_info() -> str:
     """Adapter, backend, limits and features of the GPU (for `wasmchord info --gpu`)."""
     try:
-        from .gpu_device import describe_adapter
+        from .webgpu.device import describe_adapter
     except ModuleNotFoundError:
         raise BackendError("the GPU backend is not part of this build of wasmchord") from None
     return describe_adapter()

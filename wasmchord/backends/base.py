@@ -69,18 +69,13 @@ class Backend:
         return None
 
     def begin_forward(self):
-        """Called at the start of each forward pass (GPU: start recording a new step)."""
+        """Called at the start of each forward pass (GPU: start recording a new pass)."""
 
-    def replay(self, cache, pos0: int):
-        """A decode step (token on the device, one position) from a recorded program: its output, or
-        None when there is none to replay (then the graph runs, between record_begin/record_end)."""
-        return None
-
-    def record_begin(self):
-        """The decode step about to run may be recorded for replay."""
-
-    def record_end(self, cache, out, pos0: int):
-        """The recorded decode step ended with output `out`."""
+    def decode_step(self, cache, pos0: int, run):
+        """One decode step whose input token is already on the device (encode-ahead), writing
+        position pos0 of `cache`: returns `run()`'s output. A backend may capture the step the first
+        time and replay it at later positions without running the graph (the GPU does)."""
+        return run()
 
     # ------------------------------------------------------------------------------------ ops
     def embed(self, table, ids: np.ndarray, scale: float = 1.0):

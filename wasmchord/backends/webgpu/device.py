@@ -1,4 +1,4 @@
-"""WebGPU adapter and device setup (wgpu-py), and a description of what was granted.
+"""WebGPU adapter and device setup (wgpu-py), the opened device's limits and failure state, buffers.
 
 `device="gpu"` takes any adapter, including a software one (Mesa's lavapipe); `device="auto"` only
 a hardware GPU. Shader sources are found next to the package (installed wheel) or at the checkout's
@@ -10,7 +10,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ..errors import BackendError
+import numpy as np
+
+from ...errors import BackendError
 
 log = logging.getLogger(__name__)
 
@@ -21,11 +23,11 @@ NO_ADAPTER = ("no WebGPU adapter found. Install a GPU driver with Vulkan support
 
 
 def shader_dir() -> Path:
-    here = Path(__file__).resolve().parent.parent
-    for d in (here / "shaders", here.parent / "shaders"):
+    pkg = Path(__file__).resolve().parents[2]  # wasmchord/
+    for d in (pkg / "shaders", pkg.parent / "shaders"):
         if (d / "qmatrix.wgsl").is_file():
             return d
-    raise BackendError(f"WGSL shaders not found next to {here} (expected wasmchord/shaders or ./shaders)")
+    raise BackendError(f"WGSL shaders not found next to {pkg} (expected wasmchord/shaders or ./shaders)")
 
 
 def _wgpu():
@@ -88,3 +90,47 @@ def describe_adapter() -> str:
     for k in LIMITS_SHOWN:
         lines.append(f"limit     {k} = {device.limits[k]}")
     return "\n".join(lines)
+
+
+class Gpu:
+    """The opened device with the limits the backend uses, its failure state and buffer allocation.
+
+    A fault (an allocation, a submit, a readback) sticks: every later use raises `BackendError` naming
+    the first failure. `gen` counts buffer replacements that invalidate cached bind groups and recorded
+    steps (see `invalidate`)."""
+
+    def __init__(self, *, allow_software: bool = True, max_binding_size: int | None = None):
+        self.wgpu = _wgpu()
+        self.adapter, self.device, self.features = open_device(allow_software=allow_software)
+        lim = self.device.limits
+        self.max_binding = min(lim["max-storage-buffer-binding-size"], max_binding_size or 2**62)
+        self.max_wg = lim["max-compute-workgroups-per-dimension"]
+        self.slot_bytes = max(256, lim["min-uniform-buffer-offset-alignment"])
+        info = self.adapter.info
+        self.name = f"{info.get('device')} ({info.get('backend_type')})"
+        self.failed: str | None = None
+        self.gen = 0
+
+    def check(self):
+        if self.failed:
+            raise BackendError(f"the GPU backend failed earlier and cannot be used: {self.failed}")
+
+    def fail(self, what, e):
+        self.failed = f"{what}: {type(e).__name__}: {e}"
+        raise BackendError(self.failed) from None
+
+    def invalidate(self):
+        """Buffers that cached bind groups (and recorded steps) refer to were replaced."""
+        self.gen += 1
+
+    def buffer(self, nbytes, data=None, usage=None):
+        """A storage buffer of at least `nbytes` (rounded up to 4, at least 16), optionally filled."""
+        U = self.wgpu.BufferUsage
+        size = max(16, -(-int(nbytes) // 4) * 4)
+        try:
+            buf = self.device.create_buffer(size=size, usage=usage or (U.STORAGE | U.COPY_DST | U.COPY_SRC))
+            if data is not None:
+                self.device.queue.write_buffer(buf, 0, np.ascontiguousarray(data))
+        except Exception as e:
+            self.fail(f"allocating {size} bytes on the GPU", e)
+        return buf

@@ -1,0 +1,324 @@
+"""The WebGPU backend: weights, activations and the KV cache resident on the device; the backend
+interface's ops as dispatches of the WGSL kernels in shaders/.
+
+Each forward pass is recorded as dispatches and submitted once (stream.py). Greedy decoding reads
+back 4 bytes: argmax writes the token id into the buffer the next step's embedding reads.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ...errors import BackendError
+from ..base import Backend, OnDevice
+from .device import Gpu
+from .memory import Arena, GTensor, KVCacheGPU, RopeTables, TokenRing
+from .programs import Programs
+from .stream import CommandStream
+from .weights import FMT_NAMES, upload_matrix
+
+MV_ROWS = 8       # weight rows per matvec workgroup (qmatrix.wgsl)
+DEC_SPLIT = 128   # key positions per split in decode attention (attention.wgsl)
+
+
+class WgpuBackend(Backend):
+    name = "gpu"
+    encode_ahead = True
+
+    def __init__(self, *, max_binding_size: int | None = None, allow_software: bool = True, raw_encode: bool = True,
+                 replay_steps: bool = True, subgroups: bool = False):
+        self.gpu = gpu = Gpu(allow_software=allow_software, max_binding_size=max_binding_size)
+        self.features, self.device_name = gpu.features, gpu.name
+        # subgroups=True: matvec sums through subgroup operations (qmatrix_subgroup.wgsl). Off by
+        # default: on lavapipe and on an H200 the shared-memory kernels measured faster.
+        self.subgroups = bool(subgroups)
+        if self.subgroups and "subgroup" not in self.features:
+            raise BackendError("subgroups=True, but this device does not offer the 'subgroup' feature")
+        sg = "subgroup" in self.features  # compiled in whenever the device can
+        self.programs = Programs(gpu, lambda shader: ["qmatrix_subgroup"] if sg and shader == "qmatrix" else [])
+        self.stream = CommandStream(gpu, self.programs, raw_encode=raw_encode)
+        self.arena = Arena(gpu)
+        self.rope_tables = RopeTables(gpu)
+        self.tokens = TokenRing(gpu)
+        self.replay_steps = replay_steps
+        self.matvec_entries = ("matvec_sg", "matvec_glu_sg") if self.subgroups else ("matvec", "matvec_glu")
+        self._dummy = gpu.buffer(16)
+        self._bias_slices: dict = {}
+        self._scratch = None
+        self._hist = None
+
+    def describe(self) -> str:
+        return f"WebGPU on {self.device_name}, features: {', '.join(self.features) or 'none'}"
+
+    # ------------------------------------------------------------------------------------ plumbing
+    def _dispatch(self, shader, entry, grid, params, buffers, *, fmt=None, **kw):
+        label = f"{shader}.{entry}" + (f"[{FMT_NAMES[fmt]}]" if fmt is not None else "")
+        consts = {"FMT": fmt} if fmt is not None else {}
+        self.stream.dispatch(self.programs.kernel(shader, entry, buffers, label, **consts), grid, params, buffers, **kw)
+
+    def _out(self, shape) -> GTensor:
+        """The arena buffer for the current dispatch slot, at least big enough for `shape`."""
+        return self.arena.out(self.stream.slot, shape)
+
+    def begin_forward(self):
+        self.stream.begin()
+
+    def decode_step(self, cache, pos0, run):
+        """Replay the captured decode step at pos0, or run the graph (`run`) and capture it."""
+        if self.replay_steps:
+            out = self.stream.replay(cache, pos0)
+            if out is not None:
+                self.tokens.on_device = None
+                return out
+            self.stream.capture_begin(pos0)
+        out = run()
+        if self.replay_steps:
+            self.stream.capture_end(cache, out, min(self.rope_tables.positions, cache.max_ctx))
+        return out
+
+    def enable_profiling(self, on: bool = True):
+        """Time every dispatch with timestamp queries (needs the `timestamp-query` feature)."""
+        if on and "timestamp-query" not in self.features:
+            raise BackendError(f"{self.device_name} has no timestamp-query feature: cannot profile kernels")
+        self.stream.profile, self.stream.profile_log = on, []
+
+    # ------------------------------------------------------------------------------------ memory
+    def load_matrix(self, parts):
+        return upload_matrix(self.gpu, parts, self._dummy)
+
+    def load_vector(self, array):
+        a = np.ascontiguousarray(array, dtype=np.float32)
+        return GTensor(self.gpu.buffer(a.nbytes, a), 0, a.shape)
+
+    def alloc_kv_cache(self, n_layers, n_kv_heads, max_ctx, head_dim, head_dim_v):
+        return KVCacheGPU(self.gpu, n_layers, n_kv_heads, max_ctx, head_dim, head_dim_v)
+
+    def read(self, x):
+        self.gpu.check()
+        if isinstance(x, np.ndarray):
+            return x
+        rows = x.shape[0] if len(x.shape) > 1 else 1
+        cols = x.cols if len(x.shape) > 1 else x.shape[0]
+        self.stream.flush()
+        span = 4 * ((rows - 1) * x.stride + cols)
+        try:
+            data = self.gpu.device.queue.read_buffer(x.buf, 4 * x.off, span)
+        except Exception as e:
+            self.gpu.fail("reading back from the GPU", e)
+        a = np.frombuffer(data, np.float32)
+        if rows > 1:
+            a = np.lib.stride_tricks.as_strided(a, (rows, cols), (4 * x.stride, 4)).copy()
+        return a.reshape(x.shape) if len(x.shape) > 1 else a.copy()
+
+    # ------------------------------------------------------------------------------------ ops
+    def embed(self, table, ids, scale=1.0):
+        if isinstance(ids, OnDevice):  # encode-ahead: the previous step's sample is already in the token buffer
+            n = 1
+            self.tokens.on_device = None
+        else:
+            ids = np.asarray(ids, dtype=np.uint32)
+            n = len(ids)
+            self.tokens.write(ids)
+        k = table.shape[1]
+        out = self._out((n, k))
+        for pc in table.pieces:
+            self._dispatch("qmatrix", "embed", (math.ceil(k / 64), n),
+                           dict(n=n, k=k, rows=pc.rows, out_stride=k, row0=pc.col0, scale=scale),
+                           dict(x=self.tokens.ids, q=pc.q, s=pc.s, m=pc.m, out=out.buf), fmt=pc.fmt)
+        return out
+
+    def _norm(self, entry, x, w, b, eps):
+        if len(x.shape) == 3:
+            n, heads, m = x.shape
+        else:
+            (n, m), heads = x.shape, 1
+        rows = n * heads
+        out = self._out(x.shape)
+        bufs = dict(x=x.buf, w=w.buf, out=out.buf)
+        if b is not None:
+            bufs["b"] = b.buf
+        self._dispatch("norm", entry, (rows,), dict(rows=rows, m=m, heads=heads, x_off=x.off, x_stride=x.stride,
+                                                    eps=eps), bufs)
+        return out
+
+    def rmsnorm(self, x, w, eps):
+        return self._norm("rmsnorm", x, w, None, eps)
+
+    def layernorm(self, x, w, b, eps):
+        return self._norm("layernorm", x, w, b, eps)
+
+    def gelu(self, x):
+        n, f = x.shape[0], x.cols
+        out = self._out((n, f))
+        self._dispatch("elementwise", "gelu", (math.ceil(n * f / 64),), dict(count=n * f, f=f, b_off=x.off),
+                       dict(a=out.buf, b=x.buf))
+        return out
+
+    def matmul(self, x, w, bias=None, *, residual=None, norm=None):
+        n, k = x.shape[0], x.cols
+        if norm is not None and n > 1:  # prefill: a separate RMSNorm dispatch (the tiled matmul has no prologue)
+            x, norm = self.rmsnorm(x, *norm), None
+        out = residual if residual is not None else self._out((n, w.shape[0]))
+        g, eps = self._norm_binding(norm)
+        for pc in w.pieces:
+            params = dict(n=n, k=k, rows=pc.rows, out_col0=pc.col0, out_stride=out.stride, x_off=x.off,
+                          x_stride=x.stride, out_off=out.off, has_bias=int(bias is not None), scale=1.0,
+                          accumulate=int(residual is not None), norm=int(norm is not None), eps=eps)
+            bufs = dict(x=x.buf, q=pc.q, s=pc.s, m=pc.m, out=out.buf, bias=self._bias_piece(bias, pc), g=g)
+            if n == 1:
+                self._dispatch("qmatrix", self.matvec_entries[0], (math.ceil(pc.rows / MV_ROWS),), params, bufs,
+                               fmt=pc.fmt, nbytes=pc.nbytes)
+            else:
+                self._dispatch("qmatrix", "matmul", (math.ceil(pc.rows / 16), math.ceil(n / 16)), params, bufs,
+                               fmt=pc.fmt, nbytes=pc.nbytes)
+        return out
+
+    def matmul_glu(self, x, w, act, *, norm=None):
+        pc = w.pieces[0]
+        if x.shape[0] != 1 or len(w.pieces) != 1 or act not in ("swiglu", "geglu"):
+            return super().matmul_glu(x, w, act, norm=norm)  # prefill, or gate and up in separate pieces
+        k, f = x.cols, w.shape[0] // 2
+        out = self._out((1, f))
+        g, eps = self._norm_binding(norm)
+        params = dict(n=1, k=k, rows=f, out_stride=f, x_off=x.off, x_stride=x.stride, out_off=out.off, scale=1.0,
+                      norm=int(norm is not None), eps=eps, glu=int(act == "geglu"))
+        self._dispatch("qmatrix", self.matvec_entries[1], (math.ceil(f / (MV_ROWS // 2)),), params,
+                       dict(x=x.buf, q=pc.q, s=pc.s, m=pc.m, out=out.buf, bias=self._dummy, g=g), fmt=pc.fmt,
+                       nbytes=pc.nbytes)
+        return out
+
+    def _norm_binding(self, norm):
+        """(buffer, eps) of matmul's `norm=` for the `g` binding and the `eps` parameter."""
+        return (norm[0].buf, float(norm[1])) if norm is not None else (self._dummy, 0.0)
+
+    def _bias_piece(self, bias, pc):
+        if bias is None:
+            return self._dummy
+        if len(bias.shape) == 1 and pc.col0 == 0 and pc.rows == bias.shape[0]:
+            return bias.buf
+        key = (bias.buf, pc.col0, pc.rows)
+        b = self._bias_slices.get(key)  # a bias split with its matrix's pieces, sliced once
+        if b is None:
+            host = self.read(bias)[pc.col0:pc.col0 + pc.rows]
+            b = self._bias_slices[key] = self.gpu.buffer(host.nbytes, host)
+        return b
+
+    def add(self, a, b):
+        count = a.shape[0] * a.cols
+        self._dispatch("elementwise", "add", (math.ceil(count / 64),), dict(count=count, f=1, a_off=a.off, b_off=b.off),
+                       dict(a=a.buf, b=b.buf))
+        return a
+
+    def _glu(self, gate_up, entry):
+        n, f = gate_up.shape[0], gate_up.cols // 2
+        out = self._out((n, f))
+        self._dispatch("elementwise", entry, (math.ceil(n * f / 64),), dict(count=n * f, f=f, b_off=gate_up.off),
+                       dict(a=out.buf, b=gate_up.buf))
+        return out
+
+    def swiglu(self, gate_up):
+        return self._glu(gate_up, "swiglu")
+
+    def geglu(self, gate_up):
+        return self._glu(gate_up, "geglu")
+
+    def rope(self, x, pos0, *, base, n_rot, scale, neox):
+        n, heads, hd = x.shape
+        cs = self.rope_tables.get(base, n_rot, scale, pos0 + n)
+        self._dispatch("rope", "rope", (math.ceil(n_rot / 2 / 64), heads, n),
+                       dict(n=n, heads=heads, hd=hd, n_rot=n_rot, pos0=pos0, neox=int(neox), x_off=x.off,
+                            x_stride=x.stride), dict(cs=cs, x=x.buf), moving=dict(pos0=pos0))
+        return x
+
+    def kv_write(self, cache, layer, k, v, pos0, *, rope=None):
+        n, kvh, hd = k.shape
+        hdv = v.shape[2]
+        if pos0 + n > cache.max_ctx:
+            raise BackendError(f"KV cache overflow: positions up to {pos0 + n} > context {cache.max_ctx}")
+        rope = rope or dict(base=10000.0, n_rot=0, scale=1.0, neox=False)
+        cs = self.rope_tables.get(rope["base"], max(rope["n_rot"], 2), rope["scale"], pos0 + n)
+        self._dispatch("rope", "rope_store", (math.ceil(max(hd, hdv) / 64), kvh, n),
+                       dict(n=n, heads=kvh, hd=hd, n_rot=rope["n_rot"], pos0=pos0, neox=int(rope["neox"]),
+                            x_off=k.off, x_stride=k.stride, v_off=v.off, v_stride=v.stride, hd_v=hdv,
+                            ctx=cache.max_ctx),
+                       dict(cs=cs, v=v.buf, kc=cache.k[layer], vc=cache.v[layer], kin=k.buf), moving=dict(pos0=pos0))
+
+    def attention(self, q, cache, layer, pos0, *, scale, window=0):
+        n, H, hd = q.shape
+        ctx, hdv = cache.max_ctx, cache.hd_v
+        out = self._out((n, H * hdv))
+        # Query chunks keep the scores scratch [chunk, H, ctx] within one binding; one query (decode)
+        # uses it for split-KV partials [H, splits, 2 + hd_v].
+        chunk = max(1, min(n, self.gpu.max_binding // (4 * H * ctx)))
+        need = max(4 * chunk * H * ctx, 4 * H * math.ceil(ctx / DEC_SPLIT) * (2 + hdv))
+        if self._scratch is None or self._scratch.size < need:
+            self.gpu.invalidate()
+            self._scratch = self.gpu.buffer(need)
+        kv = dict(kc=cache.k[layer], vc=cache.v[layer], sc=self._scratch)
+        if n == 1:
+            p = dict(n=1, heads=H, kv_heads=cache.n_kv, hd=hd, hd_v=hdv, ctx=ctx, pos0=pos0, window=window,
+                     q_off=q.off, q_stride=q.stride, scale=scale, out_off=out.off)
+            self._dispatch("attention", "decode_split", (math.ceil((pos0 + 1) / DEC_SPLIT), H), p, dict(q=q.buf, **kv),
+                           moving=dict(pos0=pos0), moving_grid=(0, DEC_SPLIT, pos0 + 1))
+            self._dispatch("attention", "decode_merge", (H,), p, dict(sc=self._scratch, out=out.buf),
+                           moving=dict(pos0=pos0))
+            return out
+        for c0 in range(0, n, chunk):
+            c = min(chunk, n - c0)
+            p = dict(n=c, heads=H, kv_heads=cache.n_kv, hd=hd, hd_v=hdv, ctx=ctx, pos0=pos0 + c0, window=window,
+                     q_off=q.off + c0 * q.stride, q_stride=q.stride, scale=scale, out_off=out.off + c0 * H * hdv)
+            at = dict(pos0=pos0 + c0)
+            self._dispatch("attention", "scores", (math.ceil((pos0 + c0 + c) / 64), H, c), p, dict(q=q.buf, **kv),
+                           moving=at, moving_grid=(0, 64, pos0 + c0 + c))
+            self._dispatch("attention", "softmax", (c * H,), p, dict(sc=self._scratch), moving=at)
+            self._dispatch("attention", "weighted_sum", (math.ceil(hdv / 64), H, c), p, dict(**kv, out=out.buf),
+                           moving=at)
+        return out
+
+    def argmax(self, logits, *, defer=False):
+        count = logits.cols if len(logits.shape) > 1 else logits.shape[0]
+        self._dispatch("argmax", "argmax", (1,), dict(count=count, x_off=logits.off),
+                       dict(x=logits.buf, ids=self.tokens.ids))
+        return self._submit_token(defer)
+
+    def sample(self, logits, params, rng, history, step, *, defer=False):
+        """sample.wgsl: penalties, top-k/top-p/min-p, temperature and a counter-based draw on the GPU.
+        The host's RNG only supplies a 32-bit seed per step, so a seeded generation repeats exactly."""
+        if params.greedy:  # penalties then argmax: temperature 0 in the kernel would divide by zero
+            params = type(params)(**{**params.__dict__, "temperature": 1e-6, "top_k": 1})
+        count = logits.cols if len(logits.shape) > 1 else logits.shape[0]
+        penalize = params.repeat_penalty != 1.0 or params.presence_penalty or params.frequency_penalty
+        hist = np.asarray(history[-params.penalty_last_n:] if penalize and params.penalty_last_n else [], np.uint32)
+        if self._hist is None or self._hist.size < max(16, hist.nbytes):
+            self._hist = self.gpu.buffer(max(256, hist.nbytes))
+            self.gpu.invalidate()
+        if hist.size:
+            self.gpu.device.queue.write_buffer(self._hist, 0, hist)
+        seed = int(rng.integers(0, 2**32))
+        self._dispatch("sample", "sample", (1,),
+                       dict(count=count, x_off=logits.off, top_k=int(params.top_k), n_hist=int(hist.size),
+                            temperature=params.temperature, top_p=params.top_p, min_p=params.min_p,
+                            repeat=params.repeat_penalty, presence=params.presence_penalty,
+                            frequency=params.frequency_penalty, seed=seed, step=int(step)),
+                       dict(x=logits.buf, ids=self.tokens.ids, hist=self._hist))
+        return self._submit_token(defer)
+
+    def _submit_token(self, defer: bool):
+        """Submit the step, copying the 4-byte token into the next ring buffer. With defer, return the
+        ring slot without waiting (collect() reads it later); else wait and return the token."""
+        slot = self.tokens.take_slot()
+        self.stream.flush(copy=(self.tokens.ids, 0, self.tokens.ring[slot], 0, 4))
+        return slot if defer else self.collect(slot)
+
+    def collect(self, slot: int) -> int:
+        """Wait for the step that filled ring `slot` and return its token."""
+        return self.tokens.collect(slot, idle=not self.stream.ops)
+
+    def split_heads(self, x, sizes, heads):
+        out, c = [], 0
+        for size, h in zip(sizes, heads):
+            out.append(GTensor(x.buf, x.off + c, (x.shape[0], h, size // h), x.stride))
+            c += size
+        return out

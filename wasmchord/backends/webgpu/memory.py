@@ -1,0 +1,131 @@
+"""Device memory the graph works in: tensor views, the activation arena, the KV cache, RoPE tables,
+and the token buffer with its ring of mappable readback buffers."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..base import rope_cos_sin
+
+
+class GTensor:
+    """A 2-D (or per-head 3-D) view of a device buffer: element (i, c) at off + i * stride + c."""
+
+    __slots__ = ("buf", "off", "shape", "stride")
+
+    def __init__(self, buf, off, shape, stride=None):
+        self.buf, self.off, self.shape = buf, off, tuple(shape)
+        self.stride = self.cols if stride is None and len(self.shape) > 1 else (stride or 0)
+
+    @property
+    def cols(self) -> int:
+        return math.prod(self.shape[1:]) if len(self.shape) > 1 else self.shape[0]
+
+    def __getitem__(self, key):
+        n = self.shape[0]
+        if isinstance(key, int):  # one row, as a vector
+            i = key % n
+            return GTensor(self.buf, self.off + i * self.stride, self.shape[1:] or (1,), 0)
+        i0, i1, step = key.indices(n)
+        assert step == 1
+        return GTensor(self.buf, self.off + i0 * self.stride, (i1 - i0,) + self.shape[1:], self.stride)
+
+
+class KVCacheGPU:
+    """Per layer: k [KV, ctx, hd] and v [KV, ctx, hd_v] buffers."""
+
+    def __init__(self, gpu, n_layers, n_kv, max_ctx, hd, hd_v):
+        self.k = [gpu.buffer(4 * n_kv * max_ctx * hd) for _ in range(n_layers)]
+        self.v = [gpu.buffer(4 * n_kv * max_ctx * hd_v) for _ in range(n_layers)]
+        self.max_ctx, self.n_kv, self.hd_v = max_ctx, n_kv, hd_v
+
+
+class Arena:
+    """Activation buffers indexed by a dispatch's slot in the pass: the same buffers (and cached bind
+    groups) serve every decode step. A buffer that must grow is replaced (gpu.invalidate())."""
+
+    def __init__(self, gpu):
+        self.gpu = gpu
+        self.buffers: dict[int, object] = {}
+
+    def out(self, slot: int, shape) -> GTensor:
+        nbytes = 4 * math.prod(shape)
+        buf = self.buffers.get(slot)
+        if buf is None or buf.size < nbytes:
+            if buf is not None:
+                self.gpu.invalidate()
+            buf = self.buffers[slot] = self.gpu.buffer(nbytes)
+        return GTensor(buf, 0, shape)
+
+
+class RopeTables:
+    """(cos, sin) tables per (base, n_rot, scale), the NumPy backend's values, grown as positions need."""
+
+    def __init__(self, gpu):
+        self.gpu = gpu
+        self._tables: dict[tuple, tuple] = {}
+
+    def get(self, base, n_rot, scale, n_pos):
+        key = (base, n_rot, scale)
+        t = self._tables.get(key)
+        if t is None or t[1] < n_pos:
+            n_pos = max(n_pos, 4096)
+            cs = np.stack(rope_cos_sin(base, n_rot, scale, n_pos), axis=-1)  # [n_pos, n_rot/2, 2]
+            t = self._tables[key] = (self.gpu.buffer(cs.nbytes, cs), n_pos)
+            self.gpu.invalidate()
+        return t[0]
+
+    @property
+    def positions(self) -> int:
+        """Positions every table covers (a captured step stays valid below this)."""
+        return min((t[1] for t in self._tables.values()), default=2**31)
+
+
+class TokenRing:
+    """The token buffer (ids the embedding reads; argmax/sample write the next one there) and a ring
+    of persistent mappable buffers the sampled token is copied into, so the host can encode the next
+    step before it reads this one."""
+
+    RING = 3
+
+    def __init__(self, gpu):
+        self.gpu = gpu
+        self.cap = 4096
+        self.ids = gpu.buffer(4 * self.cap)
+        U = gpu.wgpu.BufferUsage
+        self.ring = [gpu.device.create_buffer(size=4, usage=U.MAP_READ | U.COPY_DST) for _ in range(self.RING)]
+        self.next = self.last = 0
+        self.on_device: int | None = None  # the token the ids buffer holds, when known
+
+    def write(self, ids: np.ndarray):
+        """Put `ids` in the token buffer (unless it holds exactly that one token already)."""
+        n = len(ids)
+        if n > self.cap:
+            self.cap = 2 * n
+            self.ids = self.gpu.buffer(4 * self.cap)
+            self.gpu.invalidate()
+            self.on_device = None
+        if not (n == 1 and self.on_device == int(ids[0])):
+            self.gpu.device.queue.write_buffer(self.ids, 0, ids)
+        self.on_device = None
+
+    def take_slot(self) -> int:
+        slot = self.next
+        self.next = (slot + 1) % self.RING
+        self.last = slot
+        return slot
+
+    def collect(self, slot: int, idle: bool) -> int:
+        """Wait for the step that filled ring `slot` and return its token. `idle`: nothing was recorded
+        after that step, so the token buffer still holds this token."""
+        buf = self.ring[slot]
+        try:
+            buf.map_sync(self.gpu.wgpu.MapMode.READ)
+            tok = int(np.frombuffer(buf.read_mapped(), np.uint32)[0])
+            buf.unmap()
+        except Exception as e:
+            self.gpu.fail("reading the sampled token", e)
+        self.on_device = tok if slot == self.last and idle else None
+        return tok
