@@ -1,8 +1,6 @@
 """Every GPU kernel against the NumPy backend: fresh random inputs, several shapes (odd ones too),
 every weight type; output buffers are poisoned with NaN before the measured run."""
 
-import os
-
 import numpy as np
 import pytest
 
@@ -15,21 +13,6 @@ from wasmchord.quants import ggml_type, quantize
 pytestmark = pytest.mark.gpu
 GPU_TYPES = ["F32", "F16", "Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q6_K"]
 CPU = NumpyBackend()
-
-
-@pytest.fixture(params=["shared-memory", "subgroup"])
-def mv(request, gpu_backend):
-    """The backend with one of the two matvec reductions selected: shared memory and barriers, or
-    subgroup operations (qmatrix_subgroup.wgsl; lavapipe offers the feature, so CI runs both)."""
-    g = gpu_backend
-    if request.param == "subgroup" and "subgroup" not in g.features:
-        if os.environ.get("CI"):
-            pytest.fail("CI is set but the device has no 'subgroup' feature")
-        pytest.skip("the device has no 'subgroup' feature")
-    saved = g.matvec_entries
-    g.matvec_entries = ("matvec_sg", "matvec_glu_sg") if request.param == "subgroup" else ("matvec", "matvec_glu")
-    yield g
-    g.matvec_entries = saved
 
 
 def weight(name, rows, k, rng):
@@ -67,10 +50,15 @@ def close(a, b, tol=1e-4):
     np.testing.assert_allclose(a, b, rtol=0, atol=tol * scale)
 
 
+# One token runs matvec.wgsl, whose lanes per row follow k (4, 8, 16, 32 lanes for k = 128, 256,
+# 512, 2048); several tokens run the tiled matmul of qmatrix.wgsl (70 tokens x 130 rows cross tiles).
 @pytest.mark.parametrize("name", GPU_TYPES)
-@pytest.mark.parametrize("n,rows,k", [(1, 37, 256), (1, 8, 512), (7, 33, 256), (19, 5, 768)])
-def test_matmul_every_type(mv, name, n, rows, k):
-    g, rng = mv, np.random.default_rng()
+@pytest.mark.parametrize("n,rows,k", [(1, 37, 256), (1, 8, 512), (1, 67, 128), (1, 130, 2048), (7, 33, 256),
+                                      (19, 5, 768), (70, 130, 256)])
+def test_matmul_every_type(gpu_backend, name, n, rows, k):
+    g, rng = gpu_backend, np.random.default_rng()
+    if name.endswith("_K"):
+        k = -(-k // 256) * 256  # K-quant blocks span 256 values
     src = weight(name, rows, k, rng)
     x = rng.standard_normal((n, k)).astype(np.float32)
     bias = rng.standard_normal(rows).astype(np.float32)
@@ -199,8 +187,8 @@ def test_gelu(gpu_backend):
 
 
 @pytest.mark.parametrize("n", [1, 6])
-def test_matmul_with_fused_residual_add(mv, n):
-    g, rng = mv, np.random.default_rng()
+def test_matmul_with_fused_residual_add(gpu_backend, n):
+    g, rng = gpu_backend, np.random.default_rng()
     src = weight("Q4_1", 96, 256, rng)
     x = rng.standard_normal((n, 256)).astype(np.float32)
     r = rng.standard_normal((n, 96)).astype(np.float32)
@@ -213,11 +201,11 @@ def test_matmul_with_fused_residual_add(mv, n):
 
 @pytest.mark.parametrize("name", ["F16", "Q4_0", "Q6_K"])
 @pytest.mark.parametrize("n", [1, 5])
-def test_matmul_with_fused_rmsnorm(mv, name, n):
+def test_matmul_with_fused_rmsnorm(gpu_backend, name, n):
     """matmul(x, W, norm=(g, eps)) against the unfused reference rmsnorm(x, g, eps) @ W.T: folded into
     the matvec's prologue for one token, a separate norm dispatch for several; with a bias, a residual
     and x at an offset inside its buffer."""
-    g, rng = mv, np.random.default_rng()
+    g, rng = gpu_backend, np.random.default_rng()
     k, rows, eps = 512, 45, 1e-5
     src = weight(name, rows, k, rng)
     xs = (rng.standard_normal((n + 2, k)) * rng.uniform(0.1, 10)).astype(np.float32)
@@ -238,11 +226,11 @@ def test_matmul_with_fused_rmsnorm(mv, name, n):
 @pytest.mark.parametrize("name", ["F16", "Q4_1", "Q5_0", "Q4_K"])
 @pytest.mark.parametrize("act", ["swiglu", "geglu"])
 @pytest.mark.parametrize("n,normed", [(1, True), (1, False), (4, True)])
-def test_fused_gate_up_activation(mv, name, act, n, normed):
+def test_fused_gate_up_activation(gpu_backend, name, act, n, normed):
     """matmul_glu against the unfused reference act(rmsnorm(x) @ [gate | up].T): one kernel with the
     activation in the epilogue for one token (f = 37 is not a multiple of the rows per workgroup),
     matmul then the elementwise kernel for several."""
-    g, rng = mv, np.random.default_rng()
+    g, rng = gpu_backend, np.random.default_rng()
     k, f, eps = 512, 37, 1e-6
     src = weight(name, 2 * f, k, rng)
     xs = (rng.standard_normal((n + 1, k)) * 2).astype(np.float32)
@@ -255,3 +243,43 @@ def test_fused_gate_up_activation(mv, name, act, n, normed):
     got = run_twice(g, lambda: g.matmul_glu(xg, W, act, norm=norm))
     assert got.shape == (n, f)
     close(got, ref)
+
+
+# Decode attention as one kernel (decode_attention.wgsl): q/k norms, RoPE, the KV store and split-KV
+# attention, against the NumPy backend's composition of the separate ops; the partials merged on the
+# host and in the output projection's prologue (matvec.wgsl XSRC 1). Cases: GQA groups of 3 and of 12
+# (more query heads than one workgroup takes), partial rotary with hd = 80 (hd_v not dividing the
+# workgroup), Gemma's 256-wide heads with q/k norms and NEOX RoPE, windows, three splits (past 300).
+@pytest.mark.parametrize("H,kv,hd,n_rot,neox,qk,window,past", [
+    (9, 3, 64, 64, False, False, 0, 9), (12, 1, 32, 32, True, False, 0, 40), (4, 2, 80, 32, True, False, 0, 130),
+    (4, 1, 256, 256, True, True, 0, 20), (6, 2, 64, 64, False, True, 150, 300), (2, 1, 128, 128, True, False, 5, 127),
+])
+def test_fused_decode_attention(gpu_backend, H, kv, hd, n_rot, neox, qk, window, past):
+    g, rng = gpu_backend, np.random.default_rng()
+    ctx, eps, scale = 320, 1e-6, hd ** -0.5
+    rope = dict(base=10000.0, n_rot=n_rot, scale=1.0, neox=neox)
+    cc, gc = CPU.alloc_kv_cache(1, kv, ctx, hd, hd), g.alloc_kv_cache(1, kv, ctx, hd, hd)
+    qw, kw = (rng.standard_normal(hd).astype(np.float32) for _ in range(2))
+    norms = ((qw, kw, eps), (g.load_vector(qw), g.load_vector(kw), eps)) if qk else (None, None)
+    sizes, heads = [H * hd, kv * hd, kv * hd], [H, kv, kv]
+    hist = rng.standard_normal((past, (H + 2 * kv) * hd)).astype(np.float32)  # the history, stored unfused
+    CPU.kv_write(cc, 0, *CPU.split_heads(hist.copy(), sizes, heads)[1:], 0, rope=rope)
+    g.begin_forward()
+    g.kv_write(gc, 0, *g.split_heads(upload(g, hist), sizes, heads)[1:], 0, rope=rope)
+    qkv = (rng.standard_normal((1, (H + 2 * kv) * hd)) * 2).astype(np.float32)
+    want = CPU.attend(*CPU.split_heads(qkv.copy(), sizes, heads), cc, 0, past, rope=rope, scale=scale, window=window,
+                      qk_norm=norms[0])                                                  # [1, H*hd]
+    qg = g.split_heads(upload(g, qkv), sizes, heads)
+    poison(g)
+    g.begin_forward()
+    part = g.attend(*qg, gc, 0, past, rope=rope, scale=scale, window=window, qk_norm=norms[1])
+    assert part.__class__.__name__ == "AttnPartials"
+    close(g.read(part), want)
+    stored = g.read(GTensor(gc.k[0], 0, (kv * ctx * hd,))).reshape(kv, ctx, hd)
+    close(stored[:, past], cc.k[0][:, past])
+    close(g.read(GTensor(gc.v[0], 0, (kv * ctx * hd,))).reshape(kv, ctx, hd)[:, past], cc.v[0][:, past])
+    src = weight("Q8_0", 40, H * hd, rng)                                                 # the output projection
+    r = rng.standard_normal((1, 40)).astype(np.float32)
+    rg = upload(g, r)
+    g.matmul(part, g.load_matrix([src]), residual=rg)
+    close(g.read(rg), CPU.matmul(want, CPU.load_matrix([src]), residual=r.copy()))

@@ -1,10 +1,11 @@
-"""Run the whole GPU benchmark on a machine with a real GPU and nothing else prepared.
+"""Run the whole GPU benchmark on a machine with a real GPU.
 
 Checks for the Vulkan loader and a driver and says what is missing, optionally installs wasmchord
-from local wheels, then benchmarks both real models on the GPU (with --profile) and, when
-llama-cpp-python is importable, llama.cpp in the same run; writes JSON and markdown.
+from local wheels, then benchmarks the given models (aliases or .gguf paths) on the GPU with the
+decode-step profile (`bench --profile`), and llama.cpp in the same run when llama-cpp-python is
+importable; writes JSON and markdown.
 
-    python tools/gpu_bench.py [--wheels DIR] [--out DIR] [--timestamp-period NS]
+    python tools/gpu_bench.py [--models A B ...] [--wheels DIR] [--out DIR] [--timestamp-period NS]
 """
 
 import argparse
@@ -14,6 +15,8 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def check_vulkan() -> list[str]:
@@ -34,6 +37,8 @@ def main():
     ap.add_argument("--out", default="gpu-bench", help="directory for results.json and results.md")
     ap.add_argument("--timestamp-period", type=float, default=1.0, help="ns per timestamp tick")
     ap.add_argument("--models", nargs="*", default=["smollm2-135m-instruct", "gemma3-270m"])
+    ap.add_argument("--prompt-lengths", default="64,512")
+    ap.add_argument("--gen-tokens", type=int, default=128)
     a = ap.parse_args()
     problems = check_vulkan()
     for p in problems:
@@ -55,24 +60,14 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     results = {"adapter": info, "models": {}}
     md = [f"# GPU benchmark\n\n```\n{info}\n```\n"]
-    for alias in a.models:
-        path = resolve_model(alias)
-        res = bench.run(path, device="gpu", prompt_lengths=(64, 256), n_gen=128, profile=True,
+    lengths = tuple(int(x) for x in a.prompt_lengths.split(","))
+    for model in a.models:
+        res = bench.run(resolve_model(model), device="gpu", prompt_lengths=lengths, n_gen=a.gen_tokens, profile=True,
                         timestamp_period_ns=a.timestamp_period)
-        results["models"][alias] = res
-        md.append(f"## {alias}\n\n```\n{bench.format_result(res)}\n```\n")
-        print(bench.format_result(res))
-    if "subgroup" in adapter.features:  # the two matvec reductions, A/B on this device (shared memory is the default)
-        ab = {}
-        for sg in (False, True, False, True):
-            p = bench.profile_gpu(resolve_model(a.models[0]), timestamp_period_ns=a.timestamp_period, subgroups=sg)
-            mv = sum(k["ms_per_step"] for k in p["kernels"] if k["kernel"].startswith("qmatrix.matvec"))
-            ab.setdefault("subgroup" if sg else "shared-memory", []).append(mv)
-        results["matvec_reduction_ms_per_step"] = ab
-        md.append("## matvec reduction A/B (matvec ms per decode step, two runs each)\n\n"
-                  + "\n".join(f"- {k}: {', '.join(f'{v:.3f}' for v in vs)}" for k, vs in ab.items()) + "\n")
-        print(md[-1])
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+        results["models"][model] = res
+        md.append(f"## {model}\n\n```\n{bench.format_result(res)}\n```\n")
+        print(bench.format_result(res), flush=True)
+        (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     (out / "results.md").write_text("\n".join(md))
     print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
 

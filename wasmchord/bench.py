@@ -124,54 +124,82 @@ def bench_llama_cpp(model_path, prompt_lengths, n_gen, threads) -> dict | None:
             "prefill_tok_s": prefill, "decode_tok_s": n_gen / dt}
 
 
-def profile_gpu(model_path, *, n_steps=3, timestamp_period_ns=1.0, context=256, **backend_options) -> dict:
-    """Per-kernel GPU time of a decode step (timestamp queries), GB/s of each weight kernel against the
-    device's copy bandwidth, host encode time per step and dispatches per step. `backend_options` go to
-    the GPU backend (e.g. subgroups=True)."""
+def profile_gpu(model_path, *, n_steps=16, timestamp_period_ns=1.0, context=256, **backend_options) -> dict:
+    """Where a GPU decode step's time goes: host time to encode and submit a step, wall time per step
+    (encode-ahead, as generation runs), the GPU's time for the step's pass (timestamps around it) and
+    the idle rest, dispatches per step, and each kernel's time with its GB/s against the device's
+    read bandwidth (a saturating WGSL read). `backend_options` go to the GPU backend."""
     from collections import defaultdict
 
     from .api import Model
     m = Model.load(model_path, device="gpu", context_length=context, **backend_options)
     be, s, tf = m.backend, m._session, m._tf
     ids = prompt_ids(m.tokenizer, 32)
-    s.reset()
-    s.prefill(ids)
-    pos = len(s.tokens)
-    encode = []
-    for i in range(n_steps + 1):  # host time to record and submit a step (encode-ahead form), GPU wait excluded
-        t = time.perf_counter()
-        slot = be.argmax(tf.decode(pos + i), defer=True)
-        encode.append(time.perf_counter() - t)
-        be.collect(slot)
-    be.enable_profiling(True)
-    for i in range(n_steps):
-        be.argmax(tf.decode(pos + n_steps + 1 + i))
-    log, dispatches = be.stream.profile_log, be.stream.last_dispatches
-    be.enable_profiling(False)
+
+    def decode(n):  # n encode-ahead steps: (host encode seconds per step, wall seconds per step)
+        s.reset()
+        logits, _ = s.prefill(ids)
+        pos = len(ids)
+        pending = be.argmax(logits, defer=True)
+        be.collect(pending)
+        pending = be.argmax(tf.decode(pos), defer=True)  # the first step: the graph runs and is captured
+        enc, t0 = [], time.perf_counter()
+        for i in range(1, n + 1):
+            t = time.perf_counter()
+            ahead = be.argmax(tf.decode(pos + i), defer=True)
+            enc.append(time.perf_counter() - t)
+            be.collect(pending)
+            pending = ahead
+        be.collect(pending)
+        return enc, (time.perf_counter() - t0) / n
+
+    enc, wall = decode(n_steps)
+    be.enable_profiling("step")
+    decode(n_steps)
+    steps = be.stream.profile_log[3:]  # after the prefill and the captured step
+    host = np.median(np.array(be.stream.host_log[3:]), axis=0) * 1e3
+    be.enable_profiling("kernels")
+    decode(2)
+    log = be.stream.profile_log
+    be.enable_profiling(None)
+    kernel_steps = 3  # the 2 timed steps and the captured one, each a graph run
+    dispatches = max(d for d, _ in steps)
+    gpu_step = float(np.median([t for _, t in steps])) * timestamp_period_ns / 1e6
     agg = defaultdict(lambda: [0, 0, 0])
-    for label, nb, ticks in log:
+    for label, nb, ticks in log[-dispatches * kernel_steps:]:
         a = agg[label]
-        a[0] += ticks * timestamp_period_ns / n_steps
-        a[1] += nb / n_steps
-        a[2] += 1 / n_steps
-    copy = be.stream.copy_bandwidth_gbps()
+        a[0] += ticks * timestamp_period_ns / kernel_steps
+        a[1] += nb / kernel_steps
+        a[2] += 1 / kernel_steps
+    bw = be.stream.read_bandwidth_gbps(timestamp_period_ns=timestamp_period_ns)
     kernels = [{"kernel": k, "calls_per_step": round(c), "ms_per_step": t / 1e6, "weight_MB_per_step": b / 1e6,
-                "GBps": (b / t if t and b else None), "fraction_of_copy": (b / t / copy if t and b else None)}
+                "GBps": (b / t if t and b else None), "fraction_of_read_bw": (b / t / bw if t and b else None)}
                for k, (t, b, c) in sorted(agg.items(), key=lambda kv: -kv[1][0])]
-    return {"device": be.device_name, "dispatches_per_step": dispatches, "host_encode_ms_per_step":
-            1e3 * float(np.median(encode[1:])), "copy_GBps": copy, "timestamp_period_ns": timestamp_period_ns,
-            "gpu_ms_per_step": sum(k["ms_per_step"] for k in kernels), "kernels": kernels}
+    wb = weight_bytes_per_token(m)
+    return {"device": be.device_name, "dispatches_per_step": dispatches,
+            "host_encode_ms_per_step": 1e3 * float(np.median(enc)), "wall_ms_per_step": 1e3 * wall,
+            "host_ms_parts": dict(zip(("write_and_encoder", "encode", "finish", "submit"), map(float, host))),
+            "gpu_ms_per_step": gpu_step, "idle_ms_per_step": max(0.0, 1e3 * wall - gpu_step),
+            "kernel_sum_ms_per_step": sum(k["ms_per_step"] for k in kernels), "read_GBps": bw,
+            "weight_MB_per_token": wb / 1e6, "roofline_tok_s": bw * 1e9 / wb,
+            "timestamp_period_ns": timestamp_period_ns, "kernels": kernels}
 
 
 def format_profile(p: dict) -> str:
-    lines = [f"profile on {p['device']}: {p['dispatches_per_step']} dispatches per decode step, host encode "
-             f"{p['host_encode_ms_per_step']:.2f} ms per step, kernels {p['gpu_ms_per_step']:.2f} ms per step "
-             f"(timestamps at {p['timestamp_period_ns']:g} ns/tick), copy bandwidth {p['copy_GBps']:.1f} GB/s",
-             f"  {'kernel':<28}{'calls':>6}{'ms/step':>10}{'weight MB':>11}{'GB/s':>8}{'of copy':>9}"]
+    lines = [f"profile on {p['device']}: {p['dispatches_per_step']} dispatches per decode step; per step: wall "
+             f"{p['wall_ms_per_step']:.3f} ms, GPU pass {p['gpu_ms_per_step']:.3f} ms, GPU idle "
+             f"{p['idle_ms_per_step']:.3f} ms, host encode {p['host_encode_ms_per_step']:.3f} ms ("
+             + ", ".join(f"{k} {v:.3f}" for k, v in p["host_ms_parts"].items()) + ")",
+             f"read bandwidth (WGSL read kernel) {p['read_GBps']:.0f} GB/s; {p['weight_MB_per_token']:.1f} MB of "
+             f"weights per token -> roofline {p['roofline_tok_s']:.0f} tok/s (timestamps at "
+             f"{p['timestamp_period_ns']:g} ns/tick)",
+             f"kernels, each in a timed pass of its own (sum {p['kernel_sum_ms_per_step']:.3f} ms per step):",
+             f"  {'kernel':<34}{'calls':>6}{'ms/step':>10}{'us/call':>9}{'weight MB':>11}{'GB/s':>8}{'of read':>9}"]
     for k in p["kernels"]:
         gb = f"{k['GBps']:.1f}" if k["GBps"] else ""
-        fr = f"{100 * k['fraction_of_copy']:.0f}%" if k["fraction_of_copy"] else ""
-        lines.append(f"  {k['kernel']:<28}{k['calls_per_step']:>6}{k['ms_per_step']:>10.3f}"
+        fr = f"{100 * k['fraction_of_read_bw']:.0f}%" if k["fraction_of_read_bw"] else ""
+        lines.append(f"  {k['kernel']:<34}{k['calls_per_step']:>6}{k['ms_per_step']:>10.3f}"
+                     f"{1e3 * k['ms_per_step'] / max(k['calls_per_step'], 1):>9.1f}"
                      f"{k['weight_MB_per_step']:>11.1f}{gb:>8}{fr:>9}")
     return "\n".join(lines)
 
@@ -193,7 +221,7 @@ def run(model_path, *, device="cpu", prompt_lengths=(64, 256, 1024), n_gen=128, 
         if device != "gpu":
             from .errors import BackendError
             raise BackendError("--profile times GPU kernels: use it with --backend gpu")
-        res["profile"] = profile_gpu(model_path, timestamp_period_ns=timestamp_period_ns)
+        res["profile"] = profile_gpu(model_path, timestamp_period_ns=timestamp_period_ns, **backend_options)
     ref = bench_llama_cpp(model_path, prompt_lengths, n_gen, threads) if llama_cpp != "off" else None
     if ref:
         res["llama_cpp"] = ref

@@ -146,14 +146,10 @@ class Transformer:
             h, norm = self._prenorm(x, L.attn_norm, L.attn_norm_b)
             qkv = be.matmul(h, L.wqkv, L.bqkv, norm=norm)                                   # [n, (H+2KV)*hd]
             q, k, v = be.split_heads(qkv, [H * hd, KV * hd, KV * hdv], [H, KV, KV])         # [n, H|KV, hd]
-            if spec.qk_norm:
-                q = be.rmsnorm(q, L.q_norm, eps)                                             # per head
-                k = be.rmsnorm(k, L.k_norm, eps)
             rope = dict(base=base, n_rot=cfg.rope_dim, scale=cfg.rope_scale, neox=neox)
-            q = be.rope(q, pos0, **rope)                                                     # [n, H, hd]
-            be.kv_write(self.cache, i, k, v, pos0, rope=rope)                                # k rotated on the way in
-            a = be.attention(q, self.cache, i, pos0, scale=cfg.attn_scale,
-                             window=cfg.sliding_window if local else 0)                       # [n, H*hdv]
+            a = be.attend(q, k, v, self.cache, i, pos0, rope=rope, scale=cfg.attn_scale,
+                          window=cfg.sliding_window if local else 0,
+                          qk_norm=(L.q_norm, L.k_norm, eps) if spec.qk_norm else None)       # [n, H*hdv]
             if spec.post_norms:  # gemma3: norm the attention output before the residual add
                 x = be.add(x, be.rmsnorm(be.matmul(a, L.wo, L.bo), L.post_attn_norm, eps))
             else:

@@ -121,6 +121,20 @@ class Backend:
         `window` > 0 limits each query to the last `window` positions (sliding-window layers)."""
         raise NotImplementedError("need attention")
 
+    def attend(self, q, k, v, cache, layer: int, pos0: int, *, rope: dict, scale: float, window: int = 0,
+               qk_norm=None):
+        """Self-attention of n new positions: per-head RMSNorm of q and k when qk_norm = (q weight,
+        k weight, eps), RoPE of q and k (`rope` = rope()'s keyword arguments), k [n, KV, hd] and
+        v [n, KV, hd_v] stored at pos0.., then causal attention of q [n, H, hd] over the cache
+        -> [n, H * hd_v]. A backend may fuse it and return a handle only its own matmul reads."""
+        if qk_norm is not None:
+            qw, kw, eps = qk_norm
+            q = self.rmsnorm(q, qw, eps)                                                      # per head
+            k = self.rmsnorm(k, kw, eps)
+        q = self.rope(q, pos0, **rope)                                                       # [n, H, hd]
+        self.kv_write(cache, layer, k, v, pos0, rope=rope)                                   # k rotated on the way in
+        return self.attention(q, cache, layer, pos0, scale=scale, window=window)              # [n, H*hd_v]
+
     def swiglu(self, gate_up):
         """[n, 2f] (gate | up) -> silu(gate) * up [n, f]."""
         raise NotImplementedError("need swiglu")

@@ -19,8 +19,30 @@ from .programs import Programs
 from .stream import CommandStream
 from .weights import FMT_NAMES, upload_matrix
 
-MV_ROWS = 8       # weight rows per matvec workgroup (qmatrix.wgsl)
-DEC_SPLIT = 128   # key positions per split in decode attention (attention.wgsl)
+MV_WG, MV_RT = 256, 4   # matvec.wgsl: invocations per workgroup, rows per lane group
+MM_TILE = 64            # qmatrix.wgsl: tokens and rows per matmul workgroup
+DEC_SPLIT = 128         # key positions per split in decode attention (attention.wgsl, decode_attention.wgsl)
+MAX_REP = 8             # decode_attention.wgsl: query heads per workgroup
+
+
+class AttnPartials:
+    """Split-KV partials of one decode step's attention (decode_attention.wgsl), shaped as the
+    [1, H * hd_v] output they merge into; the output projection merges them in its prologue."""
+
+    __slots__ = ("buf", "shape", "heads", "hd_v", "ctx", "pos0")
+
+    def __init__(self, buf, heads, hd_v, ctx, pos0):
+        self.buf, self.shape, self.heads, self.hd_v, self.ctx, self.pos0 = buf, (1, heads * hd_v), heads, hd_v, ctx, pos0
+
+    @property
+    def cols(self):
+        return self.shape[1]
+
+
+def _lanes(k: int) -> int:
+    """Lanes per row group for a matvec over k inputs: about one or two 32-element blocks per lane."""
+    nb = k // 32
+    return 32 if nb >= 64 else 16 if nb >= 16 else 8 if nb >= 8 else 4
 
 
 class WgpuBackend(Backend):
@@ -28,34 +50,30 @@ class WgpuBackend(Backend):
     encode_ahead = True
 
     def __init__(self, *, max_binding_size: int | None = None, allow_software: bool = True, raw_encode: bool = True,
-                 replay_steps: bool = True, subgroups: bool = False):
+                 replay_steps: bool = True, fused_attention: bool = True):
         self.gpu = gpu = Gpu(allow_software=allow_software, max_binding_size=max_binding_size)
         self.features, self.device_name = gpu.features, gpu.name
-        # subgroups=True: matvec sums through subgroup operations (qmatrix_subgroup.wgsl). Off by
-        # default: on lavapipe and on an H200 the shared-memory kernels measured faster.
-        self.subgroups = bool(subgroups)
-        if self.subgroups and "subgroup" not in self.features:
-            raise BackendError("subgroups=True, but this device does not offer the 'subgroup' feature")
-        sg = "subgroup" in self.features  # compiled in whenever the device can
-        self.programs = Programs(gpu, lambda shader: ["qmatrix_subgroup"] if sg and shader == "qmatrix" else [])
+        self.programs = Programs(gpu)
         self.stream = CommandStream(gpu, self.programs, raw_encode=raw_encode)
         self.arena = Arena(gpu)
         self.rope_tables = RopeTables(gpu)
         self.tokens = TokenRing(gpu)
         self.replay_steps = replay_steps
-        self.matvec_entries = ("matvec_sg", "matvec_glu_sg") if self.subgroups else ("matvec", "matvec_glu")
+        self.fused_attention = fused_attention  # decode: attend() as one kernel (decode_attention.wgsl)
+        self.matvec_lanes: int | None = None    # lanes per row group in matvec.wgsl; None: chosen by k
         self._dummy = gpu.buffer(16)
         self._bias_slices: dict = {}
         self._scratch = None
+        self._partials = None
         self._hist = None
 
     def describe(self) -> str:
         return f"WebGPU on {self.device_name}, features: {', '.join(self.features) or 'none'}"
 
     # ------------------------------------------------------------------------------------ plumbing
-    def _dispatch(self, shader, entry, grid, params, buffers, *, fmt=None, **kw):
+    def _dispatch(self, shader, entry, grid, params, buffers, *, fmt=None, consts=None, **kw):
         label = f"{shader}.{entry}" + (f"[{FMT_NAMES[fmt]}]" if fmt is not None else "")
-        consts = {"FMT": fmt} if fmt is not None else {}
+        consts = dict(consts or {}, **({"FMT": fmt} if fmt is not None else {}))
         self.stream.dispatch(self.programs.kernel(shader, entry, buffers, label, **consts), grid, params, buffers, **kw)
 
     def _out(self, shape) -> GTensor:
@@ -78,11 +96,15 @@ class WgpuBackend(Backend):
             self.stream.capture_end(cache, out, min(self.rope_tables.positions, cache.max_ctx))
         return out
 
-    def enable_profiling(self, on: bool = True):
-        """Time every dispatch with timestamp queries (needs the `timestamp-query` feature)."""
-        if on and "timestamp-query" not in self.features:
+    def enable_profiling(self, mode: str | None = "kernels"):
+        """Timestamp queries (the `timestamp-query` feature) around every dispatch ("kernels", each in a
+        pass of its own) or around each submitted pass ("step"); None turns them off. Results in
+        `stream.profile_log`."""
+        if mode is not None and "timestamp-query" not in self.features:
             raise BackendError(f"{self.device_name} has no timestamp-query feature: cannot profile kernels")
-        self.stream.profile, self.stream.profile_log = on, []
+        if mode not in (None, "kernels", "step"):
+            raise BackendError(f"profiling mode {mode!r}: expected 'kernels', 'step' or None")
+        self.stream.profile, self.stream.profile_log, self.stream.host_log = mode, [], []
 
     # ------------------------------------------------------------------------------------ memory
     def load_matrix(self, parts):
@@ -99,6 +121,8 @@ class WgpuBackend(Backend):
         self.gpu.check()
         if isinstance(x, np.ndarray):
             return x
+        if isinstance(x, AttnPartials):
+            return self._merge_on_host(x)
         rows = x.shape[0] if len(x.shape) > 1 else 1
         cols = x.cols if len(x.shape) > 1 else x.shape[0]
         self.stream.flush()
@@ -112,6 +136,15 @@ class WgpuBackend(Backend):
             a = np.lib.stride_tricks.as_strided(a, (rows, cols), (4 * x.stride, 4)).copy()
         return a.reshape(x.shape) if len(x.shape) > 1 else a.copy()
 
+    def _merge_on_host(self, a: AttnPartials) -> np.ndarray:
+        """Attention partials merged on the host (what the output projection's prologue computes)."""
+        smax = math.ceil(a.ctx / DEC_SPLIT)
+        raw = self.read(GTensor(a.buf, 0, (a.heads * smax * (a.hd_v + 4),)))
+        part = raw.reshape(a.heads, smax, a.hd_v + 4)[:, :a.pos0 // DEC_SPLIT + 1]
+        m, l, o = part[..., :1], part[..., 1:2], part[..., 4:]
+        w = np.where(m <= -3e38, 0, np.exp(m - m.max(axis=1, keepdims=True)))
+        return ((w * o).sum(1) / (w * l).sum(1)).reshape(1, -1).astype(np.float32)
+
     # ------------------------------------------------------------------------------------ ops
     def embed(self, table, ids, scale=1.0):
         if isinstance(ids, OnDevice):  # encode-ahead: the previous step's sample is already in the token buffer
@@ -124,9 +157,9 @@ class WgpuBackend(Backend):
         k = table.shape[1]
         out = self._out((n, k))
         for pc in table.pieces:
-            self._dispatch("qmatrix", "embed", (math.ceil(k / 64), n),
+            self._dispatch("qmatrix", "embed", (math.ceil(k / 32 / 64), n),
                            dict(n=n, k=k, rows=pc.rows, out_stride=k, row0=pc.col0, scale=scale),
-                           dict(x=self.tokens.ids, q=pc.q, s=pc.s, m=pc.m, out=out.buf), fmt=pc.fmt)
+                           dict(ids=self.tokens.ids, q=pc.q, s=pc.s, m=pc.m, out=out.buf), fmt=pc.fmt)
         return out
 
     def _norm(self, entry, x, w, b, eps):
@@ -163,17 +196,32 @@ class WgpuBackend(Backend):
         out = residual if residual is not None else self._out((n, w.shape[0]))
         g, eps = self._norm_binding(norm)
         for pc in w.pieces:
-            params = dict(n=n, k=k, rows=pc.rows, out_col0=pc.col0, out_stride=out.stride, x_off=x.off,
-                          x_stride=x.stride, out_off=out.off, has_bias=int(bias is not None), scale=1.0,
-                          accumulate=int(residual is not None), norm=int(norm is not None), eps=eps)
-            bufs = dict(x=x.buf, q=pc.q, s=pc.s, m=pc.m, out=out.buf, bias=self._bias_piece(bias, pc), g=g)
+            bufs = dict(x=x.buf, q=pc.q, s=pc.s, m=pc.m, out=out.buf, bias=self._bias_piece(bias, pc))
             if n == 1:
-                self._dispatch("qmatrix", self.matvec_entries[0], (math.ceil(pc.rows / MV_ROWS),), params, bufs,
-                               fmt=pc.fmt, nbytes=pc.nbytes)
+                params = dict(k=k, rows=pc.rows, out_off=out.off, out_col0=pc.col0, has_bias=int(bias is not None),
+                              accumulate=int(residual is not None), norm=int(norm is not None), eps=eps)
+                self._matvec("matvec", x, params, dict(bufs, g=g), pc, math.ceil(pc.rows / MV_RT))
             else:
-                self._dispatch("qmatrix", "matmul", (math.ceil(pc.rows / 16), math.ceil(n / 16)), params, bufs,
-                               fmt=pc.fmt, nbytes=pc.nbytes)
+                self._dispatch("qmatrix", "matmul", (math.ceil(pc.rows / MM_TILE), math.ceil(n / MM_TILE)),
+                               dict(n=n, k=k, rows=pc.rows, out_col0=pc.col0, out_stride=out.stride, x_off=x.off,
+                                    x_stride=x.stride, out_off=out.off, has_bias=int(bias is not None),
+                                    accumulate=int(residual is not None)),
+                               bufs, fmt=pc.fmt, nbytes=pc.nbytes)
         return out
+
+    def _matvec(self, entry, x, params, bufs, pc, groups):
+        """A matvec.wgsl dispatch over `groups` row groups; x a tensor, or attention partials merged on
+        the way in (their position moves with the step)."""
+        lanes = self.matvec_lanes or _lanes(params["k"])
+        grid = (math.ceil(groups / (MV_WG // lanes)),)
+        if isinstance(x, AttnPartials):
+            params.update(hd_v=x.hd_v, pos0=x.pos0, ctx=x.ctx, split=DEC_SPLIT)
+            self._dispatch("matvec", entry, grid, params, bufs, fmt=pc.fmt, nbytes=pc.nbytes,
+                           consts=dict(LANES=lanes, XSRC=1), moving=dict(pos0=x.pos0))
+        else:
+            params["x_off"] = x.off
+            self._dispatch("matvec", entry, grid, params, bufs, fmt=pc.fmt, nbytes=pc.nbytes,
+                           consts=dict(LANES=lanes))
 
     def matmul_glu(self, x, w, act, *, norm=None):
         pc = w.pieces[0]
@@ -182,11 +230,9 @@ class WgpuBackend(Backend):
         k, f = x.cols, w.shape[0] // 2
         out = self._out((1, f))
         g, eps = self._norm_binding(norm)
-        params = dict(n=1, k=k, rows=f, out_stride=f, x_off=x.off, x_stride=x.stride, out_off=out.off, scale=1.0,
-                      norm=int(norm is not None), eps=eps, glu=int(act == "geglu"))
-        self._dispatch("qmatrix", self.matvec_entries[1], (math.ceil(f / (MV_ROWS // 2)),), params,
-                       dict(x=x.buf, q=pc.q, s=pc.s, m=pc.m, out=out.buf, bias=self._dummy, g=g), fmt=pc.fmt,
-                       nbytes=pc.nbytes)
+        params = dict(k=k, rows=f, out_off=out.off, norm=int(norm is not None), eps=eps, glu=int(act == "geglu"))
+        self._matvec("matvec_glu", x, params, dict(x=x.buf, q=pc.q, s=pc.s, m=pc.m, out=out.buf, g=g), pc,
+                     math.ceil(f / 2))
         return out
 
     def _norm_binding(self, norm):
@@ -276,6 +322,34 @@ class WgpuBackend(Backend):
             self._dispatch("attention", "weighted_sum", (math.ceil(hdv / 64), H, c), p, dict(**kv, out=out.buf),
                            moving=at)
         return out
+
+    def attend(self, q, k, v, cache, layer, pos0, *, rope, scale, window=0, qk_norm=None):
+        """Decode (one position): decode_attention.wgsl in one dispatch, returning partials that the
+        output projection merges. Prefill: the base composition (norms, rope, kv_write, attention)."""
+        n, H, hd = q.shape
+        hdv, kvh = v.shape[2], k.shape[1]
+        rep = H // kvh
+        if (n > 1 or not self.fused_attention or hd % 4 or hdv % 4 or max(hd, hdv) > 256
+                or q.stride != k.stride or q.buf is not k.buf or v.buf is not k.buf or (q.off | k.off | v.off) % 4):
+            return super().attend(q, k, v, cache, layer, pos0, rope=rope, scale=scale, window=window,
+                                  qk_norm=qk_norm)
+        if pos0 + 1 > cache.max_ctx:
+            raise BackendError(f"KV cache overflow: positions up to {pos0 + 1} > context {cache.max_ctx}")
+        ctx = cache.max_ctx
+        need = 4 * H * math.ceil(ctx / DEC_SPLIT) * (hdv + 4)
+        if self._partials is None or self._partials.size < need:
+            self.gpu.invalidate()
+            self._partials = self.gpu.buffer(need)
+        cs = self.rope_tables.get(rope["base"], max(rope["n_rot"], 2), rope["scale"], pos0 + 1)
+        qw, kw, eps = qk_norm if qk_norm is not None else (None, None, 0.0)
+        self._dispatch("decode_attention", "attend", (pos0 // DEC_SPLIT + 1, kvh, math.ceil(rep / MAX_REP)),
+                       dict(heads=H, kv_heads=kvh, hd=hd, hd_v=hdv, ctx=ctx, pos0=pos0, window=window, scale=scale,
+                            q_off=q.off, k_off=k.off, v_off=v.off, n_rot=rope["n_rot"], neox=int(rope["neox"]),
+                            qk_norm=int(qk_norm is not None), eps=eps),
+                       dict(qkv=q.buf, kc=cache.k[layer], vc=cache.v[layer], part=self._partials, cs=cs,
+                            qn=qw.buf if qw is not None else self._dummy, kn=kw.buf if kw is not None else self._dummy),
+                       moving=dict(pos0=pos0), moving_grid=(0, DEC_SPLIT, pos0 + 1))
+        return AttnPartials(self._partials, H, hdv, ctx, pos0)
 
     def argmax(self, logits, *, defer=False):
         count = logits.cols if len(logits.shape) > 1 else logits.shape[0]

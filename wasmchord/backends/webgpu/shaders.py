@@ -14,7 +14,8 @@ from .device import shader_dir
 # Files appended after a module's own file (WGSL declarations are order-free; appending keeps the
 # module's own line numbers): shared helpers that several op families use.
 SHADER_PARTS = {
-    "qmatrix": ["activations", "reduce"],
+    "qmatrix": ["quant"],
+    "matvec": ["quant", "activations"],
     "elementwise": ["activations"],
     "norm": ["reduce"],
     "attention": ["reduce"],

@@ -73,7 +73,9 @@ class CommandStream:
         self._grow(512)
         self._raw = _raw_encoder() if raw_encode else None
         self.last_dispatches = 0
-        self.profile, self.profile_log = False, []
+        self.profile = None          # None | "kernels": a timed pass per dispatch | "step": one timed pass per submit
+        self.profile_log = []        # "kernels": (label, weight bytes, ticks); "step": (dispatches, ticks)
+        self.host_log = []           # "step": host seconds per submit (write + new encoder, encode, finish, submit)
         self._qset, self._qset_count, self._qbuf = None, 0, None
         self._capturing: list | None = None
         self._capture_pos = 0
@@ -133,15 +135,18 @@ class CommandStream:
             return
         self._capturing = None  # a step split across submits is not replayable
         gpu = self.gpu
+        clock = time.perf_counter
+        t0 = clock()
         try:
             if self.ops:
                 gpu.device.queue.write_buffer(self.param_buf, 0, self._params[:self.slot * gpu.slot_bytes])
             enc = gpu.device.create_command_encoder()
+            t1 = clock()
             self.last_dispatches = len(self.ops)
-            if self.ops and self.profile:
+            if self.ops and self.profile == "kernels":
                 self._encode_profiled(enc)
             elif self.ops:
-                cp = enc.begin_compute_pass()
+                cp = enc.begin_compute_pass(**self._step_timestamps())
                 if self._raw is not None:
                     self._encode_raw(cp)
                 else:
@@ -150,9 +155,16 @@ class CommandStream:
                         cp.set_bind_group(0, op.bind_group)
                         cp.dispatch_workgroups(*op.grid)
                 cp.end()
+            if self.ops and self.profile == "step":
+                enc.resolve_query_set(self._qset, 0, 2, self._qbuf, 0)
             if copy is not None:
                 enc.copy_buffer_to_buffer(*copy)
-            gpu.device.queue.submit([enc.finish()])
+            t2 = clock()
+            buf = enc.finish()
+            t3 = clock()
+            gpu.device.queue.submit([buf])
+            if self.ops and self.profile == "step":  # host seconds: write + new encoder, encode, finish, submit
+                self.host_log.append((t1 - t0, t2 - t1, t3 - t2, clock() - t3))
             if self.ops and self.profile:
                 self._collect_profile()
         except Exception as e:
@@ -178,7 +190,7 @@ class CommandStream:
     # ------------------------------------------------------------------------------------ capture and replay
     def capture_begin(self, pos0: int):
         """The decode step about to be recorded (for position pos0) may be captured for replay."""
-        self._capturing = [] if not self.profile else None
+        self._capturing = [] if self.profile != "kernels" else None
         self._capture_pos = pos0
 
     def capture_end(self, key, out, max_pos: int):
@@ -201,7 +213,7 @@ class CommandStream:
         """The captured step's output with its dispatches queued for position pos0, or None when there
         is no valid capture for `key` at this position."""
         c = self.capture
-        if c is None or c.gen != self.gpu.gen or c.key is not key or self.profile or pos0 + 1 > c.max_pos:
+        if c is None or c.gen != self.gpu.gen or c.key is not key or self.profile == "kernels" or pos0 + 1 > c.max_pos:
             return None
         self.flush()
         c.params.view(np.uint32)[c.words] = pos0 + c.offsets
@@ -217,14 +229,25 @@ class CommandStream:
         return c.out
 
     # ------------------------------------------------------------------------------------ profiling
-    def _encode_profiled(self, enc):
-        """One compute pass per dispatch, with begin/end timestamps (the `timestamp-query` feature)."""
-        n = 2 * len(self.ops)
-        U = self.gpu.wgpu.BufferUsage
+    def _queries(self, n):
         if self._qset is None or self._qset_count < n:
+            U = self.gpu.wgpu.BufferUsage
             self._qset = self.gpu.device.create_query_set(type="timestamp", count=n)
             self._qset_count = n
             self._qbuf = self.gpu.device.create_buffer(size=8 * n, usage=U.QUERY_RESOLVE | U.COPY_SRC)
+
+    def _step_timestamps(self) -> dict:
+        """begin_compute_pass arguments: timestamps around the whole pass when profiling steps."""
+        if self.profile != "step":
+            return {}
+        self._queries(2)
+        return {"timestamp_writes": {"query_set": self._qset, "beginning_of_pass_write_index": 0,
+                                     "end_of_pass_write_index": 1}}
+
+    def _encode_profiled(self, enc):
+        """One compute pass per dispatch, with begin/end timestamps (the `timestamp-query` feature)."""
+        n = 2 * len(self.ops)
+        self._queries(n)
         for j, op in enumerate(self.ops):
             cp = enc.begin_compute_pass(timestamp_writes={"query_set": self._qset,
                                                           "beginning_of_pass_write_index": 2 * j,
@@ -234,24 +257,33 @@ class CommandStream:
             cp.dispatch_workgroups(*op.grid)
             cp.end()
         enc.resolve_query_set(self._qset, 0, n, self._qbuf, 0)
-        self._profiled = [(op.label, op.nbytes) for op in self.ops]
 
     def _collect_profile(self):
-        n = 2 * len(self._profiled)
+        if self.profile == "step":
+            t0, t1 = np.frombuffer(self.gpu.device.queue.read_buffer(self._qbuf, 0, 16), np.uint64)
+            self.profile_log.append((len(self.ops), int(t1) - int(t0)))
+            return
+        n = 2 * len(self.ops)
         ticks = np.frombuffer(self.gpu.device.queue.read_buffer(self._qbuf, 0, 8 * n), np.uint64).reshape(-1, 2)
-        for (label, nb), (t0, t1) in zip(self._profiled, ticks):
-            self.profile_log.append((label, nb, int(t1) - int(t0)))
+        for op, (t0, t1) in zip(self.ops, ticks):
+            self.profile_log.append((op.label, op.nbytes, int(t1) - int(t0)))
 
-    def copy_bandwidth_gbps(self, nbytes: int = 64 << 20) -> float:
-        """Device buffer-to-buffer copy bandwidth (read + write bytes / wall time, best of 3)."""
+    def read_bandwidth_gbps(self, nbytes: int | None = None, timestamp_period_ns: float = 1.0) -> float:
+        """The device's read bandwidth as a WGSL kernel sees it: a grid-stride vec4<u32> read
+        (bandwidth.wgsl) of a buffer far larger than the caches, by 8192 workgroups of 256 invocations,
+        timed with timestamps (best of 5). The profiler's reference for each kernel's GB/s."""
         gpu = self.gpu
-        a, b = gpu.buffer(nbytes), gpu.buffer(nbytes)
-        best = float("inf")
-        for _ in range(3):
-            enc = gpu.device.create_command_encoder()
-            enc.copy_buffer_to_buffer(a, 0, b, 0, nbytes)
-            t = time.perf_counter()
-            gpu.device.queue.submit([enc.finish()])
-            gpu.device.queue.read_buffer(b, 0, 4)  # waits for the copy
-            best = min(best, time.perf_counter() - t)
-        return 2 * nbytes / best / 1e9
+        nbytes = nbytes or min(1 << 30, gpu.max_binding) // 16 * 16
+        src, dst = gpu.buffer(nbytes), gpu.buffer(4 * 8192 * 256)
+        gpu.device.queue.write_buffer(src, 0, np.arange(1 << 20, dtype=np.uint32))  # not all zeros
+        kernel = self.programs.kernel("bandwidth", "sweep", dict(src=src, dst=dst))
+        saved, self.profile, self.profile_log = (self.profile, self.profile_log), "step", []
+        try:
+            for _ in range(6):
+                self.begin()
+                self.dispatch(kernel, (8192,), dict(n=nbytes // 16), dict(src=src, dst=dst))
+                self.flush()
+            ticks = min(t for _, t in self.profile_log[1:])
+        finally:
+            self.profile, self.profile_log = saved
+        return nbytes / (ticks * timestamp_period_ns)

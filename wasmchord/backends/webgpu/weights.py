@@ -11,7 +11,7 @@ from ...quants import k4_nibbles, k_scale_min, q6_k_values
 from ..base import WeightSource
 
 # GPU formats: 0 F32, 1 F16, 2 Q4 sym, 3 Q4 + min, 4 Q5 sym, 5 Q8, 6 Q8 with a scale per 16
-WORDS = {0: 32, 1: 16, 2: 4, 3: 4, 4: 5, 5: 8, 6: 8}   # u32 words per 32-element block
+WORDS = {0: 32, 1: 16, 2: 4, 3: 4, 4: 4, 5: 8, 6: 8}   # u32 words per 32-element block (a multiple of 4)
 FMT_NAMES = {0: "f32", 1: "f16", 2: "q4", 3: "q4m", 4: "q5", 5: "q8", 6: "q8/16"}
 SCALES_PER_BLOCK = {6: 2}
 
@@ -60,8 +60,8 @@ def repack(src: WeightSource):
         return 2, _u32(b[:, 2:18]), _f16col(b, 0), None
     if t == "Q4_1":
         return 3, _u32(b[:, 4:20]), _f16col(b, 0), _f16col(b, 2)
-    if t == "Q5_0":
-        return 4, np.concatenate([_u32(b[:, 6:22]), _u32(b[:, 2:6])], axis=1), _f16col(b, 0), None
+    if t == "Q5_0":  # the 32 high bits (one u32 per block) go where the minimums go
+        return 4, _u32(b[:, 6:22]), _f16col(b, 0), _u32(b[:, 2:6]).reshape(-1)
     if t == "Q8_0":
         return 5, _u32(b[:, 2:34]), _f16col(b, 0), None
     if t == "Q4_K":  # 8 sub-blocks of 32 with scale d*sc and min dmin*m (exact in f32)

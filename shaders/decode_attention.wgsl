@@ -1,0 +1,226 @@
+// decode_attention.wgsl: one decode step's attention for one layer, fused: per-head RMSNorm of q and
+// the new k (P.qk_norm), RoPE of both, the store of the new k and v at position pos0, and split-KV
+// ("flash decoding") attention of the query heads that share a KV head over one split of SPLIT
+// positions. Each workgroup writes, per query head, a partial: (max score m, sum l of exp(score - m),
+// 0, 0) then the unnormalized output [hd_v], at (h * splits_max + s) * (hd_v + 4) floats. The
+// consumer merges the splits (matvec.wgsl XSRC 1: the output projection's prologue).
+//
+// Bindings (group 0):
+//   0 uniform P
+//   1 storage qkv   vec4<f32> the QKV projection of this token, read: q heads at q_off, k at k_off, v at v_off
+//   2 storage kc    vec4<f32> key cache of this layer [KV, ctx, hd], read_write
+//   3 storage vc    vec4<f32> value cache of this layer [KV, ctx, hd_v], read_write
+//   4 storage part  f32 partials, read_write
+//   5 storage cs    f32 RoPE table [positions, n_rot / 2, 2] (cos, sin), read
+//   6 storage qn    f32 q RMSNorm weight [hd], read      (P.qk_norm == 1)
+//   7 storage kn    f32 k RMSNorm weight [hd], read      (P.qk_norm == 1)
+// grid: (splits = pos0 / SPLIT + 1, KV heads, ceil(rep / MAX_REP)), rep = heads / kv_heads.
+// Limits: hd and hd_v multiples of 4, at most 256.
+
+struct P {
+    heads: u32,
+    kv_heads: u32,
+    hd: u32,
+    hd_v: u32,
+    ctx: u32,
+    pos0: u32,
+    window: u32,     // > 0: a query sees the last `window` positions only
+    scale: f32,
+    q_off: u32,      // element offsets in qkv (multiples of 4)
+    k_off: u32,
+    v_off: u32,
+    n_rot: u32,      // rotated dimensions per head
+    neox: u32,       // RoPE pairs: 0 (2j, 2j+1), 1 (j, j + n_rot/2)
+    qk_norm: u32,
+    eps: f32,
+    pad0: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: P;
+@group(0) @binding(1) var<storage, read> qkv: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read_write> kc: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read_write> vc: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read_write> part: array<f32>;
+@group(0) @binding(5) var<storage, read> cs: array<f32>;
+@group(0) @binding(6) var<storage, read> qn: array<f32>;
+@group(0) @binding(7) var<storage, read> kn: array<f32>;
+
+const SPLIT: u32 = 128u;    // key positions per workgroup (= invocations)
+const MAX_REP: u32 = 8u;    // query heads per workgroup
+const NEG_INF: f32 = -3.0e38;
+// Workgroup memory in vec4s: q heads [0, 512), scores [512, 768), new k [768, 832), new v [832, 896),
+// scratch [896, 928), per-head statistics [928, 936). After the weighted sum: all of it for the
+// position groups' partial outputs.
+const QS: u32 = 0u;
+const SC: u32 = 512u;
+const KN: u32 = 768u;
+const VN: u32 = 832u;
+const RED: u32 = 896u;
+const ST: u32 = 928u;
+var<workgroup> sm: array<vec4<f32>, 1024>;
+
+fn smf(i: u32) -> f32 { return sm[i / 4u][i % 4u]; }
+fn smf_set(i: u32, v: f32) { sm[i / 4u][i % 4u] = v; }
+
+// Per-head sums over `heads` vectors of `len` floats at float offset `base` (stride len): invocation
+// lid takes head lid / 16 and every 16th element; the 16 partials of a head are added by its first
+// invocation. Results at float ST*4 + 8 * slot + head. Every invocation calls it.
+fn head_sums(lid: u32, base: u32, len: u32, heads: u32, squares: bool, slot: u32) {
+    let hh = lid / 16u;
+    var acc = 0.0;
+    if (hh < heads) {
+        for (var d = lid % 16u; d < len; d += 16u) {
+            let v = smf(base + hh * len + d);
+            acc += select(v, v * v, squares);
+        }
+    }
+    smf_set(RED * 4u + lid, acc);
+    workgroupBarrier();
+    if (lid % 16u == 0u && hh < heads) {
+        var t = 0.0;
+        for (var i = 0u; i < 16u; i++) { t += smf(RED * 4u + lid + i); }
+        smf_set(ST * 4u + 8u * slot + hh, t);
+    }
+    workgroupBarrier();
+}
+
+// RMSNorm (weight w: 0 = qn, 1 = kn) and RoPE of `heads` vectors of hd floats at float offset base.
+fn norm_rope(lid: u32, base: u32, heads: u32, which: u32) {
+    let hd = p.hd;
+    if (p.qk_norm == 1u) {
+        head_sums(lid, base, hd, heads, true, 0u);
+        for (var e = lid; e < heads * hd; e += SPLIT) {
+            let inv = inverseSqrt(smf(ST * 4u + e / hd) / f32(hd) + p.eps);
+            let w = select(qn[e % hd], kn[e % hd], which == 1u);
+            smf_set(base + e, smf(base + e) * inv * w);
+        }
+        workgroupBarrier();
+    }
+    let half = p.n_rot / 2u;
+    for (var e = lid; e < heads * half; e += SPLIT) {
+        let h = e / half;
+        let j = e % half;
+        var a = 2u * j;
+        var b = 2u * j + 1u;
+        if (p.neox == 1u) { a = j; b = j + half; }
+        let t = (p.pos0 * half + j) * 2u;
+        let c = cs[t];
+        let sn = cs[t + 1u];
+        let x0 = smf(base + h * hd + a);
+        let x1 = smf(base + h * hd + b);
+        smf_set(base + h * hd + a, x0 * c - x1 * sn);
+        smf_set(base + h * hd + b, x0 * sn + x1 * c);
+    }
+    workgroupBarrier();
+}
+
+@compute @workgroup_size(128)
+fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let s = wg.x;
+    let g = wg.y;
+    let rep = p.heads / p.kv_heads;
+    let h0 = g * rep + wg.z * MAX_REP;                    // first query head of this workgroup
+    let nh = min(MAX_REP, g * rep + rep - h0);            // query heads here
+    let hd4 = p.hd / 4u;
+    let hv4 = p.hd_v / 4u;
+    let last = s == p.pos0 / SPLIT;
+
+    // ---- q heads, the new k and v into workgroup memory; norms and RoPE
+    for (var e = lid; e < nh * hd4; e += SPLIT) { sm[QS + e] = qkv[(p.q_off + h0 * p.hd) / 4u + e]; }
+    for (var e = lid; e < hd4; e += SPLIT) { sm[KN + e] = qkv[(p.k_off + g * p.hd) / 4u + e]; }
+    for (var e = lid; e < hv4; e += SPLIT) { sm[VN + e] = qkv[(p.v_off + g * p.hd_v) / 4u + e]; }
+    workgroupBarrier();
+    norm_rope(lid, QS * 4u, nh, 0u);
+    norm_rope(lid, KN * 4u, 1u, 1u);
+    if (last && wg.z == 0u) {  // the new position's k and v go to the cache (read from sm below)
+        let kb = (g * p.ctx + p.pos0) * hd4;
+        for (var e = lid; e < hd4; e += SPLIT) { kc[kb + e] = sm[KN + e]; }
+        let vb = (g * p.ctx + p.pos0) * hv4;
+        for (var e = lid; e < hv4; e += SPLIT) { vc[vb + e] = sm[VN + e]; }
+    }
+
+    // ---- scores of this split's positions: invocation lid takes position t
+    let len = p.pos0 + 1u;
+    var t0 = 0u;
+    if (p.window > 0u && len > p.window) { t0 = len - p.window; }
+    let t = s * SPLIT + lid;
+    let visible = t >= t0 && t < len;
+    var sc = array<f32, 8>(NEG_INF, NEG_INF, NEG_INF, NEG_INF, NEG_INF, NEG_INF, NEG_INF, NEG_INF);
+    if (visible) {
+        var acc = array<f32, 8>(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
+        let kb = (g * p.ctx + t) * hd4;
+        for (var c = 0u; c < hd4; c++) {
+            let k = select(kc[kb + c], sm[KN + c], t == p.pos0);
+            for (var h = 0u; h < nh; h++) { acc[h] += dot(sm[QS + h * hd4 + c], k); }
+        }
+        for (var h = 0u; h < nh; h++) { sc[h] = acc[h] * p.scale; }
+    }
+    // ---- per-head max and sum of exp over the split
+    for (var h = 0u; h < MAX_REP; h++) { smf_set(SC * 4u + h * SPLIT + lid, sc[h]); }
+    workgroupBarrier();
+    let hh = lid / 16u;  // head of this invocation in the reductions; 8 positions each
+    var mx = NEG_INF;
+    for (var i = 0u; i < 8u; i++) { mx = max(mx, smf(SC * 4u + hh * SPLIT + (lid % 16u) * 8u + i)); }
+    smf_set(RED * 4u + lid, mx);
+    workgroupBarrier();
+    if (lid % 16u == 0u) {
+        var m = NEG_INF;
+        for (var i = 0u; i < 16u; i++) { m = max(m, smf(RED * 4u + lid + i)); }
+        smf_set(ST * 4u + hh, m);
+    }
+    workgroupBarrier();
+    var m = array<f32, 8>();
+    for (var h = 0u; h < MAX_REP; h++) { m[h] = smf(ST * 4u + h); }
+    for (var h = 0u; h < MAX_REP; h++) {  // scores -> weights exp(score - m)
+        let v = sc[h];
+        smf_set(SC * 4u + h * SPLIT + lid, select(exp(v - m[h]), 0.0, v <= NEG_INF));
+    }
+    workgroupBarrier();
+    var l = 0.0;
+    for (var i = 0u; i < 8u; i++) { l += smf(SC * 4u + hh * SPLIT + (lid % 16u) * 8u + i); }
+    smf_set(RED * 4u + lid, l);
+    workgroupBarrier();
+    if (lid % 16u == 0u) {
+        var tot = 0.0;
+        for (var i = 0u; i < 16u; i++) { tot += smf(RED * 4u + lid + i); }
+        smf_set(ST * 4u + 8u + hh, tot);
+    }
+    workgroupBarrier();
+    var lsum = array<f32, 8>();
+    for (var h = 0u; h < MAX_REP; h++) { lsum[h] = smf(ST * 4u + 8u + h); }
+
+    // ---- weighted sum of v: invocation = (position group pg, vec4 column col)
+    let pgs = SPLIT / hv4;
+    let col = lid % hv4;
+    let pg = lid / hv4;               // invocations past pgs * hv4 (hd_v not dividing 512) sit out
+    var o: array<vec4<f32>, 8>;
+    let b = max(s * SPLIT, t0);
+    let e = select(b, min(s * SPLIT + SPLIT, len), pg < pgs);
+    for (var tt = b + pg; tt < e; tt += pgs) {
+        let v = select(vc[(g * p.ctx + tt) * hv4 + col], sm[VN + col], tt == p.pos0);
+        for (var h = 0u; h < nh; h++) { o[h] += smf(SC * 4u + h * SPLIT + tt - s * SPLIT) * v; }
+    }
+    workgroupBarrier();  // scores, q and the new k/v are no longer needed: sm takes the partial outputs
+    if (pg < pgs) {
+        for (var h = 0u; h < nh; h++) { sm[(pg * MAX_REP + h) * hv4 + col] = o[h]; }
+    }
+    workgroupBarrier();
+    let smax = (p.ctx + SPLIT - 1u) / SPLIT;
+    for (var i = lid; i < nh * hv4; i += SPLIT) {
+        let h = i / hv4;
+        let c = i % hv4;
+        var acc = vec4<f32>(0.0);
+        for (var q = 0u; q < pgs; q++) { acc += sm[(q * MAX_REP + h) * hv4 + c]; }
+        let base = ((h0 + h) * smax + s) * (p.hd_v + 4u);
+        part[base + 4u + 4u * c] = acc.x;
+        part[base + 5u + 4u * c] = acc.y;
+        part[base + 6u + 4u * c] = acc.z;
+        part[base + 7u + 4u * c] = acc.w;
+        if (c == 0u) {
+            part[base] = m[h];
+            part[base + 1u] = lsum[h];
+            part[base + 2u] = 0.0;
+            part[base + 3u] = 0.0;
+        }
+    }
+}

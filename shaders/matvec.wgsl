@@ -1,0 +1,166 @@
+// matvec.wgsl: one token times a (quantized) weight matrix, the decode step's matrix kernels: plain
+// (with bias and the residual add in the epilogue), and gate/up with the gated activation.
+// Weight blocks: quant.wgsl; silu and gelu_tanh: activations.wgsl.
+//
+// Bindings (group 0):
+//   0 uniform P
+//   1 storage x     vec4<f32> input, read   (XSRC 0: the activations; 1: split attention partials)
+//   2-4             the weight (quant.wgsl)
+//   5 storage out   f32 output, read_write
+//   6 storage bias  f32 bias per row, read              (P.has_bias == 1)
+//   7 storage g     vec4<f32> RMSNorm weight, read      (P.norm == 1: out = W (rmsnorm(x) * g))
+//
+// Work split: a workgroup of WG invocations is WG / LANES groups of LANES lanes; a group computes RT
+// rows, its lanes dealt the row's 32-element blocks (lane, lane + LANES, ...). A lane loads a block's
+// activations once and uses them for its RT rows; the block scale is applied once per block. Lanes
+// are summed in shared memory. With P.norm, RMSNorm of x is folded in: W (x * g / rms(x)) =
+// (W (x * g)) / rms(x), the sum of squares gathered in the same pass over x.
+// XSRC 1 reads x as attention.wgsl's split-KV partials and merges them on the way in (the attention
+// output projection): head h, split s at (h * splits_max + s) * (hd_v + 4) floats: (max, sum, 0, 0),
+// then the unnormalized output [hd_v].
+
+struct P {
+    k: u32,          // inner dimension (multiple of 32)
+    rows: u32,       // weight rows of this piece (matvec_glu: output columns, the gate half)
+    out_off: u32,    // element offset of the output
+    out_col0: u32,   // output column of this piece's row 0
+    x_off: u32,      // element offset of x (multiple of 4)
+    has_bias: u32,
+    accumulate: u32, // 1: out += result (the residual add)
+    norm: u32,       // 1: RMSNorm x in the prologue
+    eps: f32,        // the RMSNorm epsilon
+    glu: u32,        // matvec_glu: 0 SiLU, 1 tanh GELU
+    hd_v: u32,       // XSRC 1: value head size
+    pos0: u32,       // XSRC 1: the decode position (splits in use = pos0 / split + 1)
+    ctx: u32,        // XSRC 1: the cache length (splits_max = ceil(ctx / split))
+    split: u32,      // XSRC 1: key positions per split
+    pad0: u32, pad1: u32,
+}
+
+override XSRC: u32 = 0u;
+override LANES: u32 = 16u;  // lanes per row group: a power of two, 4..64
+const WG: u32 = 256u;
+const RT: u32 = 4u;         // rows per group
+
+@group(0) @binding(0) var<uniform> p: P;
+@group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
+@group(0) @binding(5) var<storage, read_write> out: array<f32>;
+@group(0) @binding(6) var<storage, read> bias: array<f32>;
+@group(0) @binding(7) var<storage, read> g: array<vec4<f32>>;
+
+var<workgroup> red: array<f32, 1280>;  // [RT + 1][WG]: each row's lane sums, then the sums of squares
+
+// The 32 inputs of block b.
+fn load_x(b: u32) -> array<vec4<f32>, 8> {
+    var xs: array<vec4<f32>, 8>;
+    if (XSRC == 0u) {
+        let base = p.x_off / 4u + b * 8u;
+        for (var j = 0u; j < 8u; j++) { xs[j] = x[base + j]; }
+        return xs;
+    }
+    let stride = (p.hd_v + 4u) / 4u;                     // vec4s per partial
+    let smax = (p.ctx + p.split - 1u) / p.split;
+    let ns = p.pos0 / p.split + 1u;
+    var head = 0xffffffffu;
+    var first = 0u;
+    var mx = -3.0e38;
+    var l = 0.0;
+    for (var j = 0u; j < 8u; j++) {
+        let e = b * 32u + 4u * j;
+        if (e / p.hd_v != head) {  // a block may span two heads when hd_v is not a multiple of 32
+            head = e / p.hd_v;
+            first = p.x_off / 4u + head * smax * stride;
+            mx = -3.0e38;
+            for (var sp = 0u; sp < ns; sp++) { mx = max(mx, x[first + sp * stride].x); }
+            l = 0.0;
+            for (var sp = 0u; sp < ns; sp++) {
+                let hdr = x[first + sp * stride];
+                l += select(exp(hdr.x - mx), 0.0, hdr.x <= -3.0e38) * hdr.y;
+            }
+        }
+        var acc = vec4<f32>(0.0);
+        for (var sp = 0u; sp < ns; sp++) {
+            let hdr = x[first + sp * stride];
+            acc += select(exp(hdr.x - mx), 0.0, hdr.x <= -3.0e38) * x[first + sp * stride + 1u + (e % p.hd_v) / 4u];
+        }
+        xs[j] = acc / l;
+    }
+    return xs;
+}
+
+// The partial sums of one group's RT rows (rows(r) gives weight row r of the group), reduced over
+// its lanes into red[r * WG + group * LANES]; the sum of squares of x at red[RT * WG + ...]. Every
+// invocation calls it (it has barriers).
+fn group_sums(lid: u32, rows: array<u32, 4>) {
+    let lane = lid % LANES;
+    let nb = p.k / 32u;
+    var acc = array<f32, 4>(0.0, 0.0, 0.0, 0.0);
+    var ss = 0.0;
+    for (var b = lane; b < nb; b += LANES) {
+        var xs = load_x(b);
+        if (p.norm == 1u) {
+            for (var j = 0u; j < 8u; j++) {
+                ss += dot(xs[j], xs[j]);
+                xs[j] *= g[b * 8u + j];
+            }
+        }
+        var s4 = vec4<f32>(0.0);
+        for (var j = 0u; j < 8u; j++) { s4 += xs[j]; }
+        let sx = s4.x + s4.y + s4.z + s4.w;
+        for (var r = 0u; r < RT; r++) { acc[r] += block_dot(rows[r] * nb + b, xs, sx); }
+    }
+    for (var r = 0u; r < RT; r++) { red[r * WG + lid] = acc[r]; }
+    red[RT * WG + lid] = ss;
+    workgroupBarrier();
+    for (var st = LANES / 2u; st > 0u; st >>= 1u) {
+        if (lane < st) {
+            for (var r = 0u; r <= RT; r++) { red[r * WG + lid] += red[r * WG + lid + st]; }
+        }
+        workgroupBarrier();
+    }
+}
+
+// Row slot r of the group starting at invocation g0, with the RMSNorm scale applied when p.norm.
+fn row_value(r: u32, g0: u32) -> f32 {
+    var v = red[r * WG + g0];
+    if (p.norm == 1u) { v *= inverseSqrt(red[RT * WG + g0] / f32(p.k) + p.eps); }
+    return v;
+}
+
+@compute @workgroup_size(256)
+fn matvec(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+          @builtin(local_invocation_index) lid: u32) {
+    let grp = lid / LANES;
+    let r0 = ((wg.x + wg.y * nwg.x) * (WG / LANES) + grp) * RT;
+    let last = p.rows - 1u;  // rows past the end read the last row; their results are not written
+    group_sums(lid, array<u32, 4>(min(r0, last), min(r0 + 1u, last), min(r0 + 2u, last), min(r0 + 3u, last)));
+    let lane = lid % LANES;
+    let r = r0 + lane;
+    if (lane < RT && r < p.rows) {
+        var v = row_value(lane, grp * LANES);
+        if (p.has_bias == 1u) { v += bias[r]; }
+        let o = p.out_off + p.out_col0 + r;
+        if (p.accumulate == 1u) { v += out[o]; }
+        out[o] = v;
+    }
+}
+
+// Gate/up projection with the gated activation in the epilogue: the weight holds gate rows
+// [0, p.rows) then up rows [p.rows, 2 p.rows); a group computes gate rows j, j+1 and up rows
+// p.rows + j, p.rows + j + 1, and writes act(gate) * up (p.glu: 0 SiLU, 1 tanh GELU). No bias.
+@compute @workgroup_size(256)
+fn matvec_glu(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+              @builtin(local_invocation_index) lid: u32) {
+    let grp = lid / LANES;
+    let j0 = ((wg.x + wg.y * nwg.x) * (WG / LANES) + grp) * 2u;
+    let j1 = min(j0 + 1u, p.rows - 1u);
+    let ja = min(j0, p.rows - 1u);
+    group_sums(lid, array<u32, 4>(ja, j1, p.rows + ja, p.rows + j1));
+    let lane = lid % LANES;
+    let j = j0 + lane;
+    if (lane < 2u && j < p.rows) {
+        let gate = row_value(lane, grp * LANES);
+        let up = row_value(2u + lane, grp * LANES);
+        out[p.out_off + p.out_col0 + j] = select(silu(gate), gelu_tanh(gate), p.glu == 1u) * up;
+    }
+}

@@ -1,0 +1,93 @@
+"""Time the GPU's matrix kernels alone on the shapes of the real models: the decode matvec with each
+lanes-per-row choice, and the prefill matmul at 512 tokens (TFLOP/s), against the device's read
+bandwidth measured in the same run. Random weights of the real types (speed depends on shapes and
+types, not values). Prints a table; writes JSON with --json.
+
+    python tools/gpu_kernel_bench.py [--reps 20] [--json out.json]
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from wasmchord.backends.base import WeightSource  # noqa: E402
+from wasmchord.backends.webgpu import GTensor, WgpuBackend  # noqa: E402
+from wasmchord.quants import ggml_type  # noqa: E402
+
+# (model, matrix, rows, k, GGUF type)
+SHAPES = [
+    ("smollm2", "attn_qkv", 960, 576, "Q4_1"), ("smollm2", "attn_output", 576, 576, "Q4_1"),
+    ("smollm2", "ffn_gate_up", 3072, 576, "Q4_1"), ("smollm2", "ffn_down", 576, 1536, "Q4_1"),
+    ("smollm2", "output", 49152, 576, "Q8_0"),
+    ("qwen2.5-1.5b", "attn_qkv", 2048, 1536, "Q4_K"), ("qwen2.5-1.5b", "attn_output", 1536, 1536, "Q4_K"),
+    ("qwen2.5-1.5b", "ffn_gate_up", 17920, 1536, "Q4_K"), ("qwen2.5-1.5b", "ffn_down", 1536, 8960, "Q6_K"),
+    ("qwen2.5-1.5b", "output", 151936, 1536, "Q6_K"),
+]
+SCALES = {"Q8_0": [(0, 0.004)], "Q4_1": [(0, 0.008), (2, -0.06)], "Q4_K": [(0, 0.0004), (2, 0.0004)],
+          "Q6_K": [(208, 0.0004)], "Q5_0": [(0, 0.004)]}
+
+
+def random_weight(name, rows, k, rng) -> WeightSource:
+    t = ggml_type(name)
+    nb = k // t.block_size
+    raw = rng.integers(0, 256, size=(rows, nb, t.type_size), dtype=np.uint8)
+    for off, val in SCALES[name]:
+        raw[:, :, off:off + 2] = np.frombuffer(np.float16(val).tobytes(), np.uint8)
+    return WeightSource(name, raw.reshape(-1), t, (rows, k))
+
+
+def time_op(be, f, reps) -> float:
+    """Median seconds of the dispatches `f` records, each in a timed pass."""
+    be.enable_profiling("kernels")
+    for _ in range(reps):
+        be.begin_forward()
+        f()
+        be.stream.flush()
+    ticks = [t for _, _, t in be.stream.profile_log]
+    be.enable_profiling(None)
+    per = len(ticks) // reps
+    return float(np.median([sum(ticks[i * per:(i + 1) * per]) for i in range(1, reps)])) * 1e-9
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--json")
+    a = ap.parse_args()
+    be, rng = WgpuBackend(), np.random.default_rng(0)
+    bw = be.stream.read_bandwidth_gbps()
+    print(f"{be.describe()}\nread bandwidth (WGSL read kernel): {bw:.0f} GB/s")
+    rows_out = []
+    print(f"{'model':<14}{'matrix':<13}{'shape':>14}{'type':>6}{'MB':>7}  matvec us (lanes 8/16/32/64, auto)"
+          f"   best GB/s  of read   matmul n=512 TFLOP/s")
+    for model, mat, rows, k, t in SHAPES:
+        W = be.load_matrix([random_weight(t, rows, k, rng)])
+        x1 = be.load_vector(rng.standard_normal((1, k)).astype(np.float32))
+        x1 = GTensor(x1.buf, 0, (1, k))
+        xn = be.load_vector(rng.standard_normal((512, k)).astype(np.float32))
+        xn = GTensor(xn.buf, 0, (512, k))
+        times = {}
+        for lanes in (8, 16, 32, 64, None):
+            be.matvec_lanes = lanes
+            times[lanes or "auto"] = time_op(be, lambda: be.matmul(x1, W), a.reps)
+        be.matvec_lanes = None
+        mm = time_op(be, lambda: be.matmul(xn, W), max(3, a.reps // 4))
+        best = min(times.values())
+        r = dict(model=model, matrix=mat, rows=rows, k=k, type=t, MB=W.nbytes / 1e6,
+                 matvec_us={str(kk): v * 1e6 for kk, v in times.items()}, best_GBps=W.nbytes / best / 1e9,
+                 matmul512_TFLOPs=2 * 512 * rows * k / mm / 1e12)
+        rows_out.append(r)
+        us = "/".join(f"{v * 1e6:.1f}" for v in times.values())
+        print(f"{model:<14}{mat:<13}{f'{rows}x{k}':>14}{t:>6}{r['MB']:>7.1f}  {us:<40}{r['best_GBps']:>8.0f}"
+              f"{100 * r['best_GBps'] / bw:>8.0f}%{r['matmul512_TFLOPs']:>10.2f}", flush=True)
+    if a.json:
+        Path(a.json).write_text(json.dumps({"device": be.describe(), "read_GBps": bw, "shapes": rows_out}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
