@@ -151,9 +151,9 @@ fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
         let kb = (g * p.ctx + t) * hd4;
         for (var c = 0u; c < hd4; c++) {
             let k = select(kc[kb + c], sm[KN + c], t == p.pos0);
-            for (var h = 0u; h < nh; h++) { acc[h] += dot(sm[QS + h * hd4 + c], k); }
+            for (var h = 0u; h < MAX_REP; h++) { if (h < nh) { acc[h] += dot(sm[QS + h * hd4 + c], k); } }
         }
-        for (var h = 0u; h < nh; h++) { sc[h] = acc[h] * p.scale; }
+        for (var h = 0u; h < MAX_REP; h++) { if (h < nh) { sc[h] = acc[h] * p.scale; } }
     }
     // ---- per-head max and sum of exp over the split
     for (var h = 0u; h < MAX_REP; h++) { smf_set(SC * 4u + h * SPLIT + lid, sc[h]); }
@@ -198,11 +198,11 @@ fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
     let e = select(b, min(s * SPLIT + SPLIT, len), pg < pgs);
     for (var tt = b + pg; tt < e; tt += pgs) {
         let v = select(vc[(g * p.ctx + tt) * hv4 + col], sm[VN + col], tt == p.pos0);
-        for (var h = 0u; h < nh; h++) { o[h] += smf(SC * 4u + h * SPLIT + tt - s * SPLIT) * v; }
+        for (var h = 0u; h < MAX_REP; h++) { if (h < nh) { o[h] += smf(SC * 4u + h * SPLIT + tt - s * SPLIT) * v; } }
     }
     workgroupBarrier();  // scores, q and the new k/v are no longer needed: sm takes the partial outputs
     if (pg < pgs) {
-        for (var h = 0u; h < nh; h++) { sm[(pg * MAX_REP + h) * hv4 + col] = o[h]; }
+        for (var h = 0u; h < MAX_REP; h++) { if (h < nh) { sm[(pg * MAX_REP + h) * hv4 + col] = o[h]; } }
     }
     workgroupBarrier();
     let smax = (p.ctx + SPLIT - 1u) / SPLIT;

@@ -50,71 +50,74 @@ const RT: u32 = 4u;         // rows per group
 
 var<workgroup> red: array<f32, 1280>;  // [RT + 1][WG]: each row's lane sums, then the sums of squares
 
+fn xv(i: u32) -> vec4<f32> { return x[i]; }
+
 // The 32 inputs of block b.
-fn load_x(b: u32) -> array<vec4<f32>, 8> {
-    var xs: array<vec4<f32>, 8>;
+fn load_x(b: u32) -> X8 {
     if (XSRC == 0u) {
-        let base = p.x_off / 4u + b * 8u;
-        for (var j = 0u; j < 8u; j++) { xs[j] = x[base + j]; }
-        return xs;
+        let i = p.x_off / 4u + b * 8u;
+        return X8(xv(i), xv(i + 1u), xv(i + 2u), xv(i + 3u), xv(i + 4u), xv(i + 5u), xv(i + 6u), xv(i + 7u));
     }
+    return X8(merged(b * 32u), merged(b * 32u + 4u), merged(b * 32u + 8u), merged(b * 32u + 12u),
+              merged(b * 32u + 16u), merged(b * 32u + 20u), merged(b * 32u + 24u), merged(b * 32u + 28u));
+}
+
+// Inputs e..e+3 (within one head, as hd_v is a multiple of 4) merged from the split partials:
+// sum over splits of exp(m_s - max m) * o_s, over the same sum of exp(m_s - max m) * l_s.
+fn merged(e: u32) -> vec4<f32> {
     let stride = (p.hd_v + 4u) / 4u;                     // vec4s per partial
     let smax = (p.ctx + p.split - 1u) / p.split;
     let ns = p.pos0 / p.split + 1u;
-    var head = 0xffffffffu;
-    var first = 0u;
+    let first = p.x_off / 4u + (e / p.hd_v) * smax * stride;
     var mx = -3.0e38;
+    for (var sp = 0u; sp < ns; sp++) { mx = max(mx, x[first + sp * stride].x); }
     var l = 0.0;
-    for (var j = 0u; j < 8u; j++) {
-        let e = b * 32u + 4u * j;
-        if (e / p.hd_v != head) {  // a block may span two heads when hd_v is not a multiple of 32
-            head = e / p.hd_v;
-            first = p.x_off / 4u + head * smax * stride;
-            mx = -3.0e38;
-            for (var sp = 0u; sp < ns; sp++) { mx = max(mx, x[first + sp * stride].x); }
-            l = 0.0;
-            for (var sp = 0u; sp < ns; sp++) {
-                let hdr = x[first + sp * stride];
-                l += select(exp(hdr.x - mx), 0.0, hdr.x <= -3.0e38) * hdr.y;
-            }
-        }
-        var acc = vec4<f32>(0.0);
-        for (var sp = 0u; sp < ns; sp++) {
-            let hdr = x[first + sp * stride];
-            acc += select(exp(hdr.x - mx), 0.0, hdr.x <= -3.0e38) * x[first + sp * stride + 1u + (e % p.hd_v) / 4u];
-        }
-        xs[j] = acc / l;
+    var acc = vec4<f32>(0.0);
+    for (var sp = 0u; sp < ns; sp++) {
+        let hdr = x[first + sp * stride];
+        let w = select(exp(hdr.x - mx), 0.0, hdr.x <= -3.0e38);
+        l += w * hdr.y;
+        acc += w * x[first + sp * stride + 1u + (e % p.hd_v) / 4u];
     }
-    return xs;
+    return acc / l;
 }
 
-// The partial sums of one group's RT rows (rows(r) gives weight row r of the group), reduced over
-// its lanes into red[r * WG + group * LANES]; the sum of squares of x at red[RT * WG + ...]. Every
-// invocation calls it (it has barriers).
-fn group_sums(lid: u32, rows: array<u32, 4>) {
+// One group's sums for weight rows r0..r3, reduced over its lanes into red[r * WG + group * LANES]
+// (r = 0..3), the sum of squares of x at red[4 * WG + ...]. Every invocation calls it (barriers).
+fn group_sums(lid: u32, r0: u32, r1: u32, r2: u32, r3: u32) {
     let lane = lid % LANES;
     let nb = p.k / 32u;
-    var acc = array<f32, 4>(0.0, 0.0, 0.0, 0.0);
+    var a0 = 0.0;
+    var a1 = 0.0;
+    var a2 = 0.0;
+    var a3 = 0.0;
     var ss = 0.0;
     for (var b = lane; b < nb; b += LANES) {
         var xs = load_x(b);
         if (p.norm == 1u) {
-            for (var j = 0u; j < 8u; j++) {
-                ss += dot(xs[j], xs[j]);
-                xs[j] *= g[b * 8u + j];
-            }
+            ss += x8_dot(xs, xs);
+            let gi = b * 8u;
+            xs = x8_mul(xs, X8(g[gi], g[gi + 1u], g[gi + 2u], g[gi + 3u], g[gi + 4u], g[gi + 5u], g[gi + 6u], g[gi + 7u]));
         }
-        var s4 = vec4<f32>(0.0);
-        for (var j = 0u; j < 8u; j++) { s4 += xs[j]; }
-        let sx = s4.x + s4.y + s4.z + s4.w;
-        for (var r = 0u; r < RT; r++) { acc[r] += block_dot(rows[r] * nb + b, xs, sx); }
+        let sx = x8_sum(xs);
+        a0 += block_dot(r0 * nb + b, xs, sx);
+        a1 += block_dot(r1 * nb + b, xs, sx);
+        a2 += block_dot(r2 * nb + b, xs, sx);
+        a3 += block_dot(r3 * nb + b, xs, sx);
     }
-    for (var r = 0u; r < RT; r++) { red[r * WG + lid] = acc[r]; }
-    red[RT * WG + lid] = ss;
+    red[lid] = a0;
+    red[WG + lid] = a1;
+    red[2u * WG + lid] = a2;
+    red[3u * WG + lid] = a3;
+    red[4u * WG + lid] = ss;
     workgroupBarrier();
     for (var st = LANES / 2u; st > 0u; st >>= 1u) {
         if (lane < st) {
-            for (var r = 0u; r <= RT; r++) { red[r * WG + lid] += red[r * WG + lid + st]; }
+            red[lid] += red[lid + st];
+            red[WG + lid] += red[WG + lid + st];
+            red[2u * WG + lid] += red[2u * WG + lid + st];
+            red[3u * WG + lid] += red[3u * WG + lid + st];
+            red[4u * WG + lid] += red[4u * WG + lid + st];
         }
         workgroupBarrier();
     }
@@ -133,7 +136,7 @@ fn matvec(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
     let grp = lid / LANES;
     let r0 = ((wg.x + wg.y * nwg.x) * (WG / LANES) + grp) * RT;
     let last = p.rows - 1u;  // rows past the end read the last row; their results are not written
-    group_sums(lid, array<u32, 4>(min(r0, last), min(r0 + 1u, last), min(r0 + 2u, last), min(r0 + 3u, last)));
+    group_sums(lid, min(r0, last), min(r0 + 1u, last), min(r0 + 2u, last), min(r0 + 3u, last));
     let lane = lid % LANES;
     let r = r0 + lane;
     if (lane < RT && r < p.rows) {
@@ -153,9 +156,9 @@ fn matvec_glu(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg
               @builtin(local_invocation_index) lid: u32) {
     let grp = lid / LANES;
     let j0 = ((wg.x + wg.y * nwg.x) * (WG / LANES) + grp) * 2u;
-    let j1 = min(j0 + 1u, p.rows - 1u);
     let ja = min(j0, p.rows - 1u);
-    group_sums(lid, array<u32, 4>(ja, j1, p.rows + ja, p.rows + j1));
+    let jb = min(j0 + 1u, p.rows - 1u);
+    group_sums(lid, ja, jb, p.rows + ja, p.rows + jb);
     let lane = lid % LANES;
     let j = j0 + lane;
     if (lane < 2u && j < p.rows) {

@@ -48,18 +48,22 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
     let tx = lid % 16u;   // rows row0 + 4 tx ..
     let ty = lid / 16u;   // tokens tok0 + 4 ty ..
     let nb = p.k / 32u;
-    var acc: array<vec4<f32>, 4>;  // [token][row]
+    var acc0 = vec4<f32>(0.0);  // token 4 ty + 0, rows 4 tx ..
+    var acc1 = vec4<f32>(0.0);
+    var acc2 = vec4<f32>(0.0);
+    var acc3 = vec4<f32>(0.0);
     for (var b = 0u; b < nb; b++) {
         if (lid < TN) {
             let r = min(row0 + lid, p.rows - 1u);
             let v = block_values(r * nb + b);
-            for (var j = 0u; j < 8u; j++) {
-                for (var c = 0u; c < 4u; c++) {
-                    let kk = 4u * j + c;
-                    // row lid of k-row kk: vec4 lid / 4, component lid % 4
-                    ws[kk * 16u + lid / 4u][lid % 4u] = v[j][c];
-                }
-            }
+            stage_w(0u, lid, v.v0);
+            stage_w(4u, lid, v.v1);
+            stage_w(8u, lid, v.v2);
+            stage_w(12u, lid, v.v3);
+            stage_w(16u, lid, v.v4);
+            stage_w(20u, lid, v.v5);
+            stage_w(24u, lid, v.v6);
+            stage_w(28u, lid, v.v7);
         } else {
             for (var t = lid - TN; t < TM * 8u; t += 256u - TN) {
                 let i = t % TM;       // token
@@ -73,25 +77,38 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
         for (var kk = 0u; kk < 32u; kk++) {
             let w = ws[kk * 16u + tx];
             let a = xt[kk * 16u + ty];
-            acc[0] += a.x * w;
-            acc[1] += a.y * w;
-            acc[2] += a.z * w;
-            acc[3] += a.w * w;
+            acc0 += a.x * w;
+            acc1 += a.y * w;
+            acc2 += a.z * w;
+            acc3 += a.w * w;
         }
         workgroupBarrier();
     }
-    for (var ti = 0u; ti < 4u; ti++) {
-        let i = tok0 + 4u * ty + ti;
-        if (i >= p.n) { break; }
-        for (var c = 0u; c < 4u; c++) {
-            let r = row0 + 4u * tx + c;
-            if (r < p.rows) {
-                var v = acc[ti][c];
-                if (p.has_bias == 1u) { v += bias[r]; }
-                let o = p.out_off + i * p.out_stride + p.out_col0 + r;
-                if (p.accumulate == 1u) { v += out[o]; }
-                out[o] = v;
-            }
+    store(tok0 + 4u * ty, row0 + 4u * tx, acc0);
+    store(tok0 + 4u * ty + 1u, row0 + 4u * tx, acc1);
+    store(tok0 + 4u * ty + 2u, row0 + 4u * tx, acc2);
+    store(tok0 + 4u * ty + 3u, row0 + 4u * tx, acc3);
+}
+
+// Weight row r's values for k-rows kk..kk+3 into the k-major tile (row r: vec4 r / 4, component r % 4).
+fn stage_w(kk: u32, r: u32, v: vec4<f32>) {
+    ws[kk * 16u + r / 4u][r % 4u] = v.x;
+    ws[(kk + 1u) * 16u + r / 4u][r % 4u] = v.y;
+    ws[(kk + 2u) * 16u + r / 4u][r % 4u] = v.z;
+    ws[(kk + 3u) * 16u + r / 4u][r % 4u] = v.w;
+}
+
+// Outputs (token i, rows r0..r0+3) with bias and residual, those inside the matrix.
+fn store(i: u32, r0: u32, v4: vec4<f32>) {
+    if (i >= p.n) { return; }
+    for (var c = 0u; c < 4u; c++) {
+        let r = r0 + c;
+        if (r < p.rows) {
+            var v = v4[c];
+            if (p.has_bias == 1u) { v += bias[r]; }
+            let o = p.out_off + i * p.out_stride + p.out_col0 + r;
+            if (p.accumulate == 1u) { v += out[o]; }
+            out[o] = v;
         }
     }
 }
@@ -107,9 +124,7 @@ fn embed(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (b >= nb || i >= p.n) { return; }
     let id = ids[i];
     if (id < p.row0 || id >= p.row0 + p.rows) { return; }
-    let v = block_values((id - p.row0) * nb + b);
+    let v = x8_scale(block_values((id - p.row0) * nb + b), p.scale);
     let o = p.out_off + i * p.out_stride + b * 32u;
-    for (var j = 0u; j < 8u; j++) {
-        for (var c = 0u; c < 4u; c++) { out[o + 4u * j + c] = v[j][c] * p.scale; }
-    }
+    for (var c = 0u; c < 32u; c++) { out[o + c] = x8_at(v, c); }
 }

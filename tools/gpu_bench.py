@@ -39,6 +39,7 @@ def main():
     ap.add_argument("--models", nargs="*", default=["smollm2-135m-instruct", "gemma3-270m"])
     ap.add_argument("--prompt-lengths", default="64,512")
     ap.add_argument("--gen-tokens", type=int, default=128)
+    ap.add_argument("--shader-checks", default=None, help="naga runtime checks: all, bounds or none")
     a = ap.parse_args()
     problems = check_vulkan()
     for p in problems:
@@ -62,9 +63,10 @@ def main():
     md = [f"# GPU benchmark\n\n```\n{info}\n```\n"]
     lengths = tuple(int(x) for x in a.prompt_lengths.split(","))
     for model in a.models:
+        opts = {"shader_checks": a.shader_checks} if a.shader_checks else {}
         res = bench.run(resolve_model(model), device="gpu", prompt_lengths=lengths, n_gen=a.gen_tokens, profile=True,
-                        timestamp_period_ns=a.timestamp_period)
-        results["models"][model] = res
+                        timestamp_period_ns=a.timestamp_period, **opts)
+        results["models"][f"{model} {opts}"] = res
         md.append(f"## {model}\n\n```\n{bench.format_result(res)}\n```\n")
         print(bench.format_result(res), flush=True)
         (out / "results.json").write_text(json.dumps(results, indent=2, default=str))

@@ -20,7 +20,9 @@ CI=1 timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu_kern
 models=""
 for m in .devgpu/*.meta.gguf; do n=$(basename $m .meta.gguf); python3 .devgpu/mkmodel.py .devgpu/$n /tmp/syn-$n.gguf >/dev/null && models="$models /tmp/syn-$n.gguf"; done
 echo "setup done at $(( $(date +%s) - T0 ))s" | log
-timeout 150 python3 tools/gpu_kernel_bench.py --reps 20 --json $OUT/kernels.json 2>&1 | log
-timeout 300 python3 tools/gpu_bench.py --out $OUT --models $models 2>&1 | log
+for c in ${CHECKS:-all}; do timeout 100 python3 tools/gpu_kernel_bench.py --reps 20 --shader-checks $c --json $OUT/kernels-$c.json 2>&1 | log; done
+# every model with shader checks $BENCH_CHECKS (default: the backend's default); SmolLM2 with each of $AB
+timeout 240 python3 tools/gpu_bench.py --out $OUT/bench ${BENCH_CHECKS:+--shader-checks $BENCH_CHECKS} --models $models 2>&1 | log
+for c in ${AB:-}; do timeout 60 python3 tools/gpu_bench.py --out $OUT/bench-$c --shader-checks $c --models /tmp/syn-smollm2-135m-instruct.gguf 2>&1 | grep -v "^model\|^backend" | log; done
 for m in $models; do timeout 90 python3 .devgpu/parity.py $m 16 2>&1 | tail -1 | log; done
 echo "DONE at $(( $(date +%s) - T0 ))s" | log

@@ -58,10 +58,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--json")
+    ap.add_argument("--shader-checks", default="all", help="naga runtime checks: all, bounds or none")
     a = ap.parse_args()
-    be, rng = WgpuBackend(), np.random.default_rng(0)
+    be, rng = WgpuBackend(shader_checks=a.shader_checks), np.random.default_rng(0)
     bw = be.stream.read_bandwidth_gbps()
-    print(f"{be.describe()}\nread bandwidth (WGSL read kernel): {bw:.0f} GB/s")
+    print(f"{be.describe()}, shader checks: {a.shader_checks}\nread bandwidth (WGSL read kernel): {bw:.0f} GB/s")
     rows_out = []
     print(f"{'model':<14}{'matrix':<13}{'shape':>14}{'type':>6}{'MB':>7}  matvec us (lanes 8/16/32/64, auto)"
           f"   best GB/s  of read   matmul n=512 TFLOP/s")
@@ -86,7 +87,8 @@ def main():
         print(f"{model:<14}{mat:<13}{f'{rows}x{k}':>14}{t:>6}{r['MB']:>7.1f}  {us:<40}{r['best_GBps']:>8.0f}"
               f"{100 * r['best_GBps'] / bw:>8.0f}%{r['matmul512_TFLOPs']:>10.2f}", flush=True)
     if a.json:
-        Path(a.json).write_text(json.dumps({"device": be.describe(), "read_GBps": bw, "shapes": rows_out}, indent=1))
+        Path(a.json).write_text(json.dumps({"device": be.describe(), "shader_checks": a.shader_checks, "read_GBps": bw,
+                                            "shapes": rows_out}, indent=1))
 
 
 if __name__ == "__main__":

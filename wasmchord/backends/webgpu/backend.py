@@ -50,10 +50,10 @@ class WgpuBackend(Backend):
     encode_ahead = True
 
     def __init__(self, *, max_binding_size: int | None = None, allow_software: bool = True, raw_encode: bool = True,
-                 replay_steps: bool = True, fused_attention: bool = True):
+                 replay_steps: bool = True, fused_attention: bool = True, shader_checks: str = "all"):
         self.gpu = gpu = Gpu(allow_software=allow_software, max_binding_size=max_binding_size)
         self.features, self.device_name = gpu.features, gpu.name
-        self.programs = Programs(gpu)
+        self.programs = Programs(gpu, checks=shader_checks)
         self.stream = CommandStream(gpu, self.programs, raw_encode=raw_encode)
         self.arena = Arena(gpu)
         self.rope_tables = RopeTables(gpu)

@@ -8,9 +8,41 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import logging
+
 from ...errors import BackendError
 from . import shaders
 from .shaders import PARAM_BYTES
+
+log = logging.getLogger(__name__)
+
+# naga's runtime checks (wgpu-native WGPUShaderRuntimeChecks): bounds checks on every array access,
+# and a counter in every loop ("loop bounding", which keeps drivers from unrolling loops and so
+# from keeping small arrays in registers).
+CHECKS = {"all": 0x3, "bounds": 0x1, "none": 0x0}
+
+
+def create_module(device, label: str, code: str, checks: str):
+    """A shader module with naga's runtime checks as `checks` names ("all" is wgpu's default), through
+    wgpu-native's wgpuDeviceCreateShaderModuleTrusted; the public API ("all") where it is unreachable."""
+    if checks == "all":
+        return device.create_shader_module(label=label, code=code)
+    try:
+        from wgpu.backends.wgpu_native import _api
+        from wgpu.backends.wgpu_native._ffi import ffi, lib
+        trusted = _api.libf.wgpuDeviceCreateShaderModuleTrusted
+    except (ImportError, AttributeError) as e:
+        log.info("trusted shader modules unavailable (%s): naga's runtime checks stay on", e)
+        return device.create_shader_module(label=label, code=code)
+    src = _api.new_struct_p("WGPUShaderSourceWGSL *", code=_api.to_c_string_view(code))
+    src[0].chain.next = ffi.NULL
+    src[0].chain.sType = lib.WGPUSType_ShaderSourceWGSL
+    desc = _api.new_struct_p("WGPUShaderModuleDescriptor *", nextInChain=ffi.cast("WGPUChainedStruct *", src),
+                             label=_api.to_c_string_view(label))
+    handle = trusted(device._internal, desc, CHECKS[checks])
+    if handle == ffi.NULL:
+        raise RuntimeError("shader module creation failed")
+    return _api.GPUShaderModule(label, handle, device)
 
 
 @dataclass(eq=False)
@@ -29,9 +61,12 @@ class Programs:
     appended to a module beyond its SHADER_PARTS (e.g. the subgroup matvec when the device has the
     feature)."""
 
-    def __init__(self, gpu, extra_parts=lambda shader: ()):
+    def __init__(self, gpu, extra_parts=lambda shader: (), checks: str = "all"):
+        if checks not in CHECKS:
+            raise BackendError(f"shader_checks={checks!r}: expected one of {', '.join(CHECKS)}")
         self.gpu = gpu
         self.extra_parts = extra_parts
+        self.checks = checks
         self._sources: dict = {}
         self._modules: dict = {}
         self._kernels: dict = {}
@@ -57,7 +92,7 @@ class Programs:
         mod = self._modules.get(shader)
         if mod is None:
             try:
-                mod = gpu.device.create_shader_module(label=src.parts[0][0].name, code=src.code)
+                mod = create_module(gpu.device, src.parts[0][0].name, src.code, self.checks)
             except Exception as e:
                 raise BackendError(src.error(e)) from None
             self._modules[shader] = mod
