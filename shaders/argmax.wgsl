@@ -1,28 +1,51 @@
-// argmax.wgsl: index of the largest value of a vector (ties: the lowest index), one workgroup.
+// argmax.wgsl: index of the largest value of a vector (ties: the lowest index), in two dispatches:
+// `partial` has each workgroup reduce a grid-stride share of the vector to (value, index); `final`
+// reduces those in one workgroup and writes the token buffer. wg_argmax: reduce.wgsl.
 //
 // Bindings (group 0):
 //   0 uniform P
 //   1 storage x     f32 values, read
 //   2 storage ids   u32 token buffer, read_write: ids[0] = argmax (the next step's embedding input)
+//   3 storage part  vec2<u32> (value bits, index) per partial workgroup, read_write
 
 struct P {
     count: u32,
     x_off: u32,
+    parts: u32,   // workgroups of `partial`
     pad0: u32,
-    pad1: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: P;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(2) var<storage, read_write> ids: array<u32>;
+@group(0) @binding(3) var<storage, read_write> part: array<vec2<u32>>;
 
+// grid: (parts)
 @compute @workgroup_size(256)
-fn argmax(@builtin(local_invocation_index) lid: u32) {
+fn partial(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     var best = -3.4e38;
     var idx = 0xffffffffu;
-    for (var j = lid; j < p.count; j = j + 256u) {
+    for (var j = wg.x * 256u + lid; j < p.count; j += p.parts * 256u) {
         let v = x[p.x_off + j];
         if (v > best) { best = v; idx = j; }
+    }
+    let i = wg_argmax(lid, 256u, best, idx);
+    if (lid == 0u) {
+        var v = -3.4e38;
+        if (i != 0xffffffffu) { v = x[p.x_off + i]; }
+        part[wg.x] = vec2<u32>(bitcast<u32>(v), i);
+    }
+}
+
+// grid: (1)
+@compute @workgroup_size(256)
+fn combine(@builtin(local_invocation_index) lid: u32) {
+    var best = -3.4e38;
+    var idx = 0xffffffffu;
+    for (var j = lid; j < p.parts; j += 256u) {
+        let v = bitcast<f32>(part[j].x);
+        let i = part[j].y;
+        if (v > best || (v == best && i < idx)) { best = v; idx = i; }
     }
     let tok = wg_argmax(lid, 256u, best, idx);
     if (lid == 0u) { ids[0] = tok; }

@@ -39,6 +39,7 @@ struct P {
 
 override XSRC: u32 = 0u;
 override LANES: u32 = 16u;  // lanes per row group: a power of two, 4..64
+override SG: u32 = 0u;      // > 0: subgroups of SG invocations, LANES a multiple: lanes summed with lane_total
 const WG: u32 = 256u;
 const RT: u32 = 4u;         // rows per group
 
@@ -104,6 +105,32 @@ fn group_sums(lid: u32, r0: u32, r1: u32, r2: u32, r3: u32) {
         a1 += block_dot(r1 * nb + b, xs, sx);
         a2 += block_dot(r2 * nb + b, xs, sx);
         a3 += block_dot(r3 * nb + b, xs, sx);
+    }
+    if (SG > 0u) {  // subgroup sums, then the LANES / SG subgroups of a group through shared memory
+        a0 = lane_total(a0);
+        a1 = lane_total(a1);
+        a2 = lane_total(a2);
+        a3 = lane_total(a3);
+        ss = lane_total(ss);
+        if (lid % SG == 0u) {
+            red[lid] = a0;
+            red[WG + lid] = a1;
+            red[2u * WG + lid] = a2;
+            red[3u * WG + lid] = a3;
+            red[4u * WG + lid] = ss;
+        }
+        workgroupBarrier();
+        if (LANES > SG && lane == 0u) {
+            for (var i = SG; i < LANES; i += SG) {
+                red[lid] += red[lid + i];
+                red[WG + lid] += red[WG + lid + i];
+                red[2u * WG + lid] += red[2u * WG + lid + i];
+                red[3u * WG + lid] += red[3u * WG + lid + i];
+                red[4u * WG + lid] += red[4u * WG + lid + i];
+            }
+        }
+        workgroupBarrier();
+        return;
     }
     red[lid] = a0;
     red[WG + lid] = a1;

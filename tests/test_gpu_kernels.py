@@ -1,6 +1,8 @@
 """Every GPU kernel against the NumPy backend: fresh random inputs, several shapes (odd ones too),
 every weight type; output buffers are poisoned with NaN before the measured run."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -53,17 +55,27 @@ def close(a, b, tol=1e-4):
 # One token runs matvec.wgsl, whose lanes per row follow k (4, 8, 16, 32 lanes for k = 128, 256,
 # 512, 2048); several tokens run the tiled matmul of qmatrix.wgsl (70 tokens x 130 rows cross tiles).
 @pytest.mark.parametrize("name", GPU_TYPES)
-@pytest.mark.parametrize("n,rows,k", [(1, 37, 256), (1, 8, 512), (1, 67, 128), (1, 130, 2048), (7, 33, 256),
+@pytest.mark.parametrize("n,rows,k", [(1, 37, 256), (1, 8, 512), (1, 67, 128), (1, 130, 2048), (1, 20000, 512), (7, 33, 256),
                                       (19, 5, 768), (70, 130, 256)])
-def test_matmul_every_type(gpu_backend, name, n, rows, k):
+@pytest.mark.parametrize("sums", ["subgroup", "shared"])
+def test_matmul_every_type(gpu_backend, name, n, rows, k, sums):
+    """Both ways a matvec sums its lanes: subgroup operations (on devices whose subgroups are
+    consecutive runs, lavapipe's are 8 wide) and shared memory."""
     g, rng = gpu_backend, np.random.default_rng()
+    if sums == "subgroup" and not g.subgroup_size:
+        pytest.skip("the device has no usable subgroups") if not os.environ.get("CI") else \
+            pytest.fail("CI runs on lavapipe, whose subgroups the matvec uses")
+    saved, g.subgroup_size = g.subgroup_size, (g.subgroup_size if sums == "subgroup" else None)
     if name.endswith("_K"):
         k = -(-k // 256) * 256  # K-quant blocks span 256 values
     src = weight(name, rows, k, rng)
     x = rng.standard_normal((n, k)).astype(np.float32)
     bias = rng.standard_normal(rows).astype(np.float32)
     W, xg, bg = g.load_matrix([src]), upload(g, x), g.load_vector(bias)
-    got = run_twice(g, lambda: g.matmul(xg, W, bg))
+    try:
+        got = run_twice(g, lambda: g.matmul(xg, W, bg))
+    finally:
+        g.subgroup_size = saved
     close(got, CPU.matmul(x, CPU.load_matrix([src]), bias))
 
 

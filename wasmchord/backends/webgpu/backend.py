@@ -15,6 +15,7 @@ from ...errors import BackendError
 from ..base import Backend, OnDevice
 from .device import Gpu
 from .memory import Arena, GTensor, KVCacheGPU, RopeTables, TokenRing
+from .native import Native
 from .programs import Programs
 from .stream import CommandStream
 from .weights import FMT_NAMES, upload_matrix
@@ -23,6 +24,7 @@ MV_WG, MV_RT = 256, 4   # matvec.wgsl: invocations per workgroup, rows per lane 
 MM_TILE = 64            # qmatrix.wgsl: tokens and rows per matmul workgroup
 DEC_SPLIT = 128         # key positions per split in decode attention (attention.wgsl, decode_attention.wgsl)
 MAX_REP = 8             # decode_attention.wgsl: query heads per workgroup
+ARGMAX_PARTS = 132      # argmax.wgsl: workgroups of the first pass (at most)
 
 
 class AttnPartials:
@@ -39,10 +41,14 @@ class AttnPartials:
         return self.shape[1]
 
 
-def _lanes(k: int) -> int:
-    """Lanes per row group for a matvec over k inputs: about one or two 32-element blocks per lane."""
+def _lanes(rows: int, k: int) -> int:
+    """Lanes per row group for a matvec (measured on an H200, tools/gpu_kernel_bench.py): about one
+    32-element block per lane for matrices of few rows, where latency rules; two to six for tall ones
+    (output heads, FFN inputs of large models), where fewer, fuller workgroups move more bytes."""
     nb = k // 32
-    return 32 if nb >= 64 else 16 if nb >= 16 else 8 if nb >= 8 else 4
+    if rows >= 16384:
+        return 16 if nb >= 32 else 8
+    return 64 if nb >= 32 else 32 if nb >= 16 else 16 if nb >= 8 else 4
 
 
 class WgpuBackend(Backend):
@@ -50,22 +56,39 @@ class WgpuBackend(Backend):
     encode_ahead = True
 
     def __init__(self, *, max_binding_size: int | None = None, allow_software: bool = True, raw_encode: bool = True,
-                 replay_steps: bool = True, fused_attention: bool = True, shader_checks: str = "all"):
+                 replay_steps: bool = True, fused_attention: bool = True, shader_checks: str = "none"):
         self.gpu = gpu = Gpu(allow_software=allow_software, max_binding_size=max_binding_size)
         self.features, self.device_name = gpu.features, gpu.name
-        self.programs = Programs(gpu, checks=shader_checks)
-        self.stream = CommandStream(gpu, self.programs, raw_encode=raw_encode)
+        native = Native.load() if raw_encode else None
+        sg = "subgroup" in self.features
+        parts = {"matvec": ["lanes_subgroup" if sg else "lanes_plain"]}
+        self.programs = Programs(gpu, native, lambda shader: parts.get(shader, ()),
+                                 checks=shader_checks if native is not None else "all")
+        self.stream = CommandStream(gpu, self.programs, native)
         self.arena = Arena(gpu)
         self.rope_tables = RopeTables(gpu)
-        self.tokens = TokenRing(gpu)
+        self.tokens = TokenRing(gpu, native)
         self.replay_steps = replay_steps
         self.fused_attention = fused_attention  # decode: attend() as one kernel (decode_attention.wgsl)
-        self.matvec_lanes: int | None = None    # lanes per row group in matvec.wgsl; None: chosen by k
+        self.matvec_lanes: int | None = None    # lanes per row group in matvec.wgsl; None: chosen by the shape
+        self.subgroup_size = self._probe_subgroups() if sg else None  # matvec lane sums by subgroup when set
         self._dummy = gpu.buffer(16)
         self._bias_slices: dict = {}
         self._scratch = None
         self._partials = None
+        self._argmax_parts = gpu.buffer(8 * ARGMAX_PARTS)
         self._hist = None
+
+    def _probe_subgroups(self) -> int | None:
+        """The subgroup size when subgroups are consecutive runs of one size (8..64) in a workgroup of
+        256 (subgroup_probe.wgsl), else None: then matvec lanes are summed in shared memory."""
+        out = self.gpu.buffer(8 * 256)
+        self.stream.dispatch(self.programs.kernel("subgroup_probe", "probe", dict(out=out)), (1,), {}, dict(out=out))
+        self.stream.flush()
+        got = np.frombuffer(self.gpu.device.queue.read_buffer(out), np.uint32).reshape(256, 2)
+        size = int(got[0, 0])
+        ok = size in (8, 16, 32, 64) and (got[:, 0] == size).all() and (got[:, 1] == np.arange(256) % size).all()
+        return size if ok else None
 
     def describe(self) -> str:
         return f"WebGPU on {self.device_name}, features: {', '.join(self.features) or 'none'}"
@@ -212,16 +235,17 @@ class WgpuBackend(Backend):
     def _matvec(self, entry, x, params, bufs, pc, groups):
         """A matvec.wgsl dispatch over `groups` row groups; x a tensor, or attention partials merged on
         the way in (their position moves with the step)."""
-        lanes = self.matvec_lanes or _lanes(params["k"])
+        lanes = self.matvec_lanes or _lanes(params["rows"], params["k"])
         grid = (math.ceil(groups / (MV_WG // lanes)),)
+        sg = self.subgroup_size if self.subgroup_size and lanes % self.subgroup_size == 0 else 0
         if isinstance(x, AttnPartials):
             params.update(hd_v=x.hd_v, pos0=x.pos0, ctx=x.ctx, split=DEC_SPLIT)
             self._dispatch("matvec", entry, grid, params, bufs, fmt=pc.fmt, nbytes=pc.nbytes,
-                           consts=dict(LANES=lanes, XSRC=1), moving=dict(pos0=x.pos0))
+                           consts=dict(LANES=lanes, XSRC=1, SG=sg), moving=dict(pos0=x.pos0))
         else:
             params["x_off"] = x.off
             self._dispatch("matvec", entry, grid, params, bufs, fmt=pc.fmt, nbytes=pc.nbytes,
-                           consts=dict(LANES=lanes))
+                           consts=dict(LANES=lanes, SG=sg))
 
     def matmul_glu(self, x, w, act, *, norm=None):
         pc = w.pieces[0]
@@ -353,8 +377,11 @@ class WgpuBackend(Backend):
 
     def argmax(self, logits, *, defer=False):
         count = logits.cols if len(logits.shape) > 1 else logits.shape[0]
-        self._dispatch("argmax", "argmax", (1,), dict(count=count, x_off=logits.off),
-                       dict(x=logits.buf, ids=self.tokens.ids))
+        parts = max(1, min(ARGMAX_PARTS, count // 2048))  # about 8 values per invocation and more
+        p = dict(count=count, x_off=logits.off, parts=parts)
+        bufs = dict(x=logits.buf, ids=self.tokens.ids, part=self._argmax_parts)
+        self._dispatch("argmax", "partial", (parts,), p, bufs)
+        self._dispatch("argmax", "combine", (1,), p, bufs)
         return self._submit_token(defer)
 
     def sample(self, logits, params, rng, history, step, *, defer=False):
@@ -383,7 +410,7 @@ class WgpuBackend(Backend):
         """Submit the step, copying the 4-byte token into the next ring buffer. With defer, return the
         ring slot without waiting (collect() reads it later); else wait and return the token."""
         slot = self.tokens.take_slot()
-        self.stream.flush(copy=(self.tokens.ids, 0, self.tokens.ring[slot], 0, 4))
+        self.tokens.submitted[slot] = self.stream.flush(copy=(self.tokens.ids, 0, self.tokens.ring[slot], 0, 4))
         return slot if defer else self.collect(slot)
 
     def collect(self, slot: int) -> int:

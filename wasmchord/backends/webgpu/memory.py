@@ -90,13 +90,14 @@ class TokenRing:
 
     RING = 3
 
-    def __init__(self, gpu):
-        self.gpu = gpu
+    def __init__(self, gpu, native=None):
+        self.gpu, self.native = gpu, native
         self.cap = 4096
         self.ids = gpu.buffer(4 * self.cap)
         U = gpu.wgpu.BufferUsage
         self.ring = [gpu.device.create_buffer(size=4, usage=U.MAP_READ | U.COPY_DST) for _ in range(self.RING)]
         self.next = self.last = 0
+        self.submitted = [None] * self.RING  # submission index of the step that fills each ring slot
         self.on_device: int | None = None  # the token the ids buffer holds, when known
 
     def write(self, ids: np.ndarray):
@@ -122,9 +123,12 @@ class TokenRing:
         after that step, so the token buffer still holds this token."""
         buf = self.ring[slot]
         try:
-            buf.map_sync(self.gpu.wgpu.MapMode.READ)
-            tok = int(np.frombuffer(buf.read_mapped(), np.uint32)[0])
-            buf.unmap()
+            if self.native is not None and self.submitted[slot] is not None:  # wait for that step only
+                tok = self.native.read_u32(self.gpu.device, buf, self.submitted[slot])
+            else:  # wgpu-py's mapping waits for all submitted work
+                buf.map_sync(self.gpu.wgpu.MapMode.READ)
+                tok = int(np.frombuffer(buf.read_mapped(), np.uint32)[0])
+                buf.unmap()
         except Exception as e:
             self.gpu.fail("reading the sampled token", e)
         self.on_device = tok if slot == self.last and idle else None

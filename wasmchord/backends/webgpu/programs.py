@@ -8,41 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import logging
-
 from ...errors import BackendError
 from . import shaders
+from .native import CHECKS
 from .shaders import PARAM_BYTES
-
-log = logging.getLogger(__name__)
-
-# naga's runtime checks (wgpu-native WGPUShaderRuntimeChecks): bounds checks on every array access,
-# and a counter in every loop ("loop bounding", which keeps drivers from unrolling loops and so
-# from keeping small arrays in registers).
-CHECKS = {"all": 0x3, "bounds": 0x1, "none": 0x0}
-
-
-def create_module(device, label: str, code: str, checks: str):
-    """A shader module with naga's runtime checks as `checks` names ("all" is wgpu's default), through
-    wgpu-native's wgpuDeviceCreateShaderModuleTrusted; the public API ("all") where it is unreachable."""
-    if checks == "all":
-        return device.create_shader_module(label=label, code=code)
-    try:
-        from wgpu.backends.wgpu_native import _api
-        from wgpu.backends.wgpu_native._ffi import ffi, lib
-        trusted = _api.libf.wgpuDeviceCreateShaderModuleTrusted
-    except (ImportError, AttributeError) as e:
-        log.info("trusted shader modules unavailable (%s): naga's runtime checks stay on", e)
-        return device.create_shader_module(label=label, code=code)
-    src = _api.new_struct_p("WGPUShaderSourceWGSL *", code=_api.to_c_string_view(code))
-    src[0].chain.next = ffi.NULL
-    src[0].chain.sType = lib.WGPUSType_ShaderSourceWGSL
-    desc = _api.new_struct_p("WGPUShaderModuleDescriptor *", nextInChain=ffi.cast("WGPUChainedStruct *", src),
-                             label=_api.to_c_string_view(label))
-    handle = trusted(device._internal, desc, CHECKS[checks])
-    if handle == ffi.NULL:
-        raise RuntimeError("shader module creation failed")
-    return _api.GPUShaderModule(label, handle, device)
 
 
 @dataclass(eq=False)
@@ -58,13 +27,13 @@ class Kernel:
 
 class Programs:
     """Shader modules, pipelines and bind groups of one device. `extra_parts(shader)` names part files
-    appended to a module beyond its SHADER_PARTS (e.g. the subgroup matvec when the device has the
-    feature)."""
+    appended to a module beyond its SHADER_PARTS; `checks` the naga runtime checks compiled in
+    (native.CHECKS; needs the `native` functions unless "all")."""
 
-    def __init__(self, gpu, extra_parts=lambda shader: (), checks: str = "all"):
+    def __init__(self, gpu, native=None, extra_parts=lambda shader: (), checks: str = "all"):
         if checks not in CHECKS:
             raise BackendError(f"shader_checks={checks!r}: expected one of {', '.join(CHECKS)}")
-        self.gpu = gpu
+        self.gpu, self.native = gpu, native
         self.extra_parts = extra_parts
         self.checks = checks
         self._sources: dict = {}
@@ -92,7 +61,10 @@ class Programs:
         mod = self._modules.get(shader)
         if mod is None:
             try:
-                mod = create_module(gpu.device, src.parts[0][0].name, src.code, self.checks)
+                if self.checks == "all" or self.native is None:  # naga's runtime checks on (wgpu's default)
+                    mod = gpu.device.create_shader_module(label=src.parts[0][0].name, code=src.code)
+                else:
+                    mod = self.native.shader_module(gpu.device, src.parts[0][0].name, src.code, self.checks)
             except Exception as e:
                 raise BackendError(src.error(e)) from None
             self._modules[shader] = mod

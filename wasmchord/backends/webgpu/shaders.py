@@ -15,7 +15,7 @@ from .device import shader_dir
 # module's own line numbers): shared helpers that several op families use.
 SHADER_PARTS = {
     "qmatrix": ["quant"],
-    "matvec": ["quant", "activations"],
+    "matvec": ["quant", "activations"],  # + lanes_subgroup or lanes_plain (Programs.extra_parts)
     "elementwise": ["activations"],
     "norm": ["reduce"],
     "attention": ["reduce"],

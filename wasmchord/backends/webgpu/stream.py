@@ -25,19 +25,6 @@ from .shaders import PARAM_BYTES
 log = logging.getLogger(__name__)
 
 
-def _raw_encoder():
-    """wgpu-native's cffi `lib` and NULL, or None when this wgpu-py does not expose them (then the
-    public API is used)."""
-    try:
-        from wgpu.backends.wgpu_native._ffi import ffi, lib
-        lib.wgpuComputePassEncoderSetPipeline, lib.wgpuComputePassEncoderSetBindGroup
-        lib.wgpuComputePassEncoderDispatchWorkgroups
-    except (ImportError, AttributeError) as e:
-        log.info("wgpu-native functions not reachable (%s): encoding through the public API", e)
-        return None
-    return lib, ffi.NULL
-
-
 @dataclass(slots=True)
 class Op:
     pipeline: object
@@ -64,14 +51,13 @@ class Capture:
 
 
 class CommandStream:
-    def __init__(self, gpu, programs, *, raw_encode: bool = True):
-        self.gpu, self.programs = gpu, programs
+    def __init__(self, gpu, programs, native=None):
+        self.gpu, self.programs, self.native = gpu, programs, native
         self.ops: list[Op] = []
         self.slot = 0
         self._params = np.zeros(0, np.uint8)
         self.param_buf = None
         self._grow(512)
-        self._raw = _raw_encoder() if raw_encode else None
         self.last_dispatches = 0
         self.profile = None          # None | "kernels": a timed pass per dispatch | "step": one timed pass per submit
         self.profile_log = []        # "kernels": (label, weight bytes, ticks); "step": (dispatches, ticks)
@@ -84,7 +70,8 @@ class CommandStream:
 
     @property
     def raw(self) -> bool:
-        return self._raw is not None
+        """Dispatches are encoded and submitted through wgpu-native's C functions."""
+        return self.native is not None
 
     def _grow(self, slots):
         U = self.gpu.wgpu.BufferUsage
@@ -129,10 +116,11 @@ class CommandStream:
                 self._capturing.append((len(self.ops), words, moving_grid))
         self.ops.append(Op(kernel.pipeline, bg, (int(gx), int(gy), int(gz)), kernel.label, nbytes))
 
-    def flush(self, copy=None):
-        """Submit the recorded dispatches (and an optional buffer copy) as one command buffer."""
+    def flush(self, copy=None) -> int | None:
+        """Submit the recorded dispatches (and an optional buffer copy) as one command buffer; its
+        submission index when submitted through wgpu-native (else None)."""
         if not self.ops and copy is None:
-            return
+            return None
         self._capturing = None  # a step split across submits is not replayable
         gpu = self.gpu
         clock = time.perf_counter
@@ -147,8 +135,8 @@ class CommandStream:
                 self._encode_profiled(enc)
             elif self.ops:
                 cp = enc.begin_compute_pass(**self._step_timestamps())
-                if self._raw is not None:
-                    self._encode_raw(cp)
+                if self.native is not None:
+                    self.native.encode(cp, self.ops)
                 else:
                     for op in self.ops:
                         cp.set_pipeline(op.pipeline)
@@ -162,7 +150,11 @@ class CommandStream:
             t2 = clock()
             buf = enc.finish()
             t3 = clock()
-            gpu.device.queue.submit([buf])
+            index = None
+            if self.native is not None:
+                index = self.native.submit(gpu.device.queue, buf)
+            else:
+                gpu.device.queue.submit([buf])
             if self.ops and self.profile == "step":  # host seconds: write + new encoder, encode, finish, submit
                 self.host_log.append((t1 - t0, t2 - t1, t3 - t2, clock() - t3))
             if self.ops and self.profile:
@@ -171,21 +163,7 @@ class CommandStream:
             gpu.fail("submitting GPU work", e)
         finally:
             self.ops = []
-
-    def _encode_raw(self, cp):
-        """The recorded dispatches through wgpu-native's C functions directly: wgpu-py's wrappers cost
-        ~10 us per call, three calls per dispatch. Validation errors still surface: wgpu-core marks the
-        encoder invalid and `finish()` (through wgpu-py) raises them."""
-        lib, null = self._raw
-        set_pipeline, set_bind_group = lib.wgpuComputePassEncoderSetPipeline, lib.wgpuComputePassEncoderSetBindGroup
-        dispatch = lib.wgpuComputePassEncoderDispatchWorkgroups
-        handle, last = cp._internal, None
-        for op in self.ops:
-            if op.pipeline is not last:
-                set_pipeline(handle, op.pipeline._internal)
-                last = op.pipeline
-            set_bind_group(handle, 0, op.bind_group._internal, 0, null)
-            dispatch(handle, *op.grid)
+        return index
 
     # ------------------------------------------------------------------------------------ capture and replay
     def capture_begin(self, pos0: int):
