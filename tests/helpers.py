@@ -3,7 +3,7 @@
 import numpy as np
 
 from wasmchord.convert import permute_qk
-from wasmchord.gguf_writer import GGUFWriter
+from wasmchord.formats.gguf_writer import GGUFWriter
 
 
 def tiny_vocab(n: int) -> dict:

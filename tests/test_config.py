@@ -4,7 +4,7 @@ import pytest
 
 from wasmchord.config import ModelConfig
 from wasmchord.errors import ConfigError, UnsupportedError
-from wasmchord.gguf_file import GGUFFile
+from wasmchord.formats.gguf import GGUFFile
 
 LLAMA = {
     "general.architecture": "llama", "llama.block_count": 2, "llama.embedding_length": 64,

@@ -14,7 +14,7 @@ from tiny_hf import make_llama, make_phi2
 from wasmchord import Model, Tokenizer
 from wasmchord.convert import ConvertError, convert
 from wasmchord.errors import UnsupportedError
-from wasmchord.gguf_writer import GGUFWriter
+from wasmchord.formats.gguf_writer import GGUFWriter
 from wasmchord.validate import validate
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -123,7 +123,7 @@ def test_validator_catches_a_truncated_file(tmp_path):
 
 
 def test_validator_catches_wrong_shapes_missing_keys_and_nan(tmp_path):
-    from wasmchord.gguf_file import GGUFFile
+    from wasmchord.formats.gguf import GGUFFile
     src = GGUFFile(_converted(tmp_path))
 
     def rewrite(path, *, drop_key=None, shape_of=None, nan_in=None):

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tokenizer_corpus import SCRIPTS, corpus  # noqa: E402
 
 from wasmchord.hub import resolve_model  # noqa: E402
-from wasmchord.tokenizer import Tokenizer  # noqa: E402
+from wasmchord.text.tokenizer import Tokenizer  # noqa: E402
 
 MB = 1_000_000
 

@@ -2,10 +2,10 @@
 
 from .errors import (BackendError, ConfigError, GenerationError, GGUFError, PullError, TokenizerError,
                      UnsupportedError, WasmchordError)
-from .gguf_file import GGUFFile
+from .formats.gguf import GGUFFile
 from .hub import KNOWN_MODELS, pull
-from .tokenizer import Tokenizer
-from .api import Model
+from .text.tokenizer import Tokenizer
+from .model import Model
 
 __version__ = "0.1.0"
 

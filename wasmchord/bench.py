@@ -48,7 +48,7 @@ def _timed(f):
 
 
 def bench_wasmchord(model_path, device, prompt_lengths, n_gen, progress=None, **backend_options) -> dict:
-    from .api import Model
+    from .model import Model
     from .generate import generate_tokens
     from .sampling import SamplingParams
     load_s, m = _timed(lambda: Model.load(model_path, device=device, context_length=max(prompt_lengths) + n_gen + 8,
@@ -98,7 +98,7 @@ def bench_llama_cpp(model_path, prompt_lengths, n_gen, threads) -> dict | None:
     load_s, llm = _timed(lambda: llama_cpp.Llama(model_path=str(model_path), n_ctx=max(prompt_lengths) + n_gen + 8,
                                                 n_batch=max(prompt_lengths), n_ubatch=max(prompt_lengths),
                                                 n_threads=threads, n_threads_batch=threads, verbose=False))
-    from .tokenizer import Tokenizer
+    from .text.tokenizer import Tokenizer
     tok = Tokenizer.from_gguf(model_path)
     prefill = {}
     for n in prompt_lengths:
@@ -130,7 +130,7 @@ def profile_gpu(model_path, *, n_steps=3, timestamp_period_ns=1.0, context=256, 
     the GPU backend (e.g. subgroups=True)."""
     from collections import defaultdict
 
-    from .api import Model
+    from .model import Model
     m = Model.load(model_path, device="gpu", context_length=context, **backend_options)
     be, s, tf = m.backend, m._session, m._tf
     ids = prompt_ids(m.tokenizer, 32)

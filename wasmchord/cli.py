@@ -66,7 +66,7 @@ def cmd_info(a):
         print(gpu_info())
         if not a.model:
             return
-    from .gguf_file import GGUFFile
+    from .formats.gguf import GGUFFile
     from .info import format_summary, summarize
     gf = GGUFFile(_resolve(a.model or hub.DEFAULT_MODEL, a.cache_dir))
     if a.json:

@@ -10,7 +10,7 @@ from . import hub
 
 
 def _load(a):
-    from .api import Model
+    from .model import Model
     from .cli import _Bar
     bar = _Bar()
     try:
@@ -43,7 +43,7 @@ def cmd_generate(a):
 
 
 def cmd_chat(a):
-    from .api import ChatSession
+    from .model import ChatSession
     m = _load(a)
     chat = ChatSession(m, system=a.system)
     interactive = sys.stdin.isatty()

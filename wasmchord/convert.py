@@ -17,8 +17,8 @@ from typing import Callable
 import numpy as np
 
 from .errors import UnsupportedError, WasmchordError
-from .gguf_writer import GGUFWriter
-from .quants import ggml_type
+from .formats.gguf_writer import GGUFWriter
+from .formats.quants import ggml_type
 
 log = logging.getLogger(__name__)
 QUANTS = ("f32", "f16", "q8_0", "q4_0", "q4_1")
@@ -156,7 +156,7 @@ def _arch_metadata(arch: str, c: dict) -> dict:
 # ---------------------------------------------------------------------------- tokenizer
 
 def _tokenizer_metadata(d: Path, c: dict) -> dict:
-    from .vocab_export import bpe_metadata, sentencepiece_metadata
+    from .text.vocab_export import bpe_metadata, sentencepiece_metadata
     tc = json.loads((d / "tokenizer_config.json").read_text()) if (d / "tokenizer_config.json").exists() else {}
     gc = json.loads((d / "generation_config.json").read_text()) if (d / "generation_config.json").exists() else {}
     if (d / "tokenizer.model").exists():
@@ -184,7 +184,7 @@ def _tokenizer_metadata(d: Path, c: dict) -> dict:
 
 def _pad_vocab(md: dict, vocab_size):
     """Models pad their embedding beyond the tokenizer (llama.cpp adds [PAD{i}] tokens, type UNUSED)."""
-    from .tokenizer import UNUSED
+    from .text.tokenizer import UNUSED
     toks = md["tokenizer.ggml.tokens"]
     if isinstance(vocab_size, int) and vocab_size > len(toks):
         extra = vocab_size - len(toks)

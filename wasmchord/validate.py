@@ -9,7 +9,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import WasmchordError
-from .gguf_file import GGUFFile
+from .formats.gguf import GGUFFile
 
 
 @dataclass
@@ -93,7 +93,7 @@ def validate(path, *, check_values: bool = True) -> Report:
         r.add("no NaN/Inf in the weights", not nonfinite, ", ".join(nonfinite[:5]) +
               (f" ({len(skipped)} tensors of types without a decoder not checked)" if skipped else ""))
     try:
-        from .tokenizer import Tokenizer
+        from .text.tokenizer import Tokenizer
         tok = Tokenizer(gf.metadata, source=str(path))
         issues = []
         if cfg is not None and tok.vocab_size != cfg.vocab_size:

@@ -13,8 +13,8 @@ from typing import Iterable
 
 import regex
 
+from ..errors import TokenizerError
 from .bpe import BPEModel, decode_piece
-from .errors import TokenizerError
 from .spm import SPACE, SPMModel
 
 # tokenizer.ggml.token_type values (llama.h `llama_token_type`)
@@ -127,8 +127,8 @@ class Tokenizer:
             TokenizerError: the file has no tokenizer, or an inconsistent one.
             UnsupportedError: an unknown BPE pre-tokenizer.
         """
-        from .gguf_file import GGUFFile
-        from .hub import resolve_model
+        from ..formats.gguf import GGUFFile
+        from ..hub import resolve_model
         gf = GGUFFile(resolve_model(path_or_alias))
         return cls(gf.metadata, source=str(gf.path))
 
