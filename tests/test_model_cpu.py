@@ -10,6 +10,7 @@ import torch
 
 from helpers import tiny_llama, write_llama_gguf
 from wasmchord import Model
+from wasmchord.generate import Sequence
 
 FIXTURES = Path(__file__).parent / "fixtures"
 # llama.cpp's CPU matmuls round activations to 8 bits per block; that moves its logits by up to ~0.5
@@ -41,9 +42,9 @@ def test_decode_with_kv_cache_equals_full_recompute(tmp_path):
     m = Model.load(write_llama_gguf(hf, tmp_path / "t.gguf"), device="cpu")
     ids = np.random.default_rng().integers(3, 100, size=12).tolist()
     full = m.logits(ids)
-    m._session.reset()
-    first = m.backend.read(m._session.prefill(ids[:5])[0])
-    steps = [first] + [m.backend.read(m._session.step(t)) for t in ids[5:]]
+    seq = Sequence(m.transformer)
+    first = m.backend.read(seq.prefill(ids[:5])[0])
+    steps = [first] + [m.backend.read(seq.step(t)) for t in ids[5:]]
     np.testing.assert_allclose(np.stack(steps), full[4:], rtol=0, atol=1e-4 * np.abs(full).max())
 
 

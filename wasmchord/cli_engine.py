@@ -35,17 +35,16 @@ def cmd_generate(a):
         sys.stdout.flush()
     sys.stdout.write("\n")
     if a.stats:
-        s = m.last_stats
-        gen = len(s.tokens)
+        s = ch.stats
+        gen = s.completion_tokens
         print(f"[{s.prompt_tokens} prompt tokens in {s.prompt_eval_s:.2f} s, {gen} tokens at "
               f"{gen / s.eval_s if s.eval_s else 0:.1f} tok/s, total {time.perf_counter() - t0:.2f} s, "
               f"backend {m.backend.name}]", file=sys.stderr)
 
 
 def cmd_chat(a):
-    from .model import ChatSession
     m = _load(a)
-    chat = ChatSession(m, system=a.system)
+    chat = m.start_chat(system=a.system)
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"chatting with {m.gguf.path.name} on {m.backend.name}; /reset to start over, /exit to quit",

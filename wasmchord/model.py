@@ -1,4 +1,4 @@
-"""`wasmchord.Model`: load a GGUF model on a backend, then logits / generate / stream / chat."""
+"""The public `Model`: load a GGUF model on a backend, then logits / generate / stream / chat."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from .backends import get_backend
 from .text.chat_template import encode_chat
 from .config import ModelConfig
 from .errors import GenerationError
-from .generate import Chunk, Completion, Session, _Stats, check_args, stream_chunks
+from .generate import Chunk, Completion, Sequence, check_args, stream_chunks
 from .formats.gguf import GGUFFile
 from .hub import resolve_model
 from .transformer import Transformer
@@ -32,15 +32,18 @@ class LoadStats:
 
 
 class Model:
-    """A loaded model. Build with `Model.load(path_or_alias, device=...)`."""
+    """A loaded model. Build with `Model.load(path_or_alias, device=...)`.
+
+    `transformer` is the graph with its weights and KV cache; `Sequence(model.transformer)` gives a
+    sequence of one's own for the token-level API in `wasmchord.generate`."""
 
     def __init__(self, gf: GGUFFile, cfg: ModelConfig, tokenizer: Tokenizer, transformer: Transformer,
                  load_stats: LoadStats):
         self.gguf, self.config, self.tokenizer = gf, cfg, tokenizer
-        self._tf = transformer
+        self.transformer = transformer
         self.backend = transformer.be
         self.load_stats = load_stats
-        self._session = Session(transformer)
+        self._sequence = Sequence(transformer)  # what logits/stream/generate use unless given another
 
     @classmethod
     def load(cls, path_or_alias: str | os.PathLike, *, device: str = "auto", context_length: int | None = None,
@@ -79,20 +82,13 @@ class Model:
         """Logits [len(ids), vocab] (float32) for `ids` evaluated in a fresh context.
 
         `hidden`, when given, receives the residual stream [len(ids), d] after each layer."""
-        ids = self._ids(ids)
-        if len(ids) > self._tf.max_ctx:
-            raise GenerationError(f"{len(ids)} tokens exceed the context length {self._tf.max_ctx}")
-        self._session.reset()
-        self._tf.cache_owner = self._session
-        out = self.backend.read(self._tf.forward(np.asarray(ids, np.int64), 0, all_logits=True, hidden=hidden))
-        self._session.tokens = list(ids)
-        return np.asarray(out, dtype=np.float32)
+        return self._sequence.evaluate(self._ids(ids), hidden=hidden)
 
     def _ids(self, prompt) -> list[int]:
         if isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt)
         elif isinstance(prompt, (list, tuple, np.ndarray)):
-            ids = [self.tokenizer._check_id(i) for i in prompt]
+            ids = [self.tokenizer.check_id(i) for i in prompt]
         else:
             raise TypeError(f"prompt must be a str or a list of token ids, got {type(prompt).__name__}")
         if not ids:
@@ -103,8 +99,10 @@ class Model:
     def stream(self, prompt, *, max_tokens: int = 256, temperature: float = 0.8, top_k: int = 40,
                top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
                presence_penalty: float = 0.0, frequency_penalty: float = 0.0, seed: int | None = None,
-               stop=None, session: Session | None = None) -> Iterator[Chunk]:
-        """Yield `Chunk`s of generated text; the last has `finish_reason` ("stop" or "length").
+               stop=None, sequence: Sequence | None = None) -> Iterator[Chunk]:
+        """Yield `Chunk`s of generated text; the last has `finish_reason` ("stop" or "length") and `stats`.
+
+        `sequence` (default: the model's own) decides which cached tokens the prompt may reuse.
 
         Raises:
             GenerationError: bad arguments, an empty prompt, or a prompt longer than the context.
@@ -113,23 +111,17 @@ class Model:
                                 frequency_penalty, seed=seed)
         stop = check_args(max_tokens, stop)
         ids = self._ids(prompt)
-        self._last_stats = stats = _Stats()
-        yield from stream_chunks(session or self._session, self.tokenizer, ids, params, max_tokens=max_tokens,
-                                 stop=stop, stop_ids=self.tokenizer.eot_ids, stats=stats)
+        yield from stream_chunks(sequence or self._sequence, self.tokenizer, ids, params, max_tokens=max_tokens,
+                                 stop=stop, stop_ids=self.tokenizer.eot_ids)
 
     def generate(self, prompt, **kw) -> Completion:
         """Blocking generation: the whole `Completion` (text, tokens, finish_reason, timings).
 
         Takes the same keyword arguments as `stream`."""
-        parts, reason = [], "length"
-        for ch in self.stream(prompt, **kw):
-            parts.append(ch.text)
-            reason = ch.finish_reason or reason
-        s = self._last_stats
-        return Completion("".join(parts), list(s.tokens), reason, s.prompt_tokens, len(s.tokens),
-                          s.prompt_eval_s, s.eval_s, s.cached_tokens)
+        return Completion.from_chunks(self.stream(prompt, **kw))
 
     def chat_ids(self, messages) -> list[int]:
+        """The prompt for `messages`: rendered with the model's chat template and tokenized."""
         return encode_chat(self.tokenizer, messages)
 
     def chat_stream(self, messages, **kw) -> Iterator[Chunk]:
@@ -140,39 +132,38 @@ class Model:
         """The assistant's reply to `messages` as a `Completion`."""
         return self.generate(self.chat_ids(messages), **kw)
 
-    def session(self) -> "ChatSession":
-        """A multi-turn conversation that keeps its KV cache between turns."""
-        return ChatSession(self)
-
-    @property
-    def last_stats(self) -> _Stats:
-        return self._last_stats
+    def start_chat(self, system: str | None = None) -> "Chat":
+        """A multi-turn conversation (with an optional system prompt) that keeps its KV cache between turns."""
+        return Chat(self, system=system)
 
     def __repr__(self):
         return f"Model({self.gguf.path.name!r}, arch={self.config.arch}, backend={self.backend.name})"
 
 
-class ChatSession:
-    """Multi-turn chat: each turn only evaluates tokens not already in the cache."""
+class Chat:
+    """A multi-turn conversation: its messages and its own `Sequence`, so each turn evaluates only the
+    tokens not already in the cache."""
 
     def __init__(self, model: Model, system: str | None = None):
         self.model = model
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
-        self._session = Session(model._tf)
-        self._finish = "length"
+        self.sequence = Sequence(model.transformer)
 
     def reset(self):
+        """Forget the conversation (a system prompt stays)."""
         self.messages = [m for m in self.messages if m["role"] == "system"][:1]
-        self._session.reset()
+        self.sequence.reset()
 
     def send_stream(self, text: str, **kw) -> Iterator[Chunk]:
+        """Add a user message and stream the reply, which joins `messages` once complete.
+
+        Takes the keyword arguments of `Model.stream`."""
         self.messages.append({"role": "user", "content": text})
         ids = self.model.chat_ids(self.messages)
         reply = []
         try:
-            for ch in self.model.stream(ids, session=self._session, **kw):
+            for ch in self.model.stream(ids, sequence=self.sequence, **kw):
                 reply.append(ch.text)
-                self._finish = ch.finish_reason or self._finish
                 yield ch
         except BaseException:
             self.messages.pop()
@@ -181,9 +172,4 @@ class ChatSession:
 
     def send(self, text: str, **kw) -> Completion:
         """Add a user message, generate the reply (kept in `messages`), return it as a Completion."""
-        self._finish = "length"
-        for _ in self.send_stream(text, **kw):
-            pass
-        s = self.model.last_stats
-        return Completion(self.messages[-1]["content"], list(s.tokens), self._finish, s.prompt_tokens, len(s.tokens),
-                          s.prompt_eval_s, s.eval_s, s.cached_tokens)
+        return Completion.from_chunks(self.send_stream(text, **kw))

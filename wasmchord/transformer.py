@@ -87,7 +87,7 @@ class Transformer:
             ))
         if progress:
             progress("load weights", cfg.n_layers, cfg.n_layers)
-        self.cache_owner = None  # the generate.Session whose tokens the KV cache holds
+        self.cache_owner = None  # the generate.Sequence whose tokens the KV cache holds
         self.cache = backend.alloc_kv_cache(cfg.n_layers, cfg.n_kv_heads, max_ctx, cfg.head_dim, cfg.head_dim_v)
 
     # ------------------------------------------------------------------------------------ loading
