@@ -12,8 +12,8 @@ import torch
 
 from tiny_hf import make_llama, make_phi2
 from wasmchord import Model, Tokenizer
-from wasmchord.convert import ConvertError, convert
-from wasmchord.errors import UnsupportedError
+from wasmchord.convert import convert
+from wasmchord.errors import ConvertError, UnsupportedError
 from wasmchord.formats.gguf_writer import GGUFWriter
 from wasmchord.validate import validate
 

@@ -1,6 +1,6 @@
 """wasmchord: run GGUF language models on any GPU through WebGPU, or on the CPU through NumPy."""
 
-from .errors import (BackendError, ConfigError, GenerationError, GGUFError, PullError, TokenizerError,
+from .errors import (BackendError, ConfigError, ConvertError, GenerationError, GGUFError, PullError, TokenizerError,
                      UnsupportedError, WasmchordError)
 from .formats.gguf import GGUFFile
 from .hub import KNOWN_MODELS, pull
@@ -10,4 +10,4 @@ from .model import Model
 __version__ = "0.1.0"
 
 __all__ = ["Model", "Tokenizer", "GGUFFile", "pull", "KNOWN_MODELS", "WasmchordError", "GGUFError", "UnsupportedError",
-           "ConfigError", "TokenizerError", "PullError", "BackendError", "GenerationError"]
+           "ConfigError", "TokenizerError", "PullError", "BackendError", "GenerationError", "ConvertError"]

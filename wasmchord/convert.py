@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import UnsupportedError, WasmchordError
+from .errors import ConvertError, UnsupportedError
 from .formats.gguf_writer import GGUFWriter
 from .formats.quants import ggml_type
 
@@ -25,11 +25,17 @@ QUANTS = ("f32", "f16", "q8_0", "q4_0", "q4_1")
 FILE_TYPE = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7}  # llama_ftype
 
 
-class ConvertError(WasmchordError, ValueError):
-    """The input directory cannot be converted (the message names the file or tensor)."""
-
-
 # ---------------------------------------------------------------------------- reading checkpoints
+
+def _read_json(path: Path, default=None):
+    """A JSON file of the checkpoint (`default` when it is absent and a default is given)."""
+    if default is not None and not path.exists():
+        return default
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConvertError(f"{path}: not valid JSON ({e})") from None
+
 
 _ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": "bf16", "F64": np.float64, "I64": np.int64}
 
@@ -43,7 +49,10 @@ class _SafeTensors:
             n = struct.unpack("<Q", f.read(8))[0]
             if n > path.stat().st_size:
                 raise ConvertError(f"{path}: corrupt safetensors header")
-            self.header = json.loads(f.read(n))
+            try:
+                self.header = json.loads(f.read(n))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise ConvertError(f"{path}: corrupt safetensors header") from None
         self.header.pop("__metadata__", None)
         self.base = 8 + n
         self.mm = np.memmap(path, dtype=np.uint8, mode="r")
@@ -157,13 +166,13 @@ def _arch_metadata(arch: str, c: dict) -> dict:
 
 def _tokenizer_metadata(d: Path, c: dict) -> dict:
     from .text.vocab_export import bpe_metadata, sentencepiece_metadata
-    tc = json.loads((d / "tokenizer_config.json").read_text()) if (d / "tokenizer_config.json").exists() else {}
-    gc = json.loads((d / "generation_config.json").read_text()) if (d / "generation_config.json").exists() else {}
+    tc = _read_json(d / "tokenizer_config.json", {})
+    gc = _read_json(d / "generation_config.json", {})
     if (d / "tokenizer.model").exists():
         md = sentencepiece_metadata(d / "tokenizer.model", add_bos=tc.get("add_bos_token", True))
     elif (d / "tokenizer.json").exists():
         md = bpe_metadata(d / "tokenizer.json", pre=_bpe_pre(d / "tokenizer.json"), add_bos=tc.get("add_bos_token", False))
-        tj = json.loads((d / "tokenizer.json").read_text())
+        tj = _read_json(d / "tokenizer.json")
         ids = {a["content"]: a["id"] for a in tj.get("added_tokens", [])}
         for key, name in (("bos", tc.get("bos_token")), ("eos", tc.get("eos_token")), ("unknown", tc.get("unk_token"))):
             name = name.get("content") if isinstance(name, dict) else name
@@ -197,7 +206,7 @@ def _pad_vocab(md: dict, vocab_size):
 
 def _bpe_pre(path: Path) -> str:
     """Pick llama.cpp's pre-tokenizer name from tokenizer.json's pre_tokenizer."""
-    text = json.dumps(json.loads(path.read_text()).get("pre_tokenizer"))
+    text = json.dumps(_read_json(path).get("pre_tokenizer"))
     if "individual_digits\": true" in text:
         return "smollm"
     if "\\\\p{N}{1,3}" in text:
@@ -225,7 +234,7 @@ def convert(model_dir, output, *, quant: str = "f16", force: bool = False, progr
         raise ConvertError(f"{out}: the output directory {out.parent} does not exist")
     if out.exists() and not force:
         raise ConvertError(f"{out} exists (use --force to overwrite)")
-    c = json.loads((d / "config.json").read_text())
+    c = _read_json(d / "config.json")
     hf_arch = (c.get("architectures") or [None])[0]
     if hf_arch not in ARCHS:
         raise UnsupportedError(f"{d / 'config.json'}: architecture {hf_arch!r} is not supported "
@@ -305,27 +314,4 @@ def _expected_shapes(md: dict, arch: str):
             return None  # phi2 pads its vocabulary beyond the tokenizer's
         return table.get(key)
     return expect
-
-
-def main(argv=None) -> int:
-    """tools/convert_model.py and `wasmchord convert`."""
-    import argparse
-    import sys
-    ap = argparse.ArgumentParser(prog="convert_model", description="Hugging Face model directory -> GGUF")
-    ap.add_argument("--model", required=True, help="directory with config.json, weights and tokenizer")
-    ap.add_argument("--output", required=True, help="output .gguf file")
-    ap.add_argument("--quant", default="f16", help=f"one of {', '.join(QUANTS)}")
-    ap.add_argument("--force", action="store_true", help="overwrite an existing output file")
-    a = ap.parse_args(argv)
-    from .cli import _Bar
-    bar = _Bar()
-    try:
-        path = convert(a.model, a.output, quant=a.quant, force=a.force, progress=bar)
-    except (WasmchordError, OSError, json.JSONDecodeError) as e:
-        bar.close()
-        print(f"convert: error: {e}", file=sys.stderr)
-        return 2
-    bar.close()
-    print(path)
-    return 0
 

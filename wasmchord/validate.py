@@ -1,5 +1,5 @@
 """Check a GGUF file: structure, required metadata, tensor shapes against the config, NaN/Inf in the
-weights, tokenizer consistency. `wasmchord validate FILE` / tools/validate_gguf.py."""
+weights, tokenizer consistency (`wasmchord validate FILE`, tools/validate_gguf.py)."""
 
 from __future__ import annotations
 
@@ -55,7 +55,13 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def validate(path, *, check_values: bool = True) -> Report:
+def validate(path, *, check_values: bool = True, progress=None) -> Report:
+    """Check the GGUF file at `path`; problems are reported, never raised.
+
+    Args:
+        check_values: dequantize every tensor and look for NaN/Inf (the slow part).
+        progress: called as progress(stage, done, total) during the value scan.
+    """
     r = Report(str(path))
     try:
         gf = GGUFFile(path)
@@ -84,7 +90,9 @@ def validate(path, *, check_values: bool = True) -> Report:
         r.add("tensor shapes match the config", not bad, "; ".join(bad[:3]) + (" ..." if len(bad) > 3 else ""))
     if check_values:
         nonfinite, skipped = [], []
-        for name, ti in gf.tensors.items():
+        for i, (name, ti) in enumerate(gf.tensors.items()):
+            if progress:
+                progress("check values", i, len(gf.tensors))
             if ti.ggml_type.dequantize_blocks is None:
                 skipped.append(name)
                 continue
@@ -108,17 +116,3 @@ def validate(path, *, check_values: bool = True) -> Report:
         r.add("tokenizer consistent", False, str(e))
     return r
 
-
-def main(argv=None) -> int:
-    import argparse
-    ap = argparse.ArgumentParser(prog="validate_gguf", description="check GGUF files; exit 1 on problems")
-    ap.add_argument("files", nargs="+")
-    ap.add_argument("--no-values", action="store_true", help="skip the NaN/Inf scan of the weights")
-    a = ap.parse_args(argv)
-    from .hub import resolve_model
-    status = 0
-    for f in a.files:
-        rep = validate(resolve_model(f), check_values=not a.no_values)
-        print(rep.format())
-        status = status or (0 if rep.ok else 1)
-    return status
