@@ -85,6 +85,11 @@ def test_bad_arguments_are_clear_errors(m, kw, match):
     assert m.generate("The capital of France is", max_tokens=2, temperature=0).text.startswith(" Paris")
 
 
+def test_unknown_keyword_is_named(m):
+    with pytest.raises(TypeError, match="'top_q'.*top_p"):
+        m.generate("hi", top_q=0.5)
+
+
 def test_empty_prompt(m):
     with pytest.raises(GenerationError, match="empty"):
         m.generate("")

@@ -14,7 +14,7 @@ from .backends import get_backend
 from .text.chat_template import encode_chat
 from .config import ModelConfig
 from .errors import GenerationError
-from .generate import Chunk, Completion, Sequence, check_args, stream_chunks
+from .generate import DEFAULT_MAX_TOKENS, Chunk, Completion, Sequence, check_args, stream_chunks
 from .formats.gguf import GGUFFile
 from .hub import resolve_model
 from .transformer import Transformer
@@ -96,19 +96,23 @@ class Model:
         return ids
 
     # ------------------------------------------------------------------------------------ generation
-    def stream(self, prompt, *, max_tokens: int = 256, temperature: float = 0.8, top_k: int = 40,
-               top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
-               presence_penalty: float = 0.0, frequency_penalty: float = 0.0, seed: int | None = None,
-               stop=None, sequence: Sequence | None = None) -> Iterator[Chunk]:
+    def stream(self, prompt, *, max_tokens: int = DEFAULT_MAX_TOKENS, stop=None, sequence: Sequence | None = None,
+               **sampling) -> Iterator[Chunk]:
         """Yield `Chunk`s of generated text; the last has `finish_reason` ("stop" or "length") and `stats`.
 
-        `sequence` (default: the model's own) decides which cached tokens the prompt may reuse.
+        Args:
+            prompt: text, or a list of token ids.
+            max_tokens: generate at most this many tokens.
+            stop: a string or strings that end the text (never emitted, not even in part).
+            sequence: whose cached tokens the prompt may reuse (default: the model's own).
+            sampling: the fields of `SamplingParams` (temperature, top_k, top_p, min_p, repeat_penalty,
+                presence_penalty, frequency_penalty, penalty_last_n, seed) with their defaults.
 
         Raises:
             GenerationError: bad arguments, an empty prompt, or a prompt longer than the context.
+            TypeError: an unknown keyword argument.
         """
-        params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, presence_penalty,
-                                frequency_penalty, seed=seed)
+        params = SamplingParams.from_options(sampling)
         stop = check_args(max_tokens, stop)
         ids = self._ids(prompt)
         yield from stream_chunks(sequence or self._sequence, self.tokenizer, ids, params, max_tokens=max_tokens,

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import fields
 
 from .. import hub
+from ..generate import DEFAULT_MAX_TOKENS
+from ..sampling import SamplingParams
 from .files import resolve
 from .progress import ProgressBar
 
@@ -17,19 +20,19 @@ def add_device_options(s):
 
 
 def add_sampling_options(s):
-    s.add_argument("-n", "--max-tokens", type=int, default=256)
-    s.add_argument("--temperature", type=float, default=0.8)
-    s.add_argument("--top-k", type=int, default=40)
-    s.add_argument("--top-p", type=float, default=0.95)
-    s.add_argument("--min-p", type=float, default=0.05)
-    s.add_argument("--repeat-penalty", type=float, default=1.0)
-    s.add_argument("--seed", type=int, default=None)
+    """-n, --stop and one flag per `SamplingParams` field, with its default and help."""
+    s.add_argument("-n", "--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
+                   help=f"generate at most this many tokens (default: {DEFAULT_MAX_TOKENS})")
+    for f in fields(SamplingParams):
+        default = "" if f.default is None else f" (default: {f.default})"
+        s.add_argument("--" + f.name.replace("_", "-"), type=f.metadata["type"], default=f.default,
+                       help=f.metadata["help"] + default)
     s.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
 def sampling_options(a) -> dict:
-    return dict(max_tokens=a.max_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p,
-                repeat_penalty=a.repeat_penalty, seed=a.seed, stop=a.stop or None)
+    """The keyword arguments of `Model.stream` from parsed flags."""
+    return dict(max_tokens=a.max_tokens, stop=a.stop or None, **{f.name: getattr(a, f.name) for f in fields(SamplingParams)})
 
 
 def load(a):
