@@ -16,7 +16,8 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import ConvertError, UnsupportedError
+from .config import ModelConfig
+from .errors import ConvertError, UnsupportedError, WasmchordError
 from .formats.gguf_writer import GGUFWriter
 from .formats.quants import ggml_type
 
@@ -244,8 +245,11 @@ def convert(model_dir, output, *, quant: str = "f16", force: bool = False, progr
     md = {"general.architecture": arch, "general.name": c.get("_name_or_path") or d.name,
           "general.file_type": FILE_TYPE[quant], **_arch_metadata(arch, c), **_tokenizer_metadata(d, c)}
     _pad_vocab(md, c.get("vocab_size"))
-    n_layers, H = md[f"{arch}.block_count"], md[f"{arch}.attention.head_count"]
-    KV = md[f"{arch}.attention.head_count_kv"]
+    try:
+        cfg = ModelConfig.from_gguf(md)
+    except WasmchordError as e:
+        raise ConvertError(f"{d / 'config.json'}: {e}") from None
+    n_layers = cfg.n_layers
 
     mapping: dict[str, str] = {}
     for pat, target in names.items():
@@ -257,23 +261,21 @@ def convert(model_dir, output, *, quant: str = "f16", force: bool = False, progr
     if extra:
         raise ConvertError(f"{d}: unexpected tensors {extra[:5]}{' ...' if len(extra) > 5 else ''} "
                            f"for {hf_arch} with {n_layers} layers")
-    required = [t.format(i=i) for t in names.values() if "{i}" in t for i in range(n_layers)]
-    present = set(mapping.values())
-    missing = [r for r in ["token_embd.weight", "output_norm.weight"] + required if r not in present]
+    missing, wrong = cfg.check_tensors({dst: ckpt.tensors[src][0] for src, dst in mapping.items()})
     if missing:
         raise ConvertError(f"{d}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    for src, dst in mapping.items():
+        if dst in wrong:
+            raise ConvertError(f"{src}: shape {list(ckpt.tensors[src][0])} does not match config.json "
+                               f"(expected {list(wrong[dst])})")
 
     w = GGUFWriter(arch)
     for k, v in md.items():
         w.add(k, v)
-    expect = _expected_shapes(md, arch)
     for src, dst in mapping.items():
         shape, load = ckpt.tensors[src]
-        want = expect(dst)
-        if want is not None and tuple(shape) != want:
-            raise ConvertError(f"{src}: shape {list(shape)} does not match config.json (expected {list(want)})")
         qtype = _qtype(dst, shape, quant)
-        perm = H if dst.endswith("attn_q.weight") else KV if dst.endswith("attn_k.weight") else None
+        perm = cfg.n_heads if dst.endswith("attn_q.weight") else cfg.n_kv_heads if dst.endswith("attn_k.weight") else None
         if arch != "llama":
             perm = None
 
@@ -296,22 +298,4 @@ def _qtype(name: str, shape, quant: str) -> str:
     if quant in ("q4_0", "q4_1") and name in ("token_embd.weight", "output.weight"):
         quant = "q8_0"
     return quant.upper() if shape[-1] % ggml_type(quant).block_size == 0 else "F16"
-
-
-def _expected_shapes(md: dict, arch: str):
-    g = lambda k: md[f"{arch}.{k}"]  # noqa: E731
-    d, H, KV, f = g("embedding_length"), g("attention.head_count"), g("attention.head_count_kv"), g("feed_forward_length")
-    hd = d // H
-    vocab = len(md["tokenizer.ggml.tokens"])
-    table = {"token_embd.weight": (vocab, d), "output.weight": (vocab, d), "output_norm.weight": (d,),
-             "attn_norm.weight": (d,), "attn_q.weight": (H * hd, d), "attn_k.weight": (KV * hd, d),
-             "attn_v.weight": (KV * hd, d), "attn_output.weight": (d, H * hd), "ffn_norm.weight": (d,),
-             "ffn_gate.weight": (f, d), "ffn_up.weight": (f, d), "ffn_down.weight": (d, f)}
-
-    def expect(name):
-        key = name.split(".", 2)[-1] if name.startswith("blk.") else name
-        if arch == "phi2" and name.startswith("output.weight"):
-            return None  # phi2 pads its vocabulary beyond the tokenizer's
-        return table.get(key)
-    return expect
 

@@ -50,20 +50,27 @@ class Transformer:
         why = backend.supports(spec)
         if why:
             raise UnsupportedError(f"{gf.path.name}: the {backend.name} backend cannot run {cfg.arch}: {why}")
+        missing, wrong = cfg.check_tensors({name: ti.shape for name, ti in gf.tensors.items()})
+        if missing:
+            raise GGUFError(gf.path, f"missing tensor {missing[0]!r} required by the {cfg.arch} architecture")
+        if wrong:
+            name, want = next(iter(wrong.items()))
+            raise GGUFError(gf.path, f"tensor {name!r} has shape {list(gf.tensors[name].shape)}, but the config "
+                                     f"gives {list(want)}")
         t = self._tensor
         self.tok_embd = backend.load_matrix([t("token_embd.weight")])
         self.tied = "output.weight" not in gf.tensors
         self.output = self.tok_embd if self.tied else backend.load_matrix([t("output.weight")])
-        self.output_b = self._vec("output.bias", required=False)
+        self.output_b = self._vec("output.bias")
         self.output_norm = self._vec("output_norm.weight")
-        self.output_norm_b = self._vec("output_norm.bias", required=False)
+        self.output_norm_b = self._vec("output_norm.bias")
         self.layers = []
         for i in range(cfg.n_layers):
             if progress:
                 progress("load weights", i, cfg.n_layers)
             p = f"blk.{i}."
             if f"{p}attn_qkv.weight" in gf.tensors:
-                wqkv, bqkv = [t(f"{p}attn_qkv.weight")], self._vec(f"{p}attn_qkv.bias", required=False)
+                wqkv, bqkv = [t(f"{p}attn_qkv.weight")], self._vec(f"{p}attn_qkv.bias")
             else:
                 wqkv = [t(f"{p}attn_{x}.weight") for x in ("q", "k", "v")]
                 names = [f"{p}attn_{x}.bias" for x in ("q", "k", "v")]  # concatenated on the host, then uploaded
@@ -72,18 +79,18 @@ class Transformer:
             up = [t(f"{p}ffn_gate.weight"), t(f"{p}ffn_up.weight")] if spec.ffn != "gelu" else [t(f"{p}ffn_up.weight")]
             self.layers.append(Layer(
                 attn_norm=self._vec(f"{p}attn_norm.weight"),
-                attn_norm_b=self._vec(f"{p}attn_norm.bias", required=False),
+                attn_norm_b=self._vec(f"{p}attn_norm.bias"),
                 wqkv=backend.load_matrix(wqkv), bqkv=bqkv,
                 wo=backend.load_matrix([t(f"{p}attn_output.weight")]),
-                bo=self._vec(f"{p}attn_output.bias", required=False),
+                bo=self._vec(f"{p}attn_output.bias"),
                 ffn_norm=None if spec.parallel_block else self._vec(f"{p}ffn_norm.weight"),
-                w_up=backend.load_matrix(up), b_up=self._vec(f"{p}ffn_up.bias", required=False),
+                w_up=backend.load_matrix(up), b_up=self._vec(f"{p}ffn_up.bias"),
                 w_down=backend.load_matrix([t(f"{p}ffn_down.weight")]),
-                b_down=self._vec(f"{p}ffn_down.bias", required=False),
-                q_norm=self._vec(f"{p}attn_q_norm.weight", required=spec.qk_norm),
-                k_norm=self._vec(f"{p}attn_k_norm.weight", required=spec.qk_norm),
-                post_attn_norm=self._vec(f"{p}post_attention_norm.weight", required=spec.post_norms),
-                post_ffn_norm=self._vec(f"{p}post_ffw_norm.weight", required=spec.post_norms),
+                b_down=self._vec(f"{p}ffn_down.bias"),
+                q_norm=self._vec(f"{p}attn_q_norm.weight"),
+                k_norm=self._vec(f"{p}attn_k_norm.weight"),
+                post_attn_norm=self._vec(f"{p}post_attention_norm.weight"),
+                post_ffn_norm=self._vec(f"{p}post_ffw_norm.weight"),
             ))
         if progress:
             progress("load weights", cfg.n_layers, cfg.n_layers)
@@ -91,20 +98,14 @@ class Transformer:
         self.cache = backend.alloc_kv_cache(cfg.n_layers, cfg.n_kv_heads, max_ctx, cfg.head_dim, cfg.head_dim_v)
 
     # ------------------------------------------------------------------------------------ loading
+    # Required tensors are present and every known tensor has the config's shape (checked in __init__).
     def _tensor(self, name: str) -> WeightSource:
-        gf, cfg = self._gf, self.cfg
-        if name not in gf.tensors:
-            raise GGUFError(gf.path, f"missing tensor {name!r} required by the {cfg.arch} architecture")
-        ti = gf.tensors[name]
-        if len(ti.shape) != 2 or ti.shape[1] not in (cfg.d_model, cfg.ffn_dim, cfg.n_heads * cfg.head_dim_v):
-            raise GGUFError(gf.path, f"tensor {name!r} has shape {list(ti.shape)}, which does not fit the "
-                                     f"config (d_model {cfg.d_model}, ffn {cfg.ffn_dim})")
-        return WeightSource(name, gf.tensor_bytes(name), ti.ggml_type, ti.shape)
+        ti = self._gf.tensors[name]
+        return WeightSource(name, self._gf.tensor_bytes(name), ti.ggml_type, ti.shape)
 
-    def _vec(self, name: str, *, required: bool = True):
+    def _vec(self, name: str):
+        """A small tensor, or None when the file does not have it (an optional one)."""
         if name not in self._gf.tensors:
-            if required:
-                raise GGUFError(self._gf.path, f"missing tensor {name!r} required by the {self.cfg.arch} architecture")
             return None
         return self.be.load_vector(self._gf.dequantize(name).reshape(-1))
 
