@@ -66,6 +66,14 @@ def test_chat_reuses_the_cache(m):
     assert s.messages == []
 
 
+def test_a_failed_turn_leaves_the_chat_as_it_was(m, monkeypatch):
+    s = m.start_chat(system="Be brief.")
+    monkeypatch.setattr(m.tokenizer, "chat_template", "{{ raise_exception('no') }}")
+    with pytest.raises(GenerationError, match="no"):
+        s.send("hi")
+    assert s.messages == [{"role": "system", "content": "Be brief."}]
+
+
 def test_interleaved_chats_do_not_share_stale_cache(m):
     s = m.start_chat()
     s.send("Hi! My name is Ada.", max_tokens=10, temperature=0)

@@ -11,15 +11,15 @@ from typing import Iterator
 import numpy as np
 
 from .backends import get_backend
-from .text.chat_template import encode_chat
 from .config import ModelConfig
 from .errors import GenerationError
-from .generate import DEFAULT_MAX_TOKENS, Chunk, Completion, Sequence, check_args, stream_chunks
 from .formats.gguf import GGUFFile
+from .generate import DEFAULT_MAX_TOKENS, Chunk, Completion, Sequence, check_args, stream_chunks
 from .hub import resolve_model
-from .transformer import Transformer
 from .sampling import SamplingParams
+from .text.chat_template import encode_chat
 from .text.tokenizer import Tokenizer
+from .transformer import Transformer
 
 log = logging.getLogger(__name__)
 
@@ -163,10 +163,9 @@ class Chat:
 
         Takes the keyword arguments of `Model.stream`."""
         self.messages.append({"role": "user", "content": text})
-        ids = self.model.chat_ids(self.messages)
         reply = []
         try:
-            for ch in self.model.stream(ids, sequence=self.sequence, **kw):
+            for ch in self.model.stream(self.model.chat_ids(self.messages), sequence=self.sequence, **kw):
                 reply.append(ch.text)
                 yield ch
         except BaseException:
