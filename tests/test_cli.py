@@ -3,6 +3,10 @@
 import subprocess
 import sys
 
+from wasmchord.cli import build_parser
+from wasmchord.cli.run import sampling_options
+from wasmchord.sampling import OPTIONS, SamplingParams
+
 
 def run(*args, **kw):
     return subprocess.run([sys.executable, "-m", "wasmchord", *args], capture_output=True, text=True, **kw)
@@ -32,6 +36,14 @@ def test_not_a_gguf_file(tmp_path):
     (tmp_path / "x.gguf").write_bytes(b"hello world, not gguf")
     r = run("info", str(tmp_path / "x.gguf"))
     assert r.returncode == 2 and "magic" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_every_sampling_option_is_a_flag_with_the_library_default():
+    for command in ("generate", "chat"):
+        a = build_parser().parse_args([command, "m", "--presence-penalty", "0.5", "--frequency-penalty", "0.25"])
+        opts = sampling_options(a)
+        assert SamplingParams.from_options({k: opts[k] for k in OPTIONS}) == \
+            SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)
 
 
 def test_unknown_alias_for_pull():

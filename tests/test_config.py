@@ -4,7 +4,7 @@ import pytest
 
 from wasmchord.config import ModelConfig
 from wasmchord.errors import ConfigError, UnsupportedError
-from wasmchord.gguf_file import GGUFFile
+from wasmchord.formats.gguf import GGUFFile
 
 LLAMA = {
     "general.architecture": "llama", "llama.block_count": 2, "llama.embedding_length": 64,
@@ -62,3 +62,29 @@ def test_real_gemma3_config(gemma_path):
     assert (c.arch, c.n_layers, c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.sliding_window) == \
         ("gemma3", 18, 640, 4, 1, 256, 512)
     assert [c.is_local_layer(i) for i in range(6)] == [True] * 5 + [False]
+
+
+def test_tensor_shapes_of_both_real_models_match_their_config(smollm2_path, gemma_path):
+    for p in (smollm2_path, gemma_path):
+        gf = GGUFFile(p)
+        cfg = ModelConfig.from_gguf(gf.metadata)
+        assert cfg.check_tensors({n: ti.shape for n, ti in gf.tensors.items()}) == ([], {})
+        assert set(gf.tensors) <= set(cfg.tensor_shapes())  # every tensor of the file is one the graph knows
+
+
+def test_check_tensors_names_missing_and_misshapen_tensors():
+    cfg = ModelConfig.from_gguf(LLAMA)
+    shapes = {n: t.shape for n, t in cfg.tensor_shapes().items() if t.required}
+    assert cfg.check_tensors(shapes) == ([], {})
+    del shapes["blk.1.ffn_gate.weight"]
+    shapes["blk.0.attn_output.weight"] = (64, 63)
+    assert cfg.check_tensors(shapes) == (["blk.1.ffn_gate.weight"], {"blk.0.attn_output.weight": (64, 64)})
+
+
+def test_a_fused_qkv_tensor_stands_for_q_k_and_v():
+    cfg = ModelConfig.from_gguf(LLAMA)
+    shapes = {n: t.shape for n, t in cfg.tensor_shapes().items()
+              if t.required and not n.endswith(("attn_q.weight", "attn_k.weight", "attn_v.weight"))}
+    assert len(cfg.check_tensors(shapes)[0]) == 6
+    shapes.update({f"blk.{i}.attn_qkv.weight": (64 + 2 * 32, 64) for i in range(2)})
+    assert cfg.check_tensors(shapes) == ([], {})

@@ -12,9 +12,9 @@ import torch
 
 from tiny_hf import make_llama, make_phi2
 from wasmchord import Model, Tokenizer
-from wasmchord.convert import ConvertError, convert
-from wasmchord.errors import UnsupportedError
-from wasmchord.gguf_writer import GGUFWriter
+from wasmchord.convert import convert
+from wasmchord.errors import ConvertError, GGUFError, UnsupportedError
+from wasmchord.formats.gguf_writer import GGUFWriter
 from wasmchord.validate import validate
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -123,7 +123,7 @@ def test_validator_catches_a_truncated_file(tmp_path):
 
 
 def test_validator_catches_wrong_shapes_missing_keys_and_nan(tmp_path):
-    from wasmchord.gguf_file import GGUFFile
+    from wasmchord.formats.gguf import GGUFFile
     src = GGUFFile(_converted(tmp_path))
 
     def rewrite(path, *, drop_key=None, shape_of=None, nan_in=None):
@@ -146,6 +146,8 @@ def test_validator_catches_wrong_shapes_missing_keys_and_nan(tmp_path):
     assert not rep.ok and any("llama.block_count" in p for p in rep.problems)
     rep = rewrite(tmp_path / "b.gguf", shape_of="blk.1.ffn_up.weight")
     assert not rep.ok and any("blk.1.ffn_up.weight" in p for p in rep.problems)
+    with pytest.raises(GGUFError, match="blk.1.ffn_up.weight"):  # the loader holds files to the same shapes
+        Model.load(tmp_path / "b.gguf", device="cpu")
     rep = rewrite(tmp_path / "c.gguf", nan_in="blk.0.attn_norm.weight")
     assert not rep.ok and any("blk.0.attn_norm.weight" in p for p in rep.problems)
 

@@ -1,12 +1,12 @@
 """Encode-ahead decoding on the GPU equals the step-by-step path token for token, with stop strings,
-stop tokens, max_tokens, sampling, and a context that fills; the session's cache stays consistent."""
+stop tokens, max_tokens, sampling, and a context that fills; the sequence's cache stays consistent."""
 
 import numpy as np
 import pytest
 
 from wasmchord import Model
 from wasmchord.errors import GenerationError
-from wasmchord.generate import Session, generate_tokens
+from wasmchord.generate import Sequence, generate_tokens
 from wasmchord.sampling import SamplingParams
 
 pytestmark = pytest.mark.gpu
@@ -18,7 +18,7 @@ def g(gpu_backend):
 
 
 def run(m, ids, params, n, ahead, stop_ids=frozenset()):
-    s = Session(m._tf)
+    s = Sequence(m.transformer)
     toks = list(generate_tokens(s, ids, params, max_tokens=n, stop_ids=stop_ids, encode_ahead=ahead))
     return toks, list(s.tokens)
 
@@ -61,13 +61,12 @@ def test_replayed_steps_equal_the_graph(gpu_backend):
     patched) give bit-identical logits to running the graph, across the 64-position boundary where the
     attention grid grows; generation through the public path equals the step-by-step one."""
     m = Model.load("smollm2-135m-instruct", device="gpu", context_length=96)
-    be, tf = m.backend, m._tf
+    be, tf = m.backend, m.transformer
     ids = m.tokenizer.encode("The rain in Spain stays mainly in the plain. " * 9)[:58]
     assert len(ids) == 58  # decode positions 58..69 cross 64
 
     def steps(replay):
         be.replay_steps = replay
-        tf.cache_owner = None
         be.argmax(tf.forward(ids, 0))  # the first token, left on the device for the next step
         out, before = [], be.stream.replayed
         for pos in range(len(ids), len(ids) + 12):
@@ -89,7 +88,7 @@ def test_replayed_steps_equal_the_graph(gpu_backend):
 
 def test_replay_program_is_dropped_when_buffers_change(g):
     run(g, g.tokenizer.encode("Once upon a time"), SamplingParams(temperature=0), 4, ahead=True)
-    be, cache = g.backend, g._tf.cache
+    be, cache = g.backend, g.transformer.cache
     c = be.stream.capture
     assert c is not None and c.gen == be.gpu.gen and c.key is cache
     assert be.stream.replay(object(), 11) is None  # another model's cache

@@ -71,7 +71,7 @@ def test_gemma_cpu_against_llama_cpp(gemma_cpu):
 @pytest.mark.gpu
 def test_gemma_gpu_matches_cpu(gpu_backend, gemma_cpu):
     g = Model.load(gemma_cpu.gguf.path, device="gpu", context_length=64)
-    assert len(g._tf.tok_embd.pieces) > 1  # 178 MB Q8_0 table split under lavapipe's 128 MiB limit
+    assert len(g.transformer.tok_embd.pieces) > 1  # 178 MB Q8_0 table split under lavapipe's 128 MiB limit
     fx, _ = fixture()
     ids = fx["p4_ids"].tolist()
     lg, lc = g.logits(ids), gemma_cpu.logits(ids)

@@ -1,4 +1,4 @@
-"""Generation API on the CPU backend with SmolLM2: stream/generate/chat, stops, sessions, bad input."""
+"""Generation API on the CPU backend with SmolLM2: stream/generate/chat, stops, multi-turn chats, bad input."""
 
 import pytest
 
@@ -26,6 +26,7 @@ def test_prompt_as_token_ids(m):
 def test_stream_concatenation_equals_generate(m):
     chunks = list(m.stream("Once upon a time", max_tokens=20, temperature=0))
     assert chunks[-1].finish_reason == "length" and all(c.finish_reason is None for c in chunks[:-1])
+    assert chunks[-1].stats.completion_tokens == 20 and all(c.stats is None for c in chunks[:-1])
     assert "".join(c.text for c in chunks) == m.generate("Once upon a time", max_tokens=20, temperature=0).text
 
 
@@ -54,23 +55,31 @@ def test_chat_stops_at_end_of_turn(m):
     assert c.finish_reason == "stop" and "4" in c.text and "<|im_end|>" not in c.text
 
 
-def test_chat_session_reuses_the_cache(m):
-    s = m.session()
+def test_chat_reuses_the_cache(m):
+    s = m.start_chat()
     first = s.send("Hi! My name is Ada.", max_tokens=20, temperature=0)
     second = s.send("What is my name?", max_tokens=20, temperature=0)
-    assert m.last_stats.cached_tokens > first.prompt_tokens  # the earlier turns were not re-evaluated
+    assert second.cached_tokens > first.prompt_tokens  # the earlier turns were not re-evaluated
     fresh = m.chat(s.messages[:-1], max_tokens=20, temperature=0)
     assert fresh.text == second.text
     s.reset()
     assert s.messages == []
 
 
-def test_interleaved_sessions_do_not_share_stale_cache(m):
-    s = m.session()
+def test_a_failed_turn_leaves_the_chat_as_it_was(m, monkeypatch):
+    s = m.start_chat(system="Be brief.")
+    monkeypatch.setattr(m.tokenizer, "chat_template", "{{ raise_exception('no') }}")
+    with pytest.raises(GenerationError, match="no"):
+        s.send("hi")
+    assert s.messages == [{"role": "system", "content": "Be brief."}]
+
+
+def test_interleaved_chats_do_not_share_stale_cache(m):
+    s = m.start_chat()
     s.send("Hi! My name is Ada.", max_tokens=10, temperature=0)
     m.generate("Completely unrelated text about boats", max_tokens=5, temperature=0)  # overwrites the cache
     second = s.send("What is my name?", max_tokens=15, temperature=0)
-    assert m.last_stats.cached_tokens == 0  # the session noticed and re-evaluated
+    assert second.cached_tokens == 0  # the chat's sequence noticed and re-evaluated
     assert second.text == m.chat(s.messages[:-1], max_tokens=15, temperature=0).text
 
 
@@ -82,6 +91,11 @@ def test_bad_arguments_are_clear_errors(m, kw, match):
     with pytest.raises(GenerationError, match=match):
         m.generate("hi", **kw)
     assert m.generate("The capital of France is", max_tokens=2, temperature=0).text.startswith(" Paris")
+
+
+def test_unknown_keyword_is_named(m):
+    with pytest.raises(TypeError, match="'top_q'.*top_p"):
+        m.generate("hi", top_q=0.5)
 
 
 def test_empty_prompt(m):

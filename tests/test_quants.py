@@ -4,8 +4,8 @@ import gguf
 import numpy as np
 import pytest
 
-from wasmchord.gguf_file import GGUFFile
-from wasmchord.quants import GGML_TYPES, dequantize, dequantize_rows, ggml_type, quantize
+from wasmchord.formats.gguf import GGUFFile
+from wasmchord.formats.quants import GGML_TYPES, dequantize, dequantize_rows, ggml_type, quantize
 from wasmchord.errors import UnsupportedError
 
 DEQ_TYPES = ["F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from wasmchord.errors import TokenizerError, UnsupportedError
-from wasmchord.gguf_writer import GGUFWriter
-from wasmchord.tokenizer import BYTE, Tokenizer
-from wasmchord.vocab_export import sentencepiece_metadata
+from wasmchord.formats.gguf_writer import GGUFWriter
+from wasmchord.text.tokenizer import BYTE, Tokenizer
+from wasmchord.text.vocab_export import sentencepiece_metadata
 
 FIXTURES = Path(__file__).parent / "fixtures"
 MODELS = ["smollm2-135m-instruct", "gemma3-270m"]

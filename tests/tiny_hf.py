@@ -1,5 +1,6 @@
 """Tiny Hugging Face checkpoints (LLaMA, Phi-2) with tokenizers, written to a directory as
-save_pretrained does, for conversion tests and the llama.cpp fixture tool."""
+save_pretrained does: tests turn them into GGUF files through the real converter (wasmchord.convert),
+and so does the llama.cpp fixture tool."""
 
 import json
 from pathlib import Path
@@ -51,7 +52,9 @@ def bpe_tokenizer(d: Path, vocab: int, *, train: bool = True):
     return len(tok.get_vocab())
 
 
-def make_llama(d, *, seed=0, tokenizer="spm", hidden=64, layers=2, heads=4, kv_heads=2, ffn=96, tied=False, calm=False):
+def make_llama(d, *, seed=0, tokenizer="spm", hidden=64, layers=2, heads=4, kv_heads=2, ffn=96, tied=False, calm=False,
+               extra_vocab=0, rope_theta=10000.0):
+    """A random LLaMA in `d`; `extra_vocab` pads the embedding beyond the tokenizer (an odd size, say)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
     d = Path(d)
@@ -62,8 +65,8 @@ def make_llama(d, *, seed=0, tokenizer="spm", hidden=64, layers=2, heads=4, kv_h
         vocab = bpe_tokenizer(d, 300, train=tokenizer == "bpe")
     torch.manual_seed(seed)
     cfg = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                      num_key_value_heads=kv_heads, intermediate_size=ffn, vocab_size=vocab,
-                      max_position_embeddings=256, tie_word_embeddings=tied, rms_norm_eps=1e-5, rope_theta=10000.0,
+                      num_key_value_heads=kv_heads, intermediate_size=ffn, vocab_size=vocab + extra_vocab,
+                      max_position_embeddings=256, tie_word_embeddings=tied, rms_norm_eps=1e-5, rope_theta=rope_theta,
                       bos_token_id=1, eos_token_id=2)
     m = _widen(LlamaForCausalLM(cfg).eval(), seed, calm)
     m.save_pretrained(d)

@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from wasmchord.gguf_file import GGUFFile
+from wasmchord.formats.gguf import GGUFFile
 from wasmchord.hub import KNOWN_MODELS, resolve_model
 
 

@@ -1,11 +1,11 @@
-"""Convert a Hugging Face model directory to GGUF (same as `wasmchord convert`).
+"""Convert a Hugging Face model directory to GGUF (the same as `wasmchord convert`).
 
     python tools/convert_model.py --model DIR --output FILE.gguf --quant f32|f16|q8_0|q4_0|q4_1 [--force]
 """
 
 import sys
 
-from wasmchord.convert import main
+from wasmchord.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["convert", *sys.argv[1:]]))

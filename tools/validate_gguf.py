@@ -1,11 +1,11 @@
-"""Validate GGUF files (same as `wasmchord validate`): prints a report, exits 1 on problems.
+"""Validate GGUF files (the same as `wasmchord validate`): prints a report, exits 1 on problems.
 
     python tools/validate_gguf.py FILE_OR_ALIAS [...] [--no-values]
 """
 
 import sys
 
-from wasmchord.validate import main
+from wasmchord.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["validate", *sys.argv[1:]]))

@@ -1,3 +1,5 @@
+"""`python -m wasmchord`: the command line."""
+
 import sys
 
 from .cli import main

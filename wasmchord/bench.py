@@ -48,12 +48,12 @@ def _timed(f):
 
 
 def bench_wasmchord(model_path, device, prompt_lengths, n_gen, progress=None, **backend_options) -> dict:
-    from .api import Model
-    from .generate import generate_tokens
+    from .generate import Sequence, generate_tokens
+    from .model import Model
     from .sampling import SamplingParams
     load_s, m = _timed(lambda: Model.load(model_path, device=device, context_length=max(prompt_lengths) + n_gen + 8,
                                          progress=progress, **backend_options))
-    s = m._session
+    s = Sequence(m.transformer)
     prefill = {}
     for n in prompt_lengths:
         ids = prompt_ids(m.tokenizer, n)
@@ -79,7 +79,7 @@ def bench_wasmchord(model_path, device, prompt_lengths, n_gen, progress=None, **
 
 def weight_bytes_per_token(m) -> int | None:
     """Bytes of weights one decode step reads in this backend's representation."""
-    tf = m._tf
+    tf = m.transformer
     mats = [tf.output] + [w for L in tf.layers for w in (L.wqkv, L.wo, L.w_up, L.w_down)]
     total = 0
     for w in mats:
@@ -98,7 +98,7 @@ def bench_llama_cpp(model_path, prompt_lengths, n_gen, threads) -> dict | None:
     load_s, llm = _timed(lambda: llama_cpp.Llama(model_path=str(model_path), n_ctx=max(prompt_lengths) + n_gen + 8,
                                                 n_batch=max(prompt_lengths), n_ubatch=max(prompt_lengths),
                                                 n_threads=threads, n_threads_batch=threads, verbose=False))
-    from .tokenizer import Tokenizer
+    from .text.tokenizer import Tokenizer
     tok = Tokenizer.from_gguf(model_path)
     prefill = {}
     for n in prompt_lengths:
@@ -131,9 +131,10 @@ def profile_gpu(model_path, *, n_steps=16, timestamp_period_ns=1.0, context=256,
     read bandwidth (a saturating WGSL read). `backend_options` go to the GPU backend."""
     from collections import defaultdict
 
-    from .api import Model
+    from .generate import Sequence
+    from .model import Model
     m = Model.load(model_path, device="gpu", context_length=context, **backend_options)
-    be, s, tf = m.backend, m._session, m._tf
+    be, s, tf = m.backend, Sequence(m.transformer), m.transformer
     ids = prompt_ids(m.tokenizer, 32)
 
     def decode(n):  # n encode-ahead steps: (host encode seconds per step, wall seconds per step)

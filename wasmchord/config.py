@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -40,6 +41,14 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "gemma3": ArchSpec(ffn="geglu", rope_style="neox", qk_norm=True, post_norms=True,
                        embed_scale_sqrt_d=True, sliding_window_pattern=6, rope_base_local=10000.0),
 }
+
+
+class TensorShape(NamedTuple):
+    shape: tuple[int, ...]  # NumPy order: rows first
+    required: bool
+
+
+_QKV = ("attn_q.weight", "attn_k.weight", "attn_v.weight")
 
 
 def _get(md: dict, key: str, kind, required: bool = True, default=None):
@@ -88,6 +97,47 @@ class ModelConfig:
     @property
     def attn_scale(self) -> float:
         return 1.0 / math.sqrt(self.head_dim)
+
+    def tensor_shapes(self) -> dict[str, TensorShape]:
+        """Every tensor the graph reads, by GGUF name, with its shape and whether this architecture
+        requires it. Optional: biases, `output.weight` (absent: tied to the embeddings) and a fused
+        `attn_qkv` (present: it stands for attn_q, attn_k and attn_v)."""
+        d, H, KV, hd, hdv, f, V = (self.d_model, self.n_heads, self.n_kv_heads, self.head_dim, self.head_dim_v,
+                                   self.ffn_dim, self.vocab_size)
+        spec, qkv = self.spec, H * hd + KV * hd + KV * hdv
+        T = TensorShape
+        out = {"token_embd.weight": T((V, d), True), "output.weight": T((V, d), False), "output.bias": T((V,), False),
+               "output_norm.weight": T((d,), True), "output_norm.bias": T((d,), False)}
+        for i in range(self.n_layers):
+            layer = {"attn_norm.weight": T((d,), True), "attn_norm.bias": T((d,), False),
+                     "attn_q.weight": T((H * hd, d), True), "attn_q.bias": T((H * hd,), False),
+                     "attn_k.weight": T((KV * hd, d), True), "attn_k.bias": T((KV * hd,), False),
+                     "attn_v.weight": T((KV * hdv, d), True), "attn_v.bias": T((KV * hdv,), False),
+                     "attn_qkv.weight": T((qkv, d), False), "attn_qkv.bias": T((qkv,), False),
+                     "attn_output.weight": T((d, H * hdv), True), "attn_output.bias": T((d,), False),
+                     "ffn_up.weight": T((f, d), True), "ffn_up.bias": T((f,), False),
+                     "ffn_down.weight": T((d, f), True), "ffn_down.bias": T((d,), False)}
+            if not spec.parallel_block:  # phi2's MLP reads the attention's normalized input
+                layer["ffn_norm.weight"] = T((d,), True)
+            if spec.ffn != "gelu":
+                layer["ffn_gate.weight"] = T((f, d), True)
+            if spec.qk_norm:
+                layer.update({"attn_q_norm.weight": T((hd,), True), "attn_k_norm.weight": T((hd,), True)})
+            if spec.post_norms:
+                layer.update({"post_attention_norm.weight": T((d,), True), "post_ffw_norm.weight": T((d,), True)})
+            out.update({f"blk.{i}.{name}": t for name, t in layer.items()})
+        return out
+
+    def check_tensors(self, shapes: dict[str, tuple[int, ...]]) -> tuple[list[str], dict[str, tuple[int, ...]]]:
+        """Compare a file's tensors (name -> shape) with `tensor_shapes()`.
+
+        Returns the required tensors that are missing, and the tensors whose shape differs from the
+        config's, each with the shape the config gives."""
+        want = self.tensor_shapes()
+        missing = [n for n, t in want.items() if t.required and n not in shapes
+                   and not (n.endswith(_QKV) and n[:n.index("attn_")] + "attn_qkv.weight" in shapes)]
+        wrong = {n: want[n].shape for n, s in shapes.items() if n in want and tuple(s) != want[n].shape}
+        return missing, wrong
 
     def is_local_layer(self, i: int) -> bool:
         """Sliding-window layer? llama.cpp `llama_hparams::set_swa_pattern`: every Nth layer is global."""

@@ -16,20 +16,27 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import UnsupportedError, WasmchordError
-from .gguf_writer import GGUFWriter
-from .quants import ggml_type
+from .config import ModelConfig
+from .errors import ConvertError, UnsupportedError, WasmchordError
+from .formats.gguf_writer import GGUFWriter
+from .formats.quants import ggml_type
 
 log = logging.getLogger(__name__)
 QUANTS = ("f32", "f16", "q8_0", "q4_0", "q4_1")
 FILE_TYPE = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7}  # llama_ftype
 
 
-class ConvertError(WasmchordError, ValueError):
-    """The input directory cannot be converted (the message names the file or tensor)."""
-
-
 # ---------------------------------------------------------------------------- reading checkpoints
+
+def _read_json(path: Path, default=None):
+    """A JSON file of the checkpoint (`default` when it is absent and a default is given)."""
+    if default is not None and not path.exists():
+        return default
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConvertError(f"{path}: not valid JSON ({e})") from None
+
 
 _ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": "bf16", "F64": np.float64, "I64": np.int64}
 
@@ -43,7 +50,10 @@ class _SafeTensors:
             n = struct.unpack("<Q", f.read(8))[0]
             if n > path.stat().st_size:
                 raise ConvertError(f"{path}: corrupt safetensors header")
-            self.header = json.loads(f.read(n))
+            try:
+                self.header = json.loads(f.read(n))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise ConvertError(f"{path}: corrupt safetensors header") from None
         self.header.pop("__metadata__", None)
         self.base = 8 + n
         self.mm = np.memmap(path, dtype=np.uint8, mode="r")
@@ -156,14 +166,14 @@ def _arch_metadata(arch: str, c: dict) -> dict:
 # ---------------------------------------------------------------------------- tokenizer
 
 def _tokenizer_metadata(d: Path, c: dict) -> dict:
-    from .vocab_export import bpe_metadata, sentencepiece_metadata
-    tc = json.loads((d / "tokenizer_config.json").read_text()) if (d / "tokenizer_config.json").exists() else {}
-    gc = json.loads((d / "generation_config.json").read_text()) if (d / "generation_config.json").exists() else {}
+    from .text.vocab_export import bpe_metadata, sentencepiece_metadata
+    tc = _read_json(d / "tokenizer_config.json", {})
+    gc = _read_json(d / "generation_config.json", {})
     if (d / "tokenizer.model").exists():
         md = sentencepiece_metadata(d / "tokenizer.model", add_bos=tc.get("add_bos_token", True))
     elif (d / "tokenizer.json").exists():
         md = bpe_metadata(d / "tokenizer.json", pre=_bpe_pre(d / "tokenizer.json"), add_bos=tc.get("add_bos_token", False))
-        tj = json.loads((d / "tokenizer.json").read_text())
+        tj = _read_json(d / "tokenizer.json")
         ids = {a["content"]: a["id"] for a in tj.get("added_tokens", [])}
         for key, name in (("bos", tc.get("bos_token")), ("eos", tc.get("eos_token")), ("unknown", tc.get("unk_token"))):
             name = name.get("content") if isinstance(name, dict) else name
@@ -184,7 +194,7 @@ def _tokenizer_metadata(d: Path, c: dict) -> dict:
 
 def _pad_vocab(md: dict, vocab_size):
     """Models pad their embedding beyond the tokenizer (llama.cpp adds [PAD{i}] tokens, type UNUSED)."""
-    from .tokenizer import UNUSED
+    from .text.tokenizer import UNUSED
     toks = md["tokenizer.ggml.tokens"]
     if isinstance(vocab_size, int) and vocab_size > len(toks):
         extra = vocab_size - len(toks)
@@ -197,7 +207,7 @@ def _pad_vocab(md: dict, vocab_size):
 
 def _bpe_pre(path: Path) -> str:
     """Pick llama.cpp's pre-tokenizer name from tokenizer.json's pre_tokenizer."""
-    text = json.dumps(json.loads(path.read_text()).get("pre_tokenizer"))
+    text = json.dumps(_read_json(path).get("pre_tokenizer"))
     if "individual_digits\": true" in text:
         return "smollm"
     if "\\\\p{N}{1,3}" in text:
@@ -225,7 +235,7 @@ def convert(model_dir, output, *, quant: str = "f16", force: bool = False, progr
         raise ConvertError(f"{out}: the output directory {out.parent} does not exist")
     if out.exists() and not force:
         raise ConvertError(f"{out} exists (use --force to overwrite)")
-    c = json.loads((d / "config.json").read_text())
+    c = _read_json(d / "config.json")
     hf_arch = (c.get("architectures") or [None])[0]
     if hf_arch not in ARCHS:
         raise UnsupportedError(f"{d / 'config.json'}: architecture {hf_arch!r} is not supported "
@@ -235,8 +245,11 @@ def convert(model_dir, output, *, quant: str = "f16", force: bool = False, progr
     md = {"general.architecture": arch, "general.name": c.get("_name_or_path") or d.name,
           "general.file_type": FILE_TYPE[quant], **_arch_metadata(arch, c), **_tokenizer_metadata(d, c)}
     _pad_vocab(md, c.get("vocab_size"))
-    n_layers, H = md[f"{arch}.block_count"], md[f"{arch}.attention.head_count"]
-    KV = md[f"{arch}.attention.head_count_kv"]
+    try:
+        cfg = ModelConfig.from_gguf(md)
+    except WasmchordError as e:
+        raise ConvertError(f"{d / 'config.json'}: {e}") from None
+    n_layers = cfg.n_layers
 
     mapping: dict[str, str] = {}
     for pat, target in names.items():
@@ -248,23 +261,21 @@ def convert(model_dir, output, *, quant: str = "f16", force: bool = False, progr
     if extra:
         raise ConvertError(f"{d}: unexpected tensors {extra[:5]}{' ...' if len(extra) > 5 else ''} "
                            f"for {hf_arch} with {n_layers} layers")
-    required = [t.format(i=i) for t in names.values() if "{i}" in t for i in range(n_layers)]
-    present = set(mapping.values())
-    missing = [r for r in ["token_embd.weight", "output_norm.weight"] + required if r not in present]
+    missing, wrong = cfg.check_tensors({dst: ckpt.tensors[src][0] for src, dst in mapping.items()})
     if missing:
         raise ConvertError(f"{d}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    for src, dst in mapping.items():
+        if dst in wrong:
+            raise ConvertError(f"{src}: shape {list(ckpt.tensors[src][0])} does not match config.json "
+                               f"(expected {list(wrong[dst])})")
 
     w = GGUFWriter(arch)
     for k, v in md.items():
         w.add(k, v)
-    expect = _expected_shapes(md, arch)
     for src, dst in mapping.items():
         shape, load = ckpt.tensors[src]
-        want = expect(dst)
-        if want is not None and tuple(shape) != want:
-            raise ConvertError(f"{src}: shape {list(shape)} does not match config.json (expected {list(want)})")
         qtype = _qtype(dst, shape, quant)
-        perm = H if dst.endswith("attn_q.weight") else KV if dst.endswith("attn_k.weight") else None
+        perm = cfg.n_heads if dst.endswith("attn_q.weight") else cfg.n_kv_heads if dst.endswith("attn_k.weight") else None
         if arch != "llama":
             perm = None
 
@@ -287,45 +298,4 @@ def _qtype(name: str, shape, quant: str) -> str:
     if quant in ("q4_0", "q4_1") and name in ("token_embd.weight", "output.weight"):
         quant = "q8_0"
     return quant.upper() if shape[-1] % ggml_type(quant).block_size == 0 else "F16"
-
-
-def _expected_shapes(md: dict, arch: str):
-    g = lambda k: md[f"{arch}.{k}"]  # noqa: E731
-    d, H, KV, f = g("embedding_length"), g("attention.head_count"), g("attention.head_count_kv"), g("feed_forward_length")
-    hd = d // H
-    vocab = len(md["tokenizer.ggml.tokens"])
-    table = {"token_embd.weight": (vocab, d), "output.weight": (vocab, d), "output_norm.weight": (d,),
-             "attn_norm.weight": (d,), "attn_q.weight": (H * hd, d), "attn_k.weight": (KV * hd, d),
-             "attn_v.weight": (KV * hd, d), "attn_output.weight": (d, H * hd), "ffn_norm.weight": (d,),
-             "ffn_gate.weight": (f, d), "ffn_up.weight": (f, d), "ffn_down.weight": (d, f)}
-
-    def expect(name):
-        key = name.split(".", 2)[-1] if name.startswith("blk.") else name
-        if arch == "phi2" and name.startswith("output.weight"):
-            return None  # phi2 pads its vocabulary beyond the tokenizer's
-        return table.get(key)
-    return expect
-
-
-def main(argv=None) -> int:
-    """tools/convert_model.py and `wasmchord convert`."""
-    import argparse
-    import sys
-    ap = argparse.ArgumentParser(prog="convert_model", description="Hugging Face model directory -> GGUF")
-    ap.add_argument("--model", required=True, help="directory with config.json, weights and tokenizer")
-    ap.add_argument("--output", required=True, help="output .gguf file")
-    ap.add_argument("--quant", default="f16", help=f"one of {', '.join(QUANTS)}")
-    ap.add_argument("--force", action="store_true", help="overwrite an existing output file")
-    a = ap.parse_args(argv)
-    from .cli import _Bar
-    bar = _Bar()
-    try:
-        path = convert(a.model, a.output, quant=a.quant, force=a.force, progress=bar)
-    except (WasmchordError, OSError, json.JSONDecodeError) as e:
-        bar.close()
-        print(f"convert: error: {e}", file=sys.stderr)
-        return 2
-    bar.close()
-    print(path)
-    return 0
 

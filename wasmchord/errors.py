@@ -29,6 +29,10 @@ class TokenizerError(WasmchordError, ValueError):
     """The tokenizer metadata is missing or inconsistent."""
 
 
+class ConvertError(WasmchordError, ValueError):
+    """A checkpoint directory cannot be converted to GGUF (the message names the file or tensor)."""
+
+
 class PullError(WasmchordError, RuntimeError):
     """Downloading or verifying a known model failed."""
 

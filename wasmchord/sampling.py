@@ -7,24 +7,33 @@ untempered logits, as llama.cpp does.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
 from .errors import GenerationError
 
 
+def _option(default, help: str, kind=None):
+    """A sampling option: its default, one line of help and the type of its command-line flag."""
+    return field(default=default, metadata={"help": help, "type": kind or type(default)})
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 0.8
-    top_k: int = 40
-    top_p: float = 0.95
-    min_p: float = 0.05
-    repeat_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    penalty_last_n: int = 64
-    seed: int | None = None
+    """How the next token is chosen. The one definition of each sampling option: every field is a
+    keyword argument of `Model.stream`/`generate`/`chat` and a flag of `wasmchord generate`/`chat`
+    (`top_k` is `--top-k`), with the default and help text given here."""
+
+    temperature: float = _option(0.8, "divide the logits by this before drawing; 0 is greedy (argmax)")
+    top_k: int = _option(40, "draw from the k most likely tokens only (0: all)")
+    top_p: float = _option(0.95, "draw from the most likely tokens whose probabilities sum to top_p")
+    min_p: float = _option(0.05, "drop tokens less likely than min_p times the most likely one")
+    repeat_penalty: float = _option(1.0, "divide the positive logits of recent tokens by this (1: off)")
+    presence_penalty: float = _option(0.0, "subtract this from the logit of every recent token")
+    frequency_penalty: float = _option(0.0, "subtract this times its count from the logit of every recent token")
+    penalty_last_n: int = _option(64, "how many recent tokens the penalties look at")
+    seed: int | None = _option(None, "random seed for sampling (default: a different draw each run)", int)
 
     def __post_init__(self):
         def bad(name, want):
@@ -51,6 +60,23 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @classmethod
+    def from_options(cls, options: dict) -> "SamplingParams":
+        """Build from keyword arguments, naming any that is not a sampling option.
+
+        Raises:
+            TypeError: an unknown option.
+            GenerationError: a value out of range.
+        """
+        unknown = sorted(set(options) - set(OPTIONS))
+        if unknown:
+            raise TypeError(f"unexpected keyword argument {', '.join(map(repr, unknown))}; "
+                            f"the sampling options are {', '.join(OPTIONS)}")
+        return cls(**options)
+
+
+OPTIONS = [f.name for f in fields(SamplingParams)]
 
 
 def apply_penalties(logits: np.ndarray, history, *, repeat: float = 1.0, presence: float = 0.0,

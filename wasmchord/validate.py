@@ -1,5 +1,5 @@
 """Check a GGUF file: structure, required metadata, tensor shapes against the config, NaN/Inf in the
-weights, tokenizer consistency. `wasmchord validate FILE` / tools/validate_gguf.py."""
+weights, tokenizer consistency (`wasmchord validate FILE`, tools/validate_gguf.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import WasmchordError
-from .gguf_file import GGUFFile
+from .formats.gguf import GGUFFile
 
 
 @dataclass
@@ -35,27 +35,13 @@ class Report:
         return "\n".join(lines)
 
 
-def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Tensors the graph needs for this config and their NumPy-order shapes."""
-    d, H, KV, hd, hdv, f = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.head_dim_v, cfg.ffn_dim
-    out = {"token_embd.weight": (cfg.vocab_size, d), "output_norm.weight": (d,)}
-    for i in range(cfg.n_layers):
-        p = f"blk.{i}."
-        out.update({p + "attn_norm.weight": (d,), p + "attn_output.weight": (d, H * hdv),
-                    p + "ffn_up.weight": (f, d), p + "ffn_down.weight": (d, f)})
-        if not cfg.spec.parallel_block:
-            out[p + "ffn_norm.weight"] = (d,)
-        if cfg.spec.ffn != "gelu":
-            out[p + "ffn_gate.weight"] = (f, d)
-        out.update({p + "attn_q.weight": (H * hd, d), p + "attn_k.weight": (KV * hd, d), p + "attn_v.weight": (KV * hdv, d)})
-        if cfg.spec.qk_norm:
-            out.update({p + "attn_q_norm.weight": (hd,), p + "attn_k_norm.weight": (hd,)})
-        if cfg.spec.post_norms:
-            out.update({p + "post_attention_norm.weight": (d,), p + "post_ffw_norm.weight": (d,)})
-    return out
+def validate(path, *, check_values: bool = True, progress=None) -> Report:
+    """Check the GGUF file at `path`; problems are reported, never raised.
 
-
-def validate(path, *, check_values: bool = True) -> Report:
+    Args:
+        check_values: dequantize every tensor and look for NaN/Inf (the slow part).
+        progress: called as progress(stage, done, total) during the value scan.
+    """
     r = Report(str(path))
     try:
         gf = GGUFFile(path)
@@ -71,20 +57,15 @@ def validate(path, *, check_values: bool = True) -> Report:
         r.add("required metadata", False, str(e))
         cfg = None
     if cfg is not None:
-        want = expected_shapes(cfg)
-        if "attn_qkv" in " ".join(gf.tensors):  # fused QKV files carry one tensor instead of three
-            want = {k: v for k, v in want.items() if not k.endswith(("attn_q.weight", "attn_k.weight", "attn_v.weight"))}
-        missing = [n for n in want if n not in gf.tensors]
-        bad = [f"{n} is {list(gf.tensors[n].shape)}, expected {list(s)}" for n, s in want.items()
-               if n in gf.tensors and gf.tensors[n].shape != s]
-        out = gf.tensors.get("output.weight")
-        if out is not None and out.shape != (cfg.vocab_size, cfg.d_model):
-            bad.append(f"output.weight is {list(out.shape)}, expected {[cfg.vocab_size, cfg.d_model]}")
+        missing, wrong = cfg.check_tensors({name: ti.shape for name, ti in gf.tensors.items()})
+        bad = [f"{n} is {list(gf.tensors[n].shape)}, expected {list(s)}" for n, s in wrong.items()]
         r.add("required tensors present", not missing, ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))
         r.add("tensor shapes match the config", not bad, "; ".join(bad[:3]) + (" ..." if len(bad) > 3 else ""))
     if check_values:
         nonfinite, skipped = [], []
-        for name, ti in gf.tensors.items():
+        for i, (name, ti) in enumerate(gf.tensors.items()):
+            if progress:
+                progress("check values", i, len(gf.tensors))
             if ti.ggml_type.dequantize_blocks is None:
                 skipped.append(name)
                 continue
@@ -93,7 +74,7 @@ def validate(path, *, check_values: bool = True) -> Report:
         r.add("no NaN/Inf in the weights", not nonfinite, ", ".join(nonfinite[:5]) +
               (f" ({len(skipped)} tensors of types without a decoder not checked)" if skipped else ""))
     try:
-        from .tokenizer import Tokenizer
+        from .text.tokenizer import Tokenizer
         tok = Tokenizer(gf.metadata, source=str(path))
         issues = []
         if cfg is not None and tok.vocab_size != cfg.vocab_size:
@@ -108,17 +89,3 @@ def validate(path, *, check_values: bool = True) -> Report:
         r.add("tokenizer consistent", False, str(e))
     return r
 
-
-def main(argv=None) -> int:
-    import argparse
-    ap = argparse.ArgumentParser(prog="validate_gguf", description="check GGUF files; exit 1 on problems")
-    ap.add_argument("files", nargs="+")
-    ap.add_argument("--no-values", action="store_true", help="skip the NaN/Inf scan of the weights")
-    a = ap.parse_args(argv)
-    from .hub import resolve_model
-    status = 0
-    for f in a.files:
-        rep = validate(resolve_model(f), check_values=not a.no_values)
-        print(rep.format())
-        status = status or (0 if rep.ok else 1)
-    return status

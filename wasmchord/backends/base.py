@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..quants import GGMLType
+from ..formats.quants import GGMLType
 
 
 def rope_cos_sin(base: float, n_rot: int, scale: float, n_pos: int) -> tuple[np.ndarray, np.ndarray]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import BackendError
-from ..quants import dequantize_rows
+from ..formats.quants import dequantize_rows
 from .base import Backend, WeightSource, rope_cos_sin
 
 _SQRT_2_OVER_PI = np.float32(np.sqrt(2.0 / np.pi))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...errors import UnsupportedError
-from ...quants import k4_nibbles, k_scale_min, q6_k_values
+from ...formats.quants import k4_nibbles, k_scale_min, q6_k_values
 from ..base import WeightSource
 
 # GPU formats: 0 F32, 1 F16, 2 Q4 sym, 3 Q4 + min, 4 Q5 sym, 5 Q8, 6 Q8 with a scale per 16

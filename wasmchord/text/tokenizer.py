@@ -13,8 +13,8 @@ from typing import Iterable
 
 import regex
 
+from ..errors import TokenizerError
 from .bpe import BPEModel, decode_piece
-from .errors import TokenizerError
 from .spm import SPACE, SPMModel
 
 # tokenizer.ggml.token_type values (llama.h `llama_token_type`)
@@ -127,8 +127,8 @@ class Tokenizer:
             TokenizerError: the file has no tokenizer, or an inconsistent one.
             UnsupportedError: an unknown BPE pre-tokenizer.
         """
-        from .gguf_file import GGUFFile
-        from .hub import resolve_model
+        from ..formats.gguf import GGUFFile
+        from ..hub import resolve_model
         gf = GGUFFile(resolve_model(path_or_alias))
         return cls(gf.metadata, source=str(gf.path))
 
@@ -141,12 +141,18 @@ class Tokenizer:
 
     def token(self, token_id: int) -> str:
         """The vocabulary text of a token."""
-        return self.tokens[self._check_id(token_id)]
+        return self.tokens[self.check_id(token_id)]
 
     def is_special(self, token_id: int) -> bool:
         return self.types[token_id] in (CONTROL, UNKNOWN, UNUSED)
 
-    def _check_id(self, token_id) -> int:
+    def check_id(self, token_id) -> int:
+        """`token_id` as an int.
+
+        Raises:
+            TypeError: not an integer.
+            ValueError: not an id of this vocabulary (the message names it).
+        """
         if isinstance(token_id, bool) or not isinstance(token_id, (int,)) and not hasattr(token_id, "__index__"):
             raise TypeError(f"token ids must be integers, got {type(token_id).__name__}")
         i = int(token_id)
@@ -223,7 +229,7 @@ class Tokenizer:
     # ------------------------------------------------------------------------------------ decode
     def token_bytes(self, token_id: int, *, skip_special: bool = True) -> bytes:
         """The bytes a token stands for (llama.cpp `token_to_piece`, without the leading-space strip)."""
-        i = self._check_id(token_id)
+        i = self.check_id(token_id)
         t, text = self.types[i], self.tokens[i]
         if t in (CONTROL, UNKNOWN, UNUSED):
             return b"" if skip_special else text.encode("utf-8")

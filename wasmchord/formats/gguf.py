@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import GGUFError
+from ..errors import GGUFError
 from .quants import GGML_TYPES, GGMLType
 
 GGUF_MAGIC = b"GGUF"

@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import UnsupportedError
+from ..errors import UnsupportedError
 
 QK_K = 256
 

@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from .errors import TokenizerError
+from ..errors import TokenizerError
 from .tokenizer import BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED
 
 

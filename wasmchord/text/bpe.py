@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import regex
 
-from .errors import UnsupportedError
+from ..errors import UnsupportedError
 
 # llama.cpp src/llama-vocab.cpp, llm_tokenizer_bpe constructor: each pre-tokenizer is a list of
 # regexes applied in turn; each one splits the pieces left by the previous one.

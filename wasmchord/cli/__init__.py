@@ -1,0 +1,42 @@
+"""The `wasmchord` command line: the parser and `main`, where errors become exit codes.
+
+The CLI is the only part of wasmchord that reads the outside world (argv, env, tty) and prints. Each
+command's arguments are defined next to its code: `run` (generate, chat, bench) and `files` (pull,
+info, convert, validate). A `WasmchordError` or an `OSError` becomes one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from ..errors import WasmchordError
+from . import files, run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="wasmchord", description="Run GGUF language models on the GPU (WebGPU) or CPU.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    p.add_argument("--cache-dir", default=None, help="model cache (default: $WASMCHORD_CACHE or ~/.cache/wasmchord)")
+    sub = p.add_subparsers(dest="command", required=True)
+    run.add_commands(sub)
+    files.add_commands(sub)
+    return p
+
+
+def main(argv=None) -> int:
+    """Run the command line `argv` (default: sys.argv[1:]); returns the exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args) or 0
+    except BrokenPipeError:
+        return 0
+    except (WasmchordError, OSError) as e:
+        print(f"wasmchord: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("wasmchord: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,149 @@
+"""Commands that run a model: generate, chat, bench."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import fields
+
+from .. import hub
+from ..generate import DEFAULT_MAX_TOKENS
+from ..sampling import SamplingParams
+from .files import resolve
+from .progress import ProgressBar
+
+
+def add_device_options(s):
+    s.add_argument("--backend", default="auto", choices=["auto", "cpu", "gpu"], help="compute backend")
+    s.add_argument("--context-length", type=int, default=None, help="cap the context (default: model's, max 4096)")
+
+
+def add_sampling_options(s):
+    """-n, --stop and one flag per `SamplingParams` field, with its default and help."""
+    s.add_argument("-n", "--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
+                   help=f"generate at most this many tokens (default: {DEFAULT_MAX_TOKENS})")
+    for f in fields(SamplingParams):
+        default = "" if f.default is None else f" (default: {f.default})"
+        s.add_argument("--" + f.name.replace("_", "-"), type=f.metadata["type"], default=f.default,
+                       help=f.metadata["help"] + default)
+    s.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def sampling_options(a) -> dict:
+    """The keyword arguments of `Model.stream` from parsed flags."""
+    return dict(max_tokens=a.max_tokens, stop=a.stop or None, **{f.name: getattr(a, f.name) for f in fields(SamplingParams)})
+
+
+def load(a):
+    from ..model import Model
+    path = resolve(a.model, a.cache_dir)
+    with ProgressBar() as bar:
+        return Model.load(path, device=a.backend, context_length=a.context_length, progress=bar)
+
+
+def write_stream(chunks):
+    """Write streamed text to stdout as it comes; returns the last chunk (it carries the statistics)."""
+    ch = None
+    for ch in chunks:
+        sys.stdout.write(ch.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    return ch
+
+
+# ---------------------------------------------------------------------------- generate
+
+def add_generate(sub):
+    s = sub.add_parser("generate", help="generate text from a prompt (streams to stdout)")
+    s.add_argument("model", help="model path or alias, or the prompt when only one argument is given")
+    s.add_argument("prompt", nargs="?", default=None)
+    add_device_options(s)
+    add_sampling_options(s)
+    s.add_argument("--stats", action="store_true", help="print timings to stderr")
+    s.set_defaults(func=cmd_generate)
+
+
+def cmd_generate(a):
+    if a.prompt is None:  # one positional: it is the prompt
+        a.model, a.prompt = hub.DEFAULT_MODEL, a.model
+    m = load(a)
+    t0 = time.perf_counter()
+    s = write_stream(m.stream(a.prompt, **sampling_options(a))).stats
+    if a.stats:
+        print(f"[{s.prompt_tokens} prompt tokens in {s.prompt_eval_s:.2f} s, {s.completion_tokens} tokens at "
+              f"{s.completion_tokens / s.eval_s if s.eval_s else 0:.1f} tok/s, total {time.perf_counter() - t0:.2f} s, "
+              f"backend {m.backend.name}]", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------- chat
+
+def add_chat(sub):
+    s = sub.add_parser("chat", help="interactive chat (/reset, /exit)")
+    s.add_argument("model", nargs="?", default=hub.DEFAULT_MODEL)
+    s.add_argument("--system", default=None, help="system prompt")
+    add_device_options(s)
+    add_sampling_options(s)
+    s.set_defaults(func=cmd_chat)
+
+
+def cmd_chat(a):
+    m = load(a)
+    chat = m.start_chat(system=a.system)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"chatting with {m.gguf.path.name} on {m.backend.name}; /reset to start over, /exit to quit",
+              file=sys.stderr)
+    while True:
+        if interactive:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line == "/exit":
+            break
+        if line == "/reset":
+            chat.reset()
+            print("[conversation reset]", file=sys.stderr)
+            continue
+        write_stream(chat.send_stream(line, **sampling_options(a)))
+
+
+# ---------------------------------------------------------------------------- bench
+
+def add_bench(sub):
+    s = sub.add_parser("bench", help="benchmark load, prefill and decode (with llama.cpp when installed)")
+    s.add_argument("model", nargs="?", default=hub.DEFAULT_MODEL)
+    add_device_options(s)
+    s.add_argument("--prompt-lengths", default="64,256,1024")
+    s.add_argument("--gen-tokens", type=int, default=128)
+    s.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp comparison")
+    s.add_argument("--profile", action="store_true", help="GPU: per-kernel times (timestamp queries), GB/s, "
+                   "host encode time and dispatches per decode step")
+    s.add_argument("--timestamp-period", type=float, default=1.0,
+                   help="ns per GPU timestamp tick (Vulkan timestampPeriod: 1 on lavapipe and NVIDIA)")
+    s.add_argument("--json", help="write results as JSON here")
+    s.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(a):
+    from .. import bench
+    path = resolve(a.model, a.cache_dir)
+    lengths = tuple(int(x) for x in a.prompt_lengths.split(","))
+    with ProgressBar() as bar:
+        res = bench.run(path, device=a.backend, prompt_lengths=lengths, n_gen=a.gen_tokens,
+                        llama_cpp="off" if a.no_llama_cpp else "auto", progress=bar, profile=a.profile,
+                        timestamp_period_ns=a.timestamp_period)
+    print(bench.format_result(res))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(res, f, indent=2, default=str)
+
+
+def add_commands(sub):
+    for add in (add_generate, add_chat, add_bench):
+        add(sub)

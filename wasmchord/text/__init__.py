@@ -1,0 +1,1 @@
+"""Text: the tokenizer (`tokenizer`, with `spm` and `bpe`), chat templates and tokenizer metadata export."""

@@ -1,0 +1,179 @@
+"""The transformer, written once against the backend interface.
+
+LLaMA (and qwen2), Gemma 3 and Phi-2 differ only by `ArchSpec` flags and which tensors exist.
+Tensor names are GGUF's (`token_embd`, `blk.{i}.attn_q`, `output_norm`, `output`); a missing
+`output.weight` means the output head is tied to the embeddings.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .backends.base import ON_DEVICE, Backend, WeightSource
+from .config import ModelConfig
+from .errors import ConfigError, GGUFError, UnsupportedError
+from .formats.gguf import GGUFFile
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Layer:
+    attn_norm: object
+    wqkv: object           # q | k | v stacked by rows: [(H + 2 KV) * hd, d]
+    wo: object             # [d, H * hd_v]
+    ffn_norm: object | None
+    w_up: object           # swiglu/geglu: gate | up stacked [2f, d]; gelu MLP: up [f, d]
+    w_down: object         # [d, f]
+    bqkv: object = None
+    bo: object = None
+    attn_norm_b: object = None
+    b_up: object = None
+    b_down: object = None
+    q_norm: object = None
+    k_norm: object = None
+    post_attn_norm: object = None
+    post_ffn_norm: object = None
+
+
+class Transformer:
+    """Weights on a backend plus the forward pass. Holds no sequence state besides the KV cache."""
+
+    def __init__(self, gf: GGUFFile, cfg: ModelConfig, backend: Backend, max_ctx: int, progress=None):
+        self.cfg, self.be, self.max_ctx = cfg, backend, max_ctx
+        self._gf = gf
+        spec = cfg.spec
+        why = backend.supports(spec)
+        if why:
+            raise UnsupportedError(f"{gf.path.name}: the {backend.name} backend cannot run {cfg.arch}: {why}")
+        missing, wrong = cfg.check_tensors({name: ti.shape for name, ti in gf.tensors.items()})
+        if missing:
+            raise GGUFError(gf.path, f"missing tensor {missing[0]!r} required by the {cfg.arch} architecture")
+        if wrong:
+            name, want = next(iter(wrong.items()))
+            raise GGUFError(gf.path, f"tensor {name!r} has shape {list(gf.tensors[name].shape)}, but the config "
+                                     f"gives {list(want)}")
+        t = self._tensor
+        self.tok_embd = backend.load_matrix([t("token_embd.weight")])
+        self.tied = "output.weight" not in gf.tensors
+        self.output = self.tok_embd if self.tied else backend.load_matrix([t("output.weight")])
+        self.output_b = self._vec("output.bias")
+        self.output_norm = self._vec("output_norm.weight")
+        self.output_norm_b = self._vec("output_norm.bias")
+        self.layers = []
+        for i in range(cfg.n_layers):
+            if progress:
+                progress("load weights", i, cfg.n_layers)
+            p = f"blk.{i}."
+            if f"{p}attn_qkv.weight" in gf.tensors:
+                wqkv, bqkv = [t(f"{p}attn_qkv.weight")], self._vec(f"{p}attn_qkv.bias")
+            else:
+                wqkv = [t(f"{p}attn_{x}.weight") for x in ("q", "k", "v")]
+                names = [f"{p}attn_{x}.bias" for x in ("q", "k", "v")]  # concatenated on the host, then uploaded
+                bqkv = (backend.load_vector(np.concatenate([gf.dequantize(b).reshape(-1) for b in names]))
+                        if all(b in gf.tensors for b in names) else None)
+            up = [t(f"{p}ffn_gate.weight"), t(f"{p}ffn_up.weight")] if spec.ffn != "gelu" else [t(f"{p}ffn_up.weight")]
+            self.layers.append(Layer(
+                attn_norm=self._vec(f"{p}attn_norm.weight"),
+                attn_norm_b=self._vec(f"{p}attn_norm.bias"),
+                wqkv=backend.load_matrix(wqkv), bqkv=bqkv,
+                wo=backend.load_matrix([t(f"{p}attn_output.weight")]),
+                bo=self._vec(f"{p}attn_output.bias"),
+                ffn_norm=None if spec.parallel_block else self._vec(f"{p}ffn_norm.weight"),
+                w_up=backend.load_matrix(up), b_up=self._vec(f"{p}ffn_up.bias"),
+                w_down=backend.load_matrix([t(f"{p}ffn_down.weight")]),
+                b_down=self._vec(f"{p}ffn_down.bias"),
+                q_norm=self._vec(f"{p}attn_q_norm.weight"),
+                k_norm=self._vec(f"{p}attn_k_norm.weight"),
+                post_attn_norm=self._vec(f"{p}post_attention_norm.weight"),
+                post_ffn_norm=self._vec(f"{p}post_ffw_norm.weight"),
+            ))
+        if progress:
+            progress("load weights", cfg.n_layers, cfg.n_layers)
+        self.cache_owner = None  # the generate.Sequence whose tokens the KV cache holds
+        self.cache = backend.alloc_kv_cache(cfg.n_layers, cfg.n_kv_heads, max_ctx, cfg.head_dim, cfg.head_dim_v)
+
+    # ------------------------------------------------------------------------------------ loading
+    # Required tensors are present and every known tensor has the config's shape (checked in __init__).
+    def _tensor(self, name: str) -> WeightSource:
+        ti = self._gf.tensors[name]
+        return WeightSource(name, self._gf.tensor_bytes(name), ti.ggml_type, ti.shape)
+
+    def _vec(self, name: str):
+        """A small tensor, or None when the file does not have it (an optional one)."""
+        if name not in self._gf.tensors:
+            return None
+        return self.be.load_vector(self._gf.dequantize(name).reshape(-1))
+
+    # ------------------------------------------------------------------------------------ forward
+    def _norm(self, x, w, b=None):
+        if self.cfg.spec.norm == "layer":
+            return self.be.layernorm(x, w, b, self.cfg.norm_eps)
+        return self.be.rmsnorm(x, w, self.cfg.norm_eps)
+
+    def _prenorm(self, x, w, b=None):
+        """The normalized input of a matmul as (x, norm=): an RMSNorm is handed to the matmul, which
+        may fold it into its prologue (one GPU dispatch); a LayerNorm is applied here."""
+        if self.cfg.spec.norm == "layer" or self.cfg.spec.parallel_block:  # parallel: x changes before the MLP reads h
+            return self._norm(x, w, b), None
+        return x, (w, self.cfg.norm_eps)
+
+    def decode(self, pos0: int):
+        """One decode step at position pos0 whose input token the last argmax/sample left on the device
+        (encode-ahead): the backend may replay a captured step instead of running the graph."""
+        return self.be.decode_step(self.cache, pos0, lambda: self.forward(ON_DEVICE, pos0))
+
+    def forward(self, ids: np.ndarray, pos0: int, *, all_logits: bool = False, hidden: list | None = None):
+        """Run positions pos0..pos0+n-1 for token `ids` [n]; write their K/V to the cache.
+
+        Returns logits [n, vocab] when all_logits, else [vocab] for the last position (backend handles).
+        `hidden`, when given, receives the residual stream [n, d] after each layer (as NumPy arrays).
+        """
+        cfg, be, spec = self.cfg, self.be, self.cfg.spec
+        n = len(ids)
+        H, KV, hd, hdv = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.head_dim_v
+        if pos0 + n > self.max_ctx:
+            raise ConfigError(f"context full: {pos0 + n} positions > context length {self.max_ctx}")
+        neox, eps = spec.rope_style == "neox", cfg.norm_eps
+        be.begin_forward()
+        x = be.embed(self.tok_embd, ids, math.sqrt(cfg.d_model) if spec.embed_scale_sqrt_d else 1.0)  # [n, d]
+        for i, L in enumerate(self.layers):
+            local = cfg.is_local_layer(i)
+            base = spec.rope_base_local if local and spec.rope_base_local else cfg.rope_base
+            h, norm = self._prenorm(x, L.attn_norm, L.attn_norm_b)
+            qkv = be.matmul(h, L.wqkv, L.bqkv, norm=norm)                                   # [n, (H+2KV)*hd]
+            q, k, v = be.split_heads(qkv, [H * hd, KV * hd, KV * hdv], [H, KV, KV])         # [n, H|KV, hd]
+            rope = dict(base=base, n_rot=cfg.rope_dim, scale=cfg.rope_scale, neox=neox)
+            a = be.attend(q, k, v, self.cache, i, pos0, rope=rope, scale=cfg.attn_scale,
+                          window=cfg.sliding_window if local else 0,
+                          qk_norm=(L.q_norm, L.k_norm, eps) if spec.qk_norm else None)       # [n, H*hdv]
+            if spec.post_norms:  # gemma3: norm the attention output before the residual add
+                x = be.add(x, be.rmsnorm(be.matmul(a, L.wo, L.bo), L.post_attn_norm, eps))
+            else:
+                x = be.matmul(a, L.wo, L.bo, residual=x)                                     # x += a @ wo.T
+            if not spec.parallel_block:  # phi2's MLP reads the same normalized h as its attention
+                h, norm = self._prenorm(x, L.ffn_norm)
+            if spec.post_norms:
+                x = be.add(x, be.rmsnorm(self._ffn(h, L, norm=norm), L.post_ffn_norm, eps))  # [n, d]
+            else:
+                x = self._ffn(h, L, residual=x, norm=norm)                                   # x += ffn(norm(x))
+            if hidden is not None:
+                hidden.append(np.array(be.read(x)))
+        if not all_logits:
+            x = x[-1:]
+        h, norm = self._prenorm(x, self.output_norm, self.output_norm_b)
+        logits = be.matmul(h, self.output, self.output_b, norm=norm)                         # [n|1, vocab]
+        return logits if all_logits else logits[0]
+
+    def _ffn(self, h, L, residual=None, norm=None):
+        be, ffn = self.be, self.cfg.spec.ffn
+        if ffn in ("swiglu", "geglu") and L.b_up is None:  # gate|up and the gated activation, fusable
+            act = be.matmul_glu(h, L.w_up, ffn, norm=norm)                                  # [n, f]
+        else:
+            up = be.matmul(h, L.w_up, L.b_up, norm=norm)                                     # [n, 2f] or [n, f]
+            act = be.swiglu(up) if ffn == "swiglu" else be.geglu(up) if ffn == "geglu" else be.gelu(up)  # [n, f]
+        return be.matmul(act, L.w_down, L.b_down, residual=residual)                         # [n, d]
