@@ -149,8 +149,22 @@ fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
     if (visible) {
         var acc = array<f32, 8>(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
         let kb = (g * p.ctx + t) * hd4;
-        for (var c = 0u; c < hd4; c++) {
-            let k = select(kc[kb + c], sm[KN + c], t == p.pos0);
+        let fresh = t == p.pos0;
+        for (var c = 0u; c < hd4; c += 4u) {  // hd4 is a multiple of 4 when hd is of 16; else the tail below
+            if (c + 4u > hd4) { break; }
+            let k0 = select(kc[kb + c], sm[KN + c], fresh);
+            let k1 = select(kc[kb + c + 1u], sm[KN + c + 1u], fresh);
+            let k2 = select(kc[kb + c + 2u], sm[KN + c + 2u], fresh);
+            let k3 = select(kc[kb + c + 3u], sm[KN + c + 3u], fresh);
+            for (var h = 0u; h < MAX_REP; h++) {
+                if (h < nh) {
+                    let qb = QS + h * hd4 + c;
+                    acc[h] += dot(sm[qb], k0) + dot(sm[qb + 1u], k1) + dot(sm[qb + 2u], k2) + dot(sm[qb + 3u], k3);
+                }
+            }
+        }
+        for (var c = hd4 - hd4 % 4u; c < hd4; c++) {
+            let k = select(kc[kb + c], sm[KN + c], fresh);
             for (var h = 0u; h < MAX_REP; h++) { if (h < nh) { acc[h] += dot(sm[QS + h * hd4 + c], k); } }
         }
         for (var h = 0u; h < MAX_REP; h++) { if (h < nh) { sc[h] = acc[h] * p.scale; } }
@@ -196,7 +210,24 @@ fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
     var o: array<vec4<f32>, 8>;
     let b = max(s * SPLIT, t0);
     let e = select(b, min(s * SPLIT + SPLIT, len), pg < pgs);
-    for (var tt = b + pg; tt < e; tt += pgs) {
+    var tt = b + pg;
+    for (; tt + 3u * pgs < e; tt += 4u * pgs) {  // four positions at a time: independent loads in flight
+        let t1 = tt + pgs;
+        let t2 = tt + 2u * pgs;
+        let t3 = tt + 3u * pgs;
+        let v0 = select(vc[(g * p.ctx + tt) * hv4 + col], sm[VN + col], tt == p.pos0);
+        let v1 = select(vc[(g * p.ctx + t1) * hv4 + col], sm[VN + col], t1 == p.pos0);
+        let v2 = select(vc[(g * p.ctx + t2) * hv4 + col], sm[VN + col], t2 == p.pos0);
+        let v3 = select(vc[(g * p.ctx + t3) * hv4 + col], sm[VN + col], t3 == p.pos0);
+        let w = SC * 4u - s * SPLIT;
+        for (var h = 0u; h < MAX_REP; h++) {
+            if (h < nh) {
+                let r = w + h * SPLIT;
+                o[h] += smf(r + tt) * v0 + smf(r + t1) * v1 + smf(r + t2) * v2 + smf(r + t3) * v3;
+            }
+        }
+    }
+    for (; tt < e; tt += pgs) {
         let v = select(vc[(g * p.ctx + tt) * hv4 + col], sm[VN + col], tt == p.pos0);
         for (var h = 0u; h < MAX_REP; h++) { if (h < nh) { o[h] += smf(SC * 4u + h * SPLIT + tt - s * SPLIT) * v; } }
     }

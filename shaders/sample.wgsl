@@ -1,7 +1,11 @@
 // sample.wgsl: next-token sampling on the GPU, one workgroup: penalties, top-k, top-p, min-p,
 // temperature, then a Gumbel-max draw from a counter-based RNG (PCG hash of seed, step, index).
-// Filters follow llama.cpp's chain (penalties -> top-k -> top-p -> min-p -> temperature), computed
-// as value thresholds found by bisection, so no sort of the vocabulary is needed.
+// Filters follow llama.cpp's chain (penalties -> top-k -> top-p -> min-p -> temperature) as value
+// thresholds, so no sort of the vocabulary is needed: the k-th largest value by a radix select over
+// order-preserving keys (4 passes of 8 bits), then the tokens that can survive (at least the top-k
+// and min-p thresholds, at most CAP of them) gathered into workgroup memory, where the top-p
+// threshold is found by bisection and the draw is made. More than CAP candidates (no top-k and no
+// min-p over a flat distribution) takes the same steps over the whole vocabulary.
 //
 // Bindings (group 0):
 //   0 uniform P
@@ -42,17 +46,72 @@ fn uniform01(i: u32) -> f32 {
     return (f32(h >> 8u) + 0.5) / 16777216.0;  // in (0, 1)
 }
 
+const CAP: u32 = 1024u;
+var<workgroup> cand_v: array<f32, 1024>;
+var<workgroup> cand_i: array<u32, 1024>;
+var<workgroup> ncand: atomic<u32>;
+var<workgroup> bins: array<atomic<u32>, 256>;
+var<workgroup> suffix: array<u32, 256>;
+var<workgroup> picked: array<u32, 2>;
+
+fn key(v: f32) -> u32 {  // order-preserving: key(a) < key(b) iff a < b
+    let b = bitcast<u32>(v);
+    return select(b | 0x80000000u, ~b, (b & 0x80000000u) != 0u);
+}
+
+fn unkey(k: u32) -> f32 {
+    return bitcast<f32>(select(~k, k & 0x7fffffffu, (k & 0x80000000u) != 0u));
+}
+
+// The k-th largest value (1 <= k <= count): its key's bytes, most significant first, each from a
+// histogram of the values that share the bytes found so far.
+fn kth_largest(lid: u32, k: u32) -> f32 {
+    var prefix = 0u;
+    var mask = 0u;
+    var need = k;
+    for (var shift = 24i; shift >= 0i; shift -= 8i) {
+        atomicStore(&bins[lid], 0u);
+        workgroupBarrier();
+        for (var j = lid; j < p.count; j += WG) {
+            let kj = key(x[p.x_off + j]);
+            if ((kj & mask) == prefix) { atomicAdd(&bins[(kj >> u32(shift)) & 255u], 1u); }
+        }
+        workgroupBarrier();
+        suffix[lid] = atomicLoad(&bins[lid]);   // suffix sums: values with this byte or a larger one
+        workgroupBarrier();
+        for (var off = 1u; off < WG; off <<= 1u) {
+            var add = 0u;
+            if (lid + off < WG) { add = suffix[lid + off]; }
+            workgroupBarrier();
+            suffix[lid] += add;
+            workgroupBarrier();
+        }
+        var above = 0u;
+        if (lid + 1u < WG) { above = suffix[lid + 1u]; }
+        if (suffix[lid] >= need && above < need) {  // exactly one byte value qualifies
+            picked[0] = lid;
+            picked[1] = need - above;
+        }
+        workgroupBarrier();
+        prefix |= picked[0] << u32(shift);
+        mask |= 255u << u32(shift);
+        need = picked[1];
+        workgroupBarrier();
+    }
+    return unkey(prefix);
+}
+
 @compute @workgroup_size(256)
 fn sample(@builtin(local_invocation_index) lid: u32) {
     // ---- penalties (llama.cpp llama_sampler_penalties_apply), once per distinct recent token
-    for (var j = lid; j < p.n_hist; j = j + WG) {
+    for (var j = lid; j < p.n_hist; j += WG) {
         let t = hist[j];
         var first = true;
         var n = 0u;
-        for (var k = 0u; k < p.n_hist; k = k + 1u) {
+        for (var k = 0u; k < p.n_hist; k++) {
             if (hist[k] == t) {
                 if (k < j) { first = false; }
-                n = n + 1u;
+                n++;
             }
         }
         if (first && t < p.count) {
@@ -64,64 +123,71 @@ fn sample(@builtin(local_invocation_index) lid: u32) {
     storageBarrier();
     workgroupBarrier();
 
-    // ---- range of the logits
-    var lo = 3.4e38;
     var hi = -3.4e38;
-    for (var j = lid; j < p.count; j = j + WG) {
-        let v = x[p.x_off + j];
-        lo = min(lo, v);
-        hi = max(hi, v);
-    }
+    for (var j = lid; j < p.count; j += WG) { hi = max(hi, x[p.x_off + j]); }
     let mx = wg_max(lid, WG, hi);
-    let mn = -wg_max(lid, WG, -lo);
 
-    // ---- top-k: the largest threshold keeping at least k values
-    var tau = mn;
-    if (p.top_k > 0u && p.top_k < p.count) {
-        var a = mn;
-        var b = mx;
-        for (var it = 0u; it < 40u; it = it + 1u) {
-            let mid = 0.5 * (a + b);
-            var c = 0u;
-            for (var j = lid; j < p.count; j = j + WG) { c = c + select(0u, 1u, x[p.x_off + j] >= mid); }
-            if (wg_sum_u(lid, WG, c) >= p.top_k) { a = mid; } else { b = mid; }
-        }
-        tau = a;
-    }
-
-    // ---- top-p over the survivors' softmax (untempered): the largest threshold whose mass >= top_p
-    var z = 0.0;
-    for (var j = lid; j < p.count; j = j + WG) {
+    // ---- top-k: the k-th largest value (ties at it are kept)
+    var tau_k = -3.4e38;
+    if (p.top_k > 0u && p.top_k < p.count) { tau_k = kth_largest(lid, p.top_k); }
+    // ---- the tokens that can survive: above top-k's and min-p's thresholds (p_i >= min_p * p_max)
+    var lo = tau_k;
+    if (p.min_p > 0.0) { lo = max(lo, mx + log(p.min_p)); }
+    var z = 0.0;      // top-p's mass: the softmax (untempered) over the top-k survivors
+    var c = 0u;
+    var least = 3.4e38;
+    for (var j = lid; j < p.count; j += WG) {
         let v = x[p.x_off + j];
-        if (v >= tau) { z = z + exp(v - mx); }
+        if (v >= tau_k) { z += exp(v - mx); }
+        if (v >= lo) {
+            c++;
+            least = min(least, v);
+        }
     }
     let total = wg_sum(lid, WG, z);
-    if (p.top_p < 1.0) {
-        var a = tau;
-        var b = mx;
-        for (var it = 0u; it < 40u; it = it + 1u) {
-            let mid = 0.5 * (a + b);
-            var s = 0.0;
-            for (var j = lid; j < p.count; j = j + WG) {
-                let v = x[p.x_off + j];
-                if (v >= mid) { s = s + exp(v - mx); }
+    let smallest = -wg_max(lid, WG, -least);  // the smallest candidate: the bisection's lower end
+    let few = wg_sum_u(lid, WG, c) <= CAP;
+    if (few) {
+        if (lid == 0u) { atomicStore(&ncand, 0u); }
+        workgroupBarrier();
+        for (var j = lid; j < p.count; j += WG) {
+            let v = x[p.x_off + j];
+            if (v >= lo) {
+                let slot = atomicAdd(&ncand, 1u);
+                cand_v[slot] = v;
+                cand_i[slot] = j;
             }
-            if (wg_sum(lid, WG, s) >= p.top_p * total) { a = mid; } else { b = mid; }
+        }
+    }
+    workgroupBarrier();
+    let n = select(p.count, atomicLoad(&ncand), few);
+
+    // ---- top-p: the largest threshold whose mass >= top_p * total (found among the candidates)
+    var tau = lo;
+    if (p.top_p < 1.0) {
+        var a = smallest;
+        var b = mx;
+        for (var it = 0u; it < 40u; it++) {
+            let mid = 0.5 * (a + b);
+            var sm = 0.0;
+            for (var j = lid; j < n; j += WG) {
+                let v = select(x[p.x_off + j], cand_v[j], few);
+                if (v >= mid) { sm += exp(v - mx); }
+            }
+            if (wg_sum(lid, WG, sm) >= p.top_p * total) { a = mid; } else { b = mid; }
         }
         tau = max(tau, a);
     }
 
-    // ---- min-p: p_i >= min_p * p_max
-    if (p.min_p > 0.0) { tau = max(tau, mx + log(p.min_p)); }
-
     // ---- temperature and a Gumbel-max draw among the survivors (ties: the lowest index)
     var best = -3.4e38;
     var bi = 0xffffffffu;
-    for (var j = lid; j < p.count; j = j + WG) {
-        let v = x[p.x_off + j];
+    for (var j = lid; j < n; j += WG) {
+        let v = select(x[p.x_off + j], cand_v[j], few);
+        let i = select(j, cand_i[j], few);
         if (v >= tau) {
-            let g = v / p.temperature - log(-log(uniform01(j)));
-            if (g > best) { best = g; bi = j; }
+            let g = v / p.temperature - log(-log(uniform01(i)));
+            if (g > best || (g == best && i < bi)) { best = g; bi = i; }
         }
     }
     let tok = wg_argmax(lid, WG, best, bi);

@@ -97,3 +97,22 @@ def test_same_seed_same_tokens_on_the_gpu(gpu_backend):
     finally:
         m.backend.read = orig
     assert calls == []  # sampling ran on the GPU: no logits came back
+
+
+# Gemma's vocabulary (262144) with a peaked head and a long tail: the candidates above the top-k and
+# min-p thresholds are gathered into workgroup memory (a large vocabulary once drew no token at
+# all here); then a head above a flat tail of 3000 with neither top-k nor min-p, more candidates
+# than fit, which takes the whole-vocabulary path.
+@pytest.mark.parametrize("vocab,head,kw", [
+    (262144, 12, dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05)),
+    (262144, 12, dict(temperature=0.9, top_k=20, top_p=0.95, min_p=0.0)),
+    (3000, 6, dict(temperature=1.0, top_k=0, top_p=0.9, min_p=0.0)),
+])
+def test_large_vocabularies_match_cpu_sampler(gpu_backend, vocab, head, kw):
+    rng = np.random.default_rng()
+    lg = (rng.standard_normal(vocab) * 0.5 - 4).astype(np.float32)
+    top = rng.choice(vocab, head, replace=False)
+    lg[top] = np.linspace(3.0, 1.0, head) + rng.standard_normal(head).astype(np.float32) * 0.1
+    params, n = SamplingParams(**kw), 1500
+    ok, stat, crit = chi_square_ok(gpu_draws(gpu_backend, lg, params, n), expected(lg, params), n)
+    assert ok, (stat, crit)
