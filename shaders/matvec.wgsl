@@ -40,8 +40,8 @@ struct P {
 override XSRC: u32 = 0u;
 override LANES: u32 = 16u;  // lanes per row group: a power of two, 4..64
 override SG: u32 = 0u;      // > 0: subgroups of SG invocations, LANES a multiple: lanes summed with lane_total
+override RT: u32 = 4u;     // rows per group: 1, 2 or 4 (matvec_glu: 4)
 const WG: u32 = 256u;
-const RT: u32 = 4u;         // rows per group
 
 @group(0) @binding(0) var<uniform> p: P;
 @group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
@@ -83,8 +83,9 @@ fn merged(e: u32) -> vec4<f32> {
     return acc / l;
 }
 
-// One group's sums for weight rows r0..r3, reduced over its lanes into red[r * WG + group * LANES]
-// (r = 0..3), the sum of squares of x at red[4 * WG + ...]. Every invocation calls it (barriers).
+// One group's sums for weight rows r0..r3 (the first RT of them), reduced over its lanes into
+// red[r * WG + group * LANES], the sum of squares of x at red[4 * WG + ...]. Every invocation calls
+// it (barriers).
 fn group_sums(lid: u32, r0: u32, r1: u32, r2: u32, r3: u32) {
     let lane = lid % LANES;
     let nb = p.k / 32u;
@@ -102,9 +103,11 @@ fn group_sums(lid: u32, r0: u32, r1: u32, r2: u32, r3: u32) {
         }
         let sx = x8_sum(xs);
         a0 += block_dot(r0 * nb + b, xs, sx);
-        a1 += block_dot(r1 * nb + b, xs, sx);
-        a2 += block_dot(r2 * nb + b, xs, sx);
-        a3 += block_dot(r3 * nb + b, xs, sx);
+        if (RT > 1u) { a1 += block_dot(r1 * nb + b, xs, sx); }
+        if (RT > 2u) {
+            a2 += block_dot(r2 * nb + b, xs, sx);
+            a3 += block_dot(r3 * nb + b, xs, sx);
+        }
     }
     if (SG > 0u) {  // subgroup sums, then the LANES / SG subgroups of a group through shared memory
         a0 = lane_total(a0);
@@ -153,7 +156,7 @@ fn group_sums(lid: u32, r0: u32, r1: u32, r2: u32, r3: u32) {
 // Row slot r of the group starting at invocation g0, with the RMSNorm scale applied when p.norm.
 fn row_value(r: u32, g0: u32) -> f32 {
     var v = red[r * WG + g0];
-    if (p.norm == 1u) { v *= inverseSqrt(red[RT * WG + g0] / f32(p.k) + p.eps); }
+    if (p.norm == 1u) { v *= inverseSqrt(red[4u * WG + g0] / f32(p.k) + p.eps); }
     return v;
 }
 

@@ -295,3 +295,23 @@ def test_fused_decode_attention(gpu_backend, H, kv, hd, n_rot, neox, qk, window,
     rg = upload(g, r)
     g.matmul(part, g.load_matrix([src]), residual=rg)
     close(g.read(rg), CPU.matmul(want, CPU.load_matrix([src]), residual=r.copy()))
+
+
+@pytest.mark.parametrize("name", ["Q4_1", "Q6_K", "F16"])
+@pytest.mark.parametrize("rt,lanes", [(1, 16), (2, 32), (4, 64), (2, 8)])
+def test_matvec_rows_and_lanes_per_group(gpu_backend, name, rt, lanes):
+    """Every rows-per-group and lanes-per-row choice of matvec.wgsl (the shape heuristics pick among
+    them), with a residual and a row count that leaves the last workgroup partly empty."""
+    g, rng = gpu_backend, np.random.default_rng()
+    src = weight(name, 45, 512, rng)
+    x = rng.standard_normal((1, 512)).astype(np.float32)
+    r = rng.standard_normal((1, 45)).astype(np.float32)
+    g.matvec_rows, g.matvec_lanes = rt, lanes
+    try:
+        rg = upload(g, r)
+        g.begin_forward()
+        g.matmul(upload(g, x), g.load_matrix([src]), residual=rg)
+        got = g.read(rg)
+    finally:
+        g.matvec_rows = g.matvec_lanes = None
+    close(got, CPU.matmul(x, CPU.load_matrix([src]), residual=r.copy()))

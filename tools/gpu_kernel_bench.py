@@ -77,15 +77,23 @@ def main():
             be.matvec_lanes = lanes
             times[lanes or "auto"] = time_op(be, lambda: be.matmul(x1, W), a.reps)
         be.matvec_lanes = None
+        sweep = {}
+        for rt in (1, 2, 4):  # rows per lane group, each with lanes 16/32/64
+            for lanes in (16, 32, 64):
+                be.matvec_rows, be.matvec_lanes = rt, lanes
+                sweep[f"rt{rt}/l{lanes}"] = time_op(be, lambda: be.matmul(x1, W), a.reps) * 1e6
+        be.matvec_rows = be.matvec_lanes = None
         mm = time_op(be, lambda: be.matmul(xn, W), max(3, a.reps // 4))
         best = min(times.values())
         r = dict(model=model, matrix=mat, rows=rows, k=k, type=t, MB=W.nbytes / 1e6,
                  matvec_us={str(kk): v * 1e6 for kk, v in times.items()}, best_GBps=W.nbytes / best / 1e9,
+                 sweep_us=sweep,
                  matmul512_TFLOPs=2 * 512 * rows * k / mm / 1e12)
         rows_out.append(r)
         us = "/".join(f"{v * 1e6:.1f}" for v in times.values())
         print(f"{model:<14}{mat:<13}{f'{rows}x{k}':>14}{t:>6}{r['MB']:>7.1f}  {us:<40}{r['best_GBps']:>8.0f}"
               f"{100 * r['best_GBps'] / bw:>8.0f}%{r['matmul512_TFLOPs']:>10.2f}", flush=True)
+        print("    rows x lanes sweep (us): " + "  ".join(f"{k} {v:.1f}" for k, v in sweep.items()), flush=True)
     if a.json:
         Path(a.json).write_text(json.dumps({"device": be.describe(), "shader_checks": a.shader_checks, "read_GBps": bw,
                                             "shapes": rows_out}, indent=1))

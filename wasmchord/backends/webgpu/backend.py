@@ -20,7 +20,7 @@ from .programs import Programs
 from .stream import CommandStream
 from .weights import FMT_NAMES, upload_matrix
 
-MV_WG, MV_RT = 256, 4   # matvec.wgsl: invocations per workgroup, rows per lane group
+MV_WG = 256             # matvec.wgsl: invocations per workgroup
 MM_TILE = 64            # qmatrix.wgsl: tokens and rows per matmul workgroup
 DEC_SPLIT = 128         # key positions per split in decode attention (attention.wgsl, decode_attention.wgsl)
 MAX_REP = 8             # decode_attention.wgsl: query heads per workgroup
@@ -39,6 +39,12 @@ class AttnPartials:
     @property
     def cols(self):
         return self.shape[1]
+
+
+def _rows_per_group(rows: int, k: int) -> int:
+    """Rows per lane group for a matvec: each block's activations serve 4 rows on matrices large enough
+    to be bandwidth-bound; small ones take 1, so that more workgroups share the latency."""
+    return 4 if rows * k >= 1 << 22 else 1
 
 
 def _lanes(rows: int, k: int) -> int:
@@ -71,6 +77,7 @@ class WgpuBackend(Backend):
         self.replay_steps = replay_steps
         self.fused_attention = fused_attention  # decode: attend() as one kernel (decode_attention.wgsl)
         self.matvec_lanes: int | None = None    # lanes per row group in matvec.wgsl; None: chosen by the shape
+        self.matvec_rows: int | None = None     # rows per lane group (1, 2, 4); None: chosen by the shape
         self.subgroup_size = self._probe_subgroups() if sg else None  # matvec lane sums by subgroup when set
         self._dummy = gpu.buffer(16)
         self._bias_slices: dict = {}
@@ -223,7 +230,7 @@ class WgpuBackend(Backend):
             if n == 1:
                 params = dict(k=k, rows=pc.rows, out_off=out.off, out_col0=pc.col0, has_bias=int(bias is not None),
                               accumulate=int(residual is not None), norm=int(norm is not None), eps=eps)
-                self._matvec("matvec", x, params, dict(bufs, g=g), pc, math.ceil(pc.rows / MV_RT))
+                self._matvec("matvec", x, params, dict(bufs, g=g), pc, pc.rows)
             else:
                 self._dispatch("qmatrix", "matmul", (math.ceil(pc.rows / MM_TILE), math.ceil(n / MM_TILE)),
                                dict(n=n, k=k, rows=pc.rows, out_col0=pc.col0, out_stride=out.stride, x_off=x.off,
@@ -232,20 +239,21 @@ class WgpuBackend(Backend):
                                bufs, fmt=pc.fmt, nbytes=pc.nbytes)
         return out
 
-    def _matvec(self, entry, x, params, bufs, pc, groups):
-        """A matvec.wgsl dispatch over `groups` row groups; x a tensor, or attention partials merged on
+    def _matvec(self, entry, x, params, bufs, pc, rows):
+        """A matvec.wgsl dispatch over `rows` output rows; x a tensor, or attention partials merged on
         the way in (their position moves with the step)."""
         lanes = self.matvec_lanes or _lanes(params["rows"], params["k"])
-        grid = (math.ceil(groups / (MV_WG // lanes)),)
+        rt = 4 if entry == "matvec_glu" else self.matvec_rows or _rows_per_group(params["rows"], params["k"])
+        grid = (math.ceil(rows / (rt // (2 if entry == "matvec_glu" else 1)) / (MV_WG // lanes)),)
         sg = self.subgroup_size if self.subgroup_size and lanes % self.subgroup_size == 0 else 0
         if isinstance(x, AttnPartials):
             params.update(hd_v=x.hd_v, pos0=x.pos0, ctx=x.ctx, split=DEC_SPLIT)
             self._dispatch("matvec", entry, grid, params, bufs, fmt=pc.fmt, nbytes=pc.nbytes,
-                           consts=dict(LANES=lanes, XSRC=1, SG=sg), moving=dict(pos0=x.pos0))
+                           consts=dict(LANES=lanes, XSRC=1, SG=sg, RT=rt), moving=dict(pos0=x.pos0))
         else:
             params["x_off"] = x.off
             self._dispatch("matvec", entry, grid, params, bufs, fmt=pc.fmt, nbytes=pc.nbytes,
-                           consts=dict(LANES=lanes, SG=sg))
+                           consts=dict(LANES=lanes, SG=sg, RT=rt))
 
     def matmul_glu(self, x, w, act, *, norm=None):
         pc = w.pieces[0]
@@ -255,8 +263,7 @@ class WgpuBackend(Backend):
         out = self._out((1, f))
         g, eps = self._norm_binding(norm)
         params = dict(k=k, rows=f, out_off=out.off, norm=int(norm is not None), eps=eps, glu=int(act == "geglu"))
-        self._matvec("matvec_glu", x, params, dict(x=x.buf, q=pc.q, s=pc.s, m=pc.m, out=out.buf, g=g), pc,
-                     math.ceil(f / 2))
+        self._matvec("matvec_glu", x, params, dict(x=x.buf, q=pc.q, s=pc.s, m=pc.m, out=out.buf, g=g), pc, f)
         return out
 
     def _norm_binding(self, norm):
