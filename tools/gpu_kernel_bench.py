@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from wasmchord.backends.base import WeightSource  # noqa: E402
 from wasmchord.backends.webgpu import GTensor, WgpuBackend  # noqa: E402
-from wasmchord.quants import ggml_type  # noqa: E402
+from wasmchord.formats.quants import ggml_type  # noqa: E402
 
 # (model, matrix, rows, k, GGUF type)
 SHAPES = [
@@ -58,7 +58,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--json")
-    ap.add_argument("--shader-checks", default="all", help="naga runtime checks: all, bounds or none")
+    ap.add_argument("--shader-checks", default="none", help="naga runtime checks: all, bounds or none (the backend default: none)")
     a = ap.parse_args()
     be, rng = WgpuBackend(shader_checks=a.shader_checks), np.random.default_rng(0)
     bw = be.stream.read_bandwidth_gbps()
