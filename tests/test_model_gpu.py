@@ -119,6 +119,8 @@ def test_device_failure_is_our_error_and_sticks(gpu_backend):
 
     class LostQueue:
         def __getattr__(self, name):
+            if name == "_internal":  # what the native submit hands to wgpu-native
+                raise RuntimeError("device lost (simulated)")
             if name == "submit":
                 def boom(*a, **k):
                     raise RuntimeError("device lost (simulated)")
