@@ -4,8 +4,8 @@
 // Bindings (group 0):
 //   0 uniform P
 //   1 storage q      f32 query view, read        (head h of token i at q_off + i*q_stride + h*hd)
-//   2 storage kc     f32 key cache [KV, ctx, hd], read
-//   3 storage vc     f32 value cache [KV, ctx, hd_v], read
+//   2 storage kc     f32 key cache [slots, KV, ctx, hd], read (slot P.slot)
+//   3 storage vc     f32 value cache [slots, KV, ctx, hd_v], read
 //   4 storage sc     f32 scores scratch [n, H, ctx], read_write
 //   5 storage out    f32 output [n, H * hd_v], read_write
 // Query i sits at position pos0 + i and sees keys t <= pos0 + i (and pos0 + i - t < window if window > 0).
@@ -24,7 +24,8 @@ struct P {
     q_stride: u32,
     scale: f32,
     out_off: u32,    // element offset of this chunk's first output row
-    pad0: u32, pad1: u32, pad2: u32, pad3: u32,
+    slot: u32,       // the cache slot (caches hold slots of [KV, ctx, hd])
+    pad1: u32, pad2: u32, pad3: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: P;
@@ -55,7 +56,7 @@ fn scores(@builtin(global_invocation_id) gid: vec3<u32>) {
         sc[row + t] = NEG_INF;
         return;
     }
-    let kh = h / (p.heads / p.kv_heads);
+    let kh = p.slot * p.kv_heads + h / (p.heads / p.kv_heads);  // in the caches
     let qb = p.q_off + i * p.q_stride + h * p.hd;
     let kb = (kh * p.ctx + t) * p.hd;
     var acc = 0.0;
@@ -100,7 +101,7 @@ fn weighted_sum(@builtin(global_invocation_id) gid: vec3<u32>) {
     let h = gid.y;
     let i = gid.z;
     if (d >= p.hd_v || h >= p.heads || i >= p.n) { return; }
-    let kh = h / (p.heads / p.kv_heads);
+    let kh = p.slot * p.kv_heads + h / (p.heads / p.kv_heads);  // in the caches
     let row = (i * p.heads + h) * p.ctx;
     let len = p.pos0 + i + 1u;
     var t0 = 0u;
@@ -134,7 +135,7 @@ fn decode_split(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_
     if (p.window > 0u && len > p.window) { t0 = len - p.window; }
     let b = max(s * DEC_SPLIT, t0);
     let e = min((s + 1u) * DEC_SPLIT, len);
-    let kh = h / (p.heads / p.kv_heads);
+    let kh = p.slot * p.kv_heads + h / (p.heads / p.kv_heads);  // in the caches
     let qb = p.q_off + h * p.hd;
     var mx = NEG_INF;
     for (var j = lid; j < DEC_SPLIT; j = j + 64u) {

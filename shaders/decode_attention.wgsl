@@ -2,8 +2,10 @@
 // the new k (P.qk_norm), RoPE of both, the store of the new k and v at position pos0, and split-KV
 // ("flash decoding") attention of the query heads that share a KV head over one split of SPLIT
 // positions. Each workgroup writes, per query head, a partial: (max score m, sum l of exp(score - m),
-// 0, 0) then the unnormalized output [hd_v], at (h * splits_max + s) * (hd_v + 4) floats. The
-// consumer merges the splits (matvec.wgsl XSRC 1: the output projection's prologue).
+// 0, 0) then the unnormalized output [hd_v], at ((row * heads + h) * splits_max + s) * (hd_v + 4)
+// floats. One sequence (`attend`): the output projection merges the splits in its prologue
+// (matvec.wgsl XSRC 1). A batch of sequences, each at its own position in its own cache slot
+// (`attend_batch`, then `merge_batch` into [rows, heads * hd_v]).
 //
 // Bindings (group 0):
 //   0 uniform P
@@ -14,8 +16,12 @@
 //   5 storage cs    f32 RoPE table [positions, n_rot / 2, 2] (cos, sin), read
 //   6 storage qn    f32 q RMSNorm weight [hd], read      (P.qk_norm == 1)
 //   7 storage kn    f32 k RMSNorm weight [hd], read      (P.qk_norm == 1)
-// grid: (splits = pos0 / SPLIT + 1, KV heads, ceil(rep / MAX_REP)), rep = heads / kv_heads.
-// Limits: hd and hd_v multiples of 4, at most 256.
+//   8 storage seq   vec2<u32> (cache slot, position) of each row, read   (attend_batch, merge_batch)
+//   9 storage out   f32 merged output [rows, heads * hd_v], read_write    (merge_batch)
+// Row r's q heads start at q_off + r * row_stride in qkv, its k heads after them, then its v heads.
+// The caches hold slots of [KV, ctx, hd]. grid (attend): (pos0 / SPLIT + 1, KV heads, ceil(rep /
+// MAX_REP)), rep = heads / kv_heads; (attend_batch): (max over rows of pos / SPLIT + 1, KV heads,
+// rows * ceil(rep / MAX_REP)). Limits: hd and hd_v multiples of 4, at most 256.
 
 struct P {
     heads: u32,
@@ -23,17 +29,17 @@ struct P {
     hd: u32,
     hd_v: u32,
     ctx: u32,
-    pos0: u32,
+    pos0: u32,       // attend: the position of the new token
     window: u32,     // > 0: a query sees the last `window` positions only
     scale: f32,
-    q_off: u32,      // element offsets in qkv (multiples of 4)
-    k_off: u32,
-    v_off: u32,
+    q_off: u32,      // element offset of row 0's q in qkv (a multiple of 4)
+    row_stride: u32, // elements between rows of qkv (a multiple of 4)
+    slot: u32,       // attend: the cache slot
     n_rot: u32,      // rotated dimensions per head
     neox: u32,       // RoPE pairs: 0 (2j, 2j+1), 1 (j, j + n_rot/2)
     qk_norm: u32,
     eps: f32,
-    pad0: u32,
+    rows: u32,       // attend_batch / merge_batch: sequences in the batch
 }
 
 @group(0) @binding(0) var<uniform> p: P;
@@ -44,6 +50,8 @@ struct P {
 @group(0) @binding(5) var<storage, read> cs: array<f32>;
 @group(0) @binding(6) var<storage, read> qn: array<f32>;
 @group(0) @binding(7) var<storage, read> kn: array<f32>;
+@group(0) @binding(8) var<storage, read> seq: array<vec2<u32>>;
+@group(0) @binding(9) var<storage, read_write> out: array<f32>;
 
 const SPLIT: u32 = 128u;    // key positions per workgroup (= invocations)
 const MAX_REP: u32 = 8u;    // query heads per workgroup
@@ -85,7 +93,7 @@ fn head_sums(lid: u32, base: u32, len: u32, heads: u32, squares: bool, slot: u32
 }
 
 // RMSNorm (weight w: 0 = qn, 1 = kn) and RoPE of `heads` vectors of hd floats at float offset base.
-fn norm_rope(lid: u32, base: u32, heads: u32, which: u32) {
+fn norm_rope(lid: u32, base: u32, heads: u32, which: u32, pos: u32) {
     let hd = p.hd;
     if (p.qk_norm == 1u) {
         head_sums(lid, base, hd, heads, true, 0u);
@@ -103,7 +111,7 @@ fn norm_rope(lid: u32, base: u32, heads: u32, which: u32) {
         var a = 2u * j;
         var b = 2u * j + 1u;
         if (p.neox == 1u) { a = j; b = j + half; }
-        let t = (p.pos0 * half + j) * 2u;
+        let t = (pos * half + j) * 2u;
         let c = cs[t];
         let sn = cs[t + 1u];
         let x0 = smf(base + h * hd + a);
@@ -116,31 +124,46 @@ fn norm_rope(lid: u32, base: u32, heads: u32, which: u32) {
 
 @compute @workgroup_size(128)
 fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let s = wg.x;
-    let g = wg.y;
+    attend_one(wg.x, wg.y, wg.z, lid, 0u, p.pos0, p.slot);
+}
+
+@compute @workgroup_size(128)
+fn attend_batch(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let chunks = (p.heads / p.kv_heads + MAX_REP - 1u) / MAX_REP;
+    let row = wg.z / chunks;
+    let sp = seq[row];  // splits past this row's own (pos / SPLIT) see no position: their partials go unread
+    attend_one(wg.x, wg.y, wg.z % chunks, lid, row, sp.y, sp.x);
+}
+
+// Split s of KV head g, query heads of chunk z, for batch row `row` at position pos in cache slot `slot`.
+fn attend_one(s: u32, g: u32, z: u32, lid: u32, row: u32, pos: u32, slot: u32) {
     let rep = p.heads / p.kv_heads;
-    let h0 = g * rep + wg.z * MAX_REP;                    // first query head of this workgroup
+    let h0 = g * rep + z * MAX_REP;                       // first query head of this workgroup
     let nh = min(MAX_REP, g * rep + rep - h0);            // query heads here
     let hd4 = p.hd / 4u;
     let hv4 = p.hd_v / 4u;
-    let last = s == p.pos0 / SPLIT;
+    let last = s == pos / SPLIT;
+    let cg = slot * p.kv_heads + g;                       // this KV head in the caches
+    let qrow = (p.q_off + row * p.row_stride) / 4u;
+    let krow = qrow + p.heads * hd4;
+    let vrow = krow + p.kv_heads * hd4;
 
     // ---- q heads, the new k and v into workgroup memory; norms and RoPE
-    for (var e = lid; e < nh * hd4; e += SPLIT) { sm[QS + e] = qkv[(p.q_off + h0 * p.hd) / 4u + e]; }
-    for (var e = lid; e < hd4; e += SPLIT) { sm[KN + e] = qkv[(p.k_off + g * p.hd) / 4u + e]; }
-    for (var e = lid; e < hv4; e += SPLIT) { sm[VN + e] = qkv[(p.v_off + g * p.hd_v) / 4u + e]; }
+    for (var e = lid; e < nh * hd4; e += SPLIT) { sm[QS + e] = qkv[qrow + h0 * hd4 + e]; }
+    for (var e = lid; e < hd4; e += SPLIT) { sm[KN + e] = qkv[krow + g * hd4 + e]; }
+    for (var e = lid; e < hv4; e += SPLIT) { sm[VN + e] = qkv[vrow + g * hv4 + e]; }
     workgroupBarrier();
-    norm_rope(lid, QS * 4u, nh, 0u);
-    norm_rope(lid, KN * 4u, 1u, 1u);
-    if (last && wg.z == 0u) {  // the new position's k and v go to the cache (read from sm below)
-        let kb = (g * p.ctx + p.pos0) * hd4;
+    norm_rope(lid, QS * 4u, nh, 0u, pos);
+    norm_rope(lid, KN * 4u, 1u, 1u, pos);
+    if (last && z == 0u) {  // the new position's k and v go to the cache (read from sm below)
+        let kb = (cg * p.ctx + pos) * hd4;
         for (var e = lid; e < hd4; e += SPLIT) { kc[kb + e] = sm[KN + e]; }
-        let vb = (g * p.ctx + p.pos0) * hv4;
+        let vb = (cg * p.ctx + pos) * hv4;
         for (var e = lid; e < hv4; e += SPLIT) { vc[vb + e] = sm[VN + e]; }
     }
 
     // ---- scores of this split's positions: invocation lid takes position t
-    let len = p.pos0 + 1u;
+    let len = pos + 1u;
     var t0 = 0u;
     if (p.window > 0u && len > p.window) { t0 = len - p.window; }
     let t = s * SPLIT + lid;
@@ -148,8 +171,8 @@ fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
     var sc = array<f32, 8>(NEG_INF, NEG_INF, NEG_INF, NEG_INF, NEG_INF, NEG_INF, NEG_INF, NEG_INF);
     if (visible) {
         var acc = array<f32, 8>(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
-        let kb = (g * p.ctx + t) * hd4;
-        let fresh = t == p.pos0;
+        let kb = (cg * p.ctx + t) * hd4;
+        let fresh = t == pos;
         for (var c = 0u; c < hd4; c += 4u) {  // hd4 is a multiple of 4 when hd is of 16; else the tail below
             if (c + 4u > hd4) { break; }
             let k0 = select(kc[kb + c], sm[KN + c], fresh);
@@ -215,10 +238,10 @@ fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
         let t1 = tt + pgs;
         let t2 = tt + 2u * pgs;
         let t3 = tt + 3u * pgs;
-        let v0 = select(vc[(g * p.ctx + tt) * hv4 + col], sm[VN + col], tt == p.pos0);
-        let v1 = select(vc[(g * p.ctx + t1) * hv4 + col], sm[VN + col], t1 == p.pos0);
-        let v2 = select(vc[(g * p.ctx + t2) * hv4 + col], sm[VN + col], t2 == p.pos0);
-        let v3 = select(vc[(g * p.ctx + t3) * hv4 + col], sm[VN + col], t3 == p.pos0);
+        let v0 = select(vc[(cg * p.ctx + tt) * hv4 + col], sm[VN + col], tt == pos);
+        let v1 = select(vc[(cg * p.ctx + t1) * hv4 + col], sm[VN + col], t1 == pos);
+        let v2 = select(vc[(cg * p.ctx + t2) * hv4 + col], sm[VN + col], t2 == pos);
+        let v3 = select(vc[(cg * p.ctx + t3) * hv4 + col], sm[VN + col], t3 == pos);
         let w = SC * 4u - s * SPLIT;
         for (var h = 0u; h < MAX_REP; h++) {
             if (h < nh) {
@@ -228,7 +251,7 @@ fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
         }
     }
     for (; tt < e; tt += pgs) {
-        let v = select(vc[(g * p.ctx + tt) * hv4 + col], sm[VN + col], tt == p.pos0);
+        let v = select(vc[(cg * p.ctx + tt) * hv4 + col], sm[VN + col], tt == pos);
         for (var h = 0u; h < MAX_REP; h++) { if (h < nh) { o[h] += smf(SC * 4u + h * SPLIT + tt - s * SPLIT) * v; } }
     }
     workgroupBarrier();  // scores, q and the new k/v are no longer needed: sm takes the partial outputs
@@ -242,7 +265,7 @@ fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
         let c = i % hv4;
         var acc = vec4<f32>(0.0);
         for (var q = 0u; q < pgs; q++) { acc += sm[(q * MAX_REP + h) * hv4 + c]; }
-        let base = ((h0 + h) * smax + s) * (p.hd_v + 4u);
+        let base = ((row * p.heads + h0 + h) * smax + s) * (p.hd_v + 4u);
         part[base + 4u + 4u * c] = acc.x;
         part[base + 5u + 4u * c] = acc.y;
         part[base + 6u + 4u * c] = acc.z;
@@ -253,5 +276,31 @@ fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
             part[base + 2u] = 0.0;
             part[base + 3u] = 0.0;
         }
+    }
+}
+
+// The splits of each (row, head) merged: sum over splits of exp(m_s - max m) * o_s over the same sum
+// of exp(m_s - max m) * l_s. grid: (heads, rows)
+@compute @workgroup_size(64)
+fn merge_batch(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let h = wg.x;
+    let row = wg.y;
+    let ns = seq[row].y / SPLIT + 1u;
+    let smax = (p.ctx + SPLIT - 1u) / SPLIT;
+    let first = ((row * p.heads + h) * smax) * (p.hd_v + 4u);
+    var mx = NEG_INF;
+    for (var sp = 0u; sp < ns; sp++) { mx = max(mx, part[first + sp * (p.hd_v + 4u)]); }
+    var l = 0.0;
+    for (var sp = 0u; sp < ns; sp++) {
+        let b = first + sp * (p.hd_v + 4u);
+        l += select(exp(part[b] - mx), 0.0, part[b] <= NEG_INF) * part[b + 1u];
+    }
+    for (var d = lid; d < p.hd_v; d += 64u) {
+        var o = 0.0;
+        for (var sp = 0u; sp < ns; sp++) {
+            let b = first + sp * (p.hd_v + 4u);
+            o += select(exp(part[b] - mx), 0.0, part[b] <= NEG_INF) * part[b + 4u + d];
+        }
+        out[(row * p.heads + h) * p.hd_v + d] = o / l;
     }
 }

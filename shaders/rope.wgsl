@@ -6,8 +6,8 @@
 //   2 storage x      f32 q view, rotated in place, read_write     (rope)
 //   3 storage v      f32 v view, read                               (rope_store)
 //   6 storage kin    f32 k view, read (may be the same buffer as v)  (rope_store)
-//   4 storage kc     f32 key cache of this layer [KV, ctx, hd], read_write   (rope_store)
-//   5 storage vc     f32 value cache of this layer [KV, ctx, hd_v], read_write (rope_store)
+//   4 storage kc     f32 key cache of this layer [slots, KV, ctx, hd], read_write   (rope_store; slot P.slot)
+//   5 storage vc     f32 value cache of this layer [slots, KV, ctx, hd_v], read_write (rope_store)
 // Pairs: GGUF/llama (neox == 0) rotates (2j, 2j+1); NEOX (neox == 1) rotates (j, j + n_rot/2).
 // Head h of token i starts at x_off + i * x_stride + h * hd.
 
@@ -24,7 +24,8 @@ struct P {
     v_stride: u32,
     hd_v: u32,
     ctx: u32,
-    pad0: u32, pad1: u32, pad2: u32, pad3: u32,
+    slot: u32,       // rope_store: the cache slot (caches hold slots of [KV, ctx, hd])
+    pad1: u32, pad2: u32, pad3: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: P;
@@ -71,7 +72,8 @@ fn rope_store(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (h >= p.heads || i >= p.n) { return; }
     let base = p.x_off + i * p.x_stride + h * p.hd;
     let pos = p.pos0 + i;
-    let kdst = (h * p.ctx + pos) * p.hd;
+    let ch = p.slot * p.heads + h;  // this KV head in the caches
+    let kdst = (ch * p.ctx + pos) * p.hd;
     if (d < p.n_rot / 2u) {
         let ab = pair(d);
         let r = rotated(i, d, kin[base + ab.x], kin[base + ab.y]);
@@ -82,6 +84,6 @@ fn rope_store(@builtin(global_invocation_id) gid: vec3<u32>) {
         kc[kdst + d] = kin[base + d];
     }
     if (d < p.hd_v) {
-        vc[(h * p.ctx + pos) * p.hd_v + d] = v[p.v_off + i * p.v_stride + h * p.hd_v + d];
+        vc[(ch * p.ctx + pos) * p.hd_v + d] = v[p.v_off + i * p.v_stride + h * p.hd_v + d];
     }
 }

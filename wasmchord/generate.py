@@ -14,7 +14,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from .errors import GenerationError
-from .sampling import SamplingParams, make_rng
+from .sampling import NON_FINITE, SamplingParams, make_rng
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_TOKENS = 256
@@ -29,6 +29,7 @@ class Stats:
     prompt_eval_s: float = 0.0
     completion_tokens: int = 0
     eval_s: float = 0.0
+    context_full: bool = False  # generation stopped because the context filled up
 
 
 @dataclass
@@ -77,13 +78,15 @@ class Completion:
 
 
 class Sequence:
-    """The tokens one sequence holds in the transformer's KV cache. `reset()` forgets them.
+    """The tokens one sequence holds in a slot of the transformer's KV cache. `reset()` forgets them.
 
-    Several sequences share one cache (one per transformer); the transformer records which sequence
-    wrote it last, and a sequence that finds the cache taken over starts from scratch."""
+    Several sequences may share a slot; the transformer records which sequence wrote it last, and a
+    sequence that finds its slot taken over starts from scratch."""
 
-    def __init__(self, transformer):
-        self.transformer = transformer
+    def __init__(self, transformer, slot: int = 0):
+        if not 0 <= slot < transformer.slots:
+            raise GenerationError(f"slot {slot} does not exist: the model has {transformer.slots} KV cache slots")
+        self.transformer, self.slot = transformer, slot
         self.tokens: list[int] = []
 
     def reset(self):
@@ -93,20 +96,26 @@ class Sequence:
     def n_ctx(self) -> int:
         return self.transformer.max_ctx
 
-    def _claim(self):
-        if self.transformer.cache_owner is not self:
+    def holds_cache(self) -> bool:
+        """Whether the slot still holds this sequence's tokens (no other sequence wrote it since)."""
+        return self.transformer.owners[self.slot] is self
+
+    def claim(self):
+        """Take the slot; the tokens are forgotten if another sequence wrote it since."""
+        owners = self.transformer.owners
+        if owners[self.slot] is not self:
             self.tokens = []
-        self.transformer.cache_owner = self
+        owners[self.slot] = self
 
     def evaluate(self, ids: list[int], *, hidden: list | None = None) -> np.ndarray:
         """Logits [len(ids), vocab] (float32, on the host) of `ids` from position 0; the cache then holds
         exactly `ids`. `hidden`, when given, receives the residual stream [len(ids), d] after each layer."""
         if len(ids) > self.n_ctx:
             raise GenerationError(f"{len(ids)} tokens exceed the context length {self.n_ctx}")
-        self._claim()
+        self.claim()
         self.tokens = []
         tf = self.transformer
-        out = tf.be.read(tf.forward(np.asarray(ids, np.int64), 0, all_logits=True, hidden=hidden))
+        out = tf.be.read(tf.forward(np.asarray(ids, np.int64), 0, all_logits=True, hidden=hidden, slot=self.slot))
         self.tokens = list(ids)
         return np.asarray(out, dtype=np.float32)
 
@@ -119,7 +128,7 @@ class Sequence:
         if len(ids) >= self.n_ctx:
             raise GenerationError(f"the prompt has {len(ids)} tokens; the context holds {self.n_ctx} "
                                   f"(raise context_length, or shorten the prompt)")
-        self._claim()
+        self.claim()
         common = 0
         for a, b in zip(self.tokens, ids):
             if a != b:
@@ -127,7 +136,7 @@ class Sequence:
             common += 1
         common = min(common, len(ids) - 1)  # always evaluate at least the last token for its logits
         self.tokens = self.tokens[:common]
-        logits = self.transformer.forward(np.asarray(ids[common:], np.int64), common)
+        logits = self.transformer.forward(np.asarray(ids[common:], np.int64), common, slot=self.slot)
         self.tokens = list(ids)
         return logits, common
 
@@ -135,8 +144,10 @@ class Sequence:
         """Append `token` and return the logits after it (a backend handle)."""
         if len(self.tokens) >= self.n_ctx:
             raise GenerationError(f"context full ({self.n_ctx} tokens)")
-        assert self.transformer.cache_owner is self, "step() after another sequence used the cache"
-        logits = self.transformer.forward(np.asarray([token], np.int64), len(self.tokens))
+        if self.transformer.owners[self.slot] is not self:
+            raise GenerationError("this sequence's KV cache slot was used by another generation meanwhile "
+                                  "(interleaved streams on one slot): start the generation again")
+        logits = self.transformer.forward(np.asarray([token], np.int64), len(self.tokens), slot=self.slot)
         self.tokens.append(token)
         return logits
 
@@ -153,7 +164,7 @@ def generate_tokens(seq: Sequence, prompt_ids: list[int], params: SamplingParams
     rng = make_rng(params.seed)
     t0 = time.perf_counter()
     logits, cached = seq.prefill(prompt_ids)
-    be = seq.transformer.be
+    be, vocab = seq.transformer.be, seq.transformer.cfg.vocab_size
     stats.prompt_tokens, stats.cached_tokens = len(prompt_ids), cached
     stats.prompt_eval_s = time.perf_counter() - t0
     history = list(prompt_ids)
@@ -163,7 +174,7 @@ def generate_tokens(seq: Sequence, prompt_ids: list[int], params: SamplingParams
     t1 = time.perf_counter()
     if encode_ahead:
         try:
-            yield from _generate_ahead(seq, logits, params, rng, max_tokens, stop_ids, stats)
+            yield from _generate_ahead(seq, logits, params, rng, max_tokens, stop_ids, stats, vocab)
         finally:
             stats.eval_s = time.perf_counter() - t1
         return
@@ -174,6 +185,7 @@ def generate_tokens(seq: Sequence, prompt_ids: list[int], params: SamplingParams
                 tok = be.argmax(logits)
             else:
                 tok = be.sample(logits, params, rng, history, i)
+            _check_token(tok, vocab)
             if tok in stop_ids:
                 return
             history.append(tok)
@@ -182,13 +194,20 @@ def generate_tokens(seq: Sequence, prompt_ids: list[int], params: SamplingParams
             if i + 1 == max_tokens:
                 return
             if len(seq.tokens) >= seq.n_ctx:
-                raise GenerationError(f"context full ({seq.n_ctx} tokens) after {i + 1} generated tokens")
+                stats.context_full = True
+                return
             logits = seq.step(tok)
     finally:
         stats.eval_s = time.perf_counter() - t1
 
 
-def _generate_ahead(seq, logits, params, rng, max_tokens, stop_ids, stats):
+def _check_token(tok: int, vocab: int):
+    """A device sampler finds no token (an id past the vocabulary) only when every logit is NaN."""
+    if not 0 <= tok < vocab:
+        raise GenerationError(NON_FINITE)
+
+
+def _generate_ahead(seq, logits, params, rng, max_tokens, stop_ids, stats, vocab):
     """Encode-ahead decoding: while the device runs step t the host already encodes and submits step
     t+1, which reads its input token from the device buffer step t's argmax/sample wrote; tokens come
     back through a ring of mappable buffers. A step computed past a stop is discarded, and the sequence
@@ -203,10 +222,14 @@ def _generate_ahead(seq, logits, params, rng, max_tokens, stop_ids, stats):
     pending = select(logits, 0)
     for i in range(max_tokens):
         pos = len(seq.tokens)
+        if tf.owners[seq.slot] is not seq:
+            raise GenerationError("this sequence's KV cache slot was used by another generation meanwhile "
+                                  "(interleaved streams on one slot): start the generation again")
         ahead = None
         if i + 1 < max_tokens and pos < seq.n_ctx:
-            ahead = select(tf.decode(pos), i + 1)  # submitted before step i is read
+            ahead = select(tf.decode(pos, seq.slot), i + 1)  # submitted before step i is read
         tok = be.collect(pending)
+        _check_token(tok, vocab)
         if tok in stop_ids:
             return
         if ahead is not None:  # its K/V are at `pos` only if the step after it ran
@@ -216,7 +239,8 @@ def _generate_ahead(seq, logits, params, rng, max_tokens, stop_ids, stats):
         if i + 1 == max_tokens:
             return
         if ahead is None:
-            raise GenerationError(f"context full ({seq.n_ctx} tokens) after {i + 1} generated tokens")
+            stats.context_full = True
+            return
         pending = ahead
 
 
@@ -231,37 +255,57 @@ def _stop_prefix_len(text: str, stops: list[str]) -> int:
     return best
 
 
+class TextStream:
+    """Token ids -> text pieces through the tokenizer's incremental decoder; a stop string ends the text
+    and is never emitted, not even in part (text that may begin one is held back)."""
+
+    def __init__(self, tokenizer, stop: list[str]):
+        self.dec, self.stop, self.pending = tokenizer.stream(), stop, ""
+
+    def _hit(self, text: str) -> int | None:
+        hits = [text.find(s) for s in self.stop if s in text]
+        return min(hits) if hits else None
+
+    def add(self, tok: int) -> tuple[str, bool]:
+        """The text that `tok` completes, and whether a stop string ended the text there."""
+        self.pending += self.dec.add_token(tok)
+        if not self.stop:
+            out, self.pending = self.pending, ""
+            return out, False
+        hit = self._hit(self.pending)
+        if hit is not None:
+            out, self.pending = self.pending[:hit], ""
+            return out, True
+        keep = _stop_prefix_len(self.pending, self.stop)
+        out, self.pending = self.pending[:len(self.pending) - keep], self.pending[len(self.pending) - keep:]
+        return out, False
+
+    def finish(self) -> tuple[str, bool]:
+        """The text held back at the end, and whether a stop string ended it."""
+        tail, self.pending = self.pending + self.dec.flush(), ""
+        hit = self._hit(tail) if self.stop else None
+        return (tail, False) if hit is None else (tail[:hit], True)
+
+
 def stream_chunks(seq: Sequence, tokenizer, prompt_ids: list[int], params: SamplingParams, *,
                   max_tokens: int, stop: list[str], stop_ids: frozenset[int]) -> Iterator[Chunk]:
     """Layer 2: text chunks through the incremental decoder; stop strings never partially emitted.
 
     The last chunk carries the finish reason and the generation's `Stats`."""
-    dec = tokenizer.stream()
-    pending = ""  # decoded text held back because it might begin a stop string
+    text = TextStream(tokenizer, stop)
     stats = Stats()
     gen = generate_tokens(seq, prompt_ids, params, max_tokens=max_tokens, stop_ids=stop_ids, stats=stats)
     n = 0
     for tok in gen:
         n += 1
-        pending += dec.add_token(tok)
-        if stop:
-            hit = min(((pending.find(s), s) for s in stop if s in pending), default=None)
-            if hit:
-                gen.close()
-                yield Chunk(pending[:hit[0]], tok, "stop", stats)
-                return
-            keep = _stop_prefix_len(pending, stop)
-            out, pending = pending[:len(pending) - keep], pending[len(pending) - keep:]
-        else:
-            out, pending = pending, ""
-        yield Chunk(out, tok)
-    tail = pending + dec.flush()
-    if stop:
-        hit = min(((tail.find(s), s) for s in stop if s in tail), default=None)
+        out, hit = text.add(tok)
         if hit:
-            yield Chunk(tail[:hit[0]], None, "stop", stats)
+            gen.close()
+            yield Chunk(out, tok, "stop", stats)
             return
-    yield Chunk(tail, None, "length" if n >= max_tokens else "stop", stats)
+        yield Chunk(out, tok)
+    tail, hit = text.finish()
+    yield Chunk(tail, None, "length" if not hit and (n >= max_tokens or stats.context_full) else "stop", stats)
 
 
 def check_args(max_tokens, stop) -> list[str]:

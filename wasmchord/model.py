@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 from typing import Iterator
@@ -29,6 +30,45 @@ class LoadStats:
     seconds: float
     backend: str
     context_length: int
+    slots: int = 1
+    kv_cache_bytes: int = 0
+
+
+class ModelLock:
+    """Serializes generations on one model across threads: a generation holds it from its first token
+    to its last, a second thread's call waits for it. The thread that holds it may enter again (its
+    interleaved streams are told apart by their cache slot's owner). Release is allowed from any
+    thread (a generator may be closed by the garbage collector elsewhere)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._guard = threading.Lock()
+        self._owner: int | None = None
+        self._depth = 0
+
+    def acquire(self):
+        me = threading.get_ident()
+        with self._guard:
+            if self._owner == me:
+                self._depth += 1
+                return
+        self._lock.acquire()
+        with self._guard:
+            self._owner, self._depth = me, 1
+
+    def release(self):
+        with self._guard:
+            self._depth -= 1
+            if self._depth == 0:
+                self._owner = None
+                self._lock.release()
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
 
 
 class Model:
@@ -43,17 +83,20 @@ class Model:
         self.transformer = transformer
         self.backend = transformer.be
         self.load_stats = load_stats
+        self.lock = ModelLock()
         self._sequence = Sequence(transformer)  # what logits/stream/generate use unless given another
 
     @classmethod
     def load(cls, path_or_alias: str | os.PathLike, *, device: str = "auto", context_length: int | None = None,
-             progress=None, **backend_options) -> "Model":
+             slots: int = 1, progress=None, **backend_options) -> "Model":
         """Load a GGUF model.
 
         Args:
             path_or_alias: a .gguf path or a known alias (pulled on first use).
             device: "cpu", "gpu", "auto" (a hardware GPU when present, else the CPU), or a Backend instance.
             context_length: cap on the context (default: the model's, at most 4096).
+            slots: sequences the KV cache holds at once (batched generation, `engine()`); the cache takes
+                slots x context_length x the per-token KV size (`load_stats.kv_cache_bytes`).
             progress: called as progress(stage, done, total) while pulling and loading.
             backend_options: passed to the backend (cpu: weights="f32" | "quantized").
 
@@ -71,10 +114,14 @@ class Model:
             if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length < 2:
                 raise GenerationError(f"context_length = {context_length!r}: expected an integer >= 2")
             ctx = min(context_length, cfg.context_length)
+        if isinstance(slots, bool) or not isinstance(slots, int) or not 1 <= slots <= 256:
+            raise GenerationError(f"slots = {slots!r}: expected an integer from 1 to 256")
         backend = get_backend(device, **backend_options)
-        tf = Transformer(gf, cfg, backend, ctx, progress=progress)
-        stats = LoadStats(time.perf_counter() - t0, backend.name, ctx)
-        log.info("loaded %s (%s) on %s in %.2f s", gf.path.name, cfg.arch, backend.name, stats.seconds)
+        tf = Transformer(gf, cfg, backend, ctx, progress=progress, slots=slots)
+        kv = 4 * cfg.n_layers * cfg.n_kv_heads * (cfg.head_dim + cfg.head_dim_v) * ctx * slots
+        stats = LoadStats(time.perf_counter() - t0, backend.name, ctx, slots, kv)
+        log.info("loaded %s (%s) on %s in %.2f s; KV cache %d slot(s) x %d positions = %.1f MiB", gf.path.name,
+                 cfg.arch, backend.name, stats.seconds, slots, ctx, kv / 2**20)
         return cls(gf, cfg, tok, tf, stats)
 
     # ------------------------------------------------------------------------------------ evaluation
@@ -82,9 +129,16 @@ class Model:
         """Logits [len(ids), vocab] (float32) for `ids` evaluated in a fresh context.
 
         `hidden`, when given, receives the residual stream [len(ids), d] after each layer."""
-        return self._sequence.evaluate(self._ids(ids), hidden=hidden)
+        ids = self.prompt_ids(ids)
+        with self.lock:
+            return self._sequence.evaluate(ids, hidden=hidden)
 
-    def _ids(self, prompt) -> list[int]:
+    def prompt_ids(self, prompt) -> list[int]:
+        """Token ids of a prompt given as text or as ids (checked against the vocabulary).
+
+        Raises:
+            GenerationError: the prompt is empty.
+            TypeError: it is neither text nor a list of ids."""
         if isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt)
         elif isinstance(prompt, (list, tuple, np.ndarray)):
@@ -114,15 +168,46 @@ class Model:
         """
         params = SamplingParams.from_options(sampling)
         stop = check_args(max_tokens, stop)
-        ids = self._ids(prompt)
-        yield from stream_chunks(sequence or self._sequence, self.tokenizer, ids, params, max_tokens=max_tokens,
-                                 stop=stop, stop_ids=self.tokenizer.eot_ids)
+        ids = self.prompt_ids(prompt)
+        with self.lock:  # held until this stream ends or is closed
+            yield from stream_chunks(sequence or self._sequence, self.tokenizer, ids, params,
+                                     max_tokens=max_tokens, stop=stop, stop_ids=self.tokenizer.eot_ids)
 
-    def generate(self, prompt, **kw) -> Completion:
+    def generate(self, prompt, *, n: int = 1, **kw) -> "Completion | list[Completion]":
         """Blocking generation: the whole `Completion` (text, tokens, finish_reason, timings).
 
-        Takes the same keyword arguments as `stream`."""
-        return Completion.from_chunks(self.stream(prompt, **kw))
+        A list of prompts (texts, or lists of token ids) runs as one batch through the engine and
+        returns a list of Completions in the same order; `n` > 1 samples a prompt n times sharing its
+        prefill (a list of n Completions). Batches use the model's KV cache slots
+        (`Model.load(..., slots=N)`); prompts beyond the free slots wait for one.
+        Takes the keyword arguments of `stream`."""
+        batch = isinstance(prompt, (list, tuple)) and bool(prompt) and not isinstance(prompt[0], (int, np.integer))
+        if not batch and n == 1:
+            return Completion.from_chunks(self.stream(prompt, **kw))
+        prompts = list(prompt) if batch else [prompt]
+        for i, p in enumerate(prompts):
+            if (isinstance(p, str) and not p) or (not isinstance(p, str) and len(p) == 0):
+                raise GenerationError(f"prompt {i} of the batch is empty")
+        from .engine import Engine
+        if kw.pop("sequence", None) is not None:
+            raise GenerationError("sequence= applies to one prompt, not to a batch")
+        engine = Engine(self, max_queue=len(prompts) * n)
+        reqs = [r for p in prompts for r in engine.submit(p, n=n, **kw)]
+        engine.run(reqs)
+        out = []
+        for r in reqs:
+            items = []
+            while (item := r.take(block=False)) is not None:
+                items.append(item)
+            if items and isinstance(items[-1], BaseException):
+                raise items[-1]
+            out.append(Completion.from_chunks(items))
+        return out if batch or n > 1 else out[0]
+
+    def engine(self, **options):
+        """A batch engine over this model's KV cache slots (see `wasmchord.engine.Engine`)."""
+        from .engine import Engine
+        return Engine(self, **options)
 
     def chat_ids(self, messages) -> list[int]:
         """The prompt for `messages`: rendered with the model's chat template and tokenized."""

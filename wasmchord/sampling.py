@@ -121,8 +121,22 @@ def filter_candidates(logits: np.ndarray, *, top_k: int = 0, top_p: float = 1.0,
     return idx
 
 
+NON_FINITE = ("the model produced non-finite logits (NaN or infinity): its weights or metadata (for example "
+              "rope.freq_base = 0 or a negative RMS epsilon) are likely corrupt")
+
+
+def check_finite(logits: np.ndarray):
+    """Raise GenerationError when `logits` hold a NaN or an infinity."""
+    if not np.isfinite(logits).all():
+        raise GenerationError(NON_FINITE)
+
+
 def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator, history=()) -> int:
-    """Draw the next token id from a [vocab] logit vector."""
+    """Draw the next token id from a [vocab] logit vector.
+
+    Raises:
+        GenerationError: the logits are not all finite."""
+    check_finite(logits)
     logits = apply_penalties(np.asarray(logits, dtype=np.float32), history, repeat=params.repeat_penalty,
                              presence=params.presence_penalty, frequency=params.frequency_penalty,
                              last_n=params.penalty_last_n)

@@ -43,8 +43,8 @@ class Layer:
 class Transformer:
     """Weights on a backend plus the forward pass. Holds no sequence state besides the KV cache."""
 
-    def __init__(self, gf: GGUFFile, cfg: ModelConfig, backend: Backend, max_ctx: int, progress=None):
-        self.cfg, self.be, self.max_ctx = cfg, backend, max_ctx
+    def __init__(self, gf: GGUFFile, cfg: ModelConfig, backend: Backend, max_ctx: int, progress=None, slots: int = 1):
+        self.cfg, self.be, self.max_ctx, self.slots = cfg, backend, max_ctx, slots
         self._gf = gf
         spec = cfg.spec
         why = backend.supports(spec)
@@ -94,8 +94,11 @@ class Transformer:
             ))
         if progress:
             progress("load weights", cfg.n_layers, cfg.n_layers)
-        self.cache_owner = None  # the generate.Sequence whose tokens the KV cache holds
-        self.cache = backend.alloc_kv_cache(cfg.n_layers, cfg.n_kv_heads, max_ctx, cfg.head_dim, cfg.head_dim_v)
+        # KV caches for `slots` sequences; `cache` is slot 0's. owners[i]: the generate.Sequence whose
+        # tokens slot i holds.
+        self.cache = backend.alloc_kv_cache(cfg.n_layers, cfg.n_kv_heads, max_ctx, cfg.head_dim, cfg.head_dim_v,
+                                            slots=slots)
+        self.owners: list = [None] * slots
 
     # ------------------------------------------------------------------------------------ loading
     # Required tensors are present and every known tensor has the config's shape (checked in __init__).
@@ -122,22 +125,44 @@ class Transformer:
             return self._norm(x, w, b), None
         return x, (w, self.cfg.norm_eps)
 
-    def decode(self, pos0: int):
+    def decode(self, pos0: int, slot: int = 0):
         """One decode step at position pos0 whose input token the last argmax/sample left on the device
         (encode-ahead): the backend may replay a captured step instead of running the graph."""
-        return self.be.decode_step(self.cache, pos0, lambda: self.forward(ON_DEVICE, pos0))
+        cache = self.cache.slot(slot)
+        return self.be.decode_step(cache, pos0, lambda: self.forward(ON_DEVICE, pos0, slot=slot))
 
-    def forward(self, ids: np.ndarray, pos0: int, *, all_logits: bool = False, hidden: list | None = None):
-        """Run positions pos0..pos0+n-1 for token `ids` [n]; write their K/V to the cache.
+    def forward(self, ids: np.ndarray, pos0: int, *, all_logits: bool = False, hidden: list | None = None,
+                slot: int = 0):
+        """Run positions pos0..pos0+n-1 of the sequence in cache slot `slot` for token `ids` [n]; write
+        their K/V to the cache.
 
         Returns logits [n, vocab] when all_logits, else [vocab] for the last position (backend handles).
         `hidden`, when given, receives the residual stream [n, d] after each layer (as NumPy arrays).
         """
+        if pos0 + len(ids) > self.max_ctx:
+            raise ConfigError(f"context full: {pos0 + len(ids)} positions > context length {self.max_ctx}")
+        cache = self.cache.slot(slot)
+
+        def attend(i, q, k, v, **kw):
+            return self.be.attend(q, k, v, cache, i, pos0, **kw)
+        logits = self._run(ids, attend, all_logits, hidden)
+        return logits if all_logits else logits[0]
+
+    def forward_batch(self, ids, positions, slots):
+        """One decode step of B sequences: token ids[b] at position positions[b] of the sequence in cache
+        slot slots[b]; writes their K/V. Returns logits [B, vocab] (a backend handle)."""
+        if max(positions) + 1 > self.max_ctx:
+            raise ConfigError(f"context full: {max(positions) + 1} positions > context length {self.max_ctx}")
+
+        def attend(i, q, k, v, **kw):
+            return self.be.attend_batch(q, k, v, self.cache, i, positions, slots, **kw)
+        return self._run(np.asarray(ids, np.int64), attend, True, None)
+
+    def _run(self, ids, attend, all_logits, hidden):
+        """The layers over token rows `ids` [n]; `attend(layer, q, k, v, rope=, scale=, window=, qk_norm=)`
+        places the rows in their sequences."""
         cfg, be, spec = self.cfg, self.be, self.cfg.spec
-        n = len(ids)
         H, KV, hd, hdv = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.head_dim_v
-        if pos0 + n > self.max_ctx:
-            raise ConfigError(f"context full: {pos0 + n} positions > context length {self.max_ctx}")
         neox, eps = spec.rope_style == "neox", cfg.norm_eps
         be.begin_forward()
         x = be.embed(self.tok_embd, ids, math.sqrt(cfg.d_model) if spec.embed_scale_sqrt_d else 1.0)  # [n, d]
@@ -148,9 +173,8 @@ class Transformer:
             qkv = be.matmul(h, L.wqkv, L.bqkv, norm=norm)                                   # [n, (H+2KV)*hd]
             q, k, v = be.split_heads(qkv, [H * hd, KV * hd, KV * hdv], [H, KV, KV])         # [n, H|KV, hd]
             rope = dict(base=base, n_rot=cfg.rope_dim, scale=cfg.rope_scale, neox=neox)
-            a = be.attend(q, k, v, self.cache, i, pos0, rope=rope, scale=cfg.attn_scale,
-                          window=cfg.sliding_window if local else 0,
-                          qk_norm=(L.q_norm, L.k_norm, eps) if spec.qk_norm else None)       # [n, H*hdv]
+            a = attend(i, q, k, v, rope=rope, scale=cfg.attn_scale, window=cfg.sliding_window if local else 0,
+                       qk_norm=(L.q_norm, L.k_norm, eps) if spec.qk_norm else None)         # [n, H*hdv]
             if spec.post_norms:  # gemma3: norm the attention output before the residual add
                 x = be.add(x, be.rmsnorm(be.matmul(a, L.wo, L.bo), L.post_attn_norm, eps))
             else:
@@ -166,8 +190,7 @@ class Transformer:
         if not all_logits:
             x = x[-1:]
         h, norm = self._prenorm(x, self.output_norm, self.output_norm_b)
-        logits = be.matmul(h, self.output, self.output_b, norm=norm)                         # [n|1, vocab]
-        return logits if all_logits else logits[0]
+        return be.matmul(h, self.output, self.output_b, norm=norm)                           # [n|1, vocab]
 
     def _ffn(self, h, L, residual=None, norm=None):
         be, ffn = self.be, self.cfg.spec.ffn

@@ -57,7 +57,10 @@ class Backend:
         """A small float32 tensor (norm weights, biases)."""
         raise NotImplementedError("need load_vector")
 
-    def alloc_kv_cache(self, n_layers: int, n_kv_heads: int, max_ctx: int, head_dim: int, head_dim_v: int):
+    def alloc_kv_cache(self, n_layers: int, n_kv_heads: int, max_ctx: int, head_dim: int, head_dim_v: int,
+                       slots: int = 1):
+        """KV caches for `slots` sequences of up to `max_ctx` positions: the object stands for slot 0,
+        and `.slot(i)` gives slot i (the same memory); ops take one slot's cache."""
         raise NotImplementedError("need alloc_kv_cache")
 
     def read(self, x) -> np.ndarray:
@@ -134,6 +137,12 @@ class Backend:
         q = self.rope(q, pos0, **rope)                                                       # [n, H, hd]
         self.kv_write(cache, layer, k, v, pos0, rope=rope)                                   # k rotated on the way in
         return self.attention(q, cache, layer, pos0, scale=scale, window=window)              # [n, H*hd_v]
+
+    def attend_batch(self, q, k, v, cache, layer: int, positions, slots, *, rope: dict, scale: float,
+                     window: int = 0, qk_norm=None):
+        """`attend` for B sequences of one new position each: row b of q [B, H, hd], k, v is at
+        positions[b] in cache slot slots[b] (`cache.slot(i)`) -> [B, H * hd_v]."""
+        raise NotImplementedError("need attend_batch")
 
     def swiglu(self, gate_up):
         """[n, 2f] (gate | up) -> silu(gate) * up [n, f]."""

@@ -7,10 +7,13 @@ and dequantizes a matrix each time it is used: far slower decode, for models too
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 
 from ..errors import BackendError
 from ..formats.quants import dequantize_rows
+from ..sampling import check_finite
 from .base import Backend, WeightSource, rope_cos_sin
 
 _SQRT_2_OVER_PI = np.float32(np.sqrt(2.0 / np.pi))
@@ -31,13 +34,24 @@ class _QuantizedMatrix:
 
 
 class KVCache:
-    """Per layer: k [KV, max_ctx, hd], v [KV, max_ctx, hd_v]. np.zeros pages are only committed when
-    written, so a long context costs memory only as it fills."""
+    """Per layer: k [KV, max_ctx, hd], v [KV, max_ctx, hd_v] of one slot; `slot(i)` gives the others
+    (views of [slots, KV, max_ctx, ...] arrays). np.zeros pages are only committed when written, so a
+    long context costs memory only as it fills."""
 
-    def __init__(self, n_layers, n_kv, max_ctx, hd, hd_v):
-        self.k = [np.zeros((n_kv, max_ctx, hd), np.float32) for _ in range(n_layers)]
-        self.v = [np.zeros((n_kv, max_ctx, hd_v), np.float32) for _ in range(n_layers)]
-        self.max_ctx = max_ctx
+    def __init__(self, n_layers, n_kv, max_ctx, hd, hd_v, slots=1):
+        self.k_all = [np.zeros((slots, n_kv, max_ctx, hd), np.float32) for _ in range(n_layers)]
+        self.v_all = [np.zeros((slots, n_kv, max_ctx, hd_v), np.float32) for _ in range(n_layers)]
+        self.max_ctx, self.slots = max_ctx, slots
+        self.index = 0
+        self.k, self.v = [a[0] for a in self.k_all], [a[0] for a in self.v_all]
+
+    def slot(self, i: int) -> "KVCache":
+        views = self.__dict__.setdefault("_views", {0: self})
+        if i not in views:
+            view = views[i] = copy.copy(self)
+            view.index = i
+            view.k, view.v = [a[i] for a in self.k_all], [a[i] for a in self.v_all]
+        return views[i]
 
 
 class NumpyBackend(Backend):
@@ -68,8 +82,8 @@ class NumpyBackend(Backend):
     def load_vector(self, array):
         return np.ascontiguousarray(array, dtype=np.float32)
 
-    def alloc_kv_cache(self, n_layers, n_kv_heads, max_ctx, head_dim, head_dim_v):
-        return KVCache(n_layers, n_kv_heads, max_ctx, head_dim, head_dim_v)
+    def alloc_kv_cache(self, n_layers, n_kv_heads, max_ctx, head_dim, head_dim_v, slots=1):
+        return KVCache(n_layers, n_kv_heads, max_ctx, head_dim, head_dim_v, slots)
 
     def read(self, x):
         return np.asarray(x)
@@ -175,6 +189,11 @@ class NumpyBackend(Backend):
         o = s @ V[:, None, t0:t_end]                                                # [kv, rep, n, hd_v]
         return o.transpose(2, 0, 1, 3).reshape(n, -1)
 
+    def attend_batch(self, q, k, v, cache, layer, positions, slots, *, rope, scale, window=0, qk_norm=None):
+        return np.concatenate([self.attend(q[b:b + 1], k[b:b + 1], v[b:b + 1], cache.slot(int(slots[b])), layer,
+                                           int(positions[b]), rope=rope, scale=scale, window=window, qk_norm=qk_norm)
+                               for b in range(q.shape[0])])                                   # [B, H*hd_v]
+
     def swiglu(self, gate_up):
         f = gate_up.shape[-1] // 2
         g, u = gate_up[..., :f], gate_up[..., f:]
@@ -194,6 +213,7 @@ class NumpyBackend(Backend):
         return self.gelu(gate_up[..., :f]) * gate_up[..., f:]
 
     def argmax(self, logits):
+        check_finite(logits)
         return int(np.argmax(logits))
 
     def split_heads(self, x, sizes, heads):

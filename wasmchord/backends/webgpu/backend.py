@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from ...errors import BackendError
+from ...errors import BackendError, UnsupportedError
 from ..base import Backend, OnDevice
 from .device import Gpu
 from .memory import Arena, GTensor, KVCacheGPU, RopeTables, TokenRing
@@ -83,6 +83,7 @@ class WgpuBackend(Backend):
         self._bias_slices: dict = {}
         self._scratch = None
         self._partials = None
+        self._seq = None
         self._argmax_parts = gpu.buffer(8 * ARGMAX_PARTS)
         self._hist = None
 
@@ -144,8 +145,8 @@ class WgpuBackend(Backend):
         a = np.ascontiguousarray(array, dtype=np.float32)
         return GTensor(self.gpu.buffer(a.nbytes, a), 0, a.shape)
 
-    def alloc_kv_cache(self, n_layers, n_kv_heads, max_ctx, head_dim, head_dim_v):
-        return KVCacheGPU(self.gpu, n_layers, n_kv_heads, max_ctx, head_dim, head_dim_v)
+    def alloc_kv_cache(self, n_layers, n_kv_heads, max_ctx, head_dim, head_dim_v, slots=1):
+        return KVCacheGPU(self.gpu, n_layers, n_kv_heads, max_ctx, head_dim, head_dim_v, slots)
 
     def read(self, x):
         self.gpu.check()
@@ -319,7 +320,7 @@ class WgpuBackend(Backend):
         self._dispatch("rope", "rope_store", (math.ceil(max(hd, hdv) / 64), kvh, n),
                        dict(n=n, heads=kvh, hd=hd, n_rot=rope["n_rot"], pos0=pos0, neox=int(rope["neox"]),
                             x_off=k.off, x_stride=k.stride, v_off=v.off, v_stride=v.stride, hd_v=hdv,
-                            ctx=cache.max_ctx),
+                            ctx=cache.max_ctx, slot=cache.index),
                        dict(cs=cs, v=v.buf, kc=cache.k[layer], vc=cache.v[layer], kin=k.buf), moving=dict(pos0=pos0))
 
     def attention(self, q, cache, layer, pos0, *, scale, window=0):
@@ -336,7 +337,7 @@ class WgpuBackend(Backend):
         kv = dict(kc=cache.k[layer], vc=cache.v[layer], sc=self._scratch)
         if n == 1:
             p = dict(n=1, heads=H, kv_heads=cache.n_kv, hd=hd, hd_v=hdv, ctx=ctx, pos0=pos0, window=window,
-                     q_off=q.off, q_stride=q.stride, scale=scale, out_off=out.off)
+                     q_off=q.off, q_stride=q.stride, scale=scale, out_off=out.off, slot=cache.index)
             self._dispatch("attention", "decode_split", (math.ceil((pos0 + 1) / DEC_SPLIT), H), p, dict(q=q.buf, **kv),
                            moving=dict(pos0=pos0), moving_grid=(0, DEC_SPLIT, pos0 + 1))
             self._dispatch("attention", "decode_merge", (H,), p, dict(sc=self._scratch, out=out.buf),
@@ -345,7 +346,8 @@ class WgpuBackend(Backend):
         for c0 in range(0, n, chunk):
             c = min(chunk, n - c0)
             p = dict(n=c, heads=H, kv_heads=cache.n_kv, hd=hd, hd_v=hdv, ctx=ctx, pos0=pos0 + c0, window=window,
-                     q_off=q.off + c0 * q.stride, q_stride=q.stride, scale=scale, out_off=out.off + c0 * H * hdv)
+                     q_off=q.off + c0 * q.stride, q_stride=q.stride, scale=scale, out_off=out.off + c0 * H * hdv,
+                     slot=cache.index)
             at = dict(pos0=pos0 + c0)
             self._dispatch("attention", "scores", (math.ceil((pos0 + c0 + c) / 64), H, c), p, dict(q=q.buf, **kv),
                            moving=at, moving_grid=(0, 64, pos0 + c0 + c))
@@ -354,33 +356,71 @@ class WgpuBackend(Backend):
                            moving=at)
         return out
 
+    def _fusable(self, q, k, v) -> bool:
+        """decode_attention.wgsl takes these views: q, k, v heads of one buffer, one after the other."""
+        H, hd = q.shape[1:]
+        kvh, hdv = k.shape[1], v.shape[2]
+        return (self.fused_attention and hd % 4 == 0 and hdv % 4 == 0 and max(hd, hdv) <= 256
+                and q.buf is k.buf is v.buf and q.stride == k.stride == v.stride and q.off % 4 == 0
+                and q.stride % 4 == 0 and k.off == q.off + H * hd and v.off == k.off + kvh * hd)
+
+    def _attention_params(self, q, k, v, cache, rope, scale, window, qk_norm, n_pos):
+        """(params, buffers) shared by decode_attention.wgsl's entries; the partials scratch sized for
+        `rows` sequences."""
+        rows, H, hd = q.shape
+        hdv, kvh = v.shape[2], k.shape[1]
+        ctx = cache.max_ctx
+        need = 4 * rows * H * math.ceil(ctx / DEC_SPLIT) * (hdv + 4)
+        if self._partials is None or self._partials.size < need:
+            self.gpu.invalidate()
+            self._partials = self.gpu.buffer(need)
+        cs = self.rope_tables.get(rope["base"], max(rope["n_rot"], 2), rope["scale"], n_pos)
+        qw, kw, eps = qk_norm if qk_norm is not None else (None, None, 0.0)
+        params = dict(heads=H, kv_heads=kvh, hd=hd, hd_v=hdv, ctx=ctx, window=window, scale=scale, q_off=q.off,
+                      row_stride=q.stride, n_rot=rope["n_rot"], neox=int(rope["neox"]),
+                      qk_norm=int(qk_norm is not None), eps=eps, rows=rows)
+        bufs = dict(qkv=q.buf, part=self._partials, cs=cs, qn=qw.buf if qw is not None else self._dummy,
+                    kn=kw.buf if kw is not None else self._dummy)
+        return params, bufs
+
     def attend(self, q, k, v, cache, layer, pos0, *, rope, scale, window=0, qk_norm=None):
         """Decode (one position): decode_attention.wgsl in one dispatch, returning partials that the
         output projection merges. Prefill: the base composition (norms, rope, kv_write, attention)."""
-        n, H, hd = q.shape
-        hdv, kvh = v.shape[2], k.shape[1]
-        rep = H // kvh
-        if (n > 1 or not self.fused_attention or hd % 4 or hdv % 4 or max(hd, hdv) > 256
-                or q.stride != k.stride or q.buf is not k.buf or v.buf is not k.buf or (q.off | k.off | v.off) % 4):
+        if q.shape[0] > 1 or not self._fusable(q, k, v):
             return super().attend(q, k, v, cache, layer, pos0, rope=rope, scale=scale, window=window,
                                   qk_norm=qk_norm)
         if pos0 + 1 > cache.max_ctx:
             raise BackendError(f"KV cache overflow: positions up to {pos0 + 1} > context {cache.max_ctx}")
-        ctx = cache.max_ctx
-        need = 4 * H * math.ceil(ctx / DEC_SPLIT) * (hdv + 4)
-        if self._partials is None or self._partials.size < need:
-            self.gpu.invalidate()
-            self._partials = self.gpu.buffer(need)
-        cs = self.rope_tables.get(rope["base"], max(rope["n_rot"], 2), rope["scale"], pos0 + 1)
-        qw, kw, eps = qk_norm if qk_norm is not None else (None, None, 0.0)
-        self._dispatch("decode_attention", "attend", (pos0 // DEC_SPLIT + 1, kvh, math.ceil(rep / MAX_REP)),
-                       dict(heads=H, kv_heads=kvh, hd=hd, hd_v=hdv, ctx=ctx, pos0=pos0, window=window, scale=scale,
-                            q_off=q.off, k_off=k.off, v_off=v.off, n_rot=rope["n_rot"], neox=int(rope["neox"]),
-                            qk_norm=int(qk_norm is not None), eps=eps),
-                       dict(qkv=q.buf, kc=cache.k[layer], vc=cache.v[layer], part=self._partials, cs=cs,
-                            qn=qw.buf if qw is not None else self._dummy, kn=kw.buf if kw is not None else self._dummy),
+        H, kvh, hdv = q.shape[1], k.shape[1], v.shape[2]
+        params, bufs = self._attention_params(q, k, v, cache, rope, scale, window, qk_norm, pos0 + 1)
+        self._dispatch("decode_attention", "attend", (pos0 // DEC_SPLIT + 1, kvh, math.ceil(H // kvh / MAX_REP)),
+                       dict(params, pos0=pos0, slot=cache.index), dict(bufs, kc=cache.k[layer], vc=cache.v[layer]),
                        moving=dict(pos0=pos0), moving_grid=(0, DEC_SPLIT, pos0 + 1))
-        return AttnPartials(self._partials, H, hdv, ctx, pos0)
+        return AttnPartials(self._partials, H, hdv, cache.max_ctx, pos0)
+
+    def attend_batch(self, q, k, v, cache, layer, positions, slots, *, rope, scale, window=0, qk_norm=None):
+        """B sequences, one new position each, in two dispatches: decode_attention.wgsl's attend_batch
+        (per row: its own position and cache slot) and merge_batch into [B, H * hd_v]."""
+        B, H, hd = q.shape
+        kvh, hdv = k.shape[1], v.shape[2]
+        if not self._fusable(q, k, v):
+            raise UnsupportedError("batched decoding on the GPU needs head sizes that are multiples of 4, at most 256")
+        top = max(positions)
+        if top + 1 > cache.max_ctx:
+            raise BackendError(f"KV cache overflow: positions up to {top + 1} > context {cache.max_ctx}")
+        seq = np.stack([np.asarray(slots, np.uint32), np.asarray(positions, np.uint32)], axis=1)
+        if self._seq is None or self._seq.size < seq.nbytes:
+            self.gpu.invalidate()
+            self._seq = self.gpu.buffer(max(256, 2 * seq.nbytes))
+        self.gpu.device.queue.write_buffer(self._seq, 0, seq)  # lands before this step's submit
+        params, bufs = self._attention_params(q, k, v, cache, rope, scale, window, qk_norm, top + 1)
+        out = self._out((B, H * hdv))
+        self._dispatch("decode_attention", "attend_batch",
+                       (top // DEC_SPLIT + 1, kvh, B * math.ceil(H // kvh / MAX_REP)), params,
+                       dict(bufs, kc=cache.k[layer], vc=cache.v[layer], seq=self._seq))
+        self._dispatch("decode_attention", "merge_batch", (H, B), params,
+                       dict(part=self._partials, seq=self._seq, out=out.buf))
+        return out
 
     def argmax(self, logits, *, defer=False):
         count = logits.cols if len(logits.shape) > 1 else logits.shape[0]

@@ -3,9 +3,12 @@ and the token buffer with its ring of mappable readback buffers."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
+
+from ...errors import BackendError
 
 from ..base import rope_cos_sin
 
@@ -34,12 +37,25 @@ class GTensor:
 
 
 class KVCacheGPU:
-    """Per layer: k [KV, ctx, hd] and v [KV, ctx, hd_v] buffers."""
+    """Per layer: k [slots, KV, ctx, hd] and v [slots, KV, ctx, hd_v] buffers; `index` is the slot this
+    object stands for (`slot(i)` gives the others: views of the same buffers)."""
 
-    def __init__(self, gpu, n_layers, n_kv, max_ctx, hd, hd_v):
-        self.k = [gpu.buffer(4 * n_kv * max_ctx * hd) for _ in range(n_layers)]
-        self.v = [gpu.buffer(4 * n_kv * max_ctx * hd_v) for _ in range(n_layers)]
-        self.max_ctx, self.n_kv, self.hd_v = max_ctx, n_kv, hd_v
+    def __init__(self, gpu, n_layers, n_kv, max_ctx, hd, hd_v, slots=1):
+        nbytes = 4 * slots * n_kv * max_ctx * max(hd, hd_v)
+        if nbytes > gpu.max_binding:
+            raise BackendError(f"a KV cache of {slots} slots x {max_ctx} positions takes {nbytes >> 20} MiB per "
+                               f"layer, over this device's {gpu.max_binding >> 20} MiB binding limit: lower slots or "
+                               f"context_length")
+        self.k = [gpu.buffer(4 * slots * n_kv * max_ctx * hd) for _ in range(n_layers)]
+        self.v = [gpu.buffer(4 * slots * n_kv * max_ctx * hd_v) for _ in range(n_layers)]
+        self.max_ctx, self.n_kv, self.hd_v, self.slots, self.index = max_ctx, n_kv, hd_v, slots, 0
+
+    def slot(self, i: int) -> "KVCacheGPU":
+        views = self.__dict__.setdefault("_views", {0: self})  # one object per slot: a captured step's key
+        if i not in views:
+            views[i] = copy.copy(self)
+            views[i].index = i
+        return views[i]
 
 
 class Arena:

@@ -1,0 +1,269 @@
+"""The batch engine: N sequence slots of one model, each with its own KV cache, and a loop of steps.
+
+Each step admits waiting requests to free slots (the slot whose cached tokens share the longest
+prefix with the prompt, so only the rest is evaluated), evaluates at most `prefill_chunk` prompt
+tokens, and runs one batched decode over every running sequence: every weight matrix is read once
+for all of them. Requests arrive from any thread (`submit`, `cancel`); steps run on the caller's
+thread (`step`, `run`) or on the engine's own (`start`).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+
+import numpy as np
+
+from ..errors import GenerationError, WasmchordError
+from ..generate import Chunk, Sequence, TextStream, check_args
+from ..sampling import SamplingParams, sample
+from .request import DONE, PREFILL, RUNNING, Request
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(GenerationError):
+    """The engine's waiting queue is full."""
+
+
+class Engine:
+    """Continuous batching over the model's KV cache slots (`Model.load(..., slots=N)`).
+
+    Args:
+        model: a loaded `Model`.
+        max_queue: requests waiting for a slot before `submit` refuses more (QueueFull).
+        prefill_chunk: prompt tokens evaluated per step, so running sequences keep getting tokens.
+    """
+
+    def __init__(self, model, *, max_queue: int = 64, prefill_chunk: int = 512):
+        if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1:
+            raise GenerationError(f"prefill_chunk = {prefill_chunk!r}: expected an integer >= 1")
+        self.model, self.tf = model, model.transformer
+        self.max_queue, self.prefill_chunk = max_queue, prefill_chunk
+        self.slots = [Sequence(self.tf, i) for i in range(self.tf.slots)]
+        self.busy: list[Request | None] = [None] * self.tf.slots
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.active: list[Request] = []  # admitted: prefilling or running, in admission order
+        self._inbox: list[Request] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.steps = 0
+        self.evaluated_tokens = 0  # prompt tokens evaluated (not found in a slot's cache)
+
+    # ------------------------------------------------------------------------------------ requests
+    def submit(self, prompt, *, max_tokens: int = 256, stop=None, n: int = 1, **sampling) -> list[Request]:
+        """Queue a prompt (text or token ids) for `n` samples; returns their requests.
+
+        Raises:
+            GenerationError: bad arguments, an empty prompt, or one that does not fit the context.
+            QueueFull: more than `max_queue` requests would wait.
+        """
+        params = SamplingParams.from_options(sampling)
+        stop = check_args(max_tokens, stop)
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.tf.slots:
+            raise GenerationError(f"n = {n!r}: expected an integer from 1 to the model's {self.tf.slots} slots")
+        ids = self.model.prompt_ids(prompt)
+        if len(ids) >= self.tf.max_ctx:
+            raise GenerationError(f"the prompt has {len(ids)} tokens; the context holds {self.tf.max_ctx} "
+                                  f"(raise context_length, or shorten the prompt)")
+        reqs = [Request(ids, params, max_tokens, stop, TextStream(self.model.tokenizer, stop), choice=i)
+                for i in range(n)]
+        with self._wake:
+            if len(self.waiting) + len(self._inbox) + n > self.max_queue:
+                raise QueueFull(f"the engine's queue is full ({self.max_queue} requests waiting)")
+            self._inbox.extend(reqs)
+            self._wake.notify()
+        return reqs
+
+    def cancel(self, req: Request):
+        """Stop `req` at the next step (its slot frees); a finished request is left as it is."""
+        with self._wake:
+            req.cancelled = True
+            self._wake.notify()
+
+    @property
+    def idle(self) -> bool:
+        return not (self.waiting or self.active or self._inbox)
+
+    # ------------------------------------------------------------------------------------ the step
+    def step(self) -> bool:
+        """Run one engine step; False when there was nothing to do."""
+        with self._lock:
+            self.waiting.extend(self._inbox)
+            self._inbox.clear()
+        for req in [r for r in self.waiting if r.cancelled]:
+            self.waiting.remove(req)
+            self._finish(req, "cancelled")
+        for req in [r for r in self.active if r.cancelled]:
+            self._finish(req, "cancelled")
+        if self.idle:
+            return False
+        self.steps += 1
+        with self.model.lock:
+            self._admit()
+            self._prefill()
+            self._decode()
+        return True
+
+    def _admit(self):
+        """Waiting requests into free slots, in arrival order: each takes the free slot whose cached
+        tokens share the longest prefix with its prompt."""
+        while self.waiting and None in self.busy:
+            req = self.waiting.popleft()
+            free = [i for i, r in enumerate(self.busy) if r is None]
+            shared = {i: self._shared(self.slots[i], req.prompt) for i in free}
+            slot = max(free, key=lambda i: (shared[i], -i))
+            seq = self.slots[slot]
+            seq.claim()
+            req.evaluated = min(shared[slot], len(req.prompt) - 1)  # the last prompt token gives the logits
+            req.stats.cached_tokens = req.evaluated
+            seq.tokens = seq.tokens[:req.evaluated]
+            req.slot, req.state = slot, PREFILL
+            self.busy[slot] = req
+            self.active.append(req)
+
+    def _shared(self, seq: Sequence, ids: list[int]) -> int:
+        if not seq.holds_cache():
+            return 0
+        n = 0
+        for a, b in zip(seq.tokens, ids):
+            if a != b:
+                break
+            n += 1
+        return n
+
+    def _prefill(self):
+        """At most `prefill_chunk` prompt tokens, oldest admission first; a prompt that completes
+        samples its first token."""
+        budget = self.prefill_chunk
+        for req in [r for r in self.active if r.state == PREFILL]:
+            if budget == 0:
+                break
+            seq = self.slots[req.slot]
+            t0 = time.perf_counter()
+            c = min(budget, len(req.prompt) - req.evaluated)
+            try:
+                logits = self.tf.forward(np.asarray(req.prompt[req.evaluated:req.evaluated + c], np.int64),
+                                         req.evaluated, slot=req.slot)
+            except WasmchordError as e:
+                self._fail(req, e)
+                continue
+            budget -= c
+            req.evaluated += c
+            self.evaluated_tokens += c
+            seq.tokens = list(req.prompt[:req.evaluated])
+            req.stats.prompt_eval_s += time.perf_counter() - t0
+            if req.evaluated == len(req.prompt):
+                req.state = RUNNING
+                self._sample_and_emit(req, np.asarray(self.tf.be.read(logits), np.float32))
+
+    def _decode(self):
+        """One batched decode over the running sequences whose last token is not yet in their cache."""
+        batch = [r for r in self.active if r.state == RUNNING]
+        if not batch:
+            return
+        t0 = time.perf_counter()
+        positions = [len(self.slots[r.slot].tokens) for r in batch]
+        logits = self.tf.forward_batch([r.tokens[-1] for r in batch], positions, [r.slot for r in batch])
+        host = np.asarray(self.tf.be.read(logits), np.float32).reshape(len(batch), -1)      # [B, vocab]
+        dt = (time.perf_counter() - t0) / len(batch)
+        for r, row in zip(batch, host):
+            self.slots[r.slot].tokens.append(r.tokens[-1])
+            r.stats.eval_s += dt
+            self._sample_and_emit(r, row)
+
+    def _sample_and_emit(self, req: Request, logits: np.ndarray):
+        try:
+            tok = sample(logits, req.params, req.rng, req.history())
+        except WasmchordError as e:  # non-finite logits: this request fails, the others go on
+            return self._fail(req, e)
+        self._emit(req, tok)
+
+    def _emit(self, req: Request, tok: int):
+        """`tok` was sampled for `req`: stream its text, or finish the request."""
+        if req.first_token_at is None:
+            req.first_token_at = time.perf_counter()
+        if tok in self.model.tokenizer.eot_ids:
+            return self._finish(req, "stop")
+        req.tokens.append(tok)
+        req.stats.completion_tokens += 1
+        text, hit = req.text.add(tok)
+        if hit:
+            req.push(Chunk(text, tok))
+            return self._finish(req, "stop", flush=False)
+        req.push(Chunk(text, tok))
+        if len(req.tokens) >= req.max_tokens or len(self.slots[req.slot].tokens) + 1 >= self.tf.max_ctx:
+            self._finish(req, "length")
+
+    def _finish(self, req: Request, reason: str, *, flush: bool = True):
+        tail, hit = req.text.finish() if flush else ("", False)
+        req.finish_reason = "stop" if hit else reason
+        req.state = DONE
+        if req.slot is not None and self.busy[req.slot] is req:
+            self.busy[req.slot] = None
+        if req in self.active:
+            self.active.remove(req)
+        req.push(Chunk(tail, None, req.finish_reason, req.stats))
+
+    def _fail(self, req: Request, e: BaseException):
+        req.error, req.state = e, DONE
+        if req.slot is not None and self.busy[req.slot] is req:
+            self.busy[req.slot] = None
+            self.slots[req.slot].reset()
+        if req in self.active:
+            self.active.remove(req)
+        req.push(e)
+
+    # ------------------------------------------------------------------------------------ running
+    def run(self, reqs: list[Request]) -> None:
+        """Step on this thread until `reqs` are done."""
+        while not all(r.done for r in reqs):
+            if not self.step():
+                break
+
+    def start(self):
+        """Run steps on a thread of the engine's own until `stop()`."""
+        if self._thread is not None:
+            return
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="wasmchord-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self):
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _loop(self):
+        while True:
+            with self._wake:
+                while not self._stopping and self.idle:
+                    self._wake.wait()
+                if self._stopping:
+                    return
+            try:
+                self.step()
+            except Exception as e:  # a failure of the whole step: every admitted request learns of it
+                log.exception("engine step failed")
+                for req in list(self.active):
+                    self._fail(req, e)
+
+    def stream(self, req: Request, timeout: float | None = None):
+        """Yield `req`'s chunks as the engine thread produces them (after `start`); the last has
+        finish_reason. Raises the request's error, if it failed."""
+        while True:
+            item = req.take(block=True, timeout=timeout)
+            if item is None:
+                raise GenerationError(f"no output from the engine within {timeout} s")
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if item.finish_reason is not None:
+                return
