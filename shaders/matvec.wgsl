@@ -1,5 +1,6 @@
-// matvec.wgsl: one token times a (quantized) weight matrix, the decode step's matrix kernels: plain
-// (with bias and the residual add in the epilogue), and gate/up with the gated activation.
+// matvec.wgsl: a few tokens times a (quantized) weight matrix, the decode step's matrix kernels: plain
+// (with bias and the residual add in the epilogue), gate/up with the gated activation, and
+// matvec_batch (up to 4 tokens per workgroup: each weight block is read once for them).
 // Weight blocks: quant.wgsl; silu and gelu_tanh: activations.wgsl.
 //
 // Bindings (group 0):
@@ -32,14 +33,16 @@ struct P {
     glu: u32,        // matvec_glu: 0 SiLU, 1 tanh GELU
     hd_v: u32,       // XSRC 1: value head size
     pos0: u32,       // XSRC 1: the decode position (splits in use = pos0 / split + 1)
-    ctx: u32,        // XSRC 1: the cache length (splits_max = ceil(ctx / split))
-    split: u32,      // XSRC 1: key positions per split
-    pad0: u32, pad1: u32,
+    ctx: u32,        // XSRC 1: the cache length (splits_max = ceil(ctx / SPLIT))
+    n: u32,          // matvec_batch: tokens
+    x_stride: u32,   // matvec_batch: elements between rows of x (a multiple of 4)
+    out_stride: u32, // matvec_batch: elements between rows of out
 }
 
 override XSRC: u32 = 0u;
 override LANES: u32 = 16u;  // lanes per row group: a power of two, 4..64
 override SG: u32 = 0u;      // > 0: subgroups of SG invocations, LANES a multiple: lanes summed with lane_total
+override SPLIT: u32 = 128u; // XSRC 1: key positions per attention split (decode_attention.wgsl's)
 override RT: u32 = 4u;     // rows per group: 1, 2 or 4 (matvec_glu: 4)
 const WG: u32 = 256u;
 
@@ -67,8 +70,8 @@ fn load_x(b: u32) -> X8 {
 // sum over splits of exp(m_s - max m) * o_s, over the same sum of exp(m_s - max m) * l_s.
 fn merged(e: u32) -> vec4<f32> {
     let stride = (p.hd_v + 4u) / 4u;                     // vec4s per partial
-    let smax = (p.ctx + p.split - 1u) / p.split;
-    let ns = p.pos0 / p.split + 1u;
+    let smax = (p.ctx + SPLIT - 1u) / SPLIT;
+    let ns = p.pos0 / SPLIT + 1u;
     let first = p.x_off / 4u + (e / p.hd_v) * smax * stride;
     var mx = -3.0e38;
     for (var sp = 0u; sp < ns; sp++) { mx = max(mx, x[first + sp * stride].x); }
@@ -109,6 +112,49 @@ fn group_sums(lid: u32, r0: u32, r1: u32, r2: u32, r3: u32) {
             a3 += block_dot(r3 * nb + b, xs, sx);
         }
     }
+    lane_sums(lid, a0, a1, a2, a3, ss);
+}
+
+// Row r's sums for tokens t0..t0+3 (those below p.n), each block's raw values loaded once.
+fn token_sums(lid: u32, r: u32, t0: u32) {
+    let lane = lid % LANES;
+    let nb = p.k / 32u;
+    let last = p.n - 1u;
+    let i0 = (p.x_off + min(t0, last) * p.x_stride) / 4u;
+    let i1 = (p.x_off + min(t0 + 1u, last) * p.x_stride) / 4u;
+    let i2 = (p.x_off + min(t0 + 2u, last) * p.x_stride) / 4u;
+    let i3 = (p.x_off + min(t0 + 3u, last) * p.x_stride) / 4u;
+    var a0 = 0.0;
+    var a1 = 0.0;
+    var a2 = 0.0;
+    var a3 = 0.0;
+    for (var b = lane; b < nb; b += LANES) {
+        let gb = r * nb + b;
+        let v = block_raw(gb);
+        let x0 = x_block(i0 + b * 8u);
+        let x1 = x_block(i1 + b * 8u);
+        let x2 = x_block(i2 + b * 8u);
+        let x3 = x_block(i3 + b * 8u);
+        a0 += scaled_dot(gb, v, x0, x8_sum(x0));
+        a1 += scaled_dot(gb, v, x1, x8_sum(x1));
+        a2 += scaled_dot(gb, v, x2, x8_sum(x2));
+        a3 += scaled_dot(gb, v, x3, x8_sum(x3));
+    }
+    lane_sums(lid, a0, a1, a2, a3, 0.0);
+}
+
+fn x_block(i: u32) -> X8 {
+    return X8(xv(i), xv(i + 1u), xv(i + 2u), xv(i + 3u), xv(i + 4u), xv(i + 5u), xv(i + 6u), xv(i + 7u));
+}
+
+// Five values per lane summed over each group's lanes into red[j * WG + group * LANES], j = 0..4.
+fn lane_sums(lid: u32, a0_: f32, a1_: f32, a2_: f32, a3_: f32, ss_: f32) {
+    let lane = lid % LANES;
+    var a0 = a0_;
+    var a1 = a1_;
+    var a2 = a2_;
+    var a3 = a3_;
+    var ss = ss_;
     if (SG > 0u) {  // subgroup sums, then the LANES / SG subgroups of a group through shared memory
         a0 = lane_total(a0);
         a1 = lane_total(a1);
@@ -195,5 +241,25 @@ fn matvec_glu(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg
         let gate = row_value(lane, grp * LANES);
         let up = row_value(2u + lane, grp * LANES);
         out[p.out_off + p.out_col0 + j] = select(silu(gate), gelu_tanh(gate), p.glu == 1u) * up;
+    }
+}
+
+// Up to 4 tokens (rows of x) times the matrix: a group computes one weight row for
+// the workgroup's 4 tokens (grid.y: token groups), each weight block read once for them. No norm.
+@compute @workgroup_size(256)
+fn matvec_batch(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                @builtin(local_invocation_index) lid: u32) {
+    let grp = lid / LANES;
+    let r = (wg.x * (WG / LANES) + grp);
+    let t0 = wg.y * 4u;
+    token_sums(lid, min(r, p.rows - 1u), t0);
+    let lane = lid % LANES;
+    let t = t0 + lane;
+    if (lane < 4u && t < p.n && r < p.rows) {
+        var v = red[lane * WG + grp * LANES];
+        if (p.has_bias == 1u) { v += bias[r]; }
+        let o = p.out_off + t * p.out_stride + p.out_col0 + r;
+        if (p.accumulate == 1u) { v += out[o]; }
+        out[o] = v;
     }
 }

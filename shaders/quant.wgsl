@@ -98,7 +98,11 @@ fn block_raw(gb: u32) -> X8 {
 // Dot product of block gb with its 32 activations xs; sx = their sum. The block scale is applied
 // once; the Q4/Q5 offsets and the Q4 minimums come in through sx.
 fn block_dot(gb: u32, xs: X8, sx: f32) -> f32 {
-    let v = block_raw(gb);
+    return scaled_dot(gb, block_raw(gb), xs, sx);
+}
+
+// block_dot with the block's raw values `v` already loaded (several activation vectors, one block).
+fn scaled_dot(gb: u32, v: X8, xs: X8, sx: f32) -> f32 {
     switch FMT {
         case 0u, 1u: { return x8_dot(v, xs); }
         case 2u: { return s[gb] * (x8_dot(v, xs) - 8.0 * sx); }

@@ -63,6 +63,10 @@ class Backend:
         and `.slot(i)` gives slot i (the same memory); ops take one slot's cache."""
         raise NotImplementedError("need alloc_kv_cache")
 
+    def copy_kv(self, cache, src: int, dst: int, n: int):
+        """Positions 0..n-1 of cache slot `src` into slot `dst`, every layer (a shared prompt's prefill)."""
+        raise NotImplementedError("need copy_kv")
+
     def read(self, x) -> np.ndarray:
         """Bring a handle back to the host as a NumPy array."""
         raise NotImplementedError("need read")

@@ -85,6 +85,10 @@ class NumpyBackend(Backend):
     def alloc_kv_cache(self, n_layers, n_kv_heads, max_ctx, head_dim, head_dim_v, slots=1):
         return KVCache(n_layers, n_kv_heads, max_ctx, head_dim, head_dim_v, slots)
 
+    def copy_kv(self, cache, src, dst, n):
+        for a in cache.k_all + cache.v_all:
+            a[dst, :, :n] = a[src, :, :n]
+
     def read(self, x):
         return np.asarray(x)
 

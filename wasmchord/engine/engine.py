@@ -19,7 +19,7 @@ import numpy as np
 from ..errors import GenerationError, WasmchordError
 from ..generate import Chunk, Sequence, TextStream, check_args
 from ..sampling import SamplingParams, sample
-from .request import DONE, PREFILL, RUNNING, Request
+from .request import DONE, PREFILL, RUNNING, WAITING, Request
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,8 @@ class Engine:
                                   f"(raise context_length, or shorten the prompt)")
         reqs = [Request(ids, params, max_tokens, stop, TextStream(self.model.tokenizer, stop), choice=i)
                 for i in range(n)]
+        for r in reqs[1:]:
+            r.leader = reqs[0]
         with self._wake:
             if len(self.waiting) + len(self._inbox) + n > self.max_queue:
                 raise QueueFull(f"the engine's queue is full ({self.max_queue} requests waiting)")
@@ -111,9 +113,14 @@ class Engine:
 
     def _admit(self):
         """Waiting requests into free slots, in arrival order: each takes the free slot whose cached
-        tokens share the longest prefix with its prompt."""
-        while self.waiting and None in self.busy:
-            req = self.waiting.popleft()
+        tokens share the longest prefix with its prompt. A further sample of a prompt (n > 1) waits
+        while its first sample is prefilling: it then copies that prefill (`_fork`)."""
+        for req in list(self.waiting):
+            if None not in self.busy:
+                return
+            if req.leader is not None and req.leader.state in (WAITING, PREFILL):
+                continue
+            self.waiting.remove(req)
             free = [i for i, r in enumerate(self.busy) if r is None]
             shared = {i: self._shared(self.slots[i], req.prompt) for i in free}
             slot = max(free, key=lambda i: (shared[i], -i))
@@ -159,7 +166,27 @@ class Engine:
             req.stats.prompt_eval_s += time.perf_counter() - t0
             if req.evaluated == len(req.prompt):
                 req.state = RUNNING
-                self._sample_and_emit(req, np.asarray(self.tf.be.read(logits), np.float32))
+                host = np.asarray(self.tf.be.read(logits), np.float32)
+                self._sample_and_emit(req, host)
+                self._fork(req, host)
+
+    def _fork(self, leader: Request, logits: np.ndarray):
+        """Further samples of `leader`'s prompt into free slots: its cache copied, their first token
+        drawn from its logits with their own RNG."""
+        for req in [r for r in self.waiting if r.leader is leader]:
+            if None not in self.busy:
+                return
+            slot = self.busy.index(None)
+            self.waiting.remove(req)
+            self.tf.be.copy_kv(self.tf.cache, leader.slot, slot, len(req.prompt))
+            seq = self.slots[slot]
+            seq.claim()
+            seq.tokens = list(req.prompt)
+            req.slot, req.state, req.evaluated = slot, RUNNING, len(req.prompt)
+            req.stats.cached_tokens = len(req.prompt)
+            self.busy[slot] = req
+            self.active.append(req)
+            self._sample_and_emit(req, logits)
 
     def _decode(self):
         """One batched decode over the running sequences whose last token is not yet in their cache."""
@@ -196,7 +223,7 @@ class Engine:
             req.push(Chunk(text, tok))
             return self._finish(req, "stop", flush=False)
         req.push(Chunk(text, tok))
-        if len(req.tokens) >= req.max_tokens or len(self.slots[req.slot].tokens) + 1 >= self.tf.max_ctx:
+        if len(req.tokens) >= req.max_tokens or len(self.slots[req.slot].tokens) >= self.tf.max_ctx:
             self._finish(req, "length")
 
     def _finish(self, req: Request, reason: str, *, flush: bool = True):

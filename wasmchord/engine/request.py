@@ -39,6 +39,7 @@ class Request:
     first_token_at: float | None = None
     out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # Chunks (the last has finish_reason) or an error
     choice: int = 0                       # which of a prompt's n samples this is
+    leader: "Request | None" = None       # choice 0 of the same prompt: whose prefill this one shares
 
     def __post_init__(self):
         seed = self.params.seed

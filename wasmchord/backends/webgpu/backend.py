@@ -21,6 +21,7 @@ from .stream import CommandStream
 from .weights import FMT_NAMES, upload_matrix
 
 MV_WG = 256             # matvec.wgsl: invocations per workgroup
+MV_BATCH = 8            # matvec.wgsl matvec_batch for 2..MV_BATCH tokens (decode batches); the tiled matmul beyond
 MM_TILE = 64            # qmatrix.wgsl: tokens and rows per matmul workgroup
 DEC_SPLIT = 128         # key positions per split in decode attention (attention.wgsl, decode_attention.wgsl)
 MAX_REP = 8             # decode_attention.wgsl: query heads per workgroup
@@ -84,6 +85,7 @@ class WgpuBackend(Backend):
         self._scratch = None
         self._partials = None
         self._seq = None
+        self._kv_scratch = None
         self._argmax_parts = gpu.buffer(8 * ARGMAX_PARTS)
         self._hist = None
 
@@ -147,6 +149,27 @@ class WgpuBackend(Backend):
 
     def alloc_kv_cache(self, n_layers, n_kv_heads, max_ctx, head_dim, head_dim_v, slots=1):
         return KVCacheGPU(self.gpu, n_layers, n_kv_heads, max_ctx, head_dim, head_dim_v, slots)
+
+    def copy_kv(self, cache, src, dst, n):
+        """One command buffer of copies: for each layer and KV head, positions [0, n) of the slot, through
+        a scratch buffer (a copy within one buffer is not allowed)."""
+        if src == dst:
+            return
+        self.stream.flush()
+        size = 4 * n * max(cache.hd, cache.hd_v)
+        if self._kv_scratch is None or self._kv_scratch.size < size:
+            self._kv_scratch = self.gpu.buffer(size)
+        try:
+            enc = self.gpu.device.create_command_encoder()
+            for bufs, hd in ((cache.k, cache.hd), (cache.v, cache.hd_v)):
+                for buf in bufs:
+                    for h in range(cache.n_kv):
+                        row = 4 * cache.max_ctx * hd  # bytes per (slot, head)
+                        enc.copy_buffer_to_buffer(buf, (src * cache.n_kv + h) * row, self._kv_scratch, 0, 4 * n * hd)
+                        enc.copy_buffer_to_buffer(self._kv_scratch, 0, buf, (dst * cache.n_kv + h) * row, 4 * n * hd)
+            self.gpu.device.queue.submit([enc.finish()])
+        except Exception as e:
+            self.gpu.fail("copying KV cache slots", e)
 
     def read(self, x):
         self.gpu.check()
@@ -232,6 +255,15 @@ class WgpuBackend(Backend):
                 params = dict(k=k, rows=pc.rows, out_off=out.off, out_col0=pc.col0, has_bias=int(bias is not None),
                               accumulate=int(residual is not None), norm=int(norm is not None), eps=eps)
                 self._matvec("matvec", x, params, dict(bufs, g=g), pc, pc.rows)
+            elif n <= MV_BATCH and x.off % 4 == 0 and x.stride % 4 == 0:
+                lanes = self.matvec_lanes or _lanes(pc.rows, k)
+                sg = self.subgroup_size if self.subgroup_size and lanes % self.subgroup_size == 0 else 0
+                self._dispatch("matvec", "matvec_batch", (math.ceil(pc.rows / (MV_WG // lanes)), math.ceil(n / 4)),
+                               dict(k=k, rows=pc.rows, out_off=out.off, out_col0=pc.col0, x_off=x.off,
+                                    has_bias=int(bias is not None), accumulate=int(residual is not None), n=n,
+                                    x_stride=x.stride, out_stride=out.stride),
+                               dict(bufs, g=self._dummy), fmt=pc.fmt, nbytes=pc.nbytes,
+                               consts=dict(LANES=lanes, SG=sg, RT=1))
             else:
                 self._dispatch("qmatrix", "matmul", (math.ceil(pc.rows / MM_TILE), math.ceil(n / MM_TILE)),
                                dict(n=n, k=k, rows=pc.rows, out_col0=pc.col0, out_stride=out.stride, x_off=x.off,
@@ -248,9 +280,9 @@ class WgpuBackend(Backend):
         grid = (math.ceil(rows / (rt // (2 if entry == "matvec_glu" else 1)) / (MV_WG // lanes)),)
         sg = self.subgroup_size if self.subgroup_size and lanes % self.subgroup_size == 0 else 0
         if isinstance(x, AttnPartials):
-            params.update(hd_v=x.hd_v, pos0=x.pos0, ctx=x.ctx, split=DEC_SPLIT)
+            params.update(hd_v=x.hd_v, pos0=x.pos0, ctx=x.ctx)
             self._dispatch("matvec", entry, grid, params, bufs, fmt=pc.fmt, nbytes=pc.nbytes,
-                           consts=dict(LANES=lanes, XSRC=1, SG=sg, RT=rt), moving=dict(pos0=x.pos0))
+                           consts=dict(LANES=lanes, XSRC=1, SG=sg, RT=rt, SPLIT=DEC_SPLIT), moving=dict(pos0=x.pos0))
         else:
             params["x_off"] = x.off
             self._dispatch("matvec", entry, grid, params, bufs, fmt=pc.fmt, nbytes=pc.nbytes,

@@ -48,7 +48,7 @@ class KVCacheGPU:
                                f"context_length")
         self.k = [gpu.buffer(4 * slots * n_kv * max_ctx * hd) for _ in range(n_layers)]
         self.v = [gpu.buffer(4 * slots * n_kv * max_ctx * hd_v) for _ in range(n_layers)]
-        self.max_ctx, self.n_kv, self.hd_v, self.slots, self.index = max_ctx, n_kv, hd_v, slots, 0
+        self.max_ctx, self.n_kv, self.hd, self.hd_v, self.slots, self.index = max_ctx, n_kv, hd, hd_v, slots, 0
 
     def slot(self, i: int) -> "KVCacheGPU":
         views = self.__dict__.setdefault("_views", {0: self})  # one object per slot: a captured step's key

@@ -1,0 +1,208 @@
+"""The batch engine against one-by-one generation on both backends: batched greedy equals one-by-one
+greedy, prefix reuse evaluates only the new tokens, chunked prefill equals one-shot prefill, seeded
+sampling does not depend on what shares the batch, cancellation frees the slot; bad input; threads."""
+
+import threading
+
+import numpy as np
+import pytest
+
+from wasmchord import Model
+from wasmchord.engine import Engine, QueueFull
+from wasmchord.errors import GenerationError
+
+PROMPTS = ["The capital of France is", "Once upon a time", "def fibonacci(n):", "Water boils at",
+           "The three laws of robotics are"]
+
+
+@pytest.fixture(scope="module")
+def cpu():
+    return Model.load("smollm2-135m-instruct", device="cpu", context_length=160, slots=4)
+
+
+def test_batched_greedy_equals_one_by_one(cpu):
+    """Five prompts through four slots (one waits for a slot) in one batch give the tokens each gives
+    alone; with the margins of the batch's last logits."""
+    alone = [cpu.generate(p, max_tokens=16, temperature=0).tokens for p in PROMPTS]
+    batch = cpu.generate(PROMPTS, max_tokens=16, temperature=0)
+    assert [c.tokens for c in batch] == alone
+    assert all(c.finish_reason in ("length", "stop") for c in batch)
+    assert [c.text for c in batch] == [cpu.tokenizer.decode(t) for t in alone]
+
+
+def test_seeded_samples_do_not_depend_on_the_batch(cpu):
+    kw = dict(max_tokens=10, temperature=0.9, top_k=30, seed=42)
+    alone = cpu.generate([PROMPTS[1]], **kw)[0].tokens
+    together = cpu.generate(PROMPTS[:3], **kw)[1].tokens
+    again = cpu.generate(PROMPTS[::-1][:4] + [PROMPTS[1]], **kw)[4].tokens
+    assert alone == together == again
+
+
+def test_n_samples_share_the_prefill(cpu):
+    eng = Engine(cpu)
+    reqs = eng.submit(PROMPTS[0], n=3, max_tokens=6, temperature=1.0, seed=3)
+    before = eng.evaluated_tokens
+    eng.run(reqs)
+    assert eng.evaluated_tokens - before == len(reqs[0].prompt)  # evaluated once for the three
+    assert [r.stats.cached_tokens for r in reqs[1:]] == [len(reqs[0].prompt)] * 2
+    texts = {tuple(r.tokens) for r in reqs}
+    assert len(texts) > 1  # different samples of one prompt
+    greedy = cpu.generate(PROMPTS[0], n=2, max_tokens=6, temperature=0)
+    assert greedy[0].tokens == greedy[1].tokens == cpu.generate(PROMPTS[0], max_tokens=6, temperature=0).tokens
+
+
+def test_prefix_reuse_evaluates_only_the_new_tokens(cpu):
+    eng = Engine(cpu)
+    system = "You are a helpful assistant who answers briefly and precisely. "
+    first = eng.submit(system + "What is the boiling point of water?", max_tokens=4, temperature=0)[0]
+    eng.run([first])
+    n0 = eng.evaluated_tokens
+    second = eng.submit(system + "Name a prime number.", max_tokens=4, temperature=0)[0]
+    eng.run([second])
+    shared = len(cpu.tokenizer.encode(system)) - 1
+    assert second.slot == first.slot and second.stats.cached_tokens >= shared
+    assert eng.evaluated_tokens - n0 == len(second.prompt) - second.stats.cached_tokens
+    assert second.tokens == cpu.generate(second.prompt, max_tokens=4, temperature=0).tokens
+
+
+def test_chunked_prefill_equals_one_shot(cpu):
+    """A prompt evaluated 7 tokens per step, while another sequence decodes, gives the tokens it gives
+    evaluated at once, and its last position's logits agree to float32 rounding (BLAS sums a 7-row
+    product in another order than a 40-row one)."""
+    long = "In the beginning the universe was created. This has made a lot of people very angry. " * 2
+    eng = Engine(cpu, prefill_chunk=7)
+    a = eng.submit(PROMPTS[0], max_tokens=20, temperature=0)[0]
+    eng.step()
+    b = eng.submit(long, max_tokens=5, temperature=0)[0]
+    steps = 0
+    while not b.done:
+        eng.step()
+        steps += 1
+    assert steps >= len(b.prompt) // 7
+    eng.run([a])
+    assert b.tokens == cpu.generate(long, max_tokens=5, temperature=0).tokens
+    assert a.tokens == cpu.generate(PROMPTS[0], max_tokens=20, temperature=0).tokens
+    ids = cpu.prompt_ids(long)
+    one = cpu.transformer.forward(np.asarray(ids), 0, slot=1)
+    chunks = [cpu.transformer.forward(np.asarray(ids[i:i + 7]), i, slot=2) for i in range(0, len(ids), 7)]
+    assert np.abs(one - chunks[-1]).max() <= 1e-5 * np.abs(one).max()
+
+
+def test_cancellation_frees_the_slot(cpu):
+    eng = Engine(cpu)
+    reqs = eng.submit(PROMPTS[0], max_tokens=50, temperature=0) + eng.submit(PROMPTS[1], max_tokens=3,
+                                                                             temperature=0)
+    eng.step()
+    eng.step()
+    eng.cancel(reqs[0])
+    eng.step()
+    assert reqs[0].done and reqs[0].finish_reason == "cancelled" and reqs[0] not in eng.busy
+    eng.run(reqs)
+    assert reqs[1].finish_reason == "length"
+    eng.cancel(reqs[1])  # a finished request: nothing happens
+    eng.step()
+    assert reqs[1].finish_reason == "length"
+
+
+def test_bad_input_is_named(cpu):
+    eng = Engine(cpu, max_queue=2)
+    with pytest.raises(GenerationError, match="prompt 1 of the batch is empty"):
+        cpu.generate(["hello", ""], max_tokens=2)
+    with pytest.raises(GenerationError, match=r"the prompt has 300 tokens; the context holds 160"):
+        eng.submit([1] * 300, max_tokens=2)
+    with pytest.raises(GenerationError, match="temperature"):
+        eng.submit("hi", temperature=-1)
+    eng.submit("a", max_tokens=1)
+    eng.submit("b", max_tokens=1)
+    with pytest.raises(QueueFull, match="queue is full"):
+        eng.submit("c", max_tokens=1)
+
+
+def test_a_request_that_fails_does_not_stop_the_others(cpu, monkeypatch):
+    """Non-finite logits in one row: that request fails with a GenerationError naming the cause, the
+    rest of the batch completes."""
+    eng = Engine(cpu)
+    bad, good = eng.submit("Poison", max_tokens=3, temperature=0) + eng.submit(PROMPTS[0], max_tokens=3,
+                                                                               temperature=0)
+    real = cpu.transformer.forward_batch
+
+    def poisoned(ids, positions, slots):
+        out = np.array(real(ids, positions, slots))
+        out[[s == bad.slot for s in slots]] = np.nan
+        return out
+    monkeypatch.setattr(cpu.transformer, "forward_batch", poisoned)
+    eng.run([bad, good])
+    err = bad.take(block=False)
+    while not isinstance(err, BaseException):
+        err = bad.take(block=False)
+    assert isinstance(err, GenerationError) and "non-finite logits" in str(err)
+    assert good.finish_reason == "length" and len(good.tokens) == 3
+
+
+def test_engine_thread_serves_concurrent_clients(cpu):
+    """Four client threads submit to the engine's own thread and stream at once; each gets what it
+    gets alone."""
+    want = {p: cpu.generate(p, max_tokens=8, temperature=0).text for p in PROMPTS[:4]}
+    eng = cpu.engine()
+    eng.start()
+    got = {}
+    try:
+        def client(p):
+            req = eng.submit(p, max_tokens=8, temperature=0)[0]
+            got[p] = "".join(ch.text for ch in eng.stream(req, timeout=120))
+        threads = [threading.Thread(target=client, args=(p,)) for p in want]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+    finally:
+        eng.stop()
+    assert got == want
+
+
+def test_two_threads_on_one_model_do_not_mix(cpu):
+    """Direct generate calls from several threads are served one at a time, each correct."""
+    want = {p: cpu.generate(p, max_tokens=8, temperature=0).tokens for p in PROMPTS[:3]}
+    got = {}
+
+    def run(p):
+        got[p] = cpu.generate(p, max_tokens=8, temperature=0).tokens
+    threads = [threading.Thread(target=run, args=(p,)) for p in want for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert got == want
+
+
+def test_interleaved_streams_in_one_thread_are_refused_not_mixed(cpu):
+    chat_a, chat_b = cpu.start_chat(), cpu.start_chat()
+    a = chat_a.send_stream("Hello, who are you?", max_tokens=6, temperature=0, seed=1)
+    next(a)
+    cpu.start_chat().send("Say something.", max_tokens=3, temperature=0)  # takes the cache slot
+    with pytest.raises(GenerationError, match="used by another generation meanwhile"):
+        list(a)
+    assert chat_b.send("Hi!", max_tokens=3, temperature=0).completion_tokens >= 1
+
+
+def test_context_full_ends_with_length_and_keeps_the_text():
+    m = Model.load("smollm2-135m-instruct", device="cpu", context_length=24)
+    ids = m.prompt_ids("Tell me a long story about dragons and")
+    c = m.generate(ids, max_tokens=100, temperature=0)
+    assert c.finish_reason == "length" and c.completion_tokens == 24 - len(ids) + 1 and c.text  # the last needs no slot
+    batch = m.generate([ids, ids[:5]], max_tokens=100, temperature=0)
+    assert [b.finish_reason for b in batch] == ["length", "length"]
+    assert batch[0].tokens == c.tokens
+
+
+@pytest.mark.gpu
+def test_gpu_batch_equals_one_by_one_and_the_cpu(gpu_backend):
+    g = Model.load("smollm2-135m-instruct", device="gpu", context_length=64, slots=3)
+    prompts = PROMPTS[:3]
+    alone = [g.generate(p, max_tokens=5, temperature=0).tokens for p in prompts]
+    batch = g.generate(prompts, max_tokens=5, temperature=0)
+    assert [c.tokens for c in batch] == alone
+    c = Model.load("smollm2-135m-instruct", device="cpu", context_length=64)
+    assert alone == [c.generate(p, max_tokens=5, temperature=0).tokens for p in prompts]
+    shared = g.generate(prompts[0], n=2, max_tokens=4, temperature=0)
+    assert shared[0].tokens == shared[1].tokens == alone[0][:4]
