@@ -139,10 +139,11 @@ class NumpyBackend(Backend):
         return tab
 
     def rope(self, x, pos0, *, base, n_rot, scale, neox):
-        n = x.shape[0]
-        cos, sin = self._rope_table(base, n_rot, scale, pos0 + n)
-        c = cos[pos0:pos0 + n, None, :]  # [n, 1, n_rot/2]
-        s = sin[pos0:pos0 + n, None, :]
+        """`pos0` is the first row's position (rows consecutive), or an array of each row's position."""
+        pos = np.arange(pos0, pos0 + x.shape[0]) if np.isscalar(pos0) else np.asarray(pos0)
+        cos, sin = self._rope_table(base, n_rot, scale, int(pos.max()) + 1)
+        c = cos[pos, None, :]  # [n, 1, n_rot/2]
+        s = sin[pos, None, :]
         if neox:  # pairs (i, i + n_rot/2)
             x0, x1 = x[..., :n_rot // 2], x[..., n_rot // 2:n_rot]
         else:     # GGUF/llama: adjacent pairs (2i, 2i+1)
@@ -194,8 +195,17 @@ class NumpyBackend(Backend):
         return o.transpose(2, 0, 1, 3).reshape(n, -1)
 
     def attend_batch(self, q, k, v, cache, layer, positions, slots, *, rope, scale, window=0, qk_norm=None):
-        return np.concatenate([self.attend(q[b:b + 1], k[b:b + 1], v[b:b + 1], cache.slot(int(slots[b])), layer,
-                                           int(positions[b]), rope=rope, scale=scale, window=window, qk_norm=qk_norm)
+        pos, sl = np.asarray(positions), np.asarray(slots)
+        if pos.max() >= cache.max_ctx:
+            raise BackendError(f"KV cache overflow: position {pos.max()} >= context {cache.max_ctx}")
+        if qk_norm is not None:
+            qw, kw, eps = qk_norm
+            q, k = self.rmsnorm(q, qw, eps), self.rmsnorm(k, kw, eps)                       # per head
+        q = self.rope(q, pos, **rope)                                                        # [B, H, hd]
+        k = self.rope(k, pos, **rope)                                                        # [B, KV, hd]
+        K, V = cache.k_all[layer], cache.v_all[layer]                                        # [slots, KV, ctx, hd]
+        K[sl, :, pos], V[sl, :, pos] = k, v
+        return np.concatenate([self._attend(q[b:b + 1], K[sl[b]], V[sl[b]], int(pos[b]), scale, window, K.shape[1])
                                for b in range(q.shape[0])])                                   # [B, H*hd_v]
 
     def swiglu(self, gate_up):

@@ -7,6 +7,7 @@ import sys
 import time
 from dataclasses import fields
 
+from ..errors import GenerationError
 from .. import hub
 from ..generate import DEFAULT_MAX_TOKENS
 from ..sampling import SamplingParams
@@ -126,19 +127,37 @@ def add_bench(sub):
                    "host encode time and dispatches per decode step")
     s.add_argument("--timestamp-period", type=float, default=1.0,
                    help="ns per GPU timestamp tick (Vulkan timestampPeriod: 1 on lavapipe and NVIDIA)")
+    s.add_argument("--batch", default=None, metavar="B,B,...",
+                   help="instead: the batch engine at these batch sizes (e.g. 1,2,4,8,16) against one by one")
     s.add_argument("--json", help="write results as JSON here")
     s.set_defaults(func=cmd_bench)
+
+
+def _int_list(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise GenerationError(f"{flag} {text!r}: expected comma-separated integers, e.g. 64,256") from None
+    if not values or min(values) < 1:
+        raise GenerationError(f"{flag} {text!r}: expected integers >= 1")
+    return values
 
 
 def cmd_bench(a):
     from .. import bench
     path = resolve(a.model, a.cache_dir)
-    lengths = tuple(int(x) for x in a.prompt_lengths.split(","))
-    with ProgressBar() as bar:
-        res = bench.run(path, device=a.backend, prompt_lengths=lengths, n_gen=a.gen_tokens,
-                        llama_cpp="off" if a.no_llama_cpp else "auto", progress=bar, profile=a.profile,
-                        timestamp_period_ns=a.timestamp_period)
-    print(bench.format_result(res))
+    if a.batch:
+        batches = _int_list(a.batch, "--batch")
+        with ProgressBar() as bar:
+            res = bench.batch_sweep(path, device=a.backend, batches=batches, progress=bar)
+        print(bench.format_sweep(res))
+    else:
+        lengths = _int_list(a.prompt_lengths, "--prompt-lengths")
+        with ProgressBar() as bar:
+            res = bench.run(path, device=a.backend, prompt_lengths=lengths, n_gen=a.gen_tokens,
+                            llama_cpp="off" if a.no_llama_cpp else "auto", progress=bar, profile=a.profile,
+                            timestamp_period_ns=a.timestamp_period)
+        print(bench.format_result(res))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=2, default=str)

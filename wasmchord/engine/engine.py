@@ -229,7 +229,7 @@ class Engine:
     def _finish(self, req: Request, reason: str, *, flush: bool = True):
         tail, hit = req.text.finish() if flush else ("", False)
         req.finish_reason = "stop" if hit else reason
-        req.state = DONE
+        req.state, req.finished_at = DONE, time.perf_counter()
         if req.slot is not None and self.busy[req.slot] is req:
             self.busy[req.slot] = None
         if req in self.active:

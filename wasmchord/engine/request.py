@@ -37,6 +37,7 @@ class Request:
     cancelled: bool = False
     submitted: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
+    finished_at: float | None = None
     out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # Chunks (the last has finish_reason) or an error
     choice: int = 0                       # which of a prompt's n samples this is
     leader: "Request | None" = None       # choice 0 of the same prompt: whose prefill this one shares
