@@ -40,6 +40,7 @@ def main():
     ap.add_argument("--prompt-lengths", default="64,512")
     ap.add_argument("--gen-tokens", type=int, default=128)
     ap.add_argument("--shader-checks", default=None, help="naga runtime checks: all, bounds or none")
+    ap.add_argument("--batch", default="1,2,4,8,16", help="batch engine sweep sizes ('' to skip)")
     a = ap.parse_args()
     problems = check_vulkan()
     for p in problems:
@@ -69,6 +70,12 @@ def main():
         results["models"][f"{model} {opts}"] = res
         md.append(f"## {model}\n\n```\n{bench.format_result(res)}\n```\n")
         print(bench.format_result(res), flush=True)
+        if a.batch:
+            sweep = bench.batch_sweep(resolve_model(model), device="gpu",
+                                      batches=tuple(int(x) for x in a.batch.split(",")), **opts)
+            res["batch_sweep"] = sweep
+            md.append(f"```\n{bench.format_sweep(sweep)}\n```\n")
+            print(bench.format_sweep(sweep), flush=True)
         (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     (out / "results.md").write_text("\n".join(md))
     print(f"wrote {out / 'results.json'} and {out / 'results.md'}")

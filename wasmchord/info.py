@@ -32,6 +32,8 @@ def summarize(gf: GGUFFile) -> dict:
     try:
         cfg = ModelConfig.from_gguf(md)
         out["config"] = {k: v for k, v in cfg.__dict__.items() if k != "spec"}
+        # float32 K and V of every layer, per position of one sequence (a slot of the batch engine)
+        out["kv_bytes_per_token"] = 4 * cfg.n_layers * cfg.n_kv_heads * (cfg.head_dim + cfg.head_dim_v)
     except WasmchordError as e:
         out["config_error"] = str(e)
     return out
@@ -60,6 +62,10 @@ def format_summary(gf: GGUFFile, *, tensors: bool = False, metadata: bool = Fals
                   f"norm eps       {cfg['norm_eps']:g}"]
         if cfg["sliding_window"]:
             lines.append(f"sliding window {cfg['sliding_window']}")
+        per = s["kv_bytes_per_token"]
+        ctx = min(cfg["context_length"], 4096)
+        lines.append(f"KV cache       {_human(per)} per token: {_human(per * ctx)} per slot at {ctx} positions "
+                     f"(Model.load(slots=N) takes N of them)")
     else:
         lines.append(f"config         unavailable: {s.get('config_error')}")
     lines += [f"tokenizer      {s['tokenizer']} (pre: {s['tokenizer_pre']}), vocab {s['vocab_size']}, "
