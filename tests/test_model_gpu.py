@@ -101,7 +101,7 @@ def test_output_head_split_across_bindings(gpu_backend):
 
 
 def test_cli_generate_on_gpu(gpu_backend):
-    r = subprocess.run([sys.executable, "-m", "wasmchord", "generate", "The capital of France is", "-n", "3",
+    r = subprocess.run([sys.executable, "-m", "wasmchord", "generate", "The capital of France is", "--raw", "-n", "3",
                         "--temperature", "0", "--backend", "gpu"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith(" Paris")

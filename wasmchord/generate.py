@@ -42,6 +42,8 @@ class Chunk:
     token: int | None
     finish_reason: str | None = None
     stats: Stats | None = None
+    logprob: float | None = None          # the token's log-probability (when asked for: the engine's logprobs=)
+    top_logprobs: list | None = None      # [(token id, log-probability)] of the most likely tokens
 
 
 @dataclass

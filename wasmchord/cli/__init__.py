@@ -1,8 +1,8 @@
 """The `wasmchord` command line: the parser and `main`, where errors become exit codes.
 
 The CLI is the only part of wasmchord that reads the outside world (argv, env, tty) and prints. Each
-command's arguments are defined next to its code: `run` (generate, chat, bench) and `files` (pull,
-info, convert, validate). A `WasmchordError` or an `OSError` becomes one line on stderr and exit code 2.
+command's arguments are defined next to its code: `run` (generate, chat, bench), `serve` and `files`
+(pull, info, convert, validate). A `WasmchordError` or an `OSError` becomes one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import logging
 import sys
 
 from ..errors import WasmchordError
-from . import files, run
+from . import files, run, serve
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help="model cache (default: $WASMCHORD_CACHE or ~/.cache/wasmchord)")
     sub = p.add_subparsers(dest="command", required=True)
     run.add_commands(sub)
+    serve.add_serve(sub)
     files.add_commands(sub)
     return p
 

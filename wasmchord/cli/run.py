@@ -62,6 +62,9 @@ def add_generate(sub):
     s.add_argument("prompt", nargs="?", default=None)
     add_device_options(s)
     add_sampling_options(s)
+    s.add_argument("--raw", action="store_true",
+                   help="send the prompt as it is (default: as a user message through the model's chat template, "
+                        "when it has one)")
     s.add_argument("--stats", action="store_true", help="print timings to stderr")
     s.set_defaults(func=cmd_generate)
 
@@ -71,7 +74,11 @@ def cmd_generate(a):
         a.model, a.prompt = hub.DEFAULT_MODEL, a.model
     m = load(a)
     t0 = time.perf_counter()
-    s = write_stream(m.stream(a.prompt, **sampling_options(a))).stats
+    if a.raw or not m.tokenizer.chat_template:
+        chunks = m.stream(a.prompt, **sampling_options(a))
+    else:  # as llama-cli and mlx_lm.generate do: an instruct model answers a user turn, not raw text
+        chunks = m.chat_stream([{"role": "user", "content": a.prompt}], **sampling_options(a))
+    s = write_stream(chunks).stats
     if a.stats:
         print(f"[{s.prompt_tokens} prompt tokens in {s.prompt_eval_s:.2f} s, {s.completion_tokens} tokens at "
               f"{s.completion_tokens / s.eval_s if s.eval_s else 0:.1f} tok/s, total {time.perf_counter() - t0:.2f} s, "

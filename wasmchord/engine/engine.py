@@ -53,10 +53,18 @@ class Engine:
         self._stopping = False
         self.steps = 0
         self.evaluated_tokens = 0  # prompt tokens evaluated (not found in a slot's cache)
+        self.generated_tokens = 0
+        # observe(name, seconds): "ttft" (submit to first token) and "itl" (between tokens) per request
+        self.observe = None
 
     # ------------------------------------------------------------------------------------ requests
-    def submit(self, prompt, *, max_tokens: int = 256, stop=None, n: int = 1, **sampling) -> list[Request]:
+    def submit(self, prompt, *, max_tokens: int = 256, stop=None, n: int = 1, logprobs: int | None = None,
+               notify=None, **sampling) -> list[Request]:
         """Queue a prompt (text or token ids) for `n` samples; returns their requests.
+
+        `logprobs` (0-20): each chunk carries its token's log-probability and that many of the most
+        likely alternatives. `notify(request, chunk_or_error)` is called from the engine's thread as
+        each is produced (a server bridges it to its event loop).
 
         Raises:
             GenerationError: bad arguments, an empty prompt, or one that does not fit the context.
@@ -70,8 +78,11 @@ class Engine:
         if len(ids) >= self.tf.max_ctx:
             raise GenerationError(f"the prompt has {len(ids)} tokens; the context holds {self.tf.max_ctx} "
                                   f"(raise context_length, or shorten the prompt)")
-        reqs = [Request(ids, params, max_tokens, stop, TextStream(self.model.tokenizer, stop), choice=i)
-                for i in range(n)]
+        if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
+                                     or not 0 <= logprobs <= 20):
+            raise GenerationError(f"logprobs = {logprobs!r}: expected an integer from 0 to 20")
+        reqs = [Request(ids, params, max_tokens, stop, TextStream(self.model.tokenizer, stop), choice=i,
+                        logprobs=logprobs, notify=notify) for i in range(n)]
         for r in reqs[1:]:
             r.leader = reqs[0]
         with self._wake:
@@ -90,6 +101,16 @@ class Engine:
     @property
     def idle(self) -> bool:
         return not (self.waiting or self.active or self._inbox)
+
+    @property
+    def running(self) -> int:
+        """Requests holding a slot (prefilling or decoding)."""
+        return len(self.active)
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a slot."""
+        return len(self.waiting) + len(self._inbox)
 
     # ------------------------------------------------------------------------------------ the step
     def step(self) -> bool:
@@ -208,21 +229,34 @@ class Engine:
             tok = sample(logits, req.params, req.rng, req.history())
         except WasmchordError as e:  # non-finite logits: this request fails, the others go on
             return self._fail(req, e)
-        self._emit(req, tok)
+        lp = None
+        if req.logprobs is not None:  # of the model's distribution, before penalties and filters
+            z = logits - logits.max()
+            logp = z - np.log(np.exp(z).sum())
+            top = np.argsort(-logp, kind="stable")[:req.logprobs]
+            lp = (float(logp[tok]), [(int(i), float(logp[i])) for i in top])
+        self._emit(req, tok, lp)
 
-    def _emit(self, req: Request, tok: int):
+    def _emit(self, req: Request, tok: int, lp=None):
         """`tok` was sampled for `req`: stream its text, or finish the request."""
+        now = time.perf_counter()
         if req.first_token_at is None:
-            req.first_token_at = time.perf_counter()
+            req.first_token_at = now
+            if self.observe:
+                self.observe("ttft", now - req.submitted)
+        elif self.observe:
+            self.observe("itl", now - req.last_token_at)
+        req.last_token_at = now
         if tok in self.model.tokenizer.eot_ids:
             return self._finish(req, "stop")
         req.tokens.append(tok)
         req.stats.completion_tokens += 1
+        self.generated_tokens += 1
         text, hit = req.text.add(tok)
+        chunk = Chunk(text, tok, logprob=lp[0] if lp else None, top_logprobs=lp[1] if lp else None)
+        req.push(chunk)
         if hit:
-            req.push(Chunk(text, tok))
             return self._finish(req, "stop", flush=False)
-        req.push(Chunk(text, tok))
         if len(req.tokens) >= req.max_tokens or len(self.slots[req.slot].tokens) >= self.tf.max_ctx:
             self._finish(req, "length")
 

@@ -41,6 +41,9 @@ class Request:
     out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # Chunks (the last has finish_reason) or an error
     choice: int = 0                       # which of a prompt's n samples this is
     leader: "Request | None" = None       # choice 0 of the same prompt: whose prefill this one shares
+    logprobs: int | None = None           # report each token's log-probability and this many alternatives
+    notify: object = None                 # called with each chunk too (from the engine's thread)
+    last_token_at: float | None = None
 
     def __post_init__(self):
         seed = self.params.seed
@@ -57,6 +60,8 @@ class Request:
 
     def push(self, item: "Chunk | BaseException"):
         self.out.put(item)
+        if self.notify is not None:
+            self.notify(self, item)
 
     def take(self, block: bool, timeout: float | None = None) -> "Chunk | BaseException | None":
         """The next chunk (or this request's error), or None when none is ready."""

@@ -1,0 +1,257 @@
+"""`wasmchord serve` as users meet it: a server started on a free port, called with the real `openai`
+client and raw HTTP; its answers checked against the library's own."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from wasmchord import Model
+
+openai = pytest.importorskip("openai") if not os.environ.get("CI") else __import__("openai")
+ROOT = Path(__file__).resolve().parent.parent
+KEY = "sk-test"
+MODEL = "smollm2-135m-instruct"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(*extra, key=KEY):
+    port = free_port()
+    cmd = [sys.executable, "-m", "wasmchord", "serve", MODEL, "--backend", "cpu", "--port", str(port),
+           "--context-length", "256", *extra] + (["--api-key", key] if key else [])
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited: {proc.stderr.read()}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("the server did not become ready")
+
+
+@pytest.fixture(scope="module")
+def server():
+    proc, url = start("--slots", "4", "--max-queue", "32")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def lib():
+    return Model.load(MODEL, device="cpu", context_length=256)
+
+
+def test_models_and_health(server, client):
+    assert [m.id for m in client.models.list()] == [MODEL]
+    assert httpx.get(server + "/health").json()["status"] == "ok"
+
+
+def test_chat_equals_the_library(client, lib):
+    msgs = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "What is 2+2?"}]
+    r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=12, temperature=0)
+    want = lib.chat(msgs, max_tokens=12, temperature=0)
+    assert r.choices[0].message.content == want.text and r.choices[0].message.role == "assistant"
+    assert r.choices[0].finish_reason == want.finish_reason
+    assert r.usage.prompt_tokens == want.prompt_tokens and r.usage.completion_tokens == want.completion_tokens
+    parts = [{"type": "text", "text": "What is "}, {"type": "text", "text": "2+2?"}]
+    r2 = client.chat.completions.create(model=MODEL, messages=[msgs[0], {"role": "user", "content": parts}],
+                                        max_tokens=12, temperature=0)
+    assert r2.choices[0].message.content == want.text
+
+
+def test_completion_stream_with_usage(client, lib):
+    s = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=10, temperature=0,
+                                  stream=True, stream_options={"include_usage": True})
+    chunks = list(s)
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == lib.generate("The capital of France is", max_tokens=10, temperature=0).text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+
+
+def test_chat_stream(client, lib):
+    msgs = [{"role": "user", "content": "Name a color."}]
+    chunks = list(client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=8, temperature=0,
+                                                 stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert text == lib.chat(msgs, max_tokens=8, temperature=0).text
+
+
+def test_logprobs(client, lib):
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=5,
+                                       temperature=0, logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    for e in content:
+        assert e.logprob <= 0 and len(e.top_logprobs) == 3
+        assert e.top_logprobs[0].token == e.token and e.top_logprobs[0].logprob == e.logprob  # greedy: the top one
+    c = client.completions.create(model=MODEL, prompt="Hello", max_tokens=4, temperature=0, logprobs=2)
+    lp = c.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
+    assert all(len(t) == 2 for t in lp.top_logprobs)
+
+
+def test_stop_string_across_tokens_is_never_emitted(client, lib):
+    full = lib.generate("The capital of France is", max_tokens=12, temperature=0)
+    pieces = [lib.tokenizer.decode([t]) for t in full.tokens]
+    i = next(j for j in range(1, len(pieces)) if len(pieces[j - 1]) >= 2 and pieces[j])
+    stop = pieces[i - 1][-2:] + pieces[i][:1]  # spans two tokens
+    r = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=12, temperature=0,
+                                  stop=[stop])
+    assert r.choices[0].text == full.text[:full.text.index(stop)] and r.choices[0].finish_reason == "stop"
+    chunks = list(client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=12,
+                                            temperature=0, stop=stop, stream=True))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == r.choices[0].text
+
+
+def test_seed_reproducibility_and_n(client):
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": "Tell me a word."}], max_tokens=8,
+              temperature=1.0)
+    a = client.chat.completions.create(seed=7, **kw).choices[0].message.content
+    assert a == client.chat.completions.create(seed=7, **kw).choices[0].message.content
+    r = client.chat.completions.create(seed=7, n=3, **kw)
+    assert [c.index for c in r.choices] == [0, 1, 2] and r.choices[0].message.content == a
+    assert len({c.message.content for c in r.choices}) > 1
+    assert r.usage.completion_tokens > 0 and r.usage.prompt_tokens == client.chat.completions.create(
+        seed=7, **kw).usage.prompt_tokens
+
+
+def test_concurrent_greedy_requests_equal_one_by_one(client):
+    prompts = [f"Write one sentence about the number {i}." for i in range(8)]
+
+    def ask(p):
+        return client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": p}], max_tokens=10,
+                                              temperature=0).choices[0].message.content
+    one_by_one = [ask(p) for p in prompts]
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(ask, prompts))
+    assert together == one_by_one
+
+
+def running(url) -> int:
+    m = httpx.get(url + "/metrics").text
+    return int(next(line.split()[1] for line in m.splitlines() if line.startswith("wasmchord_requests_running ")))
+
+
+def test_a_disconnect_frees_the_slot(server):
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 200, "temperature": 0, "stream": True}
+    with httpx.stream("POST", server + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                      timeout=60) as r:
+        lines = r.iter_lines()
+        assert next(line for line in lines if line.startswith("data:"))
+        assert running(server) == 1
+    deadline = time.time() + 30
+    while running(server) and time.time() < deadline:
+        time.sleep(0.2)
+    assert running(server) == 0
+
+
+def test_bad_requests_get_openai_errors(server, client):
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server + "/v1", api_key="wrong", max_retries=0).models.list()
+    assert httpx.get(server + "/v1/models").status_code == 401
+    h = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    r = httpx.post(server + "/v1/chat/completions", content="{not json", headers=h)
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError, match="the context holds 256"):
+        client.completions.create(model=MODEL, prompt="word " * 400, max_tokens=4)
+    with pytest.raises(openai.BadRequestError, match=r"messages\[0\].role = 'wizard'"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "wizard", "content": "hi"}], max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], temperature=5)
+    with pytest.raises(openai.BadRequestError, match="response_format is not supported yet"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                       response_format={"type": "json_object"})
+    with pytest.raises(openai.BadRequestError, match="tools are not supported yet"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                       tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "hi"}])
+    assert httpx.get(server + "/v2/nothing", headers=h).status_code == 404
+    # the server still serves everyone after all of that
+    assert client.completions.create(model=MODEL, prompt="Hi", max_tokens=2).choices[0].text is not None
+
+
+def test_tokenize_round_trip(server, lib):
+    h = {"Authorization": f"Bearer {KEY}"}
+    t = httpx.post(server + "/tokenize", json={"prompt": "Hello world"}, headers=h).json()
+    assert t["tokens"] == lib.tokenizer.encode("Hello world")
+    d = httpx.post(server + "/detokenize", json={"tokens": t["tokens"]}, headers=h).json()
+    assert d["prompt"] == "Hello world"
+    assert httpx.post(server + "/detokenize", json={"tokens": [10**9]}, headers=h).status_code == 400
+
+
+def test_a_full_queue_answers_503_with_retry_after():
+    proc, url = start("--slots", "1", "--max-queue", "1", key=None)
+    try:
+        body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 60, "temperature": 0}
+
+        def post():
+            return httpx.post(url + "/v1/completions", json=body, timeout=300)
+        with ThreadPoolExecutor(4) as pool:
+            rs = list(pool.map(lambda _: post(), range(4)))
+        codes = sorted(r.status_code for r in rs)
+        assert codes.count(200) >= 2 and 503 in codes
+        busy = next(r for r in rs if r.status_code == 503)
+        assert busy.headers["retry-after"] and busy.json()["error"]["code"] == "queue_full"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_health_is_503_while_loading():
+    from fastapi.testclient import TestClient
+
+    from wasmchord.serve import create_app
+    gate = threading.Event()
+
+    def load():
+        gate.wait(60)
+        return Model.load(MODEL, device="cpu", context_length=64)
+    with TestClient(create_app(load, name=MODEL)) as c:
+        r = c.get("/health")
+        assert r.status_code == 503 and r.json()["status"] == "loading"
+        assert c.post("/v1/completions", json={"prompt": "hi"}).status_code == 503
+        gate.set()
+        deadline = time.time() + 120
+        while c.get("/health").status_code != 200 and time.time() < deadline:
+            time.sleep(0.2)
+        assert c.get("/health").status_code == 200
+        assert json.loads(c.get("/v1/models").text)["data"][0]["id"] == MODEL
+
+
+def test_cli_generate_applies_the_chat_template():
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    args = [sys.executable, "-m", "wasmchord", "generate", "Explain why the sky is blue in two sentences.", "-n", "12",
+            "--temperature", "0", "--backend", "cpu"]
+    chat = subprocess.run(args, capture_output=True, text=True, env=env)
+    raw = subprocess.run(args + ["--raw"], capture_output=True, text=True, env=env)
+    assert chat.returncode == raw.returncode == 0, chat.stderr + raw.stderr
+    assert chat.stdout.strip() and chat.stdout != raw.stdout

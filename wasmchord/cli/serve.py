@@ -1,0 +1,49 @@
+"""The `serve` command: the OpenAI-compatible server (wasmchord.serve) under uvicorn."""
+
+from __future__ import annotations
+
+import sys
+
+from .. import hub
+from .files import resolve
+
+
+def add_serve(sub):
+    s = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API (needs wasmchord[serve])")
+    s.add_argument("model", nargs="?", default=hub.DEFAULT_MODEL, help="model path or alias")
+    s.add_argument("--backend", default="auto", choices=["auto", "cpu", "gpu"], help="compute backend")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--slots", type=int, default=4, help="sequences decoded at once (each takes a KV cache slot)")
+    s.add_argument("--context-length", type=int, default=None, help="per slot (default: model's, max 4096)")
+    s.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 503s")
+    s.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens evaluated per engine step")
+    s.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY")
+    s.add_argument("--cors-origins", default="", help="comma-separated origins allowed by CORS")
+    s.add_argument("--served-model-name", default=None, help="the model id clients send (default: the alias or "
+                   "file name)")
+    s.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(a):
+    from ..serve import create_app, require
+    require()
+    import uvicorn
+
+    from ..model import Model
+    path = resolve(a.model, a.cache_dir)
+    name = a.served_model_name or (a.model if a.model in hub.KNOWN_MODELS else path.name)
+
+    def load():
+        return Model.load(path, device=a.backend, context_length=a.context_length, slots=a.slots)
+
+    def ready(served):
+        m = served.model
+        print(f"wasmchord: serving {name} on {m.backend.name} ({m.load_stats.slots} slots x "
+              f"{m.load_stats.context_length} positions) at http://{a.host}:{a.port}/v1", flush=True)
+
+    app = create_app(load, name=name, api_key=a.api_key, on_ready=ready,
+                     cors_origins=[o for o in a.cors_origins.split(",") if o], max_queue=a.max_queue,
+                     prefill_chunk=a.prefill_chunk)
+    print(f"wasmchord: loading {name} (GET /health answers 503 until it is ready)", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=a.host, port=a.port, log_level="warning")

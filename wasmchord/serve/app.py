@@ -1,0 +1,283 @@
+"""The HTTP layer: an OpenAI-compatible FastAPI app over the batch engine.
+
+Handlers only parse requests, submit them to the engine (which owns the model on a thread of its own)
+and turn its chunks into OpenAI's objects; a request's chunks reach the event loop through the
+engine's notify hook. The model loads on a background thread: /health is 503 until it is ready.
+Imported only once FastAPI is known to be installed (wasmchord.serve.require).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from ..engine import QueueFull
+from ..errors import GenerationError, WasmchordError
+from .metrics import Metrics
+from .protocol import (ApiError, ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, chat_logprobs,
+                       completion_logprobs, envelope, new_id, parse, usage)
+
+log = logging.getLogger(__name__)
+OPEN_PATHS = ("/health", "/metrics")
+
+
+class Served:
+    """The model behind the app: loading, ready (model and engine) or failed."""
+
+    def __init__(self, load, name: str, engine_options: dict, on_ready=None):
+        self.load, self.name, self.engine_options, self.on_ready = load, name, engine_options, on_ready
+        self.model = self.engine = self.error = None
+        self.metrics = Metrics()
+        self.created = int(time.time())
+
+    def start(self):
+        threading.Thread(target=self._load, name="wasmchord-load", daemon=True).start()
+
+    def _load(self):
+        try:
+            model = self.load()
+            engine = model.engine(**self.engine_options)
+            engine.observe = self.metrics.observe
+            engine.start()
+            self.model, self.engine = model, engine
+            if self.on_ready:
+                self.on_ready(self)
+        except Exception as e:  # reported by /health and every request
+            log.exception("loading the model failed")
+            self.error = e
+
+    def ready(self):
+        if self.error is not None:
+            raise ApiError(500, f"the model failed to load: {self.error}", kind="server_error")
+        if self.engine is None:
+            raise ApiError(503, "the model is loading", kind="server_error", headers={"Retry-After": "5"})
+
+    def check_model(self, name: str | None):
+        if name is not None and name != self.name:
+            raise ApiError(404, f"model {name!r} does not exist; this server serves {self.name!r}",
+                           param="model", code="model_not_found")
+
+
+def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), on_ready=None, **engine_options):
+    """The app. `load()` returns a loaded `Model` (called on a background thread at startup); `name` is
+    the model id clients send; `engine_options` go to `Model.engine` (max_queue, prefill_chunk)."""
+    served = Served(load, name, engine_options, on_ready)
+
+    async def lifespan(app):
+        served.start()
+        yield
+        if served.engine is not None:
+            served.engine.stop()
+
+    app = FastAPI(title="wasmchord", lifespan=lifespan)
+    app.state.served = served
+    if cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["*"], allow_headers=["*"])
+
+    def error(e: ApiError):
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(ApiError)
+    async def on_api_error(request, e: ApiError):
+        return error(e)
+
+    @app.exception_handler(HTTPException)
+    async def on_http_error(request, e: HTTPException):
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return error(ApiError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", kind=kind))
+
+    @app.exception_handler(Exception)
+    async def on_bug(request, e: Exception):  # never a bare traceback: the shape clients parse, and a log line
+        log.exception("%s %s failed", request.method, request.url.path)
+        return error(ApiError(500, f"internal error: {type(e).__name__}: {e}", kind="server_error"))
+
+    @app.middleware("http")
+    async def authorize(request: Request, call_next):
+        if api_key and request.url.path not in OPEN_PATHS and request.method != "OPTIONS":
+            if request.headers.get("authorization", "") != f"Bearer {api_key}":
+                return error(ApiError(401, "missing or wrong API key (send Authorization: Bearer KEY)",
+                                      kind="authentication_error", code="invalid_api_key"))
+        return await call_next(request)
+
+    async def body(request: Request, kind):
+        try:
+            raw = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+        return parse(kind, raw)
+
+    @app.get("/health")
+    async def health():
+        try:
+            served.ready()
+        except ApiError as e:
+            return JSONResponse({"status": "loading" if e.status == 503 else "failed", "detail": e.message},
+                                status_code=e.status, headers=e.headers)
+        return {"status": "ok", "model": served.name}
+
+    @app.get("/metrics")
+    async def metrics():
+        if served.engine is None:
+            return PlainTextResponse("", status_code=503)
+        return PlainTextResponse(served.metrics.render(served.engine), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models():
+        served.ready()
+        return {"object": "list", "data": [{"id": served.name, "object": "model", "created": served.created,
+                                            "owned_by": "wasmchord"}]}
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        served.ready()
+        b = await body(request, TokenizeRequest)
+        served.check_model(b.model)
+        tok = served.model.tokenizer
+        if b.messages is not None:
+            ids = served.model.chat_ids([{"role": m.role, "content": m.text()} for m in b.messages])
+        elif b.prompt is not None:
+            ids = tok.encode(b.prompt, add_bos=None if b.add_special_tokens else False)
+        else:
+            raise ApiError(400, "give prompt or messages", param="prompt")
+        return {"tokens": ids, "count": len(ids), "max_model_len": served.model.transformer.max_ctx}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        served.ready()
+        b = await body(request, DetokenizeRequest)
+        served.check_model(b.model)
+        try:
+            return {"prompt": served.model.tokenizer.decode([served.model.tokenizer.check_id(i) for i in b.tokens])}
+        except (WasmchordError, ValueError) as e:
+            raise ApiError(400, str(e), param="tokens") from None
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        served.ready()
+        b = await body(request, ChatRequest)
+        served.check_model(b.model)
+        b.check_unsupported()
+        try:
+            ids = served.model.chat_ids(b.chat_messages())
+        except GenerationError as e:
+            raise ApiError(400, str(e), param="messages") from None
+        logprobs = (b.top_logprobs or 0) if b.logprobs else None
+        return await run(request, b, ids, b.max_completion_tokens or b.max_tokens, logprobs, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        served.ready()
+        b = await body(request, CompletionRequest)
+        served.check_model(b.model)
+        b.check_unsupported()
+        try:
+            ids = served.model.prompt_ids(b.prompt)
+        except (WasmchordError, TypeError) as e:
+            raise ApiError(400, str(e), param="prompt") from None
+        return await run(request, b, ids, b.max_tokens, b.logprobs, chat=False)
+
+    async def run(request, b, ids, max_tokens, logprobs, *, chat: bool):
+        room = served.model.transformer.max_ctx - len(ids)
+        if room < 1:
+            raise ApiError(400, f"the prompt has {len(ids)} tokens; the context holds "
+                                f"{served.model.transformer.max_ctx}", param="messages" if chat else "prompt",
+                           code="context_length_exceeded")
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def notify(req, item):  # on the engine's thread
+            loop.call_soon_threadsafe(queue.put_nowait, (req, item))
+        try:
+            reqs = served.engine.submit(ids, logprobs=logprobs, notify=notify,
+                                        **b.engine_args(min(max_tokens or room, room)))
+        except QueueFull as e:
+            served.metrics.count("wasmchord_requests_rejected_total")
+            raise ApiError(503, str(e), kind="server_error", code="queue_full", headers={"Retry-After": "1"}) from None
+        except (GenerationError, TypeError) as e:
+            raise ApiError(400, str(e)) from None
+        served.metrics.count("wasmchord_requests_total")
+        rid = new_id("chatcmpl" if chat else "cmpl")
+        kind = "chat.completion" if chat else "text_completion"
+        if b.stream:
+            return StreamingResponse(sse(request, reqs, queue, rid, kind, b, chat), media_type="text/event-stream")
+        return await complete(request, reqs, queue, rid, kind, chat)
+
+    async def events(request, reqs, queue):
+        """(request, chunk) as the engine produces them, until every request is done; cancels them all
+        when the client goes away or the handler is cancelled."""
+        left = set(reqs)
+        try:
+            while left:
+                try:
+                    req, item = await asyncio.wait_for(queue.get(), 0.5)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        return
+                    continue
+                if isinstance(item, BaseException):
+                    served.metrics.count("wasmchord_request_errors_total")
+                    raise ApiError(500, f"generation failed: {item}", kind="server_error")
+                if item.finish_reason is not None:
+                    left.discard(req)
+                yield req, item
+        finally:
+            for r in reqs:
+                if not r.done:
+                    served.engine.cancel(r)
+
+    async def complete(request, reqs, queue, rid, kind, chat):
+        chunks = {r: [] for r in reqs}
+        async for req, ch in events(request, reqs, queue):
+            chunks[req].append(ch)
+        tok = served.model.tokenizer
+        choices = []
+        for i, r in enumerate(reqs):
+            cs = chunks[r]
+            text = "".join(c.text for c in cs)
+            lp = None
+            if r.logprobs is not None:
+                lp = chat_logprobs(tok, cs) if chat else completion_logprobs(tok, cs)
+            body_ = {"role": "assistant", "content": text} if chat else None
+            choices.append({"index": i, **({"message": body_} if chat else {"text": text}), "logprobs": lp,
+                            "finish_reason": r.finish_reason})
+        return envelope(kind, rid, served.name, choices, use_of(reqs))
+
+    def use_of(reqs):
+        return usage(len(reqs[0].prompt), sum(len(r.tokens) for r in reqs), reqs[0].stats.cached_tokens)
+
+    async def sse(request, reqs, queue, rid, kind, b, chat):
+        chunk_kind = "chat.completion.chunk" if chat else "text_completion"
+        tok = served.model.tokenizer
+
+        def data(choices, use=None):
+            return f"data: {json.dumps(envelope(chunk_kind, rid, served.name, choices, use))}\n\n"
+        if chat:
+            yield data([{"index": r.choice, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                         "finish_reason": None} for r in reqs])
+        try:
+            async for req, ch in events(request, reqs, queue):
+                lp = None
+                if req.logprobs is not None and ch.logprob is not None:
+                    lp = chat_logprobs(tok, [ch]) if chat else completion_logprobs(tok, [ch])
+                if ch.text or lp is not None:
+                    part = {"delta": {"content": ch.text}} if chat else {"text": ch.text}
+                    yield data([{"index": req.choice, **part, "logprobs": lp, "finish_reason": None}])
+                if ch.finish_reason is not None:
+                    part = {"delta": {}} if chat else {"text": ""}
+                    yield data([{"index": req.choice, **part, "logprobs": None, "finish_reason": ch.finish_reason}])
+        except ApiError as e:
+            yield f"data: {json.dumps(e.body())}\n\n"
+            return
+        if b.include_usage:
+            yield data([], use_of(reqs))
+        yield "data: [DONE]\n\n"
+
+    return app

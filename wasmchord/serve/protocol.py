@@ -1,0 +1,190 @@
+"""The OpenAI API's request bodies (validated with pydantic), their mapping to engine arguments, and
+the response objects and error shape the server returns."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+ROLES = ("system", "user", "assistant")
+
+
+class ApiError(Exception):
+    """An error answered with OpenAI's JSON shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error", headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="allow")  # unknown fields are ignored, as OpenAI's API does
+
+    model: str | None = None
+    stream: bool = False
+    stream_options: dict | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    min_p: float | None = Field(None, ge=0, le=1)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    repeat_penalty: float | None = Field(None, gt=0)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    stop: Union[str, list[str], None] = None
+    n: int = Field(1, ge=1, le=16)
+    response_format: dict | None = None
+    tools: list | None = None
+    tool_choice: Any = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v):
+        stops = [v] if isinstance(v, str) else (v or [])
+        if len(stops) > 8 or any(not s for s in stops):
+            raise ValueError("at most 8 non-empty stop strings")
+        return v
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.get("include_usage"))
+
+    def check_unsupported(self):
+        """Parameters this server does not implement are refused, never accepted and ignored:
+        response_format and tools need constrained decoding, which has not landed yet."""
+        extra = self.model_extra or {}
+        for name in ("logit_bias", "suffix", "functions", "function_call", "parallel_tool_calls"):
+            if extra.get(name) not in (None, {}, [], False):
+                raise ApiError(400, f"{name} is not supported by this server", param=name)
+        if extra.get("echo"):
+            raise ApiError(400, "echo is not supported by this server", param="echo")
+        if extra.get("best_of") not in (None, 1):
+            raise ApiError(400, "best_of is not supported by this server (use n)", param="best_of")
+        if self.response_format is not None and self.response_format.get("type", "text") != "text":
+            raise ApiError(400, "response_format is not supported yet (constrained decoding has not landed); "
+                                "send no response_format or {\"type\": \"text\"}", param="response_format")
+        if self.tools:
+            raise ApiError(400, "tools are not supported yet (constrained decoding has not landed)", param="tools")
+
+    def engine_args(self, max_tokens: int) -> dict:
+        """Keyword arguments of Engine.submit (sampling options left out keep the library defaults)."""
+        args = {"max_tokens": max_tokens, "n": self.n,
+                "stop": [self.stop] if isinstance(self.stop, str) else self.stop}
+        for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+                     "repeat_penalty", "seed"):
+            if getattr(self, name) is not None:
+                args[name] = getattr(self, name)
+        return args
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: str
+    content: Union[str, list[TextPart], None] = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content or ""
+
+
+class ChatRequest(_Body):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    def chat_messages(self) -> list[dict]:
+        out = []
+        for i, m in enumerate(self.messages):
+            if m.role not in ROLES:
+                raise ApiError(400, f"messages[{i}].role = {m.role!r}: expected one of {', '.join(ROLES)}",
+                               param=f"messages[{i}].role")
+            out.append({"role": m.role, "content": m.text()})
+        return out
+
+
+class CompletionRequest(_Body):
+    prompt: Union[str, list[int]]
+    logprobs: int | None = Field(None, ge=0, le=20)
+
+
+class TokenizeRequest(BaseModel):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[Message] | None = None
+    add_special_tokens: bool = True
+
+
+class DetokenizeRequest(BaseModel):
+    model: str | None = None
+    tokens: list[int]
+
+
+def parse(kind: type[BaseModel], raw: Any):
+    """A request body, or ApiError(400) naming the first bad field."""
+    if not isinstance(raw, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    try:
+        return kind.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err["loc"])
+        raise ApiError(400, f"{where}: {err['msg']}", param=where) from None
+
+
+# ---------------------------------------------------------------------------- responses
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached: int = 0) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def envelope(kind: str, rid: str, model: str, choices: list, use: dict | None = None) -> dict:
+    out = {"id": rid, "object": kind, "created": int(time.time()), "model": model, "choices": choices}
+    if use is not None:
+        out["usage"] = use
+    return out
+
+
+def chat_logprobs(tokenizer, chunks) -> dict:
+    """OpenAI's chat `logprobs.content` for the chunks that carry a token."""
+    def entry(tok, lp):
+        b = tokenizer.token_bytes(tok, skip_special=False)
+        return {"token": b.decode("utf-8", "replace"), "logprob": lp, "bytes": list(b)}
+    return {"content": [dict(entry(c.token, c.logprob), top_logprobs=[entry(t, p) for t, p in c.top_logprobs or []])
+                        for c in chunks if c.token is not None and c.logprob is not None]}
+
+
+def completion_logprobs(tokenizer, chunks, offset: int = 0) -> dict:
+    """OpenAI's (legacy) completions `logprobs`: tokens, token_logprobs, top_logprobs, text_offset."""
+    toks, lps, tops, offs = [], [], [], []
+    for c in chunks:
+        if c.token is None or c.logprob is None:
+            continue
+        text = tokenizer.token_bytes(c.token, skip_special=False).decode("utf-8", "replace")
+        toks.append(text)
+        lps.append(c.logprob)
+        tops.append({tokenizer.token_bytes(t, skip_special=False).decode("utf-8", "replace"): p
+                     for t, p in c.top_logprobs or []})
+        offs.append(offset)
+        offset += len(c.text)
+    return {"tokens": toks, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offs}
