@@ -36,8 +36,14 @@ class Served:
         self.model = self.engine = self.error = None
         self.metrics = Metrics()
         self.created = int(time.time())
+        self._once, self._started = threading.Lock(), False
 
     def start(self):
+        """Load the model on a thread (once, however often this is called)."""
+        with self._once:
+            if self._started:
+                return
+            self._started = True
         threading.Thread(target=self._load, name="wasmchord-load", daemon=True).start()
 
     def _load(self):
