@@ -7,18 +7,24 @@
 //   1 storage x     f32 values, read
 //   2 storage ids   u32 token buffer, read_write: ids[0] = argmax (the next step's embedding input)
 //   3 storage part  vec2<u32> (value bits, index) per partial workgroup, read_write
+//   4 storage mask  u32 allowed tokens (bit j % 32 of word j / 32), read   (P.masked == 1: a constraint)
 
 struct P {
     count: u32,
     x_off: u32,
     parts: u32,   // workgroups of `partial`
-    pad0: u32,
+    masked: u32,  // 1: only tokens `mask` allows
 }
 
 @group(0) @binding(0) var<uniform> p: P;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(2) var<storage, read_write> ids: array<u32>;
 @group(0) @binding(3) var<storage, read_write> part: array<vec2<u32>>;
+@group(0) @binding(4) var<storage, read> mask: array<u32>;
+
+fn allowed(j: u32) -> bool {
+    return p.masked == 0u || ((mask[j / 32u] >> (j % 32u)) & 1u) == 1u;
+}
 
 // grid: (parts)
 @compute @workgroup_size(256)
@@ -27,7 +33,7 @@ fn partial(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index
     var idx = 0xffffffffu;
     for (var j = wg.x * 256u + lid; j < p.count; j += p.parts * 256u) {
         let v = x[p.x_off + j];
-        if (v > best) { best = v; idx = j; }
+        if (v > best && allowed(j)) { best = v; idx = j; }
     }
     let i = wg_argmax(lid, 256u, best, idx);
     if (lid == 0u) {

@@ -12,6 +12,8 @@
 //   1 storage x     f32 logits, read_write (penalties are applied in place)
 //   2 storage ids   u32 token buffer, read_write: ids[0] = the sampled token (next step's input)
 //   3 storage hist  u32 recent tokens for the penalties [n_hist], read
+//   4 storage mask  u32 allowed tokens (bit j % 32 of word j / 32), read   (P.masked == 1: a constraint;
+//                   the others are set to -infinity in x first)
 
 struct P {
     count: u32,        // vocabulary size
@@ -26,13 +28,15 @@ struct P {
     frequency: f32,
     seed: u32,
     step: u32,
-    pad0: u32, pad1: u32, pad2: u32, pad3: u32,
+    masked: u32,
+    pad1: u32, pad2: u32, pad3: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: P;
 @group(0) @binding(1) var<storage, read_write> x: array<f32>;
 @group(0) @binding(2) var<storage, read_write> ids: array<u32>;
 @group(0) @binding(3) var<storage, read> hist: array<u32>;
+@group(0) @binding(4) var<storage, read> mask: array<u32>;
 
 const WG: u32 = 256u;
 fn pcg(v: u32) -> u32 {
@@ -103,6 +107,14 @@ fn kth_largest(lid: u32, k: u32) -> f32 {
 
 @compute @workgroup_size(256)
 fn sample(@builtin(local_invocation_index) lid: u32) {
+    // ---- a constraint: the tokens it leaves out cannot be drawn
+    if (p.masked == 1u) {
+        for (var j = lid; j < p.count; j += WG) {
+            if (((mask[j / 32u] >> (j % 32u)) & 1u) == 0u) { x[p.x_off + j] = -3.4e38; }
+        }
+        storageBarrier();
+        workgroupBarrier();
+    }
     // ---- penalties (llama.cpp llama_sampler_penalties_apply), once per distinct recent token
     for (var j = lid; j < p.n_hist; j += WG) {
         let t = hist[j];

@@ -156,12 +156,13 @@ class Sequence:
 
 def generate_tokens(seq: Sequence, prompt_ids: list[int], params: SamplingParams, *, max_tokens: int,
                     stop_ids: frozenset[int] = frozenset(), stats: Stats | None = None,
-                    encode_ahead: bool | None = None) -> Iterator[int]:
+                    encode_ahead: bool | None = None, matcher=None) -> Iterator[int]:
     """Layer 1: yield sampled token ids until a stop id (not yielded) or `max_tokens`.
 
     `stats`, when given, is filled in as the generation runs. `encode_ahead` (default: when the backend
     supports it and no penalties need the history on the host) submits step t+1 before waiting for
-    step t's token."""
+    step t's token. `matcher` (a constrain.Matcher) limits each step to the tokens its constraint allows
+    (its bitmask goes to the backend's sampler; one step at a time) and ends where it is complete."""
     stats = stats if stats is not None else Stats()
     rng = make_rng(params.seed)
     t0 = time.perf_counter()
@@ -172,7 +173,7 @@ def generate_tokens(seq: Sequence, prompt_ids: list[int], params: SamplingParams
     history = list(prompt_ids)
     penalized = params.repeat_penalty != 1.0 or params.presence_penalty or params.frequency_penalty
     if encode_ahead is None:
-        encode_ahead = be.encode_ahead and not penalized
+        encode_ahead = be.encode_ahead and not penalized and matcher is None
     t1 = time.perf_counter()
     if encode_ahead:
         try:
@@ -182,18 +183,21 @@ def generate_tokens(seq: Sequence, prompt_ids: list[int], params: SamplingParams
         return
     try:
         for i in range(max_tokens):
+            mask = matcher.words() if matcher is not None else None
             if params.greedy and params.repeat_penalty == 1.0 and not params.presence_penalty \
                     and not params.frequency_penalty:
-                tok = be.argmax(logits)
+                tok = be.argmax(logits, mask=mask)
             else:
-                tok = be.sample(logits, params, rng, history, i)
+                tok = be.sample(logits, params, rng, history, i, mask=mask)
             _check_token(tok, vocab)
+            if matcher is not None:
+                matcher.consume(tok)
             if tok in stop_ids:
                 return
             history.append(tok)
             stats.completion_tokens += 1
             yield tok
-            if i + 1 == max_tokens:
+            if i + 1 == max_tokens or (matcher is not None and matcher.done):
                 return
             if len(seq.tokens) >= seq.n_ctx:
                 stats.context_full = True
@@ -290,13 +294,14 @@ class TextStream:
 
 
 def stream_chunks(seq: Sequence, tokenizer, prompt_ids: list[int], params: SamplingParams, *,
-                  max_tokens: int, stop: list[str], stop_ids: frozenset[int]) -> Iterator[Chunk]:
+                  max_tokens: int, stop: list[str], stop_ids: frozenset[int], matcher=None) -> Iterator[Chunk]:
     """Layer 2: text chunks through the incremental decoder; stop strings never partially emitted.
 
     The last chunk carries the finish reason and the generation's `Stats`."""
     text = TextStream(tokenizer, stop)
     stats = Stats()
-    gen = generate_tokens(seq, prompt_ids, params, max_tokens=max_tokens, stop_ids=stop_ids, stats=stats)
+    gen = generate_tokens(seq, prompt_ids, params, max_tokens=max_tokens, stop_ids=stop_ids, stats=stats,
+                          matcher=matcher)
     n = 0
     for tok in gen:
         n += 1
@@ -307,7 +312,9 @@ def stream_chunks(seq: Sequence, tokenizer, prompt_ids: list[int], params: Sampl
             return
         yield Chunk(out, tok)
     tail, hit = text.finish()
-    yield Chunk(tail, None, "length" if not hit and (n >= max_tokens or stats.context_full) else "stop", stats)
+    complete = matcher is not None and matcher.done
+    length = n >= max_tokens or stats.context_full
+    yield Chunk(tail, None, "length" if not hit and length and not complete else "stop", stats)
 
 
 def check_args(max_tokens, stop) -> list[str]:

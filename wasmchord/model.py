@@ -13,6 +13,7 @@ import numpy as np
 
 from .backends import get_backend
 from .config import ModelConfig
+from .constrain import Constraint
 from .errors import GenerationError
 from .formats.gguf import GGUFFile
 from .generate import DEFAULT_MAX_TOKENS, Chunk, Completion, Sequence, check_args, stream_chunks
@@ -160,18 +161,22 @@ class Model:
             stop: a string or strings that end the text (never emitted, not even in part).
             sequence: whose cached tokens the prompt may reuse (default: the model's own).
             sampling: the fields of `SamplingParams` (temperature, top_k, top_p, min_p, repeat_penalty,
-                presence_penalty, frequency_penalty, penalty_last_n, seed) with their defaults.
+                presence_penalty, frequency_penalty, penalty_last_n, seed) with their defaults, and at
+                most one constraint on the output: `json_schema` (a dict or JSON text), `regex`, or
+                `grammar` (Lark syntax; see `wasmchord.constrain`).
 
         Raises:
             GenerationError: bad arguments, an empty prompt, or a prompt longer than the context.
             TypeError: an unknown keyword argument.
         """
+        constraint = Constraint.from_options(self.tokenizer, sampling)
         params = SamplingParams.from_options(sampling)
         stop = check_args(max_tokens, stop)
         ids = self.prompt_ids(prompt)
         with self.lock:  # held until this stream ends or is closed
             yield from stream_chunks(sequence or self._sequence, self.tokenizer, ids, params,
-                                     max_tokens=max_tokens, stop=stop, stop_ids=self.tokenizer.eot_ids)
+                                     max_tokens=max_tokens, stop=stop, stop_ids=self.tokenizer.eot_ids,
+                                     matcher=constraint.matcher() if constraint else None)
 
     def generate(self, prompt, *, n: int = 1, **kw) -> "Completion | list[Completion]":
         """Blocking generation: the whole `Completion` (text, tokens, finish_reason, timings).

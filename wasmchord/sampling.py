@@ -126,8 +126,9 @@ NON_FINITE = ("the model produced non-finite logits (NaN or infinity): its weigh
 
 
 def check_finite(logits: np.ndarray):
-    """Raise GenerationError when `logits` hold a NaN or an infinity."""
-    if not np.isfinite(logits).all():
+    """Raise GenerationError when `logits` hold a NaN or +infinity (-infinity marks a token a constraint
+    leaves out)."""
+    if np.isnan(logits).any() or np.isposinf(logits).any() or np.isneginf(logits).all():
         raise GenerationError(NON_FINITE)
 
 

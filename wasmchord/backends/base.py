@@ -159,14 +159,18 @@ class Backend:
     def gelu(self, x):
         raise NotImplementedError("need gelu")
 
-    def argmax(self, logits) -> int:
-        """Index of the largest value of a [vocab] vector."""
+    def argmax(self, logits, *, mask=None) -> int:
+        """Index of the largest value of a [vocab] vector; with `mask` (a constraint's bitmask,
+        constrain.Matcher.words), among the tokens it allows."""
         raise NotImplementedError("need argmax")
 
-    def sample(self, logits, params, rng, history, step: int) -> int:
-        """Draw a token from [vocab] logits (penalties from `history`); default: on the host."""
+    def sample(self, logits, params, rng, history, step: int, *, mask=None) -> int:
+        """Draw a token from [vocab] logits (penalties from `history`; only tokens `mask` allows, when
+        given); default: on the host."""
+        from ..constrain import apply_mask
         from ..sampling import sample
-        return sample(self.read(logits), params, rng, history)
+        host = self.read(logits)
+        return sample(host if mask is None else apply_mask(host, mask), params, rng, history)
 
     def split_heads(self, x, sizes: list[int], heads: list[int]):
         """Split [n, sum(sizes)] into views [n, heads_i, sizes_i / heads_i]."""

@@ -13,6 +13,7 @@ import numpy as np
 
 from ..errors import BackendError
 from ..formats.quants import dequantize_rows
+from ..constrain import apply_mask
 from ..sampling import check_finite
 from .base import Backend, WeightSource, rope_cos_sin
 
@@ -226,7 +227,9 @@ class NumpyBackend(Backend):
         f = gate_up.shape[-1] // 2
         return self.gelu(gate_up[..., :f]) * gate_up[..., f:]
 
-    def argmax(self, logits):
+    def argmax(self, logits, *, mask=None):
+        if mask is not None:
+            logits = apply_mask(logits, mask)
         check_finite(logits)
         return int(np.argmax(logits))
 

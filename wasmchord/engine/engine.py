@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 
+from ..constrain import Constraint, apply_mask
 from ..errors import GenerationError, WasmchordError
 from ..generate import Chunk, Sequence, TextStream, check_args
 from ..sampling import SamplingParams, sample
@@ -70,6 +71,7 @@ class Engine:
             GenerationError: bad arguments, an empty prompt, or one that does not fit the context.
             QueueFull: more than `max_queue` requests would wait.
         """
+        constraint = Constraint.from_options(self.model.tokenizer, sampling)
         params = SamplingParams.from_options(sampling)
         stop = check_args(max_tokens, stop)
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.tf.slots:
@@ -82,7 +84,8 @@ class Engine:
                                      or not 0 <= logprobs <= 20):
             raise GenerationError(f"logprobs = {logprobs!r}: expected an integer from 0 to 20")
         reqs = [Request(ids, params, max_tokens, stop, TextStream(self.model.tokenizer, stop), choice=i,
-                        logprobs=logprobs, notify=notify) for i in range(n)]
+                        logprobs=logprobs, notify=notify, matcher=constraint.matcher() if constraint else None)
+                for i in range(n)]
         for r in reqs[1:]:
             r.leader = reqs[0]
         with self._wake:
@@ -226,7 +229,10 @@ class Engine:
 
     def _sample_and_emit(self, req: Request, logits: np.ndarray):
         try:
-            tok = sample(logits, req.params, req.rng, req.history())
+            allowed = logits if req.matcher is None else apply_mask(logits, req.matcher.words())
+            tok = sample(allowed, req.params, req.rng, req.history())
+            if req.matcher is not None:
+                req.matcher.consume(tok)
         except WasmchordError as e:  # non-finite logits: this request fails, the others go on
             return self._fail(req, e)
         lp = None
@@ -255,8 +261,8 @@ class Engine:
         text, hit = req.text.add(tok)
         chunk = Chunk(text, tok, logprob=lp[0] if lp else None, top_logprobs=lp[1] if lp else None)
         req.push(chunk)
-        if hit:
-            return self._finish(req, "stop", flush=False)
+        if hit or (req.matcher is not None and req.matcher.done):
+            return self._finish(req, "stop", flush=not hit)
         if len(req.tokens) >= req.max_tokens or len(self.slots[req.slot].tokens) >= self.tf.max_ctx:
             self._finish(req, "length")
 

@@ -43,6 +43,7 @@ class Request:
     leader: "Request | None" = None       # choice 0 of the same prompt: whose prefill this one shares
     logprobs: int | None = None           # report each token's log-probability and this many alternatives
     notify: object = None                 # called with each chunk too (from the engine's thread)
+    matcher: object = None                # a constrain.Matcher: the tokens its constraint allows
     last_token_at: float | None = None
 
     def __post_init__(self):

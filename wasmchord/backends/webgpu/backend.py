@@ -86,6 +86,7 @@ class WgpuBackend(Backend):
         self._partials = None
         self._seq = None
         self._kv_scratch = None
+        self._mask = None
         self._argmax_parts = gpu.buffer(8 * ARGMAX_PARTS)
         self._hist = None
 
@@ -454,16 +455,27 @@ class WgpuBackend(Backend):
                        dict(part=self._partials, seq=self._seq, out=out.buf))
         return out
 
-    def argmax(self, logits, *, defer=False):
+    def _mask_buffer(self, mask) -> object:
+        """A constraint's bitmask (int32 words) uploaded for this step's argmax or sample."""
+        if mask is None:
+            return self._dummy
+        words = np.ascontiguousarray(mask, np.int32)
+        if self._mask is None or self._mask.size < words.nbytes:
+            self.gpu.invalidate()
+            self._mask = self.gpu.buffer(words.nbytes)
+        self.gpu.device.queue.write_buffer(self._mask, 0, words)  # lands before this step's submit
+        return self._mask
+
+    def argmax(self, logits, *, defer=False, mask=None):
         count = logits.cols if len(logits.shape) > 1 else logits.shape[0]
         parts = max(1, min(ARGMAX_PARTS, count // 2048))  # about 8 values per invocation and more
-        p = dict(count=count, x_off=logits.off, parts=parts)
-        bufs = dict(x=logits.buf, ids=self.tokens.ids, part=self._argmax_parts)
+        p = dict(count=count, x_off=logits.off, parts=parts, masked=int(mask is not None))
+        bufs = dict(x=logits.buf, ids=self.tokens.ids, part=self._argmax_parts, mask=self._mask_buffer(mask))
         self._dispatch("argmax", "partial", (parts,), p, bufs)
         self._dispatch("argmax", "combine", (1,), p, bufs)
         return self._submit_token(defer)
 
-    def sample(self, logits, params, rng, history, step, *, defer=False):
+    def sample(self, logits, params, rng, history, step, *, defer=False, mask=None):
         """sample.wgsl: penalties, top-k/top-p/min-p, temperature and a counter-based draw on the GPU.
         The host's RNG only supplies a 32-bit seed per step, so a seeded generation repeats exactly."""
         if params.greedy:  # penalties then argmax: temperature 0 in the kernel would divide by zero
@@ -481,8 +493,9 @@ class WgpuBackend(Backend):
                        dict(count=count, x_off=logits.off, top_k=int(params.top_k), n_hist=int(hist.size),
                             temperature=params.temperature, top_p=params.top_p, min_p=params.min_p,
                             repeat=params.repeat_penalty, presence=params.presence_penalty,
-                            frequency=params.frequency_penalty, seed=seed, step=int(step)),
-                       dict(x=logits.buf, ids=self.tokens.ids, hist=self._hist))
+                            frequency=params.frequency_penalty, seed=seed, step=int(step),
+                            masked=int(mask is not None)),
+                       dict(x=logits.buf, ids=self.tokens.ids, hist=self._hist, mask=self._mask_buffer(mask)))
         return self._submit_token(defer)
 
     def _submit_token(self, defer: bool):
