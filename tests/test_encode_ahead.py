@@ -51,9 +51,14 @@ def test_stop_strings_and_chat_through_the_public_api(g):
 
 
 def test_context_fills(g):
+    """A context that fills ends generation (no error) with every position used, the same ahead or not."""
     ids = g.tokenizer.encode("a")[:1] * 44
-    with pytest.raises(GenerationError, match="context full"):
-        run(g, ids, SamplingParams(temperature=0), 10, ahead=True)
+    a, sa = run(g, ids, SamplingParams(temperature=0), 10, ahead=True)
+    b, sb = run(g, ids, SamplingParams(temperature=0), 10, ahead=False)
+    assert a == b and sa == sb
+    assert len(a) == 48 - 44 + 1  # the last token is sampled from position 47's logits, never stored
+    c = g.generate(ids, max_tokens=10, temperature=0)
+    assert c.finish_reason == "length" and c.tokens == a
 
 
 def test_replayed_steps_equal_the_graph(gpu_backend):

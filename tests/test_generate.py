@@ -110,12 +110,18 @@ def test_prompt_longer_than_context(m):
 
 
 def test_context_fills_during_generation(m):
+    """Generation stops when the context fills, keeping its text, with finish_reason "length"."""
     ids = m.tokenizer.encode("a")[:1] * 250
-    with pytest.raises(GenerationError, match="context full"):
-        m.generate(ids, max_tokens=50, temperature=0)
+    c = m.generate(ids, max_tokens=50, temperature=0)
+    assert c.finish_reason == "length" and len(c.tokens) == 256 - 250 + 1
+    assert c.text == m.tokenizer.decode(c.tokens)
 
 
-@pytest.mark.parametrize("msgs", [[], [{"role": "user"}], [{"content": "x"}], ["hello"], "hello"])
+BAD_CALL = {"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "f", "arguments": "{oops"}}]}
+
+
+@pytest.mark.parametrize("msgs", [[], [{"role": "user"}], [{"content": "x"}], ["hello"], "hello", [BAD_CALL],
+                                  [{"role": "assistant", "content": None, "tool_calls": ["f()"]}]])
 def test_malformed_chat_messages(m, msgs):
     with pytest.raises(GenerationError):
         m.chat(msgs)
