@@ -28,10 +28,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(*extra, key=KEY):
+def start(*extra, key=KEY, model=MODEL):
     port = free_port()
-    cmd = [sys.executable, "-m", "wasmchord", "serve", MODEL, "--backend", "cpu", "--port", str(port),
-           "--context-length", "256", *extra] + (["--api-key", key] if key else [])
+    ctx = [] if "--context-length" in extra else ["--context-length", "256"]
+    cmd = [sys.executable, "-m", "wasmchord", "serve", model, "--backend", "cpu", "--port", str(port), *ctx,
+           *extra] + (["--api-key", key] if key else [])
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -186,17 +187,38 @@ def test_bad_requests_get_openai_errors(server, client):
         client.chat.completions.create(model=MODEL, messages=[{"role": "wizard", "content": "hi"}], max_tokens=2)
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], temperature=5)
-    with pytest.raises(openai.BadRequestError, match="response_format is not supported yet"):
-        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
-                                       response_format={"type": "json_object"})
-    with pytest.raises(openai.BadRequestError, match="tools are not supported yet"):
+    with pytest.raises(openai.BadRequestError, match="chat template does not take tools"):
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
                                        tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
+    with pytest.raises(openai.BadRequestError, match="Invalid type: strin"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                       response_format={"type": "json_schema",
+                                                        "json_schema": {"name": "x", "schema": {"type": "strin"}}})
+    with pytest.raises(openai.BadRequestError, match="logit_bias is not supported"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                       logit_bias={"50": 10})
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "hi"}])
     assert httpx.get(server + "/v2/nothing", headers=h).status_code == 404
     # the server still serves everyone after all of that
     assert client.completions.create(model=MODEL, prompt="Hi", max_tokens=2).choices[0].text is not None
+
+
+def test_response_format_is_enforced(client):
+    import jsonschema
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                               "population": {"type": "integer", "minimum": 0}},
+              "required": ["city", "population"], "additionalProperties": False}
+    msgs = [{"role": "user", "content": "Give me a city as JSON."}]
+    r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=60, temperature=1.0, seed=2,
+                                       response_format={"type": "json_schema",
+                                                        "json_schema": {"name": "city", "schema": schema,
+                                                                        "strict": True}})
+    assert r.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=60, temperature=1.0,
+                                                 seed=3, stream=True, response_format={"type": "json_object"}))
+    assert isinstance(json.loads("".join(c.choices[0].delta.content or "" for c in chunks)), dict)
 
 
 def test_tokenize_round_trip(server, lib):
@@ -209,18 +231,22 @@ def test_tokenize_round_trip(server, lib):
 
 
 def test_a_full_queue_answers_503_with_retry_after():
+    """One slot, a queue of one: while a request runs, one more waits and is served; the rest get 503."""
     proc, url = start("--slots", "1", "--max-queue", "1", key=None)
     try:
-        body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 60, "temperature": 0}
-
-        def post():
-            return httpx.post(url + "/v1/completions", json=body, timeout=300)
-        with ThreadPoolExecutor(4) as pool:
-            rs = list(pool.map(lambda _: post(), range(4)))
+        body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 40, "temperature": 0}
+        with httpx.stream("POST", url + "/v1/completions", json={**body, "max_tokens": 200, "stream": True},
+                          timeout=300) as running:
+            lines = running.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))  # it holds the slot now
+            with ThreadPoolExecutor(3) as pool:
+                rs = list(pool.map(lambda _: httpx.post(url + "/v1/completions", json=body, timeout=300), range(3)))
+            assert any(line == "data: [DONE]" for line in lines)
         codes = sorted(r.status_code for r in rs)
-        assert codes.count(200) >= 2 and 503 in codes
+        assert codes == [200, 503, 503], codes
         busy = next(r for r in rs if r.status_code == 503)
         assert busy.headers["retry-after"] and busy.json()["error"]["code"] == "queue_full"
+        assert httpx.post(url + "/v1/completions", json=body, timeout=300).status_code == 200  # and serves again
     finally:
         proc.terminate()
         proc.wait(timeout=30)
