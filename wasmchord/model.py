@@ -214,9 +214,10 @@ class Model:
         from .engine import Engine
         return Engine(self, **options)
 
-    def chat_ids(self, messages) -> list[int]:
-        """The prompt for `messages`: rendered with the model's chat template and tokenized."""
-        return encode_chat(self.tokenizer, messages)
+    def chat_ids(self, messages, *, tools: list | None = None) -> list[int]:
+        """The prompt for `messages` (and function `tools`, for a template that takes them): rendered with
+        the model's chat template and tokenized."""
+        return encode_chat(self.tokenizer, messages, tools=tools)
 
     def chat_stream(self, messages, **kw) -> Iterator[Chunk]:
         """Stream the assistant's reply to `messages` ([{"role", "content"}, ...])."""

@@ -21,8 +21,10 @@ from starlette.exceptions import HTTPException
 from ..engine import QueueFull
 from ..errors import GenerationError, WasmchordError
 from .metrics import Metrics
+from ..text.chat_template import takes_tools
 from .protocol import (ApiError, ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, chat_logprobs,
                        completion_logprobs, envelope, new_id, parse, usage)
+from .tools import CallStream, call_grammar, parse_calls
 
 log = logging.getLogger(__name__)
 OPEN_PATHS = ("/health", "/metrics")
@@ -171,12 +173,24 @@ def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), 
         b = await body(request, ChatRequest)
         served.check_model(b.model)
         b.check_unsupported()
+        messages, grammar = b.chat_messages(), None
+        if b.tools:
+            if not takes_tools(served.model.tokenizer):
+                raise ApiError(400, f"{served.name}'s chat template does not take tools", param="tools")
+            grammar = call_grammar(b.tools, b.tool_choice)
         try:
-            ids = served.model.chat_ids(b.chat_messages())
+            ids = served.model.chat_ids(messages, tools=b.tools or None)
         except GenerationError as e:
             raise ApiError(400, str(e), param="messages") from None
         logprobs = (b.top_logprobs or 0) if b.logprobs else None
-        return await run(request, b, ids, b.max_completion_tokens or b.max_tokens, logprobs, chat=True)
+        calls = bool(b.tools) and b.tool_choice != "none"
+        constraint = {"grammar": grammar} if grammar else b.constraint()
+        if grammar and b.constraint():
+            raise ApiError(400, "response_format and a required tool call cannot both constrain the reply",
+                           param="response_format")
+        names = [t.get("function", {}).get("name") for t in b.tools or []]
+        return await run(request, b, ids, b.max_completion_tokens or b.max_tokens, logprobs, chat=True,
+                         constraint=constraint, calls=names if calls else None)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -188,9 +202,11 @@ def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), 
             ids = served.model.prompt_ids(b.prompt)
         except (WasmchordError, TypeError) as e:
             raise ApiError(400, str(e), param="prompt") from None
-        return await run(request, b, ids, b.max_tokens, b.logprobs, chat=False)
+        return await run(request, b, ids, b.max_tokens, b.logprobs, chat=False, constraint=b.constraint())
 
-    async def run(request, b, ids, max_tokens, logprobs, *, chat: bool):
+    async def run(request, b, ids, max_tokens, logprobs, *, chat: bool, constraint: dict, calls=None):
+        """Submit, then answer with the whole reply or a stream; `calls` (the tools' names): tool calls in
+        the reply become `tool_calls`."""
         room = served.model.transformer.max_ctx - len(ids)
         if room < 1:
             raise ApiError(400, f"the prompt has {len(ids)} tokens; the context holds "
@@ -202,7 +218,7 @@ def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), 
         def notify(req, item):  # on the engine's thread
             loop.call_soon_threadsafe(queue.put_nowait, (req, item))
         try:
-            reqs = served.engine.submit(ids, logprobs=logprobs, notify=notify,
+            reqs = served.engine.submit(ids, logprobs=logprobs, notify=notify, **constraint,
                                         **b.engine_args(min(max_tokens or room, room)))
         except QueueFull as e:
             served.metrics.count("wasmchord_requests_rejected_total")
@@ -213,8 +229,9 @@ def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), 
         rid = new_id("chatcmpl" if chat else "cmpl")
         kind = "chat.completion" if chat else "text_completion"
         if b.stream:
-            return StreamingResponse(sse(request, reqs, queue, rid, kind, b, chat), media_type="text/event-stream")
-        return await complete(request, reqs, queue, rid, kind, chat)
+            return StreamingResponse(sse(request, reqs, queue, rid, kind, b, chat, calls),
+                                     media_type="text/event-stream")
+        return await complete(request, reqs, queue, rid, kind, chat, calls)
 
     async def events(request, reqs, queue):
         """(request, chunk) as the engine produces them, until every request is done; cancels them all
@@ -239,7 +256,7 @@ def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), 
                 if not r.done:
                     served.engine.cancel(r)
 
-    async def complete(request, reqs, queue, rid, kind, chat):
+    async def complete(request, reqs, queue, rid, kind, chat, calls):
         chunks = {r: [] for r in reqs}
         async for req, ch in events(request, reqs, queue):
             chunks[req].append(ch)
@@ -251,17 +268,22 @@ def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), 
             lp = None
             if r.logprobs is not None:
                 lp = chat_logprobs(tok, cs) if chat else completion_logprobs(tok, cs)
-            body_ = {"role": "assistant", "content": text} if chat else None
+            body_, finish = {"role": "assistant", "content": text}, r.finish_reason
+            if calls:
+                content, found = parse_calls(text, calls)
+                if found:
+                    body_, finish = {"role": "assistant", "content": content, "tool_calls": found}, "tool_calls"
             choices.append({"index": i, **({"message": body_} if chat else {"text": text}), "logprobs": lp,
-                            "finish_reason": r.finish_reason})
+                            "finish_reason": finish})
         return envelope(kind, rid, served.name, choices, use_of(reqs))
 
     def use_of(reqs):
         return usage(len(reqs[0].prompt), sum(len(r.tokens) for r in reqs), reqs[0].stats.cached_tokens)
 
-    async def sse(request, reqs, queue, rid, kind, b, chat):
+    async def sse(request, reqs, queue, rid, kind, b, chat, calls):
         chunk_kind = "chat.completion.chunk" if chat else "text_completion"
         tok = served.model.tokenizer
+        split = {r: CallStream(calls) for r in reqs} if calls else {}
 
         def data(choices, use=None):
             return f"data: {json.dumps(envelope(chunk_kind, rid, served.name, choices, use))}\n\n"
@@ -273,12 +295,26 @@ def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), 
                 lp = None
                 if req.logprobs is not None and ch.logprob is not None:
                     lp = chat_logprobs(tok, [ch]) if chat else completion_logprobs(tok, [ch])
-                if ch.text or lp is not None:
-                    part = {"delta": {"content": ch.text}} if chat else {"text": ch.text}
+                text = split[req].add(ch.text) if calls else ch.text
+                if text or lp is not None:
+                    part = {"delta": {"content": text}} if chat else {"text": text}
                     yield data([{"index": req.choice, **part, "logprobs": lp, "finish_reason": None}])
                 if ch.finish_reason is not None:
+                    finish = ch.finish_reason
+                    if calls:
+                        rest, found = split[req].finish()
+                        if rest:
+                            yield data([{"index": req.choice, "delta": {"content": rest}, "logprobs": None,
+                                         "finish_reason": None}])
+                        for k, call in enumerate(found):  # each call: its id and name, then its arguments
+                            head = {"index": k, "id": call["id"], "type": "function",
+                                    "function": {"name": call["function"]["name"], "arguments": ""}}
+                            for delta in (head, {"index": k, "function": {"arguments": call["function"]["arguments"]}}):
+                                yield data([{"index": req.choice, "delta": {"tool_calls": [delta]}, "logprobs": None,
+                                             "finish_reason": None}])
+                        finish = "tool_calls" if found else finish
                     part = {"delta": {}} if chat else {"text": ""}
-                    yield data([{"index": req.choice, **part, "logprobs": None, "finish_reason": ch.finish_reason}])
+                    yield data([{"index": req.choice, **part, "logprobs": None, "finish_reason": finish}])
         except ApiError as e:
             yield f"data: {json.dumps(e.body())}\n\n"
             return

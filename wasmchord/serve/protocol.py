@@ -3,13 +3,14 @@ the response objects and error shape the server returns."""
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 
 
 class ApiError(Exception):
@@ -59,8 +60,7 @@ class _Body(BaseModel):
         return bool(self.stream_options and self.stream_options.get("include_usage"))
 
     def check_unsupported(self):
-        """Parameters this server does not implement are refused, never accepted and ignored:
-        response_format and tools need constrained decoding, which has not landed yet."""
+        """Parameters this server does not implement are refused, never accepted and ignored."""
         extra = self.model_extra or {}
         for name in ("logit_bias", "suffix", "functions", "function_call", "parallel_tool_calls"):
             if extra.get(name) not in (None, {}, [], False):
@@ -69,11 +69,23 @@ class _Body(BaseModel):
             raise ApiError(400, "echo is not supported by this server", param="echo")
         if extra.get("best_of") not in (None, 1):
             raise ApiError(400, "best_of is not supported by this server (use n)", param="best_of")
-        if self.response_format is not None and self.response_format.get("type", "text") != "text":
-            raise ApiError(400, "response_format is not supported yet (constrained decoding has not landed); "
-                                "send no response_format or {\"type\": \"text\"}", param="response_format")
-        if self.tools:
-            raise ApiError(400, "tools are not supported yet (constrained decoding has not landed)", param="tools")
+
+    def constraint(self) -> dict:
+        """response_format as the engine's json_schema= (json_object: any object; json_schema: its
+        schema, enforced whether or not `strict` is set)."""
+        rf = self.response_format
+        if rf is None or rf.get("type", "text") == "text":
+            return {}
+        if rf.get("type") == "json_object":
+            return {"json_schema": {"type": "object"}}
+        if rf.get("type") == "json_schema":
+            spec = rf.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+                raise ApiError(400, "response_format.json_schema must be {\"name\": ..., \"schema\": {...}}",
+                               param="response_format.json_schema")
+            return {"json_schema": spec.get("schema", {})}
+        raise ApiError(400, f"response_format.type = {rf.get('type')!r}: expected text, json_object or json_schema",
+                       param="response_format.type")
 
     def engine_args(self, max_tokens: int) -> dict:
         """Keyword arguments of Engine.submit (sampling options left out keep the library defaults)."""
@@ -95,11 +107,32 @@ class Message(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: str
     content: Union[str, list[TextPart], None] = None
+    tool_calls: list[dict] | None = None
+    tool_call_id: str | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(p.text for p in self.content)
         return self.content or ""
+
+    def for_template(self) -> dict:
+        """The message as chat templates read it: arguments of earlier tool calls as objects."""
+        out = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            calls = []
+            for c in self.tool_calls:
+                fn = dict(c.get("function") or {})
+                if isinstance(fn.get("arguments"), str):
+                    try:
+                        fn["arguments"] = json.loads(fn["arguments"])
+                    except json.JSONDecodeError:
+                        raise ApiError(400, "a tool call's arguments must be a JSON object",
+                                       param="messages.tool_calls") from None
+                calls.append({**c, "function": fn})
+            out["tool_calls"] = calls
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
 
 
 class ChatRequest(_Body):
@@ -114,7 +147,7 @@ class ChatRequest(_Body):
             if m.role not in ROLES:
                 raise ApiError(400, f"messages[{i}].role = {m.role!r}: expected one of {', '.join(ROLES)}",
                                param=f"messages[{i}].role")
-            out.append({"role": m.role, "content": m.text()})
+            out.append(m.for_template())
         return out
 
 

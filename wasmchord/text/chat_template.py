@@ -6,6 +6,8 @@ Fallbacks when the file has no template: Gemma's turn format when the vocabulary
 
 from __future__ import annotations
 
+import json
+
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -44,15 +46,38 @@ def check_messages(messages) -> list[dict]:
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise GenerationError(f"message {i} is a {type(m).__name__}, expected a dict with 'role' and 'content'")
-        for key in ("role", "content"):
-            if not isinstance(m.get(key), str):
-                raise GenerationError(f"message {i} has no string {key!r}")
-        out.append({"role": m["role"], "content": m["content"]})
+        if not isinstance(m.get("role"), str):
+            raise GenerationError(f"message {i} has no string 'role'")
+        calls = m.get("tool_calls")
+        if not isinstance(m.get("content"), str) and not (calls and m.get("content") is None):
+            raise GenerationError(f"message {i} has no string 'content'")
+        m = {k: m[k] for k in ("role", "content", "tool_calls", "tool_call_id", "name") if k in m}
+        if calls:
+            m["tool_calls"] = [_template_call(i, c) for c in calls]
+        out.append(m)
     return out
 
 
-def render(tokenizer, messages, *, add_generation_prompt: bool = True, template: str | None = None) -> str:
-    """Render `messages` with the model's template (or `template`).
+def _template_call(i: int, call) -> dict:
+    """An OpenAI tool call as templates read it: `arguments` a mapping, not the JSON text the API
+    carries (templates write `arguments | tojson`)."""
+    if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
+        raise GenerationError(f"message {i} has a tool call that is not a dict with a 'function'")
+    fn = dict(call["function"])
+    args = fn.get("arguments")
+    if isinstance(args, str):
+        try:
+            fn["arguments"] = json.loads(args) if args.strip() else {}
+        except json.JSONDecodeError as e:
+            raise GenerationError(f"message {i}: tool call arguments are not JSON ({e.msg})") from None
+    return {**call, "function": fn}
+
+
+def render(tokenizer, messages, *, add_generation_prompt: bool = True, template: str | None = None,
+           tools: list | None = None) -> str:
+    """Render `messages` (and the function `tools` a template may take) with the model's template (or
+    `template`). Messages are {"role", "content"}, an assistant's may carry "tool_calls" instead of
+    content, a "tool" message its "tool_call_id".
 
     Raises:
         GenerationError: malformed messages, or the template failed (its own message included).
@@ -65,7 +90,7 @@ def render(tokenizer, messages, *, add_generation_prompt: bool = True, template:
     eos = tokenizer.tokens[tokenizer.eos_id] if tokenizer.eos_id is not None else ""
     try:
         return env.from_string(src).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                           bos_token=bos, eos_token=eos)
+                                           bos_token=bos, eos_token=eos, tools=tools or None)
     except GenerationError:
         raise
     except TemplateError as e:
@@ -81,3 +106,8 @@ def encode_chat(tokenizer, messages, **kw) -> list[int]:
     if len(ids) >= 2 and ids[0] == ids[1] == tokenizer.bos_id:
         ids = ids[1:]
     return ids
+
+
+def takes_tools(tokenizer) -> bool:
+    """Whether the model's chat template renders function tools (it reads a `tools` variable)."""
+    return bool(tokenizer.chat_template) and "tools" in tokenizer.chat_template

@@ -1,0 +1,83 @@
+"""Tool calls through the `openai` client on Qwen2.5-Coder-1.5B-Instruct, whose chat template takes
+tools: a required or named call is constrained to the tool's schema, an automatic one is parsed from
+the model's `<tool_call>` blocks; streamed as tool-call deltas; tool results go back in the chat."""
+
+import json
+
+import jsonschema
+import openai
+import pytest
+
+from test_serve import start
+
+from wasmchord.hub import resolve_model
+from wasmchord.text.chat_template import encode_chat, render
+from wasmchord.text.tokenizer import Tokenizer
+
+MODEL = "qwen2.5-coder-1.5b-instruct"
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"},
+                                                    "unit": {"enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {
+    "name": "get_time", "description": "The current time in a time zone.",
+    "parameters": {"type": "object", "properties": {"zone": {"type": "string"}}, "required": ["zone"]}}}
+TOKENIZER = Tokenizer.from_gguf(resolve_model(MODEL))
+ASK = [{"role": "user", "content": "What is the weather like in Paris right now, in celsius?"}]
+
+
+@pytest.fixture(scope="module")
+def client():
+    proc, url = start("--slots", "2", "--context-length", "1024", key=None, model=MODEL)
+    yield openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
+    proc.terminate()
+    proc.wait(timeout=60)
+
+
+def check_call(call, tool):
+    assert call.type == "function" and call.id and call.function.name == tool["function"]["name"]
+    jsonschema.validate(json.loads(call.function.arguments), tool["function"]["parameters"])
+
+
+def test_required_and_named_calls_follow_the_schema(client):
+    r = client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER, TIME], tool_choice="required",
+                                       max_tokens=80, temperature=0)
+    c = r.choices[0]
+    assert c.finish_reason == "tool_calls" and len(c.message.tool_calls) == 1
+    check_call(c.message.tool_calls[0], WEATHER)
+    named = client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER, TIME], max_tokens=80,
+                                           tool_choice={"type": "function", "function": {"name": "get_time"}},
+                                           temperature=0)
+    check_call(named.choices[0].message.tool_calls[0], TIME)
+
+
+def test_streamed_tool_call_deltas(client):
+    chunks = list(client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER], tool_choice="required",
+                                                 max_tokens=80, temperature=0, stream=True))
+    deltas = [tc for ch in chunks if ch.choices for tc in (ch.choices[0].delta.tool_calls or [])]
+    assert deltas[0].id and deltas[0].function.name == "get_weather"
+    args = "".join(d.function.arguments or "" for d in deltas)
+    jsonschema.validate(json.loads(args), WEATHER["function"]["parameters"])
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "tool_calls"
+
+
+def test_automatic_call_then_the_tool_result(client):
+    r = client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER], max_tokens=80, temperature=0)
+    msg = r.choices[0].message
+    assert r.choices[0].finish_reason == "tool_calls"  # this model calls the tool for this question
+    check_call(msg.tool_calls[0], WEATHER)
+    follow = ASK + [{"role": "assistant", "content": None, "tool_calls": [tc.model_dump() for tc in msg.tool_calls]},
+                    {"role": "tool", "tool_call_id": msg.tool_calls[0].id,
+                     "content": json.dumps({"temperature": 18, "unit": "celsius", "sky": "clear"})}]
+    answer = client.chat.completions.create(model=MODEL, messages=follow, tools=[WEATHER], max_tokens=40,
+                                            temperature=0)
+    # what the model makes of the result is the model's business; the prompt it saw is ours: the call
+    # with its arguments as an object, then the tool's result, as the template writes them
+    prompt = render(TOKENIZER, follow, tools=[WEATHER])
+    assert '"arguments": {"city": "Paris", "unit": "celsius"}' in prompt
+    assert '<tool_response>\n{"temperature": 18, "unit": "celsius", "sky": "clear"}\n</tool_response>' in prompt
+    assert answer.usage.prompt_tokens == len(encode_chat(TOKENIZER, follow, tools=[WEATHER]))
+    none = client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER], tool_choice="none",
+                                          max_tokens=10, temperature=0)
+    assert none.choices[0].message.tool_calls is None

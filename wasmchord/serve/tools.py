@@ -1,0 +1,120 @@
+"""Function tools in the chat API: which templates take them, the constraint that makes the model call
+one (tool_choice "required" or a named function), and the parser of the calls it writes.
+
+Tool calls are written as the Hermes/Qwen2.5 templates ask: `<tool_call>\n{"name": ..., "arguments":
+{...}}\n</tool_call>`, one block per call; text before the first block is the message's content.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+from ..constrain import JSON_STYLE
+from .protocol import ApiError
+
+OPEN, CLOSE = "<tool_call>", "</tool_call>"
+
+
+def function_of(tool) -> dict:
+    fn = tool.get("function") if isinstance(tool, dict) else None
+    if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(fn, dict) \
+            or not isinstance(fn.get("name"), str):
+        raise ApiError(400, 'each tool must be {"type": "function", "function": {"name": ..., "parameters": {...}}}',
+                       param="tools")
+    return tool["function"]
+
+
+def call_grammar(tools: list, choice) -> str | None:
+    """A Lark grammar (llguidance) for one call of any of `tools` ("required") or of the named one;
+    None when the model chooses (auto) or must not call (none)."""
+    if choice in (None, "auto", "none"):
+        return None
+    functions = [function_of(t) for t in tools]
+    if choice != "required":
+        name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+        functions = [f for f in functions if f["name"] == name]
+        if not functions:
+            raise ApiError(400, f"tool_choice names {name!r}, which is not among the tools", param="tool_choice")
+    variants = [{"type": "object", "properties": {"name": {"const": f["name"]},
+                                                 "arguments": f.get("parameters") or {"type": "object"}},
+                 "required": ["name", "arguments"], "additionalProperties": False} for f in functions]
+    schema = dict(variants[0] if len(variants) == 1 else {"anyOf": variants}, **{"x-guidance": JSON_STYLE})
+    return f'start: "{OPEN}\\n" call "\\n{CLOSE}"\ncall: %json {json.dumps(schema)}'
+
+
+def new_call(name: str, arguments: str) -> dict:
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": name, "arguments": arguments}}
+
+
+def parse_calls(text: str, names=None) -> tuple[str | None, list[dict]]:
+    """(content before the calls or None, calls) of a reply; text with no call block is all content,
+    unless the whole reply is one JSON object {"name": one of `names`, "arguments": {...}} (bare or in a
+    ``` fence), which small models write instead of the block."""
+    if OPEN not in text:
+        bare = _bare_call(text, names)
+        return (None, bare) if bare else (text, [])
+    content, rest = text.split(OPEN, 1)
+    calls = []
+    for block in (OPEN + rest).split(OPEN)[1:]:
+        body = block.split(CLOSE, 1)[0].strip()
+        try:
+            obj = json.loads(body)
+            name, args = obj["name"], obj.get("arguments", {})
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # not a well-formed call: left out of tool_calls (the text stays below)
+        calls.append(new_call(str(name), args if isinstance(args, str) else json.dumps(args)))
+    if not calls:
+        return text, []
+    return (content.strip() or None), calls
+
+
+def _bare_call(text: str, names) -> list[dict]:
+    body = text.strip()
+    if body.startswith("```"):
+        body = body.split("\n", 1)[1] if "\n" in body else ""
+        body = body.rsplit("```", 1)[0]
+    try:
+        obj = json.loads(body)
+    except json.JSONDecodeError:
+        return []
+    if not (isinstance(obj, dict) and set(obj) <= {"name", "arguments"} and obj.get("name") in (names or ())
+            and isinstance(obj.get("arguments", {}), dict)):
+        return []
+    return [new_call(obj["name"], json.dumps(obj.get("arguments", {})))]
+
+
+class CallStream:
+    """Streamed text split into content (sent at once) and the call blocks (held back until complete):
+    text that may begin `<tool_call>` is held back like a stop string."""
+
+    def __init__(self, names=()):
+        self.pending, self.calls_text, self.in_calls, self.names = "", "", False, names
+        self.sent = ""  # content already streamed
+
+    def add(self, text: str) -> str:
+        """The content that can be sent now."""
+        if self.in_calls:
+            self.calls_text += text
+            return ""
+        self.pending += text
+        if OPEN in self.pending:
+            content, rest = self.pending.split(OPEN, 1)
+            self.in_calls, self.calls_text, self.pending = True, OPEN + rest, ""
+            return content
+        if (self.sent + self.pending).lstrip().startswith(("{", "`")):  # maybe a bare call: held to the end
+            return ""
+        keep = max((k for k in range(1, len(OPEN)) if self.pending.endswith(OPEN[:k])), default=0)
+        out, self.pending = self.pending[:len(self.pending) - keep], self.pending[len(self.pending) - keep:]
+        self.sent += out
+        return out
+
+    def finish(self) -> tuple[str, list[dict]]:
+        """(content still held back, calls) at the end of the reply."""
+        if not self.in_calls:
+            out, self.pending = self.pending, ""
+            calls = [] if self.sent else _bare_call(out, self.names)
+            return ("" if calls else out), calls
+        content, calls = parse_calls(self.calls_text, self.names)
+        return ("" if calls else self.calls_text), calls
