@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -10,13 +11,14 @@ from dataclasses import fields
 from .. import hub
 from ..generate import DEFAULT_MAX_TOKENS
 from ..sampling import SamplingParams
-from .files import resolve
+from .files import add_verify, resolve
 from .progress import ProgressBar
 
 
 def add_device_options(s):
     s.add_argument("--backend", default="auto", choices=["auto", "cpu", "gpu"], help="compute backend")
     s.add_argument("--context-length", type=int, default=None, help="cap the context (default: model's, max 4096)")
+    add_verify(s)
 
 
 def add_sampling_options(s):
@@ -37,7 +39,7 @@ def sampling_options(a) -> dict:
 
 def load(a):
     from ..model import Model
-    path = resolve(a.model, a.cache_dir)
+    path = resolve(a.model, a)
     with ProgressBar() as bar:
         return Model.load(path, device=a.backend, context_length=a.context_length, progress=bar)
 
@@ -115,12 +117,29 @@ def cmd_chat(a):
 
 # ---------------------------------------------------------------------------- bench
 
+def positive_int(text: str) -> int:
+    """An argparse type: a positive integer."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
+def positive_ints(text: str) -> tuple[int, ...]:
+    """An argparse type: comma-separated positive integers."""
+    return tuple(positive_int(x) for x in text.split(","))
+
+
 def add_bench(sub):
     s = sub.add_parser("bench", help="benchmark load, prefill and decode (with llama.cpp when installed)")
     s.add_argument("model", nargs="?", default=hub.DEFAULT_MODEL)
     add_device_options(s)
-    s.add_argument("--prompt-lengths", default="64,256,1024")
-    s.add_argument("--gen-tokens", type=int, default=128)
+    s.add_argument("--prompt-lengths", default=(64, 256, 1024), type=positive_ints,
+                   help="prompt lengths to time, comma-separated (default: 64,256,1024)")
+    s.add_argument("--gen-tokens", type=positive_int, default=128, help="tokens to decode (default: 128)")
     s.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp comparison")
     s.add_argument("--profile", action="store_true", help="GPU: per-kernel times (timestamp queries), GB/s, "
                    "host encode time and dispatches per decode step")
@@ -132,10 +151,9 @@ def add_bench(sub):
 
 def cmd_bench(a):
     from .. import bench
-    path = resolve(a.model, a.cache_dir)
-    lengths = tuple(int(x) for x in a.prompt_lengths.split(","))
+    path = resolve(a.model, a)
     with ProgressBar() as bar:
-        res = bench.run(path, device=a.backend, prompt_lengths=lengths, n_gen=a.gen_tokens,
+        res = bench.run(path, device=a.backend, prompt_lengths=a.prompt_lengths, n_gen=a.gen_tokens,
                         llama_cpp="off" if a.no_llama_cpp else "auto", progress=bar, profile=a.profile,
                         timestamp_period_ns=a.timestamp_period)
     print(bench.format_result(res))
