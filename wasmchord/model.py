@@ -12,7 +12,7 @@ import numpy as np
 
 from .backends import get_backend
 from .config import ModelConfig
-from .errors import GenerationError
+from .errors import GenerationError, TokenizerError
 from .formats.gguf import GGUFFile
 from .generate import DEFAULT_MAX_TOKENS, Chunk, Completion, Sequence, check_args, stream_chunks
 from .hub import resolve_model
@@ -65,6 +65,9 @@ class Model:
         gf = GGUFFile(resolve_model(path_or_alias, progress=progress))
         cfg = ModelConfig.from_gguf(gf.metadata)
         tok = Tokenizer(gf.metadata, source=str(gf.path))
+        if tok.vocab_size != cfg.vocab_size:  # llama.cpp: the embedding has a row per token, no more, no less
+            raise TokenizerError(f"{gf.path}: tokenizer.ggml.tokens has {tok.vocab_size} tokens, but the model's "
+                                 f"vocabulary ({cfg.arch}.vocab_size, token_embd.weight) has {cfg.vocab_size}")
         if context_length is None:
             ctx = min(cfg.context_length, 4096)
         else:
