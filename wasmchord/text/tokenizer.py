@@ -7,6 +7,7 @@ matched; control tokens only with `parse_special=True`.
 
 from __future__ import annotations
 
+import bisect
 import codecs
 import os
 from typing import Iterable
@@ -179,6 +180,8 @@ class Tokenizer:
         special.sort(key=lambda i: -len(self.tokens[i]))
         self._user_defined = [(self.tokens[i], i) for i in special if self.types[i] == USER_DEFINED]
         self._all_special = [(self.tokens[i], i) for i in special]
+        self._user_defined_ids = frozenset(i for _, i in self._user_defined)
+        self._control = [(t, i) for t, i in self._all_special if i not in self._user_defined_ids]
 
     @classmethod
     def from_gguf(cls, path_or_alias: str | os.PathLike) -> "Tokenizer":
@@ -200,6 +203,12 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return len(self.tokens)
+
+    @property
+    def special_tokens(self) -> list[tuple[str, int]]:
+        """(text, id) of the tokens that only `parse_special=True` turns text into (control and unknown
+        tokens; user-defined tokens are always matched), longest first."""
+        return self._control
 
     def token(self, token_id: int) -> str:
         """The vocabulary text of a token."""
@@ -223,13 +232,16 @@ class Tokenizer:
         return i
 
     # ------------------------------------------------------------------------------------ encode
-    def encode(self, text: str, *, add_bos: bool | None = None, parse_special: bool = False) -> list[int]:
+    def encode(self, text: str, *, add_bos: bool | None = None, parse_special: bool = False,
+               plain_spans=()) -> list[int]:
         """Text -> token ids, as llama.cpp's `llama_tokenize`.
 
         Args:
             text: the text. Lone surrogates (not encodable as UTF-8) are replaced by U+FFFD.
             add_bos: prepend BOS; None follows `tokenizer.ggml.add_bos_token`.
             parse_special: turn control-token spellings in the text (e.g. `<|im_start|>`) into their ids.
+            plain_spans: sorted, disjoint (start, end) ranges of `text` where parse_special does not
+                apply (a chat message's content inside a rendered template).
 
         Raises:
             TypeError: `text` is not a string.
@@ -245,7 +257,8 @@ class Tokenizer:
         out: list[int] = []
         if add_bos and self.bos_id is not None:
             out.append(self.bos_id)
-        fragments = self._partition(text, self._all_special if parse_special else self._user_defined)
+        fragments = self._partition(text, self._all_special if parse_special else self._user_defined,
+                                    plain_spans, self._user_defined_ids)
         if self.model == "llama":
             prev_special = True
             for frag in fragments:
@@ -268,25 +281,37 @@ class Tokenizer:
         return out
 
     @staticmethod
-    def _partition(text: str, specials: list[tuple[str, int]]) -> list[str | int]:
-        """Cut text at special tokens, longest token first over all fragments (llama.cpp order)."""
-        frags: list[str | int] = [text] if text else []
+    def _partition(text: str, specials: list[tuple[str, int]], plain_spans=(),
+                   always: frozenset = frozenset()) -> list[str | int]:
+        """Cut text at special tokens, longest token first over all fragments (llama.cpp order). Inside
+        `plain_spans` ((start, end) of text) only the tokens in `always` are cut out."""
+        frags: list[tuple[int | None, str | int]] = [(0, text)] if text else []  # (offset in text, piece)
+        starts = [s for s, _ in plain_spans]  # sorted, not overlapping: the last one starting before a
+        ends = [e for _, e in plain_spans]    # match's end is the only one that can overlap it
         for tok_text, tid in specials:
             if tok_text not in text:
                 continue
-            new: list[str | int] = []
-            for f in frags:
-                if isinstance(f, int) or tok_text not in f:
-                    new.append(f)
+            guarded = bool(plain_spans) and tid not in always
+            new: list[tuple[int | None, str | int]] = []
+            for off, f in frags:
+                if off is None or tok_text not in f:
+                    new.append((off, f))
                     continue
-                parts = f.split(tok_text)
-                for j, p in enumerate(parts):
-                    if j:
-                        new.append(tid)
-                    if p:
-                        new.append(p)
+                start, pos = 0, f.find(tok_text)
+                while pos != -1:
+                    a, b = off + pos, off + pos + len(tok_text)
+                    if guarded and (j := bisect.bisect_left(starts, b) - 1) >= 0 and ends[j] > a:
+                        pos = f.find(tok_text, pos + 1)
+                        continue
+                    if pos > start:
+                        new.append((off + start, f[start:pos]))
+                    new.append((None, tid))
+                    start = pos + len(tok_text)
+                    pos = f.find(tok_text, start)
+                if start < len(f):
+                    new.append((off + start, f[start:]))
             frags = new
-        return frags
+        return [f for _, f in frags]
 
     # ------------------------------------------------------------------------------------ decode
     def token_bytes(self, token_id: int, *, skip_special: bool = True) -> bytes:
