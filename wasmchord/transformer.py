@@ -166,7 +166,7 @@ class Transformer:
         if not all_logits:
             x = x[-1:]
         h, norm = self._prenorm(x, self.output_norm, self.output_norm_b)
-        logits = be.matmul(h, self.output, self.output_b, norm=norm)                         # [n|1, vocab]
+        logits = be.logits(h, self.output, self.output_b, norm=norm)                         # [n|1, vocab]
         return logits if all_logits else logits[0]
 
     def _ffn(self, h, L, residual=None, norm=None):

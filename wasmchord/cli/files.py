@@ -47,6 +47,8 @@ def add_info(sub):
     s.add_argument("--metadata", action="store_true", help="list every metadata key")
     s.add_argument("--json", action="store_true", help="machine-readable summary")
     s.add_argument("--gpu", action="store_true", help="describe the GPU adapter, limits and features")
+    s.add_argument("--gpu-backend", default=None, choices=["vulkan", "metal", "dx12", "opengl"],
+                   help="with --gpu: the adapter on this wgpu backend")
     add_verify(s)
     s.set_defaults(func=cmd_info)
 
@@ -54,7 +56,7 @@ def add_info(sub):
 def cmd_info(a):
     if a.gpu:
         from ..backends import gpu_info
-        print(gpu_info())
+        print(gpu_info(a.gpu_backend))
         if not a.model:
             return
     from ..formats.gguf import GGUFFile

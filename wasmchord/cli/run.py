@@ -15,8 +15,13 @@ from .files import add_verify, resolve
 from .progress import ProgressBar
 
 
+GPU_BACKENDS = ["vulkan", "metal", "dx12", "opengl"]  # wasmchord.backends.webgpu.device.GPU_BACKENDS
+
+
 def add_device_options(s):
     s.add_argument("--backend", default="auto", choices=["auto", "cpu", "gpu"], help="compute backend")
+    s.add_argument("--gpu-backend", default=None, choices=GPU_BACKENDS,
+                   help="require this wgpu backend for the GPU (default: wgpu's choice, said on stderr)")
     s.add_argument("--context-length", type=int, default=None, help="cap the context (default: model's, max 4096)")
     add_verify(s)
 
@@ -38,10 +43,17 @@ def sampling_options(a) -> dict:
 
 
 def load(a):
+    from ..errors import BackendError
     from ..model import Model
+    if a.gpu_backend and a.backend == "cpu":
+        raise BackendError("--gpu-backend needs --backend gpu (or auto)")
     path = resolve(a.model, a)
     with ProgressBar() as bar:
-        return Model.load(path, device=a.backend, context_length=a.context_length, progress=bar)
+        m = Model.load(path, device=a.backend, context_length=a.context_length, progress=bar,
+                       **({"gpu_backend": a.gpu_backend} if a.gpu_backend else {}))
+    if m.backend.name == "gpu":
+        print(f"wasmchord: GPU {m.backend.device_name}", file=sys.stderr)
+    return m
 
 
 def write_stream(chunks):
