@@ -137,7 +137,8 @@ def test_load_of_none_names_what_it_expects():
 
 def test_cli_seed_and_bench_lengths_are_one_line_errors(tiny):
     for args in (["generate", str(tiny), "hi", "--seed", "-1", "--backend", "cpu"],
-                 ["bench", str(tiny), "--prompt-lengths", "a,b"], ["bench", str(tiny), "--gen-tokens", "0"]):
+                 ["bench", str(tiny), "--prompt-lengths", "a,b"], ["bench", str(tiny), "--gen-tokens", "0"],
+                 ["generate", str(tiny), "hi", "--backend", "cpu", "--gpu-backend", "vulkan"]):
         r = subprocess.run([sys.executable, "-m", "wasmchord", *args], capture_output=True, text=True)
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
 

@@ -162,3 +162,9 @@ def test_a_hostile_template_in_a_model_file_is_one_line_in_the_cli(tiny_chatml, 
     r = subprocess.run([sys.executable, "-m", "wasmchord", "chat", str(p), "--backend", "cpu", "-n", "2"],
                        input="hello\n", capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "would make a value" in r.stderr, r.stderr
+
+
+def test_a_template_that_checks_content_still_renders_plain_content(tok):
+    picky = ("{% for m in messages %}{% if m['content'] != 'hi' %}{{ raise_exception('say hi') }}{% endif %}"
+             "{{ '<|im_start|>user\n' + m['content'] + '<|im_end|>' }}{% endfor %}")
+    assert turns(tok, encode_chat(tok, [{"role": "user", "content": "hi"}], template=picky)) == 1

@@ -113,7 +113,10 @@ def _is_verified(path: Path, m: KnownModel, *, rehash: bool, progress: Progress 
     if got != m.sha256:
         log.warning("the cached %s is corrupt (sha256 %s, expected %s)", path, got, m.sha256)
         return False
-    _write_stamp(path, m)
+    try:
+        _write_stamp(path, m)
+    except OSError as e:  # a read-only cache: the file is good, it will be hashed again next time
+        log.warning("could not renew the stamp of %s: %s", path, e)
     return True
 
 

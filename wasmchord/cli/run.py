@@ -42,15 +42,20 @@ def sampling_options(a) -> dict:
     return dict(max_tokens=a.max_tokens, stop=a.stop or None, **{f.name: getattr(a, f.name) for f in fields(SamplingParams)})
 
 
-def load(a):
-    from ..errors import BackendError
-    from ..model import Model
+def backend_options(a) -> dict:
+    """Options for the backend from --gpu-backend."""
     if a.gpu_backend and a.backend == "cpu":
+        from ..errors import BackendError
         raise BackendError("--gpu-backend needs --backend gpu (or auto)")
+    return {"gpu_backend": a.gpu_backend} if a.gpu_backend else {}
+
+
+def load(a):
+    from ..model import Model
+    options = backend_options(a)
     path = resolve(a.model, a)
     with ProgressBar() as bar:
-        m = Model.load(path, device=a.backend, context_length=a.context_length, progress=bar,
-                       **({"gpu_backend": a.gpu_backend} if a.gpu_backend else {}))
+        m = Model.load(path, device=a.backend, context_length=a.context_length, progress=bar, **options)
     if m.backend.name == "gpu":
         print(f"wasmchord: GPU {m.backend.device_name}", file=sys.stderr)
     return m
@@ -167,7 +172,7 @@ def cmd_bench(a):
     with ProgressBar() as bar:
         res = bench.run(path, device=a.backend, prompt_lengths=a.prompt_lengths, n_gen=a.gen_tokens,
                         llama_cpp="off" if a.no_llama_cpp else "auto", progress=bar, profile=a.profile,
-                        timestamp_period_ns=a.timestamp_period)
+                        timestamp_period_ns=a.timestamp_period, **backend_options(a))
     print(bench.format_result(res))
     if a.json:
         with open(a.json, "w") as f:

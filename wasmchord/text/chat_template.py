@@ -101,7 +101,10 @@ def content_spans(tokenizer, messages, text: str, *, add_generation_prompt: bool
     """The (start, end) of each place where `text` (the template's rendering of `messages`) holds a
     message's content, or None when the template changes contents beyond trimming them."""
     marked = [dict(m, content=_placeholder(i)) for i, m in enumerate(messages)]
-    pieces = re.split("\ue000(\\d+)\ue001", _render(tokenizer, marked, add_generation_prompt, template, limits))
+    try:
+        pieces = re.split("\ue000(\\d+)\ue001", _render(tokenizer, marked, add_generation_prompt, template, limits))
+    except GenerationError:  # the template needs real contents (it checks them)
+        return None
     spans, pos = [], len(pieces[0])
     if text[:pos] != pieces[0]:
         return None
@@ -128,8 +131,8 @@ def _specials_in_content(tokenizer, messages) -> list[tuple[int, str]]:
     return [(i, t) for i, m in enumerate(messages) for t in present if t in m["content"]]
 
 
-def encode_chat(tokenizer, messages, *, parse_special: bool = False, limits: TemplateLimits = DEFAULT_LIMITS,
-                **kw) -> list[int]:
+def encode_chat(tokenizer, messages, *, add_generation_prompt: bool = True, template: str | None = None,
+                parse_special: bool = False, limits: TemplateLimits = DEFAULT_LIMITS) -> list[int]:
     """Rendered, tokenized prompt; never two BOS tokens. The template's special tokens are parsed;
     in the messages' content they are plain text unless `parse_special` (for trusted content only).
 
@@ -139,12 +142,11 @@ def encode_chat(tokenizer, messages, *, parse_special: bool = False, limits: Tem
             can render it).
     """
     messages = check_messages(messages)
-    add_gen, template = kw.get("add_generation_prompt", True), kw.get("template")
-    text = _render(tokenizer, messages, add_gen, template, limits)
+    text = _render(tokenizer, messages, add_generation_prompt, template, limits)
     protected = []
     if not parse_special:
-        spans = content_spans(tokenizer, messages, text, add_generation_prompt=add_gen, template=template,
-                              limits=limits)
+        spans = content_spans(tokenizer, messages, text, add_generation_prompt=add_generation_prompt,
+                              template=template, limits=limits)
         if spans is None and (marked := _specials_in_content(tokenizer, messages)):
             i, t = marked[0]
             raise GenerationError(f"message {i} contains the special token {t!r}, and this chat template changes "
