@@ -222,13 +222,22 @@ def test_backend_options_give_the_same_tokens(pair, option):
 
 
 def test_logits_of_more_positions_than_one_binding_holds(gpu_backend):
-    """60 positions x 49,152 logits (11.8 MB) pass a forced 8 MiB binding limit (as 683 positions pass the
-    default 128 MiB): the logits come in blocks of positions (a raw GPUValidationError before)."""
+    """60 positions x 49,152 logits (11.8 MB) pass an 8 MiB binding limit (as 683 positions pass the
+    default 128 MiB, where the device raised a raw GPUValidationError): the logits come in blocks of
+    positions, and no buffer bound to any kernel exceeds the limit."""
     small = Model.load("smollm2-135m-instruct", device="gpu", context_length=64, max_binding_size=8 << 20)
+    programs, limit, largest = small.backend.programs, small.backend.gpu.max_binding, []
+    bind_group = programs.bind_group
+
+    def checked(kernel, param_buf, offset, buffers):
+        largest.append(max(buffers[n].size for n in kernel.slots))
+        return bind_group(kernel, param_buf, offset, buffers)
+    programs.bind_group = checked
     ref = Model.load("smollm2-135m-instruct", device="cpu", context_length=64)
     ids = ref.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 6)[:60]
     lg, lc = small.logits(ids), ref.logits(ids)
-    assert lg.shape == (60, 49152) and 60 * 49152 * 4 > 8 << 20
+    assert lg.shape == (60, 49152) and 60 * 49152 * 4 > limit == 8 << 20
+    assert largest and max(largest) <= limit
     assert np.abs(lg - lc).max() < 1e-3 * np.abs(lc).max()
     assert small.generate(ids[:10], max_tokens=3, temperature=0).tokens == \
         ref.generate(ids[:10], max_tokens=3, temperature=0).tokens

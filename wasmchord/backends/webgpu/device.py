@@ -90,9 +90,8 @@ def _enumerate(wgpu) -> list:
         return []
 
 
-def open_device(*, allow_software: bool = True, max_binding_size: int | None = None, backend: str | None = None):
-    """(adapter, device, granted features) or BackendError naming what to install. `max_binding_size`
-    lowers the device's storage binding limit (as a smaller GPU would have it); `backend` as in
+def open_device(*, allow_software: bool = True, backend: str | None = None):
+    """(adapter, device, granted features) or BackendError naming what to install; `backend` as in
     `find_adapter`."""
     adapter = find_adapter(allow_software=allow_software, backend=backend)
     if adapter is None:
@@ -103,12 +102,9 @@ def open_device(*, allow_software: bool = True, max_binding_size: int | None = N
                     "least tested path; install a Vulkan driver, or ask for a backend with gpu_backend= "
                     "(--gpu-backend)", _label(adapter))
     features = [f for f in OPTIONAL_FEATURES if f in adapter.features]
-    limits = {}
-    if max_binding_size:
-        limits["max-storage-buffer-binding-size"] = min(max_binding_size, adapter.limits["max-storage-buffer-binding-size"])
     try:
         # Limits not named default to the adapter's maximum in wgpu-py (GPU_NOTES.md).
-        device = adapter.request_device_sync(required_features=features, required_limits=limits)
+        device = adapter.request_device_sync(required_features=features)
     except Exception as e:
         raise BackendError(f"could not open the GPU device {adapter.info.get('device')}: {e}") from None
     return adapter, device, features
@@ -141,10 +137,9 @@ class Gpu:
 
     def __init__(self, *, allow_software: bool = True, max_binding_size: int | None = None, backend: str | None = None):
         self.wgpu = _wgpu()
-        self.adapter, self.device, self.features = open_device(allow_software=allow_software,
-                                                               max_binding_size=max_binding_size, backend=backend)
+        self.adapter, self.device, self.features = open_device(allow_software=allow_software, backend=backend)
         lim = self.device.limits
-        self.max_binding = lim["max-storage-buffer-binding-size"]
+        self.max_binding = min(lim["max-storage-buffer-binding-size"], max_binding_size or 2**62)
         self.max_wg = lim["max-compute-workgroups-per-dimension"]
         self.slot_bytes = max(256, lim["min-uniform-buffer-offset-alignment"])
         self.name = _label(self.adapter)
