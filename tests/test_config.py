@@ -1,5 +1,7 @@
 """Model config from GGUF metadata."""
 
+import time
+
 import pytest
 
 from wasmchord.config import ModelConfig
@@ -88,3 +90,39 @@ def test_a_fused_qkv_tensor_stands_for_q_k_and_v():
     assert len(cfg.check_tensors(shapes)[0]) == 6
     shapes.update({f"blk.{i}.attn_qkv.weight": (64 + 2 * 32, 64) for i in range(2)})
     assert cfg.check_tensors(shapes) == ([], {})
+
+
+def test_a_head_size_of_zero_names_the_keys_it_comes_from():
+    md = {k: v for k, v in LLAMA.items()}
+    md["llama.embedding_length"] = 2  # 2 // 4 heads: a head size of 0 (a ZeroDivisionError before)
+    with pytest.raises(ConfigError, match=r"llama\.attention\.key_length' is 0 \(embedding_length 2 / head_count 4\)"):
+        ModelConfig.from_gguf(md)
+
+
+@pytest.mark.parametrize("key,value", [("llama.embedding_length", 2**31), ("llama.block_count", 2**40),
+                                       ("llama.attention.head_count", 2**32), ("llama.vocab_size", 0),
+                                       ("llama.attention.value_length", -1), ("llama.attention.key_length", 0)])
+def test_dimensions_are_bounded_before_anything_is_sized_by_them(key, value):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.") + ".*expected an integer from 1 to"):
+        ModelConfig.from_gguf({**LLAMA, key: value})
+
+
+@pytest.mark.parametrize("key,value", [("llama.rope.dimension_count", -2), ("llama.attention.sliding_window", -1),
+                                       ("llama.rope.freq_base", float("nan")),
+                                       ("llama.attention.layer_norm_rms_epsilon", float("inf")),
+                                       ("tokenizer.ggml.tokens", 5)])
+def test_values_out_of_their_range_are_named(key, value):
+    md = {**LLAMA, key: value}
+    if key.startswith("tokenizer"):
+        md.pop("llama.vocab_size", None)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        ModelConfig.from_gguf(md)
+
+
+def test_a_block_count_beyond_the_files_layers_is_checked_without_listing_them_all():
+    cfg = ModelConfig.from_gguf({**LLAMA, "llama.block_count": 2**24})  # 16M layers x 13 tensors
+    shapes = {n: t.shape for n, t in ModelConfig.from_gguf(LLAMA).tensor_shapes().items() if t.required}
+    t = time.perf_counter()
+    missing, wrong = cfg.check_tensors(shapes)
+    assert time.perf_counter() - t < 1.0
+    assert missing[0] == "blk.2.attn_norm.weight" and wrong == {}

@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 
 from wasmchord import Model
-from wasmchord.errors import GenerationError
 from wasmchord.generate import Sequence, generate_tokens
 from wasmchord.sampling import SamplingParams
 

@@ -215,3 +215,41 @@ def test_fuzzed_files_raise_only_our_errors(tmp_path):
                 gf.dequantize(name)
         except WasmchordError:
             pass
+
+
+def _header(kvs: bytes, n_kv: int) -> bytes:
+    return b"GGUF" + struct.pack("<IQQ", 3, 0, n_kv) + kvs
+
+
+def _key(name: str) -> bytes:
+    return struct.pack("<Q", len(name)) + name.encode()
+
+
+def test_arrays_nested_deeper_than_the_cap_are_an_error_not_a_recursion(tmp_path):
+    depth = 600  # Python's recursion limit is 1000: 500 levels of nesting took the reader over it
+    value = b"".join(struct.pack("<IQ", 9, 1) for _ in range(depth)) + struct.pack("<IQ", 4, 0)
+    p = tmp_path / "deep.gguf"
+    p.write_bytes(_header(_key("x.deep") + struct.pack("<I", 9) + value, 1) + b"\0" * 64)
+    with pytest.raises(GGUFError, match=r"'x\.deep.*nests arrays more than 8 deep"):
+        GGUFFile(p)
+
+
+def test_the_total_of_strings_and_arrays_in_the_metadata_is_capped(tmp_path, monkeypatch):
+    from wasmchord.formats import gguf as reader
+    monkeypatch.setattr(reader, "MAX_LIST_ITEMS", 10)
+    p = small_gguf(tmp_path / "m.gguf", **{"a.list": ["x"] * 6, "b.list": ["y"] * 6})
+    with pytest.raises(GGUFError, match="'b.list' brings the metadata to more than 10 strings"):
+        GGUFFile(p)
+
+
+def test_rows_of_a_vector_are_its_elements(tmp_path):
+    w = GGUFWriter("llama")
+    v = np.arange(64, dtype=np.float32)
+    w.add_tensor("v32", v)
+    w.add_tensor("v8", v, qtype="Q8_0")
+    w.write(tmp_path / "v.gguf")
+    gf = GGUFFile(tmp_path / "v.gguf")
+    np.testing.assert_array_equal(gf.dequantize("v32", rows=slice(3, 7)), v[3:7])
+    assert gf.dequantize("v8", rows=slice(60, None)).shape == (4,)
+    with pytest.raises(GGUFError, match="rows must be a slice"):
+        gf.dequantize("v32", rows=3)

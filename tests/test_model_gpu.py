@@ -161,7 +161,7 @@ def test_shader_compile_error_names_file_and_line(gpu_backend, tmp_path, monkeyp
 
 def test_missing_adapter_message_names_the_driver(monkeypatch):
     from wasmchord.backends.webgpu import device as gpu_device
-    monkeypatch.setattr(gpu_device, "find_adapter", lambda allow_software: None)
+    monkeypatch.setattr(gpu_device, "find_adapter", lambda **kw: None)
     with pytest.raises(BackendError, match="mesa-vulkan-drivers"):
         Model.load("smollm2-135m-instruct", device="gpu")
 
@@ -219,3 +219,55 @@ def test_backend_options_give_the_same_tokens(pair, option):
     want = g.generate(ids, max_tokens=6, temperature=0).tokens
     assert other.generate(ids, max_tokens=6, temperature=0).tokens == want == \
         c.generate(ids, max_tokens=6, temperature=0).tokens
+
+
+def test_logits_of_more_positions_than_one_binding_holds(gpu_backend):
+    """60 positions x 49,152 logits (11.8 MB) pass an 8 MiB binding limit (as 683 positions pass the
+    default 128 MiB, where the device raised a raw GPUValidationError): the logits come in blocks of
+    positions, and no buffer bound to any kernel exceeds the limit."""
+    small = Model.load("smollm2-135m-instruct", device="gpu", context_length=64, max_binding_size=8 << 20)
+    programs, limit, largest = small.backend.programs, small.backend.gpu.max_binding, []
+    bind_group = programs.bind_group
+
+    def checked(kernel, param_buf, offset, buffers):
+        largest.append(max(buffers[n].size for n in kernel.slots))
+        return bind_group(kernel, param_buf, offset, buffers)
+    programs.bind_group = checked
+    ref = Model.load("smollm2-135m-instruct", device="cpu", context_length=64)
+    ids = ref.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 6)[:60]
+    lg, lc = small.logits(ids), ref.logits(ids)
+    assert lg.shape == (60, 49152) and 60 * 49152 * 4 > limit == 8 << 20
+    assert largest and max(largest) <= limit
+    assert np.abs(lg - lc).max() < 1e-3 * np.abs(lc).max()
+    assert small.generate(ids[:10], max_tokens=3, temperature=0).tokens == \
+        ref.generate(ids[:10], max_tokens=3, temperature=0).tokens
+
+
+def test_a_required_wgpu_backend_is_used_or_named(gpu_backend):
+    vk = WgpuBackend(gpu_backend="vulkan")
+    assert "(Vulkan" in vk.device_name and "Vulkan" in vk.describe()
+    with pytest.raises(BackendError, match=r"no WebGPU adapter on the Metal backend; wgpu found: .*\(Vulkan"):
+        WgpuBackend(gpu_backend="metal")
+    with pytest.raises(BackendError, match="unknown GPU backend 'cuda'; expected one of: vulkan, metal, dx12, opengl"):
+        WgpuBackend(gpu_backend="cuda")
+
+
+def test_landing_on_opengl_is_said(gpu_backend, monkeypatch, caplog):
+    """Without Vulkan, wgpu hands out its OpenGL adapter (here: simulated by taking lavapipe's)."""
+    import logging
+
+    from wasmchord.backends.webgpu import device
+    gl = device.find_adapter(allow_software=True, backend="opengl")
+    monkeypatch.setattr(device, "find_adapter", lambda **kw: gl)
+    with caplog.at_level(logging.WARNING, logger="wasmchord.backends.webgpu.device"):
+        device.open_device()
+    assert "the GPU backend runs on llvmpipe" in caplog.text and "(OpenGL, software)" in caplog.text
+
+
+def test_the_cli_says_which_adapter_it_chose_and_takes_a_requirement(gpu_backend):
+    r = subprocess.run([sys.executable, "-m", "wasmchord", "generate", "Hi", "-n", "1", "--backend", "gpu",
+                        "--gpu-backend", "vulkan"], capture_output=True, text=True)
+    assert r.returncode == 0 and "wasmchord: GPU " in r.stderr and "(Vulkan" in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, "-m", "wasmchord", "info", "--gpu", "--gpu-backend", "metal"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "no WebGPU adapter on the Metal backend" in r.stderr

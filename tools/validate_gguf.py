@@ -5,7 +5,11 @@
 
 import sys
 
-from wasmchord.cli import main
+try:
+    from wasmchord.cli import main
+except KeyboardInterrupt:  # Ctrl-C while the imports load: no traceback (main() handles it later)
+    print("wasmchord: interrupted", file=sys.stderr)
+    sys.exit(130)
 
 if __name__ == "__main__":
     sys.exit(main(["validate", *sys.argv[1:]]))

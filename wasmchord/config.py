@@ -7,6 +7,7 @@ Every key read is named here; a missing required key raises `ConfigError` naming
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -49,6 +50,10 @@ class TensorShape(NamedTuple):
 
 
 _QKV = ("attn_q.weight", "attn_k.weight", "attn_v.weight")
+_BLOCK = re.compile(r"blk\.(\d+)\.")
+# Larger than any model's width, head count, vocabulary or layer count: a bound checked before any
+# size derived from the metadata is used (tensor tables, buffers).
+MAX_DIM = 1 << 24
 
 
 def _get(md: dict, key: str, kind, required: bool = True, default=None):
@@ -98,17 +103,18 @@ class ModelConfig:
     def attn_scale(self) -> float:
         return 1.0 / math.sqrt(self.head_dim)
 
-    def tensor_shapes(self) -> dict[str, TensorShape]:
+    def tensor_shapes(self, n_layers: int | None = None) -> dict[str, TensorShape]:
         """Every tensor the graph reads, by GGUF name, with its shape and whether this architecture
         requires it. Optional: biases, `output.weight` (absent: tied to the embeddings) and a fused
-        `attn_qkv` (present: it stands for attn_q, attn_k and attn_v)."""
+        `attn_qkv` (present: it stands for attn_q, attn_k and attn_v). `n_layers` lists only the
+        first layers' tensors."""
         d, H, KV, hd, hdv, f, V = (self.d_model, self.n_heads, self.n_kv_heads, self.head_dim, self.head_dim_v,
                                    self.ffn_dim, self.vocab_size)
         spec, qkv = self.spec, H * hd + KV * hd + KV * hdv
         T = TensorShape
         out = {"token_embd.weight": T((V, d), True), "output.weight": T((V, d), False), "output.bias": T((V,), False),
                "output_norm.weight": T((d,), True), "output_norm.bias": T((d,), False)}
-        for i in range(self.n_layers):
+        for i in range(self.n_layers if n_layers is None else min(n_layers, self.n_layers)):
             layer = {"attn_norm.weight": T((d,), True), "attn_norm.bias": T((d,), False),
                      "attn_q.weight": T((H * hd, d), True), "attn_q.bias": T((H * hd,), False),
                      "attn_k.weight": T((KV * hd, d), True), "attn_k.bias": T((KV * hd,), False),
@@ -133,7 +139,10 @@ class ModelConfig:
 
         Returns the required tensors that are missing, and the tensors whose shape differs from the
         config's, each with the shape the config gives."""
-        want = self.tensor_shapes()
+        # A block count beyond the file's layers is reported at the first absent layer, without listing
+        # the tensors of every layer the metadata claims.
+        in_file = max((int(m.group(1)) for n in shapes if (m := _BLOCK.match(n))), default=-1)
+        want = self.tensor_shapes(n_layers=in_file + 2)
         missing = [n for n, t in want.items() if t.required and n not in shapes
                    and not (n.endswith(_QKV) and n[:n.index("attn_")] + "attn_qkv.weight" in shapes)]
         wrong = {n: want[n].shape for n, s in shapes.items() if n in want and tuple(s) != want[n].shape}
@@ -166,6 +175,9 @@ class ModelConfig:
             tokens = md.get("tokenizer.ggml.tokens")
             if tokens is None:
                 raise ConfigError(f"model metadata has neither {k('vocab_size')!r} nor 'tokenizer.ggml.tokens'")
+            if not isinstance(tokens, list):
+                raise ConfigError(f"metadata key 'tokenizer.ggml.tokens' is a {type(tokens).__name__}, "
+                                  f"expected an array of strings")
             vocab = len(tokens)
         scaling = _get(md, k("rope.scaling.type"), str, False, "none")
         factor = _get(md, k("rope.scaling.factor"), float, False, 1.0)
@@ -191,12 +203,23 @@ class ModelConfig:
         )
         for name, v in [("block_count", cfg.n_layers), ("embedding_length", d_model),
                         ("attention.head_count", n_heads), ("attention.head_count_kv", n_kv),
-                        ("feed_forward_length", cfg.ffn_dim), ("context_length", cfg.context_length)]:
-            if v <= 0:
-                raise ConfigError(f"metadata key {k(name)!r} is {v}, expected a positive integer")
+                        ("attention.key_length", head_dim), ("attention.value_length", cfg.head_dim_v),
+                        ("feed_forward_length", cfg.ffn_dim), ("vocab_size", vocab)]:
+            if not 0 < v <= MAX_DIM:
+                derived = (f" (embedding_length {d_model} / head_count {n_heads})"
+                           if name.endswith("_length") and k(name) not in md else "")
+                raise ConfigError(f"metadata key {k(name)!r} is {v}{derived}, expected an integer "
+                                  f"from 1 to {MAX_DIM}")
+        if cfg.context_length <= 0:
+            raise ConfigError(f"metadata key {k('context_length')!r} is {cfg.context_length}, expected a positive integer")
+        if cfg.sliding_window < 0:
+            raise ConfigError(f"metadata key {k('attention.sliding_window')!r} is {cfg.sliding_window}, expected >= 0")
+        for name, v in [(spec.eps_key, cfg.norm_eps), ("rope.freq_base", cfg.rope_base), ("rope.scaling.factor", factor)]:
+            if not math.isfinite(v):
+                raise ConfigError(f"metadata key {k(name)!r} is {v}, expected a finite number")
         if n_heads % n_kv:
             raise ConfigError(f"{k('attention.head_count')} = {n_heads} is not a multiple of "
                               f"{k('attention.head_count_kv')} = {n_kv}")
-        if cfg.rope_dim > head_dim or cfg.rope_dim % 2:
+        if not 0 <= cfg.rope_dim <= head_dim or cfg.rope_dim % 2:
             raise ConfigError(f"{k('rope.dimension_count')} = {cfg.rope_dim} must be even and <= head size {head_dim}")
         return cfg

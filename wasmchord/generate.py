@@ -325,6 +325,8 @@ def check_args(max_tokens, stop) -> list[str]:
         return []
     if isinstance(stop, str):
         stop = [stop]
+    if not isinstance(stop, (list, tuple)):
+        raise GenerationError(f"stop = {stop!r}: expected a string or a list of strings")
     stop = list(stop)
     for s in stop:
         if not isinstance(s, str) or not s:

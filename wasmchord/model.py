@@ -14,7 +14,7 @@ import numpy as np
 from .backends import get_backend
 from .config import ModelConfig
 from .constrain import Constraint
-from .errors import GenerationError
+from .errors import GenerationError, TokenizerError
 from .formats.gguf import GGUFFile
 from .generate import DEFAULT_MAX_TOKENS, Chunk, Completion, Sequence, check_args, stream_chunks
 from .hub import resolve_model
@@ -109,6 +109,9 @@ class Model:
         gf = GGUFFile(resolve_model(path_or_alias, progress=progress))
         cfg = ModelConfig.from_gguf(gf.metadata)
         tok = Tokenizer(gf.metadata, source=str(gf.path))
+        if tok.vocab_size != cfg.vocab_size:  # llama.cpp: the embedding has a row per token, no more, no less
+            raise TokenizerError(f"{gf.path}: tokenizer.ggml.tokens has {tok.vocab_size} tokens, but the model's "
+                                 f"vocabulary ({cfg.arch}.vocab_size, token_embd.weight) has {cfg.vocab_size}")
         if context_length is None:
             ctx = min(cfg.context_length, 4096)
         else:
@@ -214,22 +217,24 @@ class Model:
         from .engine import Engine
         return Engine(self, **options)
 
-    def chat_ids(self, messages, *, tools: list | None = None) -> list[int]:
+    def chat_ids(self, messages, *, tools: list | None = None, parse_special: bool = False) -> list[int]:
         """The prompt for `messages` (and function `tools`, for a template that takes them): rendered with
-        the model's chat template and tokenized."""
-        return encode_chat(self.tokenizer, messages, tools=tools)
+        the model's chat template and tokenized. Special-token text in the messages' content
+        (`<|im_start|>`...) stays text unless `parse_special` (trusted content only); the template's own
+        markers are special tokens."""
+        return encode_chat(self.tokenizer, messages, tools=tools, parse_special=parse_special)
 
-    def chat_stream(self, messages, **kw) -> Iterator[Chunk]:
+    def chat_stream(self, messages, *, parse_special: bool = False, **kw) -> Iterator[Chunk]:
         """Stream the assistant's reply to `messages` ([{"role", "content"}, ...])."""
-        return self.stream(self.chat_ids(messages), **kw)
+        return self.stream(self.chat_ids(messages, parse_special=parse_special), **kw)
 
-    def chat(self, messages, **kw) -> Completion:
-        """The assistant's reply to `messages` as a `Completion`."""
-        return self.generate(self.chat_ids(messages), **kw)
+    def chat(self, messages, *, parse_special: bool = False, **kw) -> Completion:
+        """The assistant's reply to `messages` as a `Completion` (`parse_special` as in `chat_ids`)."""
+        return self.generate(self.chat_ids(messages, parse_special=parse_special), **kw)
 
-    def start_chat(self, system: str | None = None) -> "Chat":
+    def start_chat(self, system: str | None = None, *, parse_special: bool = False) -> "Chat":
         """A multi-turn conversation (with an optional system prompt) that keeps its KV cache between turns."""
-        return Chat(self, system=system)
+        return Chat(self, system=system, parse_special=parse_special)
 
     def __repr__(self):
         return f"Model({self.gguf.path.name!r}, arch={self.config.arch}, backend={self.backend.name})"
@@ -239,8 +244,8 @@ class Chat:
     """A multi-turn conversation: its messages and its own `Sequence`, so each turn evaluates only the
     tokens not already in the cache."""
 
-    def __init__(self, model: Model, system: str | None = None):
-        self.model = model
+    def __init__(self, model: Model, system: str | None = None, *, parse_special: bool = False):
+        self.model, self.parse_special = model, parse_special
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
         self.sequence = Sequence(model.transformer)
 
@@ -256,7 +261,8 @@ class Chat:
         self.messages.append({"role": "user", "content": text})
         reply = []
         try:
-            for ch in self.model.stream(self.model.chat_ids(self.messages), sequence=self.sequence, **kw):
+            ids = self.model.chat_ids(self.messages, parse_special=self.parse_special)
+            for ch in self.model.stream(ids, sequence=self.sequence, **kw):
                 reply.append(ch.text)
                 yield ch
         except BaseException:

@@ -54,8 +54,9 @@ class SamplingParams:
             bad("repeat_penalty", "> 0 (1.0 disables it)")
         if isinstance(self.penalty_last_n, bool) or not isinstance(self.penalty_last_n, int) or self.penalty_last_n < 0:
             bad("penalty_last_n", "an integer >= 0")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer))):
-            bad("seed", "an integer or None")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer))
+                                      or self.seed < 0):
+            bad("seed", "an integer >= 0, or None")
 
     @property
     def greedy(self) -> bool:

@@ -190,7 +190,7 @@ class Transformer:
         if not all_logits:
             x = x[-1:]
         h, norm = self._prenorm(x, self.output_norm, self.output_norm_b)
-        return be.matmul(h, self.output, self.output_b, norm=norm)                           # [n|1, vocab]
+        return be.logits(h, self.output, self.output_b, norm=norm)                           # [n|1, vocab]
 
     def _ffn(self, h, L, residual=None, norm=None):
         be, ffn = self.be, self.cfg.spec.ffn

@@ -59,10 +59,10 @@ def _hardware_gpu_present() -> bool:
         return False
 
 
-def gpu_info() -> str:
-    """Adapter, backend, limits and features of the GPU (for `wasmchord info --gpu`)."""
+def gpu_info(gpu_backend: str | None = None) -> str:
+    """Adapters wgpu found; the chosen one's backend, limits and features (for `wasmchord info --gpu`)."""
     try:
         from .webgpu.device import describe_adapter
     except ModuleNotFoundError:
         raise BackendError("the GPU backend is not part of this build of wasmchord") from None
-    return describe_adapter()
+    return describe_adapter(gpu_backend)

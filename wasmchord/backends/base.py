@@ -103,6 +103,11 @@ class Backend:
         (a backend may fold the norm into the matmul's prologue)."""
         raise NotImplementedError("need matmul")
 
+    def logits(self, x, w, bias=None, *, norm=None):
+        """The output head: matmul's product [n, vocab], which only `read` (and, for one position,
+        argmax and sample) consumes: a backend may hold many positions' logits in pieces."""
+        return self.matmul(x, w, bias, norm=norm)
+
     def matmul_glu(self, x, w, act: str, *, norm=None):
         """The gated feed-forward input: x [n, k] @ w.T with w = gate rows | up rows [2f, k], then
         act ("swiglu" | "geglu") -> [n, f]; `norm` as in matmul. A backend may fuse it into one kernel."""

@@ -15,8 +15,15 @@ from ..errors import WasmchordError
 from . import files, run, serve
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors as one line on stderr (exit code 2), like every other error."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="wasmchord", description="Run GGUF language models on the GPU (WebGPU) or CPU.")
+    p = _Parser(prog="wasmchord", description="Run GGUF language models on the GPU (WebGPU) or CPU.")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     p.add_argument("--cache-dir", default=None, help="model cache (default: $WASMCHORD_CACHE or ~/.cache/wasmchord)")
     sub = p.add_subparsers(dest="command", required=True)
@@ -28,10 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     """Run the command line `argv` (default: sys.argv[1:]); returns the exit status."""
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
     try:
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                            format="%(levelname)s %(name)s: %(message)s")
         return args.func(args) or 0
     except BrokenPipeError:
         return 0

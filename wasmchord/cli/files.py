@@ -9,16 +9,23 @@ from ..convert import QUANTS
 from .progress import ProgressBar
 
 
-def resolve(model: str, cache_dir=None):
-    """A path for a model path or alias (pulled on first use, with a progress bar)."""
+def resolve(model: str, a):
+    """A path for a model path or alias (pulled on first use, with a progress bar), from the parsed
+    arguments `a` (--cache-dir, --verify)."""
     with ProgressBar() as bar:
-        return hub.resolve_model(model, cache_dir=cache_dir, progress=bar)
+        return hub.resolve_model(model, cache_dir=a.cache_dir, progress=bar, verify=getattr(a, "verify", False))
+
+
+def add_verify(s):
+    s.add_argument("--verify", action="store_true",
+                   help="hash a cached model again, even when unchanged since its last hash (a bad copy is pulled again)")
 
 
 # ---------------------------------------------------------------------------- pull
 
 def add_pull(sub):
-    s = sub.add_parser("pull", help="download a known model into the cache")
+    s = sub.add_parser("pull", help="download a known model into the cache, or check a cached copy (hashed "
+                       "again) and download a bad one again")
     s.add_argument("models", nargs="+", metavar="ALIAS", help=f"one of: {', '.join(hub.KNOWN_MODELS)}")
     s.add_argument("--force", action="store_true", help="download again even if cached")
     s.set_defaults(func=cmd_pull)
@@ -40,18 +47,21 @@ def add_info(sub):
     s.add_argument("--metadata", action="store_true", help="list every metadata key")
     s.add_argument("--json", action="store_true", help="machine-readable summary")
     s.add_argument("--gpu", action="store_true", help="describe the GPU adapter, limits and features")
+    s.add_argument("--gpu-backend", default=None, choices=["vulkan", "metal", "dx12", "opengl"],
+                   help="with --gpu: the adapter on this wgpu backend")
+    add_verify(s)
     s.set_defaults(func=cmd_info)
 
 
 def cmd_info(a):
     if a.gpu:
         from ..backends import gpu_info
-        print(gpu_info())
+        print(gpu_info(a.gpu_backend))
         if not a.model:
             return
     from ..formats.gguf import GGUFFile
     from ..info import format_summary, summarize
-    gf = GGUFFile(resolve(a.model or hub.DEFAULT_MODEL, a.cache_dir))
+    gf = GGUFFile(resolve(a.model or hub.DEFAULT_MODEL, a))
     if a.json:
         print(json.dumps(summarize(gf), indent=2, default=str))
     else:
@@ -83,6 +93,7 @@ def add_validate(sub):
                        "exit 1 on problems")
     s.add_argument("files", nargs="+", metavar="FILE", help="path or alias")
     s.add_argument("--no-values", action="store_true", help="skip the NaN/Inf scan of the weights")
+    add_verify(s)
     s.set_defaults(func=cmd_validate)
 
 
@@ -91,7 +102,7 @@ def cmd_validate(a) -> int:
     status = 0
     for f in a.files:
         with ProgressBar() as bar:
-            report = validate(resolve(f, a.cache_dir), check_values=not a.no_values, progress=bar)
+            report = validate(resolve(f, a), check_values=not a.no_values, progress=bar)
         print(report.format())
         status = status or (0 if report.ok else 1)
     return status

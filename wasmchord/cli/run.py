@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
 from dataclasses import fields
 
-from ..errors import GenerationError
 from .. import hub
 from ..generate import DEFAULT_MAX_TOKENS
 from ..sampling import SamplingParams
-from .files import resolve
+from .files import add_verify, resolve
 from .progress import ProgressBar
+
+
+GPU_BACKENDS = ["vulkan", "metal", "dx12", "opengl"]  # wasmchord.backends.webgpu.device.GPU_BACKENDS
 
 
 def add_device_options(s):
     s.add_argument("--backend", default="auto", choices=["auto", "cpu", "gpu"], help="compute backend")
+    s.add_argument("--gpu-backend", default=None, choices=GPU_BACKENDS,
+                   help="require this wgpu backend for the GPU (default: wgpu's choice, said on stderr)")
     s.add_argument("--context-length", type=int, default=None, help="cap the context (default: model's, max 4096)")
+    add_verify(s)
 
 
 def add_sampling_options(s):
@@ -36,11 +42,23 @@ def sampling_options(a) -> dict:
     return dict(max_tokens=a.max_tokens, stop=a.stop or None, **{f.name: getattr(a, f.name) for f in fields(SamplingParams)})
 
 
+def backend_options(a) -> dict:
+    """Options for the backend from --gpu-backend."""
+    if a.gpu_backend and a.backend == "cpu":
+        from ..errors import BackendError
+        raise BackendError("--gpu-backend needs --backend gpu (or auto)")
+    return {"gpu_backend": a.gpu_backend} if a.gpu_backend else {}
+
+
 def load(a):
     from ..model import Model
-    path = resolve(a.model, a.cache_dir)
+    options = backend_options(a)
+    path = resolve(a.model, a)
     with ProgressBar() as bar:
-        return Model.load(path, device=a.backend, context_length=a.context_length, progress=bar)
+        m = Model.load(path, device=a.backend, context_length=a.context_length, progress=bar, **options)
+    if m.backend.name == "gpu":
+        print(f"wasmchord: GPU {m.backend.device_name}", file=sys.stderr)
+    return m
 
 
 def write_stream(chunks):
@@ -123,47 +141,52 @@ def cmd_chat(a):
 
 # ---------------------------------------------------------------------------- bench
 
+def positive_int(text: str) -> int:
+    """An argparse type: a positive integer."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
+def positive_ints(text: str) -> tuple[int, ...]:
+    """An argparse type: comma-separated positive integers."""
+    return tuple(positive_int(x) for x in text.split(","))
+
+
 def add_bench(sub):
     s = sub.add_parser("bench", help="benchmark load, prefill and decode (with llama.cpp when installed)")
     s.add_argument("model", nargs="?", default=hub.DEFAULT_MODEL)
     add_device_options(s)
-    s.add_argument("--prompt-lengths", default="64,256,1024")
-    s.add_argument("--gen-tokens", type=int, default=128)
+    s.add_argument("--prompt-lengths", default=(64, 256, 1024), type=positive_ints,
+                   help="prompt lengths to time, comma-separated (default: 64,256,1024)")
+    s.add_argument("--gen-tokens", type=positive_int, default=128, help="tokens to decode (default: 128)")
     s.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp comparison")
     s.add_argument("--profile", action="store_true", help="GPU: per-kernel times (timestamp queries), GB/s, "
                    "host encode time and dispatches per decode step")
     s.add_argument("--timestamp-period", type=float, default=1.0,
                    help="ns per GPU timestamp tick (Vulkan timestampPeriod: 1 on lavapipe and NVIDIA)")
-    s.add_argument("--batch", default=None, metavar="B,B,...",
+    s.add_argument("--batch", default=None, type=positive_ints, metavar="B,B,...",
                    help="instead: the batch engine at these batch sizes (e.g. 1,2,4,8,16) against one by one")
     s.add_argument("--json", help="write results as JSON here")
     s.set_defaults(func=cmd_bench)
 
 
-def _int_list(text: str, flag: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(x) for x in text.split(","))
-    except ValueError:
-        raise GenerationError(f"{flag} {text!r}: expected comma-separated integers, e.g. 64,256") from None
-    if not values or min(values) < 1:
-        raise GenerationError(f"{flag} {text!r}: expected integers >= 1")
-    return values
-
-
 def cmd_bench(a):
     from .. import bench
-    path = resolve(a.model, a.cache_dir)
+    path = resolve(a.model, a)
     if a.batch:
-        batches = _int_list(a.batch, "--batch")
         with ProgressBar() as bar:
-            res = bench.batch_sweep(path, device=a.backend, batches=batches, progress=bar)
+            res = bench.batch_sweep(path, device=a.backend, batches=a.batch, progress=bar, **backend_options(a))
         print(bench.format_sweep(res))
     else:
-        lengths = _int_list(a.prompt_lengths, "--prompt-lengths")
         with ProgressBar() as bar:
-            res = bench.run(path, device=a.backend, prompt_lengths=lengths, n_gen=a.gen_tokens,
+            res = bench.run(path, device=a.backend, prompt_lengths=a.prompt_lengths, n_gen=a.gen_tokens,
                             llama_cpp="off" if a.no_llama_cpp else "auto", progress=bar, profile=a.profile,
-                            timestamp_period_ns=a.timestamp_period)
+                            timestamp_period_ns=a.timestamp_period, **backend_options(a))
         print(bench.format_result(res))
     if a.json:
         with open(a.json, "w") as f:

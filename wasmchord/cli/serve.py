@@ -6,16 +6,16 @@ import sys
 
 from .. import hub
 from .files import resolve
+from .run import add_device_options, backend_options
 
 
 def add_serve(sub):
     s = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API (needs wasmchord[serve])")
     s.add_argument("model", nargs="?", default=hub.DEFAULT_MODEL, help="model path or alias")
-    s.add_argument("--backend", default="auto", choices=["auto", "cpu", "gpu"], help="compute backend")
+    add_device_options(s)  # --backend, --gpu-backend, --context-length (per slot), --verify
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--slots", type=int, default=4, help="sequences decoded at once (each takes a KV cache slot)")
-    s.add_argument("--context-length", type=int, default=None, help="per slot (default: model's, max 4096)")
     s.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 503s")
     s.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens evaluated per engine step")
     s.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY")
@@ -31,11 +31,12 @@ def cmd_serve(a):
     import uvicorn
 
     from ..model import Model
-    path = resolve(a.model, a.cache_dir)
+    options = backend_options(a)
+    path = resolve(a.model, a)
     name = a.served_model_name or (a.model if a.model in hub.KNOWN_MODELS else path.name)
 
     def load():
-        return Model.load(path, device=a.backend, context_length=a.context_length, slots=a.slots)
+        return Model.load(path, device=a.backend, context_length=a.context_length, slots=a.slots, **options)
 
     def ready(served):
         m = served.model

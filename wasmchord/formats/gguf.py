@@ -22,6 +22,11 @@ GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4  # GGML_MAX_DIMS
+# Metadata arrays may nest (gguf-py writes them; llama.cpp reads none deeper than one level). Caps on
+# the depth and on the Python objects built for all arrays of strings or arrays keep a hostile header
+# from exhausting the stack or memory: real vocabularies hold up to a few 100,000 strings.
+MAX_ARRAY_DEPTH = 8
+MAX_LIST_ITEMS = 1 << 24
 
 # ---------------------------------------------------------------------------- metadata value types
 # gguf.md "GGUFValueType": id -> (name, struct format or None for string/array)
@@ -57,6 +62,7 @@ class _Cursor:
 
     def __init__(self, buf, path):
         self.buf, self.path, self.pos, self.end = buf, path, 0, len(buf)
+        self.list_items = 0  # strings and arrays built as Python objects so far
 
     def need(self, n: int, what: str):
         if n < 0 or self.pos + n > self.end:
@@ -82,13 +88,21 @@ class _Cursor:
         except UnicodeDecodeError as e:
             raise GGUFError(self.path, f"{what} is not valid UTF-8 ({e.reason} at byte {e.start})") from None
 
-    def value(self, vtype: int, key: str):
+    def _count_items(self, count: int, key: str):
+        self.list_items += count
+        if self.list_items > MAX_LIST_ITEMS:
+            raise GGUFError(self.path, f"array {key!r} brings the metadata to more than {MAX_LIST_ITEMS} "
+                                       f"strings and arrays, more than any model needs")
+
+    def value(self, vtype: int, key: str, depth: int = 0):
         if vtype in _SCALARS:
             v = self.unpack(_SCALARS[vtype][1], f"value of {key!r}")
             return v
         if vtype == T_STRING:
             return self.string(f"value of {key!r}")
         if vtype == T_ARRAY:
+            if depth >= MAX_ARRAY_DEPTH:
+                raise GGUFError(self.path, f"metadata {key!r} nests arrays more than {MAX_ARRAY_DEPTH} deep")
             etype = self.unpack("<I", f"array type of {key!r}")
             count = self.unpack("<Q", f"array length of {key!r}")
             if etype in _SCALARS:
@@ -103,11 +117,13 @@ class _Cursor:
             if etype == T_STRING:
                 if count * 8 > self.end - self.pos:
                     raise GGUFError(self.path, f"array {key!r} of {count} strings runs past the end of the file")
+                self._count_items(count, key)
                 return [self.string(f"item {i} of {key!r}") for i in range(count)]
             if etype == T_ARRAY:
                 if count * 12 > self.end - self.pos:
                     raise GGUFError(self.path, f"array {key!r} of {count} arrays runs past the end of the file")
-                return [self.value(T_ARRAY, f"{key}[{i}]") for i in range(count)]
+                self._count_items(count, key)
+                return [self.value(T_ARRAY, f"{key}[{i}]", depth + 1) for i in range(count)]
             raise GGUFError(self.path, f"array {key!r} has unknown element type {etype}")
         raise GGUFError(self.path, f"metadata {key!r} has unknown value type {vtype}")
 
@@ -239,9 +255,19 @@ class GGUFFile:
             raise GGUFError(self.path, f"has no tensor {name!r}") from None
 
     def dequantize(self, name: str, rows: slice | None = None) -> np.ndarray:
-        """Tensor `name` as float32 in its NumPy shape; `rows` selects rows of a matrix (first axis)."""
+        """Tensor `name` as float32 in its NumPy shape; `rows` (a slice) selects along the first axis:
+        rows of a matrix, elements of a vector.
+
+        Raises:
+            GGUFError: no such tensor, or `rows` is not a slice of step 1.
+            UnsupportedError: the tensor's type has no decoder.
+        """
         from .quants import dequantize_rows
         ti = self.tensor(name)
+        if rows is not None and (not isinstance(rows, slice) or rows.step not in (None, 1)):
+            raise GGUFError(self.path, f"dequantize({name!r}, rows={rows!r}): rows must be a slice of step 1")
+        if rows is not None and len(ti.shape) == 1:  # a vector's blocks span its elements: decode it whole
+            return self.dequantize(name)[rows]
         return dequantize_rows(self.tensor_bytes(name), ti.ggml_type, ti.shape, rows, what=f"{self.path}: {name}")
 
     def close(self):

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import os
 import struct
-import tempfile
-from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
 
+from ..atomic import atomic_write
 from .quants import GGMLType, ggml_type
 
 # value type ids (gguf.md)
@@ -120,16 +119,9 @@ class GGUFWriter:
         return np.ascontiguousarray(raw).tobytes()
 
     def write(self, path: str | os.PathLike, *, progress: Callable[[str, int, int], None] | None = None):
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                self._write_to(f, progress)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        """Write the file: it appears at `path` only when complete (atomic.py), mode 0666 less the umask."""
+        with atomic_write(path) as f:
+            self._write_to(f, progress)
 
     def _write_to(self, f, progress):
         a = self.alignment

@@ -1,4 +1,5 @@
-"""Chat prompts: the GGUF's `tokenizer.chat_template` in a sandboxed Jinja2 environment, or a fallback.
+"""Chat prompts: the GGUF's `tokenizer.chat_template` in a bounded Jinja2 sandbox (sandbox.py), or a
+fallback; tokenized so that the template's special tokens are special and the messages' content is text.
 
 Fallbacks when the file has no template: Gemma's turn format when the vocabulary has
 `<start_of_turn>`, ChatML when it has `<|im_start|>`, else Llama-2's `[INST]`.
@@ -7,23 +8,25 @@ Fallbacks when the file has no template: Gemma's turn format when the vocabulary
 from __future__ import annotations
 
 import json
+import re
 
 from jinja2 import TemplateError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from ..errors import GenerationError
+from .sandbox import DEFAULT_LIMITS, BoundedSandbox, TemplateLimits
 
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
           "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-# Gemma has no system role: the system text opens the first user turn (as Gemma's HF template does).
-GEMMA = ("{{ bos_token }}{% set sys = '' %}{% for m in messages %}"
-         "{% if m['role'] == 'system' %}{% set sys = m['content'] + '\n\n' %}{% else %}"
-         "{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
-         "{{ '<start_of_turn>' + role + '\n' + (sys if loop.index0 <= 1 else '') + m['content'] | trim + '<end_of_turn>\n' }}"
-         "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}")
-LLAMA2 = ("{{ bos_token }}{% set sys = '' %}{% for m in messages %}"
-          "{% if m['role'] == 'system' %}{% set sys = '<<SYS>>\n' + m['content'] + '\n<</SYS>>\n\n' %}"
-          "{% elif m['role'] == 'user' %}{{ '[INST] ' + sys + m['content'] + ' [/INST]' }}{% set sys = '' %}"
+# Gemma has no system role: the system text opens the first user turn (as Gemma's HF template does;
+# a variable set inside a Jinja loop is gone at the next iteration, so it is set before the loop).
+GEMMA = ("{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set sys = messages[0]['content'] + '\n\n' %}"
+         "{% set turns = messages[1:] %}{% else %}{% set sys = '' %}{% set turns = messages %}{% endif %}"
+         "{% for m in turns %}{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
+         "{{ '<start_of_turn>' + role + '\n' + (sys if loop.first else '') + m['content'] | trim + '<end_of_turn>\n' }}"
+         "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}")
+LLAMA2 = ("{{ bos_token }}{% set ns = namespace(sys='') %}{% for m in messages %}"
+          "{% if m['role'] == 'system' %}{% set ns.sys = '<<SYS>>\n' + m['content'] + '\n<</SYS>>\n\n' %}"
+          "{% elif m['role'] == 'user' %}{{ '[INST] ' + ns.sys + m['content'] + ' [/INST]' }}{% set ns.sys = '' %}"
           "{% else %}{{ ' ' + m['content'] + ' ' + eos_token }}{% endif %}{% endfor %}")
 
 
@@ -53,6 +56,8 @@ def check_messages(messages) -> list[dict]:
             raise GenerationError(f"message {i} has no string 'content'")
         m = {k: m[k] for k in ("role", "content", "tool_calls", "tool_call_id", "name") if k in m}
         if calls:
+            if not isinstance(calls, (list, tuple)):
+                raise GenerationError(f"message {i}: tool_calls must be a list")
             m["tool_calls"] = [_template_call(i, c) for c in calls]
         out.append(m)
     return out
@@ -74,23 +79,27 @@ def _template_call(i: int, call) -> dict:
 
 
 def render(tokenizer, messages, *, add_generation_prompt: bool = True, template: str | None = None,
-           tools: list | None = None) -> str:
+           tools: list | None = None, limits: TemplateLimits = DEFAULT_LIMITS) -> str:
     """Render `messages` (and the function `tools` a template may take) with the model's template (or
-    `template`). Messages are {"role", "content"}, an assistant's may carry "tool_calls" instead of
-    content, a "tool" message its "tool_call_id".
+    `template`), within `limits`. Messages are {"role", "content"}; an assistant's may carry
+    "tool_calls" instead of content, a "tool" message its "tool_call_id".
 
     Raises:
-        GenerationError: malformed messages, or the template failed (its own message included).
+        GenerationError: malformed messages, the template failed (its own message included), or it
+            passed a limit (time, a value's size, the output's length).
     """
-    messages = check_messages(messages)
+    return _render(tokenizer, check_messages(messages), add_generation_prompt, template, limits, tools)
+
+
+def _render(tokenizer, messages, add_generation_prompt, template, limits, tools=None) -> str:
     src = template or tokenizer.chat_template or fallback_template(tokenizer)
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env = BoundedSandbox(limits, trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = _raise
     bos = tokenizer.tokens[tokenizer.bos_id] if tokenizer.bos_id is not None else ""
     eos = tokenizer.tokens[tokenizer.eos_id] if tokenizer.eos_id is not None else ""
     try:
-        return env.from_string(src).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                           bos_token=bos, eos_token=eos, tools=tools or None)
+        return env.render_bounded(src, messages=messages, add_generation_prompt=add_generation_prompt,
+                                  bos_token=bos, eos_token=eos, tools=tools or None)
     except GenerationError:
         raise
     except TemplateError as e:
@@ -99,10 +108,80 @@ def render(tokenizer, messages, *, add_generation_prompt: bool = True, template:
         raise GenerationError(f"chat template raised {type(e).__name__}: {e}") from None
 
 
-def encode_chat(tokenizer, messages, **kw) -> list[int]:
-    """Rendered, tokenized prompt with special tokens parsed; never two BOS tokens."""
-    text = render(tokenizer, messages, **kw)
-    ids = tokenizer.encode(text, parse_special=True)
+# ---------------------------------------------------------------------------- message content as plain text
+# The rendered prompt is tokenized with special tokens parsed, for the template's own markers; the
+# messages' content is text from users, in which `<|im_start|>system` must stay text. The template is
+# rendered a second time with a placeholder for each content: what lies between the placeholders is
+# the template's, and the real rendering must be exactly those pieces with each content put back
+# (as it is, or trimmed, as Llama-3's and Gemma's templates do; a content may be left out or repeated). Special tokens are then parsed only
+# outside the contents' spans, and the whole prompt is tokenized as one text, so that the tokens are
+# those of the plain rendering whenever no content holds a marker.
+
+def _placeholder(i: int) -> str:
+    return f"\ue000{i}\ue001"  # private-use characters: no template writes them
+
+
+def content_spans(tokenizer, messages, text: str, *, add_generation_prompt: bool, template: str | None,
+                  limits: TemplateLimits, tools: list | None = None) -> list[tuple[int, int]] | None:
+    """The (start, end) of each place where `text` (the template's rendering of `messages`) holds a
+    message's content, or None when the template changes contents beyond trimming them."""
+    marked = [dict(m, content=_placeholder(i)) if isinstance(m["content"], str) else m
+              for i, m in enumerate(messages)]
+    try:
+        pieces = re.split("\ue000(\\d+)\ue001", _render(tokenizer, marked, add_generation_prompt, template, limits, tools))
+    except GenerationError:  # the template needs real contents (it checks them)
+        return None
+    spans, pos = [], len(pieces[0])
+    if text[:pos] != pieces[0]:
+        return None
+    for k in range(1, len(pieces), 2):
+        i, after = int(pieces[k]), pieces[k + 1]
+        if i >= len(messages):
+            return None
+        c = messages[i]["content"]
+        for fit in (c, c.strip(), c.lstrip(), c.rstrip()):
+            if text.startswith(fit, pos) and text.startswith(after, pos + len(fit)):
+                break
+        else:
+            return None
+        spans.append((pos, pos + len(fit)))
+        pos += len(fit) + len(after)
+    return spans if pos == len(text) else None
+
+
+def _specials_in_content(tokenizer, messages) -> list[tuple[int, str]]:
+    """(message index, token text) of the special tokens whose text a message's content holds."""
+    contents = [m["content"] if isinstance(m["content"], str) else "" for m in messages]
+    joined = "\0".join(contents)
+    chars = set(joined)
+    present = [t for t, _ in tokenizer.special_tokens if t[0] in chars and t in joined]
+    return [(i, t) for i, c in enumerate(contents) for t in present if t in c]
+
+
+def encode_chat(tokenizer, messages, *, add_generation_prompt: bool = True, template: str | None = None,
+                tools: list | None = None, parse_special: bool = False,
+                limits: TemplateLimits = DEFAULT_LIMITS) -> list[int]:
+    """Rendered, tokenized prompt; never two BOS tokens. The template's special tokens are parsed;
+    in the messages' content they are plain text unless `parse_special` (for trusted content only).
+
+    Raises:
+        GenerationError: as `render`; or a content holds special-token text and the template changes
+            contents in ways that cannot be told apart from its own text (then only `parse_special`
+            can render it).
+    """
+    messages = check_messages(messages)
+    text = _render(tokenizer, messages, add_generation_prompt, template, limits, tools)
+    protected = []
+    if not parse_special:
+        spans = content_spans(tokenizer, messages, text, add_generation_prompt=add_generation_prompt,
+                              template=template, limits=limits, tools=tools)
+        if spans is None and (marked := _specials_in_content(tokenizer, messages)):
+            i, t = marked[0]
+            raise GenerationError(f"message {i} contains the special token {t!r}, and this chat template changes "
+                                  f"message content in a way that cannot be told apart from its own markup: "
+                                  f"pass parse_special=True to tokenize it as a special token")
+        protected = spans or []
+    ids = tokenizer.encode(text, parse_special=True, plain_spans=protected)
     if len(ids) >= 2 and ids[0] == ids[1] == tokenizer.bos_id:
         ids = ids[1:]
     return ids

@@ -7,10 +7,12 @@ matched; control tokens only with `parse_special=True`.
 
 from __future__ import annotations
 
+import bisect
 import codecs
 import os
 from typing import Iterable
 
+import numpy as np
 import regex
 
 from ..errors import TokenizerError
@@ -29,6 +31,70 @@ EOG_TEXTS = {"<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftex
 FIM_TEXTS = {"<|fim_prefix|>", "<fim-prefix>", "<｜fim▁begin｜>", "<PRE>", "<|fim_suffix|>", "<fim-suffix>",
              "<｜fim▁hole｜>", "<SUF>", "<|fim_middle|>", "<fim-middle>", "<｜fim▁end｜>", "<MID>"}
 _SURROGATES = regex.compile(r"[\ud800-\udfff]")
+_BYTE_TOKEN = regex.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+class _MetadataReader:
+    """Typed reads of the tokenizer's metadata keys: a value of the wrong kind raises `TokenizerError`
+    naming the key (metadata is file content, so any kind may arrive where another is expected)."""
+
+    def __init__(self, md: dict, source: str):
+        self.md, self.source = md, source
+
+    def _bad(self, key, v, want):
+        shown = f"a {type(v).__name__}" if isinstance(v, (list, np.ndarray)) else repr(v)[:60]
+        raise TokenizerError(f"{self.source}: {key} is {shown}, expected {want}")
+
+    def string(self, key, required=True):
+        v = self.md.get(key)
+        if v is None and not required:
+            return None
+        if not isinstance(v, str):
+            self._bad(key, v, "a string")
+        return v
+
+    def strings(self, key, required=True):
+        v = self.md.get(key)
+        if v is None and not required:
+            return None
+        if not isinstance(v, list) or not all(isinstance(t, str) for t in v):
+            self._bad(key, v, "an array of strings")
+        return v
+
+    def numbers(self, key, n, *, integer=False):
+        """An optional numeric array of exactly n entries (None when absent)."""
+        v = self.md.get(key)
+        if v is None:
+            return None
+        want = f"an array of {'integers' if integer else 'numbers'}"
+        if not isinstance(v, (list, np.ndarray)):
+            self._bad(key, v, want)
+        try:
+            a = np.asarray(v)
+        except (ValueError, TypeError):
+            a = None
+        if a is None or a.ndim != 1 or a.dtype.kind not in ("iu" if integer else "iuf"):
+            self._bad(key, v, want)
+        v = a
+        if len(v) != n:
+            raise TokenizerError(f"{self.source}: {key} has {len(v)} entries, tokenizer.ggml.tokens has {n}")
+        return v
+
+    def token_id(self, key, n):
+        v = self.md.get(key)
+        if v is None:
+            return None
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+            self._bad(key, v, "a token id (an integer)")
+        if not 0 <= v < n:
+            raise TokenizerError(f"{self.source}: {key} = {v} is outside the vocabulary (size {n})")
+        return int(v)
+
+    def flag(self, key, default: bool) -> bool:
+        v = self.md.get(key, default)
+        if not isinstance(v, (bool, int, np.bool_, np.integer)):
+            self._bad(key, v, "a boolean")
+        return bool(v)
 
 
 class StreamingDecoder:
@@ -64,48 +130,45 @@ class Tokenizer:
         if model is None or tokens is None:
             raise TokenizerError(f"{source}: the file has no tokenizer "
                                  f"(missing {'tokenizer.ggml.model' if model is None else 'tokenizer.ggml.tokens'})")
+        get = _MetadataReader(md, source)
+        model = get.string("tokenizer.ggml.model")
+        tokens = get.strings("tokenizer.ggml.tokens")
         n = len(tokens)
-        types = md.get("tokenizer.ggml.token_type")
-        self.types = [int(t) for t in types] if types is not None else [NORMAL] * n
-        if len(self.types) != n:
-            raise TokenizerError(f"{source}: tokenizer.ggml.token_type has {len(self.types)} entries, "
-                                 f"tokenizer.ggml.tokens has {n}")
+        if n == 0:
+            raise TokenizerError(f"{source}: tokenizer.ggml.tokens is empty")
+        types = get.numbers("tokenizer.ggml.token_type", n, integer=True)
+        self.types = types.tolist() if types is not None else [NORMAL] * n
         # llama.cpp replaces empty token texts so that every text maps back to one id.
         self.tokens = [t if t else f"[EMPTY_{i}]" for i, t in enumerate(tokens)]
         self.vocab = {t: i for i, t in enumerate(self.tokens)}
         self.model = model
-
-        def special_id(key, default=None):
-            v = md.get(key, default)
-            if v is None:
-                return None
-            if not 0 <= int(v) < n:
-                raise TokenizerError(f"{source}: {key} = {v} is outside the vocabulary (size {n})")
-            return int(v)
-
-        self.bos_id = special_id("tokenizer.ggml.bos_token_id")
-        self.eos_id = special_id("tokenizer.ggml.eos_token_id")
-        self.unk_id = special_id("tokenizer.ggml.unknown_token_id")
-        self.add_bos = bool(md.get("tokenizer.ggml.add_bos_token", model == "llama"))
-        self.add_eos = bool(md.get("tokenizer.ggml.add_eos_token", False))
-        self.add_space_prefix = bool(md.get("tokenizer.ggml.add_space_prefix", model == "llama"))
-        self.chat_template = md.get("tokenizer.chat_template")
+        special_id = get.token_id
+        self.bos_id = special_id("tokenizer.ggml.bos_token_id", n)
+        self.eos_id = special_id("tokenizer.ggml.eos_token_id", n)
+        self.unk_id = special_id("tokenizer.ggml.unknown_token_id", n)
+        self.add_bos = get.flag("tokenizer.ggml.add_bos_token", model == "llama")
+        self.add_eos = get.flag("tokenizer.ggml.add_eos_token", False)
+        self.add_space_prefix = get.flag("tokenizer.ggml.add_space_prefix", model == "llama")
+        self.chat_template = get.string("tokenizer.chat_template", required=False)
 
         if model == "llama":
-            scores = md.get("tokenizer.ggml.scores")
-            if scores is not None and len(scores) != n:
-                raise TokenizerError(f"{source}: tokenizer.ggml.scores has {len(scores)} entries, expected {n}")
+            scores = get.numbers("tokenizer.ggml.scores", n)
+            if types is not None:  # token_bytes() reads the byte of a BYTE token from its text
+                bad = [i for i in np.flatnonzero(types == BYTE) if not _BYTE_TOKEN.fullmatch(self.tokens[i])]
+                if bad:
+                    raise TokenizerError(f"{source}: token {bad[0]} ({self.tokens[bad[0]][:40]!r}) has type BYTE "
+                                         f"in tokenizer.ggml.token_type but is not of the form <0xNN>")
             self._algo = SPMModel(self.vocab, scores, self.unk_id)
         elif model == "gpt2":
-            merges = md.get("tokenizer.ggml.merges")
+            merges = get.strings("tokenizer.ggml.merges", required=False)
             if merges is None:
                 raise TokenizerError(f"{source}: BPE tokenizer has no tokenizer.ggml.merges")
-            self._algo = BPEModel(self.vocab, merges, md.get("tokenizer.ggml.pre", "default"))
+            self._algo = BPEModel(self.vocab, merges, get.string("tokenizer.ggml.pre", required=False) or "default")
         else:
             raise TokenizerError(f"{source}: tokenizer.ggml.model = {model!r} is not supported "
                                  f"(supported: 'llama' (SentencePiece), 'gpt2' (byte-level BPE))")
 
-        eog = {self.eos_id, special_id("tokenizer.ggml.eot_token_id"), special_id("tokenizer.ggml.eom_token_id")}
+        eog = {self.eos_id, special_id("tokenizer.ggml.eot_token_id", n), special_id("tokenizer.ggml.eom_token_id", n)}
         eog |= {self.vocab[t] for t in EOG_TEXTS if t in self.vocab}
         for t in EOG_TEXTS | FIM_TEXTS:
             if t in self.vocab:
@@ -117,6 +180,8 @@ class Tokenizer:
         special.sort(key=lambda i: -len(self.tokens[i]))
         self._user_defined = [(self.tokens[i], i) for i in special if self.types[i] == USER_DEFINED]
         self._all_special = [(self.tokens[i], i) for i in special]
+        self._user_defined_ids = frozenset(i for _, i in self._user_defined)
+        self._control = [(t, i) for t, i in self._all_special if i not in self._user_defined_ids]
 
     @classmethod
     def from_gguf(cls, path_or_alias: str | os.PathLike) -> "Tokenizer":
@@ -138,6 +203,12 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return len(self.tokens)
+
+    @property
+    def special_tokens(self) -> list[tuple[str, int]]:
+        """(text, id) of the tokens that only `parse_special=True` turns text into (control and unknown
+        tokens; user-defined tokens are always matched), longest first."""
+        return self._control
 
     def token(self, token_id: int) -> str:
         """The vocabulary text of a token."""
@@ -161,13 +232,16 @@ class Tokenizer:
         return i
 
     # ------------------------------------------------------------------------------------ encode
-    def encode(self, text: str, *, add_bos: bool | None = None, parse_special: bool = False) -> list[int]:
+    def encode(self, text: str, *, add_bos: bool | None = None, parse_special: bool = False,
+               plain_spans=()) -> list[int]:
         """Text -> token ids, as llama.cpp's `llama_tokenize`.
 
         Args:
             text: the text. Lone surrogates (not encodable as UTF-8) are replaced by U+FFFD.
             add_bos: prepend BOS; None follows `tokenizer.ggml.add_bos_token`.
             parse_special: turn control-token spellings in the text (e.g. `<|im_start|>`) into their ids.
+            plain_spans: sorted, disjoint (start, end) ranges of `text` where parse_special does not
+                apply (a chat message's content inside a rendered template).
 
         Raises:
             TypeError: `text` is not a string.
@@ -183,7 +257,8 @@ class Tokenizer:
         out: list[int] = []
         if add_bos and self.bos_id is not None:
             out.append(self.bos_id)
-        fragments = self._partition(text, self._all_special if parse_special else self._user_defined)
+        fragments = self._partition(text, self._all_special if parse_special else self._user_defined,
+                                    plain_spans, self._user_defined_ids)
         if self.model == "llama":
             prev_special = True
             for frag in fragments:
@@ -206,25 +281,37 @@ class Tokenizer:
         return out
 
     @staticmethod
-    def _partition(text: str, specials: list[tuple[str, int]]) -> list[str | int]:
-        """Cut text at special tokens, longest token first over all fragments (llama.cpp order)."""
-        frags: list[str | int] = [text] if text else []
+    def _partition(text: str, specials: list[tuple[str, int]], plain_spans=(),
+                   always: frozenset = frozenset()) -> list[str | int]:
+        """Cut text at special tokens, longest token first over all fragments (llama.cpp order). Inside
+        `plain_spans` ((start, end) of text) only the tokens in `always` are cut out."""
+        frags: list[tuple[int | None, str | int]] = [(0, text)] if text else []  # (offset in text, piece)
+        starts = [s for s, _ in plain_spans]  # sorted, not overlapping: the last one starting before a
+        ends = [e for _, e in plain_spans]    # match's end is the only one that can overlap it
         for tok_text, tid in specials:
             if tok_text not in text:
                 continue
-            new: list[str | int] = []
-            for f in frags:
-                if isinstance(f, int) or tok_text not in f:
-                    new.append(f)
+            guarded = bool(plain_spans) and tid not in always
+            new: list[tuple[int | None, str | int]] = []
+            for off, f in frags:
+                if off is None or tok_text not in f:
+                    new.append((off, f))
                     continue
-                parts = f.split(tok_text)
-                for j, p in enumerate(parts):
-                    if j:
-                        new.append(tid)
-                    if p:
-                        new.append(p)
+                start, pos = 0, f.find(tok_text)
+                while pos != -1:
+                    a, b = off + pos, off + pos + len(tok_text)
+                    if guarded and (j := bisect.bisect_left(starts, b) - 1) >= 0 and ends[j] > a:
+                        pos = f.find(tok_text, pos + 1)
+                        continue
+                    if pos > start:
+                        new.append((off + start, f[start:pos]))
+                    new.append((None, tid))
+                    start = pos + len(tok_text)
+                    pos = f.find(tok_text, start)
+                if start < len(f):
+                    new.append((off + start, f[start:]))
             frags = new
-        return frags
+        return [f for _, f in frags]
 
     # ------------------------------------------------------------------------------------ decode
     def token_bytes(self, token_id: int, *, skip_special: bool = True) -> bytes:

@@ -42,6 +42,16 @@ class AttnPartials:
         return self.shape[1]
 
 
+class RowBlocks:
+    """A [n, cols] product held as consecutive blocks of rows in buffers of their own, where one binding
+    could not hold it all (the logits of many positions over a large vocabulary); `read` joins them."""
+
+    __slots__ = ("parts", "shape")
+
+    def __init__(self, parts):
+        self.parts, self.shape = parts, (sum(p.shape[0] for p in parts), parts[0].shape[1])
+
+
 def _rows_per_group(rows: int, k: int) -> int:
     """Rows per lane group for a matvec: each block's activations serve 4 rows on matrices large enough
     to be bandwidth-bound; small ones take 1, so that more workgroups share the latency."""
@@ -63,8 +73,9 @@ class WgpuBackend(Backend):
     encode_ahead = True
 
     def __init__(self, *, max_binding_size: int | None = None, allow_software: bool = True, raw_encode: bool = True,
-                 replay_steps: bool = True, fused_attention: bool = True, shader_checks: str = "none"):
-        self.gpu = gpu = Gpu(allow_software=allow_software, max_binding_size=max_binding_size)
+                 replay_steps: bool = True, fused_attention: bool = True, shader_checks: str = "none",
+                 gpu_backend: str | None = None):
+        self.gpu = gpu = Gpu(allow_software=allow_software, max_binding_size=max_binding_size, backend=gpu_backend)
         self.features, self.device_name = gpu.features, gpu.name
         native = Native.load() if raw_encode else None
         sg = "subgroup" in self.features
@@ -178,6 +189,8 @@ class WgpuBackend(Backend):
             return x
         if isinstance(x, AttnPartials):
             return self._merge_on_host(x)
+        if isinstance(x, RowBlocks):
+            return np.concatenate([self.read(p) for p in x.parts])
         rows = x.shape[0] if len(x.shape) > 1 else 1
         cols = x.cols if len(x.shape) > 1 else x.shape[0]
         self.stream.flush()
@@ -272,6 +285,15 @@ class WgpuBackend(Backend):
                                     accumulate=int(residual is not None)),
                                bufs, fmt=pc.fmt, nbytes=pc.nbytes)
         return out
+
+    def logits(self, x, w, bias=None, *, norm=None):
+        n = x.shape[0]
+        per = max(1, self.gpu.max_binding // (4 * w.shape[0]))  # positions whose logits one binding holds
+        if n <= per:
+            return self.matmul(x, w, bias, norm=norm)
+        if norm is not None:
+            x = self.rmsnorm(x, *norm)
+        return RowBlocks([self.matmul(x[r:r + per], w, bias) for r in range(0, n, per)])
 
     def _matvec(self, entry, x, params, bufs, pc, rows):
         """A matvec.wgsl dispatch over `rows` output rows; x a tensor, or attention partials merged on

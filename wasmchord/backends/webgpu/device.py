@@ -42,9 +42,34 @@ def is_software(adapter) -> bool:
     return str(adapter.info.get("adapter_type", "")).upper() == "CPU"
 
 
-def find_adapter(*, allow_software: bool):
-    """The high-performance adapter (hardware preferred), or None."""
+# What a user may require -> wgpu's `backend_type`; without a requirement, wgpu picks (Vulkan, Metal or
+# D3D12 where there is one; OpenGL, which runs fewer of the shaders' features, only where there is not).
+GPU_BACKENDS = {"vulkan": "Vulkan", "metal": "Metal", "dx12": "D3D12", "opengl": "OpenGL"}
+
+
+def _label(adapter) -> str:
+    info = adapter.info
+    return f"{info.get('device')} ({info.get('backend_type')}{', software' if is_software(adapter) else ''})"
+
+
+def find_adapter(*, allow_software: bool, backend: str | None = None):
+    """The high-performance adapter (hardware preferred), or None; `backend` (a key of `GPU_BACKENDS`)
+    requires that wgpu backend.
+
+    Raises:
+        BackendError: an unknown `backend`, or no adapter on it.
+    """
     wgpu = _wgpu()
+    if backend is not None:
+        if backend not in GPU_BACKENDS:
+            raise BackendError(f"unknown GPU backend {backend!r}; expected one of: {', '.join(GPU_BACKENDS)}")
+        found = _enumerate(wgpu)
+        fit = [a for a in found if a.info.get("backend_type") == GPU_BACKENDS[backend]
+               and (allow_software or not is_software(a))]
+        if not fit:
+            raise BackendError(f"no WebGPU adapter on the {GPU_BACKENDS[backend]} backend; wgpu found: "
+                               f"{', '.join(_label(a) for a in found) or 'none'}")
+        return sorted(fit, key=is_software)[0]
     try:
         adapter = wgpu.gpu.request_adapter_sync(power_preference="high-performance")
     except Exception as e:  # wgpu-native raises when no backend at all can be loaded
@@ -52,20 +77,30 @@ def find_adapter(*, allow_software: bool):
         adapter = None
     if adapter is not None and not is_software(adapter):
         return adapter
-    try:
-        hardware = [a for a in wgpu.gpu.enumerate_adapters_sync() if not is_software(a)]
-    except Exception:
-        hardware = []
+    hardware = [a for a in _enumerate(wgpu) if not is_software(a)]
     if hardware:
         return hardware[0]
     return adapter if allow_software else None
 
 
-def open_device(*, allow_software: bool = True):
-    """(adapter, device, granted features) or BackendError naming what to install."""
-    adapter = find_adapter(allow_software=allow_software)
+def _enumerate(wgpu) -> list:
+    try:
+        return list(wgpu.gpu.enumerate_adapters_sync())
+    except Exception:
+        return []
+
+
+def open_device(*, allow_software: bool = True, backend: str | None = None):
+    """(adapter, device, granted features) or BackendError naming what to install; `backend` as in
+    `find_adapter`."""
+    adapter = find_adapter(allow_software=allow_software, backend=backend)
     if adapter is None:
         raise BackendError(NO_ADAPTER)
+    log.info("WebGPU adapter: %s", _label(adapter))
+    if adapter.info.get("backend_type") == "OpenGL" and backend is None:
+        log.warning("the GPU backend runs on %s: wgpu found no Vulkan, Metal or D3D12 adapter. OpenGL is the "
+                    "least tested path; install a Vulkan driver, or ask for a backend with gpu_backend= "
+                    "(--gpu-backend)", _label(adapter))
     features = [f for f in OPTIONAL_FEATURES if f in adapter.features]
     try:
         # Limits not named default to the adapter's maximum in wgpu-py (GPU_NOTES.md).
@@ -80,10 +115,11 @@ LIMITS_SHOWN = ("max-storage-buffer-binding-size", "max-buffer-size", "max-compu
                 "max-storage-buffers-per-shader-stage", "min-uniform-buffer-offset-alignment")
 
 
-def describe_adapter() -> str:
-    adapter, device, features = open_device(allow_software=True)
+def describe_adapter(backend: str | None = None) -> str:
+    adapter, device, features = open_device(allow_software=True, backend=backend)
     info = adapter.info
-    lines = [f"adapter   {info.get('device')} ({info.get('vendor') or 'unknown vendor'})",
+    lines = [f"adapters  wgpu found: {', '.join(_label(a) for a in _enumerate(_wgpu()))}",
+             f"adapter   {info.get('device')} ({info.get('vendor') or 'unknown vendor'})",
              f"type      {info.get('adapter_type')}{' (software: used only with --backend gpu)' if is_software(adapter) else ''}",
              f"backend   {info.get('backend_type')}  {info.get('description', '')}",
              f"features  requested and granted: {', '.join(features) or 'none'}"]
@@ -99,15 +135,14 @@ class Gpu:
     the first failure. `gen` counts buffer replacements that invalidate cached bind groups and recorded
     steps (see `invalidate`)."""
 
-    def __init__(self, *, allow_software: bool = True, max_binding_size: int | None = None):
+    def __init__(self, *, allow_software: bool = True, max_binding_size: int | None = None, backend: str | None = None):
         self.wgpu = _wgpu()
-        self.adapter, self.device, self.features = open_device(allow_software=allow_software)
+        self.adapter, self.device, self.features = open_device(allow_software=allow_software, backend=backend)
         lim = self.device.limits
         self.max_binding = min(lim["max-storage-buffer-binding-size"], max_binding_size or 2**62)
         self.max_wg = lim["max-compute-workgroups-per-dimension"]
         self.slot_bytes = max(256, lim["min-uniform-buffer-offset-alignment"])
-        info = self.adapter.info
-        self.name = f"{info.get('device')} ({info.get('backend_type')})"
+        self.name = _label(self.adapter)
         self.failed: str | None = None
         self.gen = 0
 
