@@ -179,12 +179,13 @@ def test_missing_weights(tmp_path, hf_dir):
     assert _no_output(tmp_path)
 
 
-def test_unsupported_architecture(tmp_path, hf_dir):
+def test_unsupported_model_type_lists_the_supported_ones(tmp_path, hf_dir):
     c = json.loads((hf_dir / "config.json").read_text())
-    c["architectures"] = ["MambaForCausalLM"]
+    c["architectures"], c["model_type"] = ["MambaForCausalLM"], "mamba"
     (hf_dir / "config.json").write_text(json.dumps(c))
-    with pytest.raises(UnsupportedError, match="MambaForCausalLM"):
+    with pytest.raises(UnsupportedError, match="'mamba'.*supported model types: llama, mistral, qwen2, qwen3, phi, phi3"):
         convert(hf_dir, tmp_path / "o.gguf")
+    assert _no_output(tmp_path)
 
 
 def _edit_tensors(hf_dir, edit):

@@ -9,7 +9,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "wasmchord"
 # Lowest first; a module may import from its own layer's package and from lower layers.
 LAYERS = [{"errors"}, {"formats", "hub", "sampling"}, {"config", "text"}, {"backends"}, {"transformer"},
-          {"generate"}, {"model"}, {"convert", "validate", "info", "bench"}, {"cli"}, {"__init__", "__main__"}]
+          {"generate"}, {"model"}, {"hf_models"}, {"convert", "validate", "info", "bench"}, {"cli"},
+          {"__init__", "__main__"}]
 LEVEL = {name: i for i, names in enumerate(LAYERS) for name in names}
 MODULES = sorted(PACKAGE.rglob("*.py"))
 
