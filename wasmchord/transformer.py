@@ -58,10 +58,9 @@ class Transformer:
             name, want = next(iter(wrong.items()))
             raise GGUFError(gf.path, f"tensor {name!r} has shape {list(gf.tensors[name].shape)}, but the config "
                                      f"gives {list(want)}")
-        t = self._tensor
-        self.tok_embd = backend.load_matrix([t("token_embd.weight")])
+        self.tok_embd = self._matrix(["token_embd.weight"])
         self.tied = "output.weight" not in gf.tensors
-        self.output = self.tok_embd if self.tied else backend.load_matrix([t("output.weight")])
+        self.output = self.tok_embd if self.tied else self._matrix(["output.weight"])
         self.output_b = self._vec("output.bias")
         self.output_norm = self._vec("output_norm.weight")
         self.output_norm_b = self._vec("output_norm.bias")
@@ -71,27 +70,28 @@ class Transformer:
                 progress("load weights", i, cfg.n_layers)
             p = f"blk.{i}."
             if f"{p}attn_qkv.weight" in gf.tensors:
-                wqkv, bqkv = [t(f"{p}attn_qkv.weight")], self._vec(f"{p}attn_qkv.bias")
+                wqkv, bqkv = [f"{p}attn_qkv.weight"], self._vec(f"{p}attn_qkv.bias")
             else:
-                wqkv = [t(f"{p}attn_{x}.weight") for x in ("q", "k", "v")]
+                wqkv = [f"{p}attn_{x}.weight" for x in ("q", "k", "v")]
                 bqkv = self._qkv_bias(p)
             fused = spec.ffn == "gelu" or spec.fused_gate_up  # one up matrix (phi3: gate | up rows)
-            up = [t(f"{p}ffn_up.weight")] if fused else [t(f"{p}ffn_gate.weight"), t(f"{p}ffn_up.weight")]
+            up = [f"{p}ffn_up.weight"] if fused else [f"{p}ffn_gate.weight", f"{p}ffn_up.weight"]
             self.layers.append(Layer(
                 attn_norm=self._vec(f"{p}attn_norm.weight"),
                 attn_norm_b=self._vec(f"{p}attn_norm.bias"),
-                wqkv=backend.load_matrix(wqkv), bqkv=bqkv,
-                wo=backend.load_matrix([t(f"{p}attn_output.weight")]),
+                wqkv=self._matrix(wqkv), bqkv=bqkv,
+                wo=self._matrix([f"{p}attn_output.weight"]),
                 bo=self._vec(f"{p}attn_output.bias"),
                 ffn_norm=None if spec.parallel_block else self._vec(f"{p}ffn_norm.weight"),
-                w_up=backend.load_matrix(up), b_up=self._vec(f"{p}ffn_up.bias"),
-                w_down=backend.load_matrix([t(f"{p}ffn_down.weight")]),
+                w_up=self._matrix(up), b_up=self._vec(f"{p}ffn_up.bias"),
+                w_down=self._matrix([f"{p}ffn_down.weight"]),
                 b_down=self._vec(f"{p}ffn_down.bias"),
                 q_norm=self._vec(f"{p}attn_q_norm.weight"),
                 k_norm=self._vec(f"{p}attn_k_norm.weight"),
                 post_attn_norm=self._vec(f"{p}post_attention_norm.weight"),
                 post_ffn_norm=self._vec(f"{p}post_ffw_norm.weight"),
             ))
+        gf.release()  # what reading small tensors mapped around them (the kernel maps pages in clusters)
         if progress:
             progress("load weights", cfg.n_layers, cfg.n_layers)
         self.rope_ext = self._rope_ext()
@@ -100,9 +100,16 @@ class Transformer:
 
     # ------------------------------------------------------------------------------------ loading
     # Required tensors are present and every known tensor has the config's shape (checked in __init__).
-    def _tensor(self, name: str) -> WeightSource:
-        ti = self._gf.tensors[name]
-        return WeightSource(name, self._gf.tensor_bytes(name), ti.ggml_type, ti.shape)
+    # Weights go to the backend one matrix at a time, and the file's pages of each are released once
+    # it is there: loading holds the converted (or uploaded) weights and one matrix of the file.
+    def _matrix(self, names: list[str]):
+        """The tensors `names` stacked by rows as one backend matrix (e.g. q | k | v)."""
+        gf = self._gf
+        m = self.be.load_matrix([WeightSource(n, gf.tensor_bytes(n), gf.tensors[n].ggml_type, gf.tensors[n].shape)
+                                 for n in names])
+        for n in names:
+            gf.release(n)
+        return m
 
     def _qkv_bias(self, p: str):
         """q | k | v biases of block prefix `p`, concatenated on the host and uploaded; None without any."""
