@@ -37,11 +37,23 @@ def spm_tokenizer(d: Path, vocab: int):
     return spm.SentencePieceProcessor(model_file=str(d / "tokenizer.model")).get_piece_size()
 
 
-def bpe_tokenizer(d: Path, vocab: int, *, train: bool = True):
-    """A byte-level BPE tokenizer.json: trained with `tokenizers`, or (train=False) bytes only, no merges."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+# tokenizer.json Split regexes of real byte-level BPE tokenizers (as their tokenizer.json spell them)
+SPLITS = {
+    "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+    "llama3": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+}
+
+
+def bpe_tokenizer(d: Path, vocab: int, *, train: bool = True, split: str | None = None):
+    """A byte-level BPE tokenizer.json: trained with `tokenizers`, or (train=False) bytes only, no merges.
+    `split`: a key of SPLITS, the regex a Split pre-tokenizer applies before the byte mapping."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if split:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(SPLITS[split]), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab if train else 259, special_tokens=["<|endoftext|>", "<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
@@ -59,8 +71,8 @@ def _save(d, config_cls, model_cls, *, seed, tokenizer, calm, extra_vocab=0, **c
     d.mkdir(parents=True, exist_ok=True)
     if tokenizer == "spm":
         vocab = spm_tokenizer(d, 400)
-    else:
-        vocab = bpe_tokenizer(d, 300, train=tokenizer == "bpe")
+    else:  # "bpe", "bytes", or a key of SPLITS (a trained BPE behind that Split regex)
+        vocab = bpe_tokenizer(d, 300, train=tokenizer != "bytes", split=SPLITS.get(tokenizer) and tokenizer)
     torch.manual_seed(seed)
     cfg = config_cls(vocab_size=vocab + extra_vocab, **cfg)
     m = _widen(model_cls(cfg).eval(), seed, calm)

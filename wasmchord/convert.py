@@ -140,9 +140,35 @@ def _pad_vocab(md: dict, vocab_size):
             md["tokenizer.ggml.scores"] = np.concatenate([md["tokenizer.ggml.scores"], np.zeros(extra, np.float32)])
 
 
+# tokenizer.json Split regexes -> llama.cpp's pre-tokenizer name (the "original regex from
+# tokenizer.json" that llama.cpp src/llama-vocab.cpp notes beside each adapted one).
+_CONTRACTIONS = "(?i:'s|'t|'re|'ve|'m|'ll|'d)"
+SPLIT_REGEXES = {
+    _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
+        "llama-bpe",
+    _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
+        "qwen2",
+    _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+"
+                    r"|\s+(?!\S)|\s+": "qwen35",
+}
+
+
 def _bpe_pre(path: Path) -> str:
-    """Pick llama.cpp's pre-tokenizer name from tokenizer.json's pre_tokenizer."""
-    text = json.dumps(_read_json(path).get("pre_tokenizer"))
+    """Pick llama.cpp's pre-tokenizer name from tokenizer.json's pre_tokenizer.
+
+    Raises:
+        UnsupportedError: a Split regex we do not know (a wrong guess would tokenize silently wrong).
+    """
+    pt = _read_json(path).get("pre_tokenizer") or {}
+    steps = pt.get("pretokenizers", [pt]) if pt.get("type") == "Sequence" else [pt]
+    for step in steps:
+        if step.get("type") == "Split" and "Regex" in (step.get("pattern") or {}):
+            regex = step["pattern"]["Regex"]
+            if regex not in SPLIT_REGEXES:
+                raise UnsupportedError(f"{path}: pre-tokenizer Split regex {regex!r} is not one we know "
+                                       f"(llama.cpp names: {', '.join(sorted(set(SPLIT_REGEXES.values())))})")
+            return SPLIT_REGEXES[regex]
+    text = json.dumps(pt)
     if "individual_digits\": true" in text:
         return "smollm"
     if "\\\\p{N}{1,3}" in text:

@@ -1,4 +1,4 @@
-"""llama.cpp's BPE pre-tokenizers: every `tokenizer.ggml.pre` name it knows, the regexes that split
+r"""llama.cpp's BPE pre-tokenizers: every `tokenizer.ggml.pre` name it knows, the regexes that split
 text into words before merging, and the per-name flags that change what encoding gives.
 
 Copied from llama.cpp src/llama-vocab.cpp (llama-cpp-python 0.3.36): `SPLITS` holds the regex lists
