@@ -21,6 +21,11 @@ def gemma_path():
 
 
 @pytest.fixture(scope="session")
+def qwen_path():
+    return _model("qwen2.5-coder-1.5b-instruct")
+
+
+@pytest.fixture(scope="session")
 def gpu_backend():
     """A WebGPU backend (lavapipe in CI). With CI set, a missing adapter is a failure, not a skip."""
     import os

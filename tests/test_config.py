@@ -28,6 +28,30 @@ def test_explicit_vocab_size_and_linear_rope_scaling():
     assert c.vocab_size == 90 and c.rope_scale == 4.0 and c.rope_base == 5e5
 
 
+def test_a_rope_factor_without_a_type_scales_linearly_as_in_llama_cpp():
+    c = ModelConfig.from_gguf({**LLAMA, "llama.rope.scaling.factor": 2.0})
+    assert (c.rope_scale, c.rope_scaling) == (2.0, "linear")
+
+
+@pytest.mark.parametrize("kind", ["yarn", "dynamic", "llama3"])
+def test_a_rope_scaling_type_we_do_not_implement_is_named(kind):
+    with pytest.raises(UnsupportedError, match=f"llama.rope.scaling.type = '{kind}' is not supported"):
+        ModelConfig.from_gguf({**LLAMA, "llama.rope.scaling.type": kind, "llama.rope.scaling.factor": 4.0})
+
+
+def test_longrope_needs_its_factor_tensors():
+    c = ModelConfig.from_gguf({**LLAMA, "llama.rope.scaling.type": "longrope",
+                               "llama.rope.scaling.original_context_length": 64})
+    assert (c.rope_scaling, c.rope_orig_context, c.rope_scale) == ("longrope", 64, 1.0)
+    assert c.tensor_shapes()["rope_factors_long.weight"] == ((8,), True)
+
+
+def test_a_sliding_window_without_a_pattern_covers_every_layer():
+    c = ModelConfig.from_gguf({**LLAMA, "llama.attention.sliding_window": 8})
+    assert [c.is_local_layer(i) for i in range(2)] == [True, True]
+    assert not ModelConfig.from_gguf(LLAMA).is_local_layer(0)
+
+
 @pytest.mark.parametrize("key", ["llama.block_count", "llama.embedding_length", "llama.attention.head_count",
                                  "llama.feed_forward_length", "llama.context_length",
                                  "llama.attention.layer_norm_rms_epsilon"])
@@ -66,8 +90,16 @@ def test_real_gemma3_config(gemma_path):
     assert [c.is_local_layer(i) for i in range(6)] == [True] * 5 + [False]
 
 
-def test_tensor_shapes_of_both_real_models_match_their_config(smollm2_path, gemma_path):
-    for p in (smollm2_path, gemma_path):
+def test_real_qwen2_config(qwen_path):
+    c = ModelConfig.from_gguf(GGUFFile(qwen_path).metadata)
+    assert (c.arch, c.n_layers, c.d_model, c.ffn_dim, c.n_heads, c.n_kv_heads, c.head_dim) == \
+        ("qwen2", 28, 1536, 8960, 12, 2, 128)
+    assert (c.rope_base, c.vocab_size, c.rope_scaling, c.sliding_window) == (1e6, 151936, "none", 0)
+    assert c.tensor_shapes()["blk.0.attn_k.bias"] == ((256,), True)  # qwen2 requires its biases
+
+
+def test_tensor_shapes_of_the_real_models_match_their_config(smollm2_path, gemma_path, qwen_path):
+    for p in (smollm2_path, gemma_path, qwen_path):
         gf = GGUFFile(p)
         cfg = ModelConfig.from_gguf(gf.metadata)
         assert cfg.check_tensors({n: ti.shape for n, ti in gf.tensors.items()}) == ([], {})

@@ -89,6 +89,29 @@ def test_bpe_tokenizer_json_converts(tmp_path):
     assert [t for t in CORPUS if tok.encode(t, add_bos=False, parse_special=True) != hf.encode(t).ids] == []
 
 
+@pytest.mark.parametrize("split,pre", [("qwen2", "qwen2"), ("llama3", "llama-bpe")])
+def test_a_split_regex_picks_llama_cpps_pre_tokenizer(tmp_path, split, pre):
+    from tokenizers import Tokenizer as HFTokenizer
+    from tiny_hf import make_qwen2
+    make_qwen2(tmp_path / "hf", tokenizer=split)
+    out = convert(tmp_path / "hf", tmp_path / "m.gguf", quant="f32")
+    from wasmchord.formats.gguf import GGUFFile
+    assert GGUFFile(out).metadata["tokenizer.ggml.pre"] == pre
+    tok = Tokenizer.from_gguf(out)
+    hf = HFTokenizer.from_file(str(tmp_path / "hf" / "tokenizer.json"))
+    assert [t for t in CORPUS if tok.encode(t, add_bos=False, parse_special=True) != hf.encode(t).ids] == []
+
+
+def test_an_unknown_split_regex_is_named(tmp_path):
+    from tiny_hf import make_qwen2
+    make_qwen2(tmp_path / "hf", tokenizer="qwen2")
+    tj = json.loads((tmp_path / "hf" / "tokenizer.json").read_text())
+    tj["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = r"\p{L}+|\s+"
+    (tmp_path / "hf" / "tokenizer.json").write_text(json.dumps(tj))
+    with pytest.raises(UnsupportedError, match=r"Split regex '\\\\p\{L\}\+"):
+        convert(tmp_path / "hf", tmp_path / "o.gguf")
+
+
 def test_cli_and_tool_convert_and_validate(tmp_path):
     make_llama(tmp_path / "hf", tokenizer="bytes")
     out = tmp_path / "m.gguf"
@@ -179,12 +202,13 @@ def test_missing_weights(tmp_path, hf_dir):
     assert _no_output(tmp_path)
 
 
-def test_unsupported_architecture(tmp_path, hf_dir):
+def test_unsupported_model_type_lists_the_supported_ones(tmp_path, hf_dir):
     c = json.loads((hf_dir / "config.json").read_text())
-    c["architectures"] = ["MambaForCausalLM"]
+    c["architectures"], c["model_type"] = ["MambaForCausalLM"], "mamba"
     (hf_dir / "config.json").write_text(json.dumps(c))
-    with pytest.raises(UnsupportedError, match="MambaForCausalLM"):
+    with pytest.raises(UnsupportedError, match="'mamba'.*supported model types: llama, mistral, qwen2, qwen3, phi, phi3"):
         convert(hf_dir, tmp_path / "o.gguf")
+    assert _no_output(tmp_path)
 
 
 def _edit_tensors(hf_dir, edit):

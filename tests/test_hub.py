@@ -45,6 +45,16 @@ def test_pull_joins_parts_verifies_and_is_idempotent(fake_model):
     assert hub.resolve_model("fake", cache_dir=cache) == p
 
 
+def test_a_split_model_downloads_under_one_progress_stage(fake_model):
+    """One bar for all the parts (the CLI's ProgressBar starts a bar per stage), then one for unpacking."""
+    m, data, calls, cache = fake_model
+    seen = []
+    hub.pull("fake", cache_dir=cache, progress=lambda s, d, t: seen.append((s, d, t)))
+    stages = list(dict.fromkeys(s for s, _, _ in seen))
+    assert stages == ["download fake", "unpack fake.gguf"]
+    assert [(d, t) for s, d, t in seen if s == "download fake"] == [(0, 2), (1, 2), (2, 2)]
+
+
 def test_checksum_mismatch_leaves_nothing(fake_model, monkeypatch):
     m, data, calls, cache = fake_model
     monkeypatch.setitem(hub.KNOWN_MODELS, "fake", hub.KnownModel(m.alias, m.filename, m.parts, m.size, "0" * 64))
@@ -82,8 +92,9 @@ def test_paths_that_are_not_aliases_pass_through(tmp_path):
     assert hub.resolve_model(tmp_path / "x.gguf") == tmp_path / "x.gguf"
 
 
-def test_real_models_are_cached_and_verified(smollm2_path, gemma_path):
-    for alias, path in [("smollm2-135m-instruct", smollm2_path), ("gemma3-270m", gemma_path)]:
+def test_real_models_are_cached_and_verified(smollm2_path, gemma_path, qwen_path):
+    for alias, path in [("smollm2-135m-instruct", smollm2_path), ("gemma3-270m", gemma_path),
+                        ("qwen2.5-coder-1.5b-instruct", qwen_path)]:
         m = hub.KNOWN_MODELS[alias]
         assert path.stat().st_size == m.size
         h = hashlib.sha256()

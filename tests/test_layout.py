@@ -9,8 +9,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "wasmchord"
 # Lowest first; a module may import from its own layer's package and from lower layers.
 LAYERS = [{"errors", "atomic"}, {"formats", "hub", "sampling", "constrain"}, {"config", "text"}, {"backends"},
-          {"transformer"}, {"generate"}, {"engine"}, {"model"}, {"convert", "validate", "info", "bench", "serve"},
-          {"cli"}, {"__init__", "__main__"}]
+          {"transformer"}, {"generate"}, {"engine"}, {"model"}, {"hf_models"},
+          {"convert", "validate", "info", "bench", "serve"}, {"cli"}, {"__init__", "__main__"}]
 LEVEL = {name: i for i, names in enumerate(LAYERS) for name in names}
 MODULES = sorted(PACKAGE.rglob("*.py"))
 

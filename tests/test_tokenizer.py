@@ -1,4 +1,4 @@
-"""Tokenizer parity: llama.cpp fixtures on both real models, sentencepiece on a trained model, streaming."""
+"""Tokenizer parity: llama.cpp fixtures on the three real models, sentencepiece on a trained model, streaming."""
 
 import json
 from pathlib import Path
@@ -12,7 +12,7 @@ from wasmchord.text.tokenizer import BYTE, Tokenizer
 from wasmchord.text.vocab_export import sentencepiece_metadata
 
 FIXTURES = Path(__file__).parent / "fixtures"
-MODELS = ["smollm2-135m-instruct", "gemma3-270m"]
+MODELS = ["smollm2-135m-instruct", "gemma3-270m", "qwen2.5-coder-1.5b-instruct"]
 
 
 def fixture(alias):
@@ -75,6 +75,14 @@ def test_special_token_properties():
     g = Tokenizer.from_gguf("gemma3-270m")
     assert (g.bos_id, g.eos_id, g.vocab_size) == (2, 1, 262144)
     assert g.vocab["<end_of_turn>"] in g.eot_ids and 1 in g.eot_ids
+
+
+def test_qwen_special_tokens():
+    q = Tokenizer.from_gguf("qwen2.5-coder-1.5b-instruct")
+    assert (q.bos_id, q.eos_id, q.vocab_size) == (151643, 151645, 151936)
+    assert q.vocab["<|im_end|>"] in q.eot_ids and q.vocab["<|endoftext|>"] in q.eot_ids
+    assert q.encode("hi") == q.encode("hi", add_bos=False)  # add_bos_token is false
+    assert q.encode("<|im_start|>user", parse_special=True)[0] == q.vocab["<|im_start|>"]
 
 
 def test_add_bos_follows_metadata_unless_given():

@@ -24,18 +24,24 @@ class ArchSpec:
     ffn: str = "swiglu"               # "swiglu" | "geglu" (tanh GELU) | "gelu" (plain MLP)
     rope_style: str = "norm"          # "norm": adjacent pairs (GGUF/llama); "neox": halves
     parallel_block: bool = False      # attention and MLP from one normalized input (phi2)
-    qk_norm: bool = False             # per-head RMSNorm on q and k (gemma3)
+    qk_norm: bool = False             # per-head RMSNorm on q and k (gemma3, qwen3)
+    qkv_bias: bool = False            # q, k and v projections carry biases (qwen2)
+    fused_gate_up: bool = False       # ffn_up holds gate | up rows [2f, d], no ffn_gate (phi3)
     post_norms: bool = False          # post-attention / post-ffn norms (gemma3)
     embed_scale_sqrt_d: bool = False  # multiply embeddings by sqrt(d_model) (gemma)
     eps_key: str = "attention.layer_norm_rms_epsilon"
-    sliding_window_pattern: int = 0   # every Nth layer is global, the rest local (gemma3: 6)
+    # llama.cpp llama_hparams::set_swa_pattern: with a sliding window, every Nth layer is global and
+    # the rest local (gemma3: 6); 0: every layer is local (Mistral, Phi-3, as transformers runs them).
+    sliding_window_pattern: int = 0
     rope_base_local: float | None = None
 
 
 ARCHITECTURES: dict[str, ArchSpec] = {
     "llama": ArchSpec(),
     # llama.cpp llama_model_rope_type(): qwen2, phi2 and gemma3 rotate halves (NEOX), llama adjacent pairs.
-    "qwen2": ArchSpec(rope_style="neox"),  # LLaMA graph plus QKV biases (picked up from the tensors)
+    "qwen2": ArchSpec(rope_style="neox", qkv_bias=True),
+    "qwen3": ArchSpec(rope_style="neox", qk_norm=True),
+    "phi3": ArchSpec(rope_style="neox", fused_gate_up=True),
     "phi2": ArchSpec(norm="layer", ffn="gelu", rope_style="neox", parallel_block=True,
                      eps_key="attention.layer_norm_epsilon"),
     # llama.cpp src/llama-model.cpp, LLM_ARCH_GEMMA3: swa pattern 6, local rope base 10000.
@@ -44,12 +50,18 @@ ARCHITECTURES: dict[str, ArchSpec] = {
 }
 
 
+# RoPE scaling types we implement (GGUF `{arch}.rope.scaling.type`; llama.cpp also knows yarn).
+# Llama-3's scaling has no type: its per-dimension factors come as the `rope_freqs` tensor.
+ROPE_SCALINGS = ("none", "linear", "longrope")
+
+
 class TensorShape(NamedTuple):
     shape: tuple[int, ...]  # NumPy order: rows first
     required: bool
 
 
 _QKV = ("attn_q.weight", "attn_k.weight", "attn_v.weight")
+_QKV_B = ("attn_q.bias", "attn_k.bias", "attn_v.bias")
 _BLOCK = re.compile(r"blk\.(\d+)\.")
 # Larger than any model's width, head count, vocabulary or layer count: a bound checked before any
 # size derived from the metadata is used (tensor tables, buffers).
@@ -93,6 +105,9 @@ class ModelConfig:
     rope_scale: float    # linear scaling: positions are divided by this
     sliding_window: int = 0
     spec: ArchSpec = field(default_factory=ArchSpec)
+    rope_scaling: str = "none"      # "none" | "linear" | "longrope" (per-dimension factors from tensors)
+    rope_orig_context: int = 0      # longrope: context trained before the extension (long factors past it)
+    rope_attn_factor: float = 1.0   # longrope: cos and sin are multiplied by this (llama.cpp attn_factor)
 
     @property
     def n_rep(self) -> int:
@@ -113,19 +128,25 @@ class ModelConfig:
         spec, qkv = self.spec, H * hd + KV * hd + KV * hdv
         T = TensorShape
         out = {"token_embd.weight": T((V, d), True), "output.weight": T((V, d), False), "output.bias": T((V,), False),
-               "output_norm.weight": T((d,), True), "output_norm.bias": T((d,), False)}
+               "output_norm.weight": T((d,), True), "output_norm.bias": T((d,), False),
+               # per-dimension RoPE frequency divisors: llama3 scaling (rope_freqs), longrope (long/short)
+               "rope_freqs.weight": T((self.rope_dim // 2,), False)}
+        longrope = self.rope_scaling == "longrope"
+        out.update({f"rope_factors_{x}.weight": T((self.rope_dim // 2,), longrope) for x in ("long", "short")})
         for i in range(self.n_layers if n_layers is None else min(n_layers, self.n_layers)):
             layer = {"attn_norm.weight": T((d,), True), "attn_norm.bias": T((d,), False),
-                     "attn_q.weight": T((H * hd, d), True), "attn_q.bias": T((H * hd,), False),
-                     "attn_k.weight": T((KV * hd, d), True), "attn_k.bias": T((KV * hd,), False),
-                     "attn_v.weight": T((KV * hdv, d), True), "attn_v.bias": T((KV * hdv,), False),
+                     "attn_q.weight": T((H * hd, d), True), "attn_q.bias": T((H * hd,), spec.qkv_bias),
+                     "attn_k.weight": T((KV * hd, d), True), "attn_k.bias": T((KV * hd,), spec.qkv_bias),
+                     "attn_v.weight": T((KV * hdv, d), True), "attn_v.bias": T((KV * hdv,), spec.qkv_bias),
                      "attn_qkv.weight": T((qkv, d), False), "attn_qkv.bias": T((qkv,), False),
                      "attn_output.weight": T((d, H * hdv), True), "attn_output.bias": T((d,), False),
                      "ffn_up.weight": T((f, d), True), "ffn_up.bias": T((f,), False),
                      "ffn_down.weight": T((d, f), True), "ffn_down.bias": T((d,), False)}
             if not spec.parallel_block:  # phi2's MLP reads the attention's normalized input
                 layer["ffn_norm.weight"] = T((d,), True)
-            if spec.ffn != "gelu":
+            if spec.fused_gate_up:
+                layer["ffn_up.weight"] = T((2 * f, d), True)
+            elif spec.ffn != "gelu":
                 layer["ffn_gate.weight"] = T((f, d), True)
             if spec.qk_norm:
                 layer.update({"attn_q_norm.weight": T((hd,), True), "attn_k_norm.weight": T((hd,), True)})
@@ -144,14 +165,16 @@ class ModelConfig:
         in_file = max((int(m.group(1)) for n in shapes if (m := _BLOCK.match(n))), default=-1)
         want = self.tensor_shapes(n_layers=in_file + 2)
         missing = [n for n, t in want.items() if t.required and n not in shapes
-                   and not (n.endswith(_QKV) and n[:n.index("attn_")] + "attn_qkv.weight" in shapes)]
+                   and not (n.endswith(_QKV) and n[:n.index("attn_")] + "attn_qkv.weight" in shapes)
+                   and not (n.endswith(_QKV_B) and n[:n.index("attn_")] + "attn_qkv.bias" in shapes)]
         wrong = {n: want[n].shape for n, s in shapes.items() if n in want and tuple(s) != want[n].shape}
         return missing, wrong
 
     def is_local_layer(self, i: int) -> bool:
-        """Sliding-window layer? llama.cpp `llama_hparams::set_swa_pattern`: every Nth layer is global."""
+        """Sliding-window layer? llama.cpp `llama_hparams::set_swa_pattern`: every Nth layer is global
+        (N = 0: none is)."""
         p = self.spec.sliding_window_pattern
-        return bool(p and self.sliding_window and (i + 1) % p != 0)
+        return bool(self.sliding_window and (p == 0 or (i + 1) % p != 0))
 
     @classmethod
     def from_gguf(cls, md: dict) -> "ModelConfig":
@@ -179,10 +202,13 @@ class ModelConfig:
                 raise ConfigError(f"metadata key 'tokenizer.ggml.tokens' is a {type(tokens).__name__}, "
                                   f"expected an array of strings")
             vocab = len(tokens)
-        scaling = _get(md, k("rope.scaling.type"), str, False, "none")
+        # llama.cpp llama_model::load_hparams: the type defaults to linear, the factor to 1 (no scaling).
+        scaling = _get(md, k("rope.scaling.type"), str, False, "linear")
         factor = _get(md, k("rope.scaling.factor"), float, False, 1.0)
-        if scaling not in ("none", "linear"):
-            raise UnsupportedError(f"{k('rope.scaling.type')} = {scaling!r} is not supported (only linear)")
+        if scaling not in ROPE_SCALINGS:
+            raise UnsupportedError(f"{k('rope.scaling.type')} = {scaling!r} is not supported "
+                                   f"(supported: {', '.join(ROPE_SCALINGS)})")
+        context_length = _get(md, k("context_length"), int)
         cfg = cls(
             arch=arch,
             n_layers=_get(md, k("block_count"), int),
@@ -193,13 +219,16 @@ class ModelConfig:
             head_dim_v=_get(md, k("attention.value_length"), int, False, head_dim),
             ffn_dim=_get(md, k("feed_forward_length"), int),
             vocab_size=vocab,
-            context_length=_get(md, k("context_length"), int),
+            context_length=context_length,
             norm_eps=_get(md, k(spec.eps_key), float),
             rope_base=_get(md, k("rope.freq_base"), float, False, 10000.0),
             rope_dim=_get(md, k("rope.dimension_count"), int, False, head_dim),
             rope_scale=factor if scaling == "linear" and factor > 0 else 1.0,
             sliding_window=_get(md, k("attention.sliding_window"), int, False, 0),
             spec=spec,
+            rope_scaling="none" if scaling == "linear" and factor in (0.0, 1.0) else scaling,
+            rope_orig_context=_get(md, k("rope.scaling.original_context_length"), int, False, context_length),
+            rope_attn_factor=_get(md, k("rope.scaling.attn_factor"), float, False, 1.0),
         )
         for name, v in [("block_count", cfg.n_layers), ("embedding_length", d_model),
                         ("attention.head_count", n_heads), ("attention.head_count_kv", n_kv),

@@ -1,15 +1,14 @@
-"""Hugging Face checkpoint directory -> one GGUF file (LLaMA family and Phi-2).
+"""Hugging Face checkpoint directory -> one GGUF file (Llama, Mistral, Qwen2, Qwen3, Phi-2, Phi-3).
 
 Tensors are read one at a time from memory-mapped safetensors (or torch .bin files when torch is
-installed), transformed, quantized and written; the output appears only when complete.
-Keys and the Q/K permutation follow llama.cpp's convert_hf_to_gguf.py (LlamaModel, Phi2Model).
+installed), transformed, quantized and written; the output appears only when complete. What each
+model_type maps to (names, keys, RoPE scaling) is in hf_models.py, after llama.cpp's converter.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import re
 import struct
 from pathlib import Path
 from typing import Callable
@@ -20,6 +19,7 @@ from .config import ModelConfig
 from .errors import ConvertError, UnsupportedError, WasmchordError
 from .formats.gguf_writer import GGUFWriter
 from .formats.quants import ggml_type
+from .hf_models import IGNORED, extra_tensors, hf_model, metadata, permute_qk
 
 log = logging.getLogger(__name__)
 QUANTS = ("f32", "f16", "q8_0", "q4_0", "q4_1")
@@ -98,71 +98,6 @@ class Checkpoint:
                 self.tensors[name] = (tuple(t.shape), lambda t=t: t.float().numpy())
 
 
-# ---------------------------------------------------------------------------- architectures
-
-def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
-    """HF rotate-half row order -> GGUF's adjacent pairs (convert_hf_to_gguf.py LlamaModel.permute)."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-# HF name pattern -> GGUF name, per architecture. {i} is the layer.
-LLAMA_NAMES = {
-    "model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-    "lm_head.weight": "output.weight",
-    "model.layers.{i}.input_layernorm.weight": "blk.{i}.attn_norm.weight",
-    "model.layers.{i}.self_attn.q_proj.weight": "blk.{i}.attn_q.weight",
-    "model.layers.{i}.self_attn.k_proj.weight": "blk.{i}.attn_k.weight",
-    "model.layers.{i}.self_attn.v_proj.weight": "blk.{i}.attn_v.weight",
-    "model.layers.{i}.self_attn.o_proj.weight": "blk.{i}.attn_output.weight",
-    "model.layers.{i}.post_attention_layernorm.weight": "blk.{i}.ffn_norm.weight",
-    "model.layers.{i}.mlp.gate_proj.weight": "blk.{i}.ffn_gate.weight",
-    "model.layers.{i}.mlp.up_proj.weight": "blk.{i}.ffn_up.weight",
-    "model.layers.{i}.mlp.down_proj.weight": "blk.{i}.ffn_down.weight",
-}
-PHI2_NAMES = {
-    "model.embed_tokens.weight": "token_embd.weight",
-    "model.final_layernorm.weight": "output_norm.weight", "model.final_layernorm.bias": "output_norm.bias",
-    "lm_head.weight": "output.weight", "lm_head.bias": "output.bias",
-    "model.layers.{i}.input_layernorm.weight": "blk.{i}.attn_norm.weight",
-    "model.layers.{i}.input_layernorm.bias": "blk.{i}.attn_norm.bias",
-    **{f"model.layers.{{i}}.self_attn.{x}_proj.{w}": f"blk.{{i}}.attn_{x}.{w}" for x in "qkv" for w in ("weight", "bias")},
-    "model.layers.{i}.self_attn.dense.weight": "blk.{i}.attn_output.weight",
-    "model.layers.{i}.self_attn.dense.bias": "blk.{i}.attn_output.bias",
-    "model.layers.{i}.mlp.fc1.weight": "blk.{i}.ffn_up.weight", "model.layers.{i}.mlp.fc1.bias": "blk.{i}.ffn_up.bias",
-    "model.layers.{i}.mlp.fc2.weight": "blk.{i}.ffn_down.weight", "model.layers.{i}.mlp.fc2.bias": "blk.{i}.ffn_down.bias",
-}
-ARCHS = {  # HF architectures[0] -> (gguf arch, name table)
-    "LlamaForCausalLM": ("llama", LLAMA_NAMES), "MistralForCausalLM": ("llama", LLAMA_NAMES),
-    "PhiForCausalLM": ("phi2", PHI2_NAMES),
-}
-IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
-
-
-def _arch_metadata(arch: str, c: dict) -> dict:
-    def need(key):
-        if key not in c:
-            raise ConvertError(f"config.json has no {key!r}, required for {arch}")
-        return c[key]
-    d, H = need("hidden_size"), need("num_attention_heads")
-    hd = c.get("head_dim") or d // H
-    md = {f"{arch}.context_length": need("max_position_embeddings"), f"{arch}.embedding_length": d,
-          f"{arch}.block_count": need("num_hidden_layers"), f"{arch}.feed_forward_length": need("intermediate_size"),
-          f"{arch}.attention.head_count": H, f"{arch}.attention.head_count_kv": c.get("num_key_value_heads") or H,
-          f"{arch}.rope.freq_base": float(c.get("rope_theta") or (c.get("rope_parameters") or {}).get("rope_theta", 10000.0))}
-    if arch == "llama":
-        md["llama.attention.layer_norm_rms_epsilon"] = float(need("rms_norm_eps"))
-        md["llama.rope.dimension_count"] = hd
-        md["llama.vocab_size"] = need("vocab_size")
-        rs = c.get("rope_scaling") or {}
-        if rs.get("type", rs.get("rope_type")) == "linear":
-            md["llama.rope.scaling.type"] = "linear"
-            md["llama.rope.scaling.factor"] = float(rs["factor"])
-    else:  # phi2
-        md["phi2.attention.layer_norm_epsilon"] = float(need("layer_norm_eps"))
-        md["phi2.rope.dimension_count"] = int(c.get("partial_rotary_factor", 0.5) * hd)
-    return md
-
-
 # ---------------------------------------------------------------------------- tokenizer
 
 def _tokenizer_metadata(d: Path, c: dict) -> dict:
@@ -205,9 +140,35 @@ def _pad_vocab(md: dict, vocab_size):
             md["tokenizer.ggml.scores"] = np.concatenate([md["tokenizer.ggml.scores"], np.zeros(extra, np.float32)])
 
 
+# tokenizer.json Split regexes -> llama.cpp's pre-tokenizer name (the "original regex from
+# tokenizer.json" that llama.cpp src/llama-vocab.cpp notes beside each adapted one).
+_CONTRACTIONS = "(?i:'s|'t|'re|'ve|'m|'ll|'d)"
+SPLIT_REGEXES = {
+    _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
+        "llama-bpe",
+    _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
+        "qwen2",
+    _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+"
+                    r"|\s+(?!\S)|\s+": "qwen35",
+}
+
+
 def _bpe_pre(path: Path) -> str:
-    """Pick llama.cpp's pre-tokenizer name from tokenizer.json's pre_tokenizer."""
-    text = json.dumps(_read_json(path).get("pre_tokenizer"))
+    """Pick llama.cpp's pre-tokenizer name from tokenizer.json's pre_tokenizer.
+
+    Raises:
+        UnsupportedError: a Split regex we do not know (a wrong guess would tokenize silently wrong).
+    """
+    pt = _read_json(path).get("pre_tokenizer") or {}
+    steps = pt.get("pretokenizers", [pt]) if pt.get("type") == "Sequence" else [pt]
+    for step in steps:
+        if step.get("type") == "Split" and "Regex" in (step.get("pattern") or {}):
+            regex = step["pattern"]["Regex"]
+            if regex not in SPLIT_REGEXES:
+                raise UnsupportedError(f"{path}: pre-tokenizer Split regex {regex!r} is not one we know "
+                                       f"(llama.cpp names: {', '.join(sorted(set(SPLIT_REGEXES.values())))})")
+            return SPLIT_REGEXES[regex]
+    text = json.dumps(pt)
     if "individual_digits\": true" in text:
         return "smollm"
     if "\\\\p{N}{1,3}" in text:
@@ -236,14 +197,13 @@ def convert(model_dir, output, *, quant: str = "f16", force: bool = False, progr
     if out.exists() and not force:
         raise ConvertError(f"{out} exists (use --force to overwrite)")
     c = _read_json(d / "config.json")
-    hf_arch = (c.get("architectures") or [None])[0]
-    if hf_arch not in ARCHS:
-        raise UnsupportedError(f"{d / 'config.json'}: architecture {hf_arch!r} is not supported "
-                               f"(supported: {', '.join(ARCHS)})")
-    arch, names = ARCHS[hf_arch]
-    ckpt = Checkpoint(d)
+    m = hf_model(c, d / "config.json")
+    arch, names = m.arch, m.names
     md = {"general.architecture": arch, "general.name": c.get("_name_or_path") or d.name,
-          "general.file_type": FILE_TYPE[quant], **_arch_metadata(arch, c), **_tokenizer_metadata(d, c)}
+          "general.file_type": FILE_TYPE[quant], **metadata(m, c, d / "config.json")}
+    extra_t = extra_tensors(m, c, d / "config.json")
+    ckpt = Checkpoint(d)
+    md.update(_tokenizer_metadata(d, c))
     _pad_vocab(md, c.get("vocab_size"))
     try:
         cfg = ModelConfig.from_gguf(md)
@@ -257,11 +217,12 @@ def convert(model_dir, output, *, quant: str = "f16", force: bool = False, progr
             src = pat.format(i=i) if i is not None else pat
             if src in ckpt.tensors:
                 mapping[src] = target.format(i=i) if i is not None else target
-    extra = sorted(n for n in ckpt.tensors if n not in mapping and not IGNORED.match(n))
+    extra = sorted(n for n in ckpt.tensors if n not in mapping and not n.endswith(IGNORED))
     if extra:
         raise ConvertError(f"{d}: unexpected tensors {extra[:5]}{' ...' if len(extra) > 5 else ''} "
-                           f"for {hf_arch} with {n_layers} layers")
-    missing, wrong = cfg.check_tensors({dst: ckpt.tensors[src][0] for src, dst in mapping.items()})
+                           f"for model_type {c['model_type']!r} with {n_layers} layers")
+    missing, wrong = cfg.check_tensors({**{dst: ckpt.tensors[src][0] for src, dst in mapping.items()},
+                                        **{name: a.shape for name, a in extra_t.items()}})
     if missing:
         raise ConvertError(f"{d}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     for src, dst in mapping.items():
@@ -276,15 +237,17 @@ def convert(model_dir, output, *, quant: str = "f16", force: bool = False, progr
         shape, load = ckpt.tensors[src]
         qtype = _qtype(dst, shape, quant)
         perm = cfg.n_heads if dst.endswith("attn_q.weight") else cfg.n_kv_heads if dst.endswith("attn_k.weight") else None
-        if arch != "llama":
+        if not m.permute_qk:
             perm = None
 
         def data(load=load, perm=perm):
             a = load()
             return permute_qk(a, perm) if perm else a
         w.add_tensor(dst, data, qtype=qtype, shape=shape)
+    for name, a in extra_t.items():
+        w.add_tensor(name, a, qtype="F32")
     w.write(out, progress=progress)
-    log.info("wrote %s (%s, %d tensors)", out, quant, len(mapping))
+    log.info("wrote %s (%s, %d tensors)", out, quant, len(mapping) + len(extra_t))
     return out
 
 

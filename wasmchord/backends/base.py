@@ -14,11 +14,18 @@ import numpy as np
 from ..formats.quants import GGMLType
 
 
-def rope_cos_sin(base: float, n_rot: int, scale: float, n_pos: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin [n_pos, n_rot/2] of pos / scale * base^(-2i/n_rot), computed in float64 then
-    rounded to float32 (both backends use this table, so they rotate identically)."""
+def rope_cos_sin(base: float, n_rot: int, scale: float, n_pos: int, factors: tuple | None = None,
+                 attn_factor: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin [n_pos, n_rot/2] of pos / scale * base^(-2i/n_rot) / factors[i], times attn_factor,
+    computed in float64 then rounded to float32 (both backends use this table, so they rotate
+    identically). `factors` [n_rot/2] are per-dimension frequency divisors (Llama-3's rope_freqs,
+    Phi-3's longrope factors), as ggml_rope_ext's freq_factors; attn_factor is its mscale."""
     inv = base ** (-np.arange(0, n_rot, 2, dtype=np.float64) / n_rot)
+    if factors is not None:
+        inv = inv / np.asarray(factors, np.float64)
     ang = np.outer(np.arange(n_pos, dtype=np.float64) / scale, inv)
+    if attn_factor != 1.0:
+        return (attn_factor * np.cos(ang)).astype(np.float32), (attn_factor * np.sin(ang)).astype(np.float32)
     return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
 
 
@@ -118,8 +125,10 @@ class Backend:
         """a + b (a may be updated in place and returned)."""
         raise NotImplementedError("need add")
 
-    def rope(self, x, pos0: int, *, base: float, n_rot: int, scale: float, neox: bool):
-        """Rotate x [n, heads, hd] for positions pos0..pos0+n-1 (first n_rot dims of each head)."""
+    def rope(self, x, pos0: int, *, base: float, n_rot: int, scale: float, neox: bool, factors=None,
+             attn_factor: float = 1.0):
+        """Rotate x [n, heads, hd] for positions pos0..pos0+n-1 (first n_rot dims of each head), with
+        the table of rope_cos_sin(base, n_rot, scale, n, factors, attn_factor)."""
         raise NotImplementedError("need rope")
 
     def kv_write(self, cache, layer: int, k, v, pos0: int, *, rope: dict | None = None):

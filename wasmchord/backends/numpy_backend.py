@@ -132,17 +132,17 @@ class NumpyBackend(Backend):
         a += b
         return a
 
-    def _rope_table(self, base, n_rot, scale, n_pos):
-        key = (base, n_rot, scale)
+    def _rope_table(self, base, n_rot, scale, n_pos, factors=None, attn_factor=1.0):
+        key = (base, n_rot, scale, factors, attn_factor)
         tab = self._rope_tables.get(key)
         if tab is None or tab[0].shape[0] < n_pos:
-            tab = self._rope_tables[key] = rope_cos_sin(base, n_rot, scale, max(n_pos, 4096))
+            tab = self._rope_tables[key] = rope_cos_sin(base, n_rot, scale, max(n_pos, 4096), factors, attn_factor)
         return tab
 
-    def rope(self, x, pos0, *, base, n_rot, scale, neox):
+    def rope(self, x, pos0, *, base, n_rot, scale, neox, factors=None, attn_factor=1.0):
         """`pos0` is the first row's position (rows consecutive), or an array of each row's position."""
         pos = np.arange(pos0, pos0 + x.shape[0]) if np.isscalar(pos0) else np.asarray(pos0)
-        cos, sin = self._rope_table(base, n_rot, scale, int(pos.max()) + 1)
+        cos, sin = self._rope_table(base, n_rot, scale, int(pos.max()) + 1, factors, attn_factor)
         c = cos[pos, None, :]  # [n, 1, n_rot/2]
         s = sin[pos, None, :]
         if neox:  # pairs (i, i + n_rot/2)

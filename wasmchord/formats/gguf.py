@@ -248,6 +248,21 @@ class GGUFFile:
         ti = self.tensor(name)
         return np.frombuffer(self._mmap, dtype=np.uint8, count=ti.n_bytes, offset=ti.offset)
 
+    def release(self, name: str | None = None):
+        """Let the process drop its resident pages of tensor `name` (all tensor data when None): madvise
+        DONTNEED on the read-only map, so the data stays valid and is read again from the page cache
+        if a view is used later. A loader calls it as tensors are copied out, so a model's file is not
+        held in memory beside its converted or uploaded weights."""
+        if self._mmap is None or not hasattr(mmap, "MADV_DONTNEED") or not self.tensors:
+            return
+        if name is None:
+            start, end = min(t.offset for t in self.tensors.values()), len(self._mmap)
+        else:
+            ti = self.tensor(name)
+            start, end = ti.offset, ti.offset + ti.n_bytes
+        start -= start % mmap.PAGESIZE
+        self._mmap.madvise(mmap.MADV_DONTNEED, start, end - start)
+
     def tensor(self, name: str) -> TensorInfo:
         try:
             return self.tensors[name]

@@ -1,35 +1,15 @@
 """Byte-level BPE (GPT-2 style, `tokenizer.ggml.model = gpt2`), as llama.cpp's llm_tokenizer_bpe.
 
-Text is split by the pre-tokenizer regexes chosen by `tokenizer.ggml.pre`, each piece is mapped
-byte by byte to printable characters (GPT-2's bytes_to_unicode), then merged by rank.
+Text is split by the pre-tokenizer regexes chosen by `tokenizer.ggml.pre` (pretokenize.py), each piece
+is mapped byte by byte to printable characters (GPT-2's bytes_to_unicode), then merged by rank. A few
+pre-tokenizers merge raw UTF-8 instead, with <0xXX> tokens for bytes the vocabulary lacks.
 """
 
 from __future__ import annotations
 
-import regex
+from .pretokenize import RAW_UTF8, pre_tokenizer
 
-from ..errors import UnsupportedError
-
-# llama.cpp src/llama-vocab.cpp, llm_tokenizer_bpe constructor: each pre-tokenizer is a list of
-# regexes applied in turn; each one splits the pieces left by the previous one.
-_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
-_LLAMA3 = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-           r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2 = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-          r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_DEFAULT = [r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"]
-
-PRE_TOKENIZERS: dict[str, list[str]] = {
-    "default": _DEFAULT,
-    "gpt2": [_GPT2], "gpt-2": [_GPT2], "mpt": [_GPT2], "olmo": [_GPT2], "jais": [_GPT2],
-    "llama3": [_LLAMA3], "llama-bpe": [_LLAMA3], "llama-v3": [_LLAMA3], "smaug-bpe": [_LLAMA3],
-    "qwen2": [_QWEN2], "qwen2.5": [_QWEN2], "deepseek-r1-qwen": [_QWEN2],
-    # starcoder-style: every digit on its own first.
-    "smollm": [r"\p{N}", _GPT2], "starcoder": [r"\p{N}", _GPT2], "refact": [r"\p{N}", _GPT2],
-    "command-r": [r"\p{N}", _GPT2], "codeshell": [r"\p{N}", _GPT2],
-}
-# llama.cpp sets ignore_merges for LLAMA3: a piece that is already a token is not re-merged.
-IGNORE_MERGES = {"llama3", "llama-bpe", "llama-v3", "smaug-bpe"}
+ESCAPED_SPACE = "\u2581"  # SentencePiece-style BPE (gemma4 pre-tokenizer): spaces are written as U+2581
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -54,13 +34,13 @@ class BPEModel:
     """Merge-rank BPE over byte-mapped text. `vocab` maps token text to id (last duplicate wins)."""
 
     def __init__(self, vocab: dict[str, int], merges: list[str], pre: str):
-        if pre not in PRE_TOKENIZERS:
-            raise UnsupportedError(f"unknown BPE pre-tokenizer tokenizer.ggml.pre = {pre!r}; "
-                                   f"supported: {', '.join(sorted(PRE_TOKENIZERS))}")
         self.vocab = vocab
         self.pre = pre
-        self.patterns = [regex.compile(p) for p in PRE_TOKENIZERS[pre]]
-        self.ignore_merges = pre in IGNORE_MERGES
+        flags, self.splitters = pre_tokenizer(pre)
+        self.ignore_merges, self.escape_spaces = flags.ignore_merges, flags.escape_spaces
+        self.add_bos, self.always_bos = flags.add_bos, flags.gemma4
+        self.byte_encode = flags.splits not in RAW_UTF8
+        self.newline_words = flags.gemma4  # a word of newlines that is a token stays whole
         self.ranks: dict[tuple[str, str], int] = {}
         for i, m in enumerate(merges):
             # llama.cpp splits at the first space after position 0 (a merge may start with a space char).
@@ -71,28 +51,20 @@ class BPEModel:
 
     def pre_tokenize(self, text: str) -> list[str]:
         pieces = [text]
-        for pat in self.patterns:
-            out = []
-            for piece in pieces:
-                start = 0
-                for m in pat.finditer(piece):
-                    if m.start() > start:
-                        out.append(piece[start:m.start()])
-                    if m.end() > m.start():
-                        out.append(m.group())
-                    start = m.end()
-                if start < len(piece):
-                    out.append(piece[start:])
-            pieces = out
+        for split in self.splitters:
+            pieces = [w for piece in pieces for w in split(piece)]
         return pieces
 
     def encode(self, text: str) -> list[int]:
         out: list[int] = []
         cache = self.cache
+        if self.escape_spaces:
+            text = text.replace(" ", ESCAPED_SPACE)
         for piece in self.pre_tokenize(text):
             ids = cache.get(piece)
             if ids is None:
-                ids = self._encode_word("".join([_BYTE_TABLE[b] for b in piece.encode("utf-8")]))
+                ids = self._encode_word("".join([_BYTE_TABLE[b] for b in piece.encode("utf-8")])
+                                        if self.byte_encode else piece)
                 if len(cache) < 200_000:
                     cache[piece] = ids
             out.extend(ids)
@@ -100,7 +72,7 @@ class BPEModel:
 
     def _encode_word(self, word: str) -> list[int]:
         vocab = self.vocab
-        if self.ignore_merges and word in vocab:
+        if (self.ignore_merges or self.newline_words and not word.strip("\n")) and word in vocab:
             return [vocab[word]]
         syms = list(word)
         ranks = self.ranks
@@ -128,8 +100,10 @@ class BPEModel:
             tid = vocab.get(s)
             if tid is not None:
                 out.append(tid)
-            else:  # llama.cpp: fall back to single-character tokens, dropping what is not in the vocab
-                out.extend(vocab[c] for c in s if c in vocab)
+            elif self.byte_encode:  # llama.cpp looks up each byte of the symbol alone: only ASCII ones can be tokens
+                out.extend(vocab[c] for c in s if c.isascii() and c in vocab)
+            else:  # raw UTF-8: byte tokens <0xXX>
+                out.extend(vocab[t] for t in (f"<0x{b:02X}>" for b in s.encode("utf-8")) if t in vocab)
         return out
 
 

@@ -146,7 +146,6 @@ class Tokenizer:
         self.bos_id = special_id("tokenizer.ggml.bos_token_id", n)
         self.eos_id = special_id("tokenizer.ggml.eos_token_id", n)
         self.unk_id = special_id("tokenizer.ggml.unknown_token_id", n)
-        self.add_bos = get.flag("tokenizer.ggml.add_bos_token", model == "llama")
         self.add_eos = get.flag("tokenizer.ggml.add_eos_token", False)
         self.add_space_prefix = get.flag("tokenizer.ggml.add_space_prefix", model == "llama")
         self.chat_template = get.string("tokenizer.chat_template", required=False)
@@ -168,6 +167,9 @@ class Tokenizer:
             raise TokenizerError(f"{source}: tokenizer.ggml.model = {model!r} is not supported "
                                  f"(supported: 'llama' (SentencePiece), 'gpt2' (byte-level BPE))")
 
+        # Without the key: SentencePiece adds BOS, BPE does where its pre-tokenizer says (llama-3, tekken).
+        self.add_bos = (get.flag("tokenizer.ggml.add_bos_token", model == "llama" or getattr(self._algo, "add_bos", False))
+                        or getattr(self._algo, "always_bos", False))
         eog = {self.eos_id, special_id("tokenizer.ggml.eot_token_id", n), special_id("tokenizer.ggml.eom_token_id", n)}
         eog |= {self.vocab[t] for t in EOG_TEXTS if t in self.vocab}
         for t in EOG_TEXTS | FIM_TEXTS:
@@ -322,7 +324,7 @@ class Tokenizer:
             return b"" if skip_special else text.encode("utf-8")
         if t == USER_DEFINED:
             return text.encode("utf-8")
-        if self.model == "llama":
+        if self.model == "llama" or not self._algo.byte_encode:  # SentencePiece, or BPE over raw UTF-8
             if t == BYTE:
                 return bytes([int(text[3:5], 16)])
             return text.replace(SPACE, " ").encode("utf-8")

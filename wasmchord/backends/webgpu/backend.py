@@ -357,9 +357,9 @@ class WgpuBackend(Backend):
     def geglu(self, gate_up):
         return self._glu(gate_up, "geglu")
 
-    def rope(self, x, pos0, *, base, n_rot, scale, neox):
+    def rope(self, x, pos0, *, base, n_rot, scale, neox, factors=None, attn_factor=1.0):
         n, heads, hd = x.shape
-        cs = self.rope_tables.get(base, n_rot, scale, pos0 + n)
+        cs = self.rope_tables.get(base, n_rot, scale, pos0 + n, factors, attn_factor)
         self._dispatch("rope", "rope", (math.ceil(n_rot / 2 / 64), heads, n),
                        dict(n=n, heads=heads, hd=hd, n_rot=n_rot, pos0=pos0, neox=int(neox), x_off=x.off,
                             x_stride=x.stride), dict(cs=cs, x=x.buf), moving=dict(pos0=pos0))
@@ -371,7 +371,8 @@ class WgpuBackend(Backend):
         if pos0 + n > cache.max_ctx:
             raise BackendError(f"KV cache overflow: positions up to {pos0 + n} > context {cache.max_ctx}")
         rope = rope or dict(base=10000.0, n_rot=0, scale=1.0, neox=False)
-        cs = self.rope_tables.get(rope["base"], max(rope["n_rot"], 2), rope["scale"], pos0 + n)
+        cs = self.rope_tables.get(rope["base"], max(rope["n_rot"], 2), rope["scale"], pos0 + n, rope.get("factors"),
+                                  rope.get("attn_factor", 1.0))
         self._dispatch("rope", "rope_store", (math.ceil(max(hd, hdv) / 64), kvh, n),
                        dict(n=n, heads=kvh, hd=hd, n_rot=rope["n_rot"], pos0=pos0, neox=int(rope["neox"]),
                             x_off=k.off, x_stride=k.stride, v_off=v.off, v_stride=v.stride, hd_v=hdv,
@@ -429,7 +430,8 @@ class WgpuBackend(Backend):
         if self._partials is None or self._partials.size < need:
             self.gpu.invalidate()
             self._partials = self.gpu.buffer(need)
-        cs = self.rope_tables.get(rope["base"], max(rope["n_rot"], 2), rope["scale"], n_pos)
+        cs = self.rope_tables.get(rope["base"], max(rope["n_rot"], 2), rope["scale"], n_pos, rope.get("factors"),
+                                  rope.get("attn_factor", 1.0))
         qw, kw, eps = qk_norm if qk_norm is not None else (None, None, 0.0)
         params = dict(heads=H, kv_heads=kvh, hd=hd, hd_v=hdv, ctx=ctx, window=window, scale=scale, q_off=q.off,
                       row_stride=q.stride, n_rot=rope["n_rot"], neox=int(rope["neox"]),

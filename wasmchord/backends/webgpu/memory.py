@@ -77,18 +77,19 @@ class Arena:
 
 
 class RopeTables:
-    """(cos, sin) tables per (base, n_rot, scale), the NumPy backend's values, grown as positions need."""
+    """(cos, sin) tables per (base, n_rot, scale, factors, attn_factor), the NumPy backend's values, grown
+    as positions need."""
 
     def __init__(self, gpu):
         self.gpu = gpu
         self._tables: dict[tuple, tuple] = {}
 
-    def get(self, base, n_rot, scale, n_pos):
-        key = (base, n_rot, scale)
+    def get(self, base, n_rot, scale, n_pos, factors=None, attn_factor=1.0):
+        key = (base, n_rot, scale, factors, attn_factor)
         t = self._tables.get(key)
         if t is None or t[1] < n_pos:
             n_pos = max(n_pos, 4096)
-            cs = np.stack(rope_cos_sin(base, n_rot, scale, n_pos), axis=-1)  # [n_pos, n_rot/2, 2]
+            cs = np.stack(rope_cos_sin(base, n_rot, scale, n_pos, factors, attn_factor), axis=-1)  # [n_pos, n_rot/2, 2]
             t = self._tables[key] = (self.gpu.buffer(cs.nbytes, cs), n_pos)
             self.gpu.invalidate()
         return t[0]
