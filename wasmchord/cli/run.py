@@ -17,6 +17,19 @@ from .progress import ProgressBar
 def add_device_options(s):
     s.add_argument("--backend", default="auto", choices=["auto", "cpu", "gpu"], help="compute backend")
     s.add_argument("--context-length", type=int, default=None, help="cap the context (default: model's, max 4096)")
+    s.add_argument("--weights", choices=["quantized", "f32"], default=None,
+                   help="cpu backend: keep weights in their GGUF blocks (quantized, the default) or expand "
+                        "them to float32 at load (f32, the exact reference)")
+
+
+def device_options(a) -> dict:
+    """Backend keyword arguments from parsed flags."""
+    if a.weights is None:
+        return {}
+    if a.backend == "gpu":
+        from ..errors import BackendError
+        raise BackendError("--weights chooses how the cpu backend stores weights; the gpu backend has no such option")
+    return {"weights": a.weights}
 
 
 def add_sampling_options(s):
@@ -39,7 +52,7 @@ def load(a):
     from ..model import Model
     path = resolve(a.model, a.cache_dir)
     with ProgressBar() as bar:
-        return Model.load(path, device=a.backend, context_length=a.context_length, progress=bar)
+        return Model.load(path, device=a.backend, context_length=a.context_length, progress=bar, **device_options(a))
 
 
 def write_stream(chunks):
@@ -137,7 +150,7 @@ def cmd_bench(a):
     with ProgressBar() as bar:
         res = bench.run(path, device=a.backend, prompt_lengths=lengths, n_gen=a.gen_tokens,
                         llama_cpp="off" if a.no_llama_cpp else "auto", progress=bar, profile=a.profile,
-                        timestamp_period_ns=a.timestamp_period)
+                        timestamp_period_ns=a.timestamp_period, **device_options(a))
     print(bench.format_result(res))
     if a.json:
         with open(a.json, "w") as f:
