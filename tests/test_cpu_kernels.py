@@ -1,5 +1,5 @@
 """The CPU backend's compiled kernels against NumPy dequantization + matmul, on random valid blocks of
-every type, through each path a matrix product takes (one token, a few, a prefill of many), and the
+every type, through each path a matrix product takes (one token; several, in tiles), and the
 kernels' disk cache from a read-only install."""
 
 import logging
@@ -18,7 +18,7 @@ import pytest
 from test_quants import random_raw
 from wasmchord.backends import cpu_kernels as K
 from wasmchord.backends.base import WeightSource
-from wasmchord.backends.quantized import SMALL_BATCH, QuantMatrix
+from wasmchord.backends.quantized import QuantMatrix
 from wasmchord.errors import UnsupportedError
 from wasmchord.formats.quants import dequantize, ggml_type
 
@@ -46,17 +46,18 @@ def test_every_kernel_type_is_tested():
 
 
 @pytest.mark.parametrize("name", KERNEL_TYPES)
-@pytest.mark.parametrize("n", [1, 3, 4, 9, SMALL_BATCH + 5])  # one token, padded groups of G, tiles + sgemm
+@pytest.mark.parametrize("n", [1, 3])  # one token (matvec); several (tiles decoded for sgemm)
 def test_matmul_matches_numpy_dequantize_and_matmul(name, n):
+    """150 rows: two whole groups of 64 and a padded one; tiles of one group each."""
     rng = np.random.default_rng()
     k = 512 if ggml_type(name).block_size == 256 else 96
-    parts = [source(name, 37, k, rng)]
+    parts = [source(name, 150, k, rng)]
     x = rng.standard_normal((n, k)).astype(np.float32)
-    close(QuantMatrix(parts).matmul(x, np.empty(40 * k, np.float32)), x @ reference(parts).T)
+    close(QuantMatrix(parts).matmul(x, np.empty(K.R * k, np.float32)), x @ reference(parts).T)
 
 
 @pytest.mark.parametrize("name", ["F16", "BF16"])
-def test_float_rows_that_do_not_fill_32_lanes(name):
+def test_float_types_take_rows_of_any_length(name):
     rng = np.random.default_rng()
     parts = [source(name, 5, 32 * 3 + 7, rng)]
     for n in (1, 4):
@@ -65,28 +66,29 @@ def test_float_rows_that_do_not_fill_32_lanes(name):
 
 
 def test_stacked_parts_of_mixed_types_share_one_product():
-    """Q/K/V-style stacking: runs of one type are multiplied together, each into its own columns."""
+    """Q/K/V-style stacking: runs of one type are multiplied together, each into its own columns;
+    parts that start inside a group of rows (40 + 8) and parts that start one (64 + 70)."""
     rng = np.random.default_rng()
-    parts = [source("Q4_K", 40, 256, rng), source("Q4_K", 8, 256, rng), source("Q6_K", 8, 256, rng),
-             source("F32", 3, 256, rng)]
+    parts = [source("Q4_K", 40, 256, rng), source("Q4_K", 8, 256, rng), source("Q6_K", 64, 256, rng),
+             source("Q6_K", 70, 256, rng), source("F32", 3, 256, rng)]
     W = QuantMatrix(parts)
-    assert [(r.qtype, r.rows) for r in W.runs] == [("Q4_K", 48), ("Q6_K", 8), ("F32", 3)]
-    for n in (1, 6, 40):
+    assert [(r.qtype, r.rows) for r in W.runs] == [("Q4_K", 48), ("Q6_K", 134), ("F32", 3)]
+    for n in (1, 6):
         x = rng.standard_normal((n, 256)).astype(np.float32)
-        close(W.matmul(x, np.empty(10 * 256, np.float32)), x @ reference(parts).T)
+        close(W.matmul(x, np.empty(K.R * 256, np.float32)), x @ reference(parts).T)
 
 
-def test_parts_that_are_views_of_one_buffer_are_not_copied():
+@pytest.mark.parametrize("name", KERNEL_TYPES)
+def test_tiles_decode_exactly_what_numpy_decodes(name):
+    """Prefill tiles are float32 columns, bit for bit the values formats/quants.py decodes."""
     rng = np.random.default_rng()
-    t = ggml_type("Q8_0")
-    whole = random_raw(t, (30, 64), rng)
-    row = 2 * t.type_size
-    parts = [WeightSource("a", whole[:10 * row], t, (10, 64)), WeightSource("b", whole[20 * row:], t, (10, 64))]
-    W = QuantMatrix(parts)
-    (run,) = W.runs
-    assert np.shares_memory(run.buf, whole) and run.offs.tolist() == [0, 20 * row]
-    x = rng.standard_normal((1, 64)).astype(np.float32)
-    close(W.matmul(x, np.empty(64, np.float32)), x @ reference(parts).T)
+    k = 512 if ggml_type(name).block_size == 256 else 96
+    (src,) = parts = [source(name, 130, k, rng)]
+    (run,) = QuantMatrix(parts).runs
+    tile = np.full((k, 2 * K.R), np.nan, np.float32)
+    K.dequantize(K.marker(name), run.t, 1, tile)       # groups 1 and 2: rows 64..129 and padding
+    np.testing.assert_array_equal(tile[:, :66].T, reference(parts)[64:])
+    assert (tile[:, 66:] == 0).all()
 
 
 @pytest.mark.parametrize("name", KERNEL_TYPES)
@@ -117,24 +119,25 @@ def test_type_without_a_decoder_is_a_clear_error():
 
 
 def test_non_finite_half_scales_stay_non_finite():
-    """A block whose f16 scale is inf or nan gives inf/nan, as NumPy's decoder does."""
+    """A block whose f16 scale is inf or nan decodes to inf/nan, as NumPy's decoder does."""
     t = ggml_type("Q8_0")
     raw = np.zeros((2, 34), np.uint8)
     raw[0, :2] = np.array([np.inf], np.float16).view(np.uint8)
     raw[1, :2] = np.array([np.nan], np.float16).view(np.uint8)
     raw[:, 2:] = 3
-    W = QuantMatrix([WeightSource("w", raw.reshape(-1), t, (2, 32))])
-    got = W.rows(np.array([0, 1]))
-    assert np.isposinf(got[0]).all() and np.isnan(got[1]).all()
+    (run,) = QuantMatrix([WeightSource("w", raw.reshape(-1), t, (2, 32))]).runs
+    tile = np.empty((32, K.R), np.float32)
+    K.dequantize(K.marker("Q8_0"), run.t, 0, tile)
+    assert np.isposinf(tile[:, 0]).all() and np.isnan(tile[:, 1]).all()
 
 
 # ---------------------------------------------------------------------------- the disk cache
 
 CACHE_PROBE = textwrap.dedent("""
     import numpy as np, wasmchord.backends.cpu_kernels as K
-    raw = np.zeros(2 * 34, np.uint8); raw.setflags(write=False)
-    out = np.empty(2, np.float32)
-    K.matvec(K.marker("Q8_0"), raw, np.array([0]), np.array([0, 2]), 34, np.ones(32, np.float32), out)
+    t = np.zeros((1, 34 * K.R), np.uint8)
+    out = np.empty(K.R, np.float32)
+    K.matvec(K.marker("Q8_0"), t, np.ones(32, np.float32), out)
     print(K.__file__, sum(K.matvec.stats.cache_hits.values()), sum(K.matvec.stats.cache_misses.values()))
 """)
 

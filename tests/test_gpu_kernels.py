@@ -14,7 +14,7 @@ from wasmchord.formats.quants import ggml_type, quantize
 
 pytestmark = pytest.mark.gpu
 GPU_TYPES = ["F32", "F16", "Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q6_K"]
-CPU = NumpyBackend()
+CPU = NumpyBackend(weights="f32")  # the exact float32 reference
 
 
 def weight(name, rows, k, rng):

@@ -31,7 +31,7 @@ class KVCache:
 class NumpyBackend(Backend):
     name = "cpu"
 
-    def __init__(self, *, weights: str = "f32", attention_chunk: int = 512):
+    def __init__(self, *, weights: str = "quantized", attention_chunk: int = 512):
         if weights not in ("f32", "quantized"):
             raise BackendError(f"cpu backend: weights={weights!r}, expected 'f32' or 'quantized'")
         self.weights = weights
