@@ -64,28 +64,44 @@ def _f32_from_bits(typingctx, bits):
     return types.float32(bits), codegen
 
 
-@njit(inline="always")
-def _half(h):
-    """IEEE half bits -> float32, exactly, without branches: exponent and mantissa moved to float32
-    position and scaled by 2^112 (subnormals included); an all-ones exponent becomes float32's, so
-    inf and nan stay inf and nan."""
-    bits = np.int32((h & 0x7FFF) << 13) + np.int32(((h & 0x7C00) == 0x7C00) * 0x70000000)
-    return _f32_from_bits(bits) * np.float32(2.0 ** 112) * np.float32(1 - 2 * ((h >> 15) & 1))
+# Integer work in 32 bits. numba computes integers in 64 bits, and LLVM narrows them back to 32-bit
+# vector lanes only sometimes; in 64-bit lanes a vector holds 8 values instead of 16. The bit
+# fiddling of the decoders is therefore written as two small intrinsics whose LLVM IR is 32-bit.
+
+def _i32(builder, v):
+    i32 = ir.IntType(32)
+    return builder.trunc(v, i32) if v.type.width > 32 else builder.zext(v, i32) if v.type.width < 32 else v
 
 
-@njit(inline="always")
-def _bit4(h, mul):
-    """Bit j of byte h moved to bit 4 (16 or 0), with mul = 128 >> j: a multiply and constant shifts.
-    (numba computes integers in 64 bits; LLVM narrows a shift back to 32-bit lanes only when its
-    amount is a constant, so a shift by a variable would put 8 values in a vector instead of 16.)"""
-    return np.int32(np.int32(h) * mul >> 3) & 16
+@intrinsic
+def _bits(typingctx, a, sa, b, sb, mb, off):
+    """float32(((a >> sa) & 15) | (((b >> sb) & mb) << 4)) + off, in 32-bit integers: a nibble of byte
+    a, with high bits from byte b (mb = 0: none) and an offset (Q6_K's -32)."""
+    def codegen(context, builder, sig, args):
+        a, sa, b, sb, mb, off = args
+        lo = builder.and_(builder.lshr(_i32(builder, a), _i32(builder, sa)), ir.Constant(ir.IntType(32), 15))
+        hi = builder.and_(builder.lshr(_i32(builder, b), _i32(builder, sb)), _i32(builder, mb))
+        v = builder.or_(lo, builder.shl(hi, ir.Constant(ir.IntType(32), 4)))
+        return builder.fadd(builder.sitofp(v, ir.FloatType()), off)
+    return types.float32(a, sa, b, sb, mb, types.float32), codegen
 
 
-@njit(inline="always")
-def _nibble(q, high):
-    """The high or low nibble of byte q (high: a loop-invariant bool; constant shifts, see _bit4)."""
-    v = np.int32(q)
-    return (v >> 4) if high else (v & 15)
+@intrinsic
+def _half(typingctx, lo, hi):
+    """The f16 with bytes lo, hi as float32, exactly, without branches: exponent and mantissa moved to
+    float32 position and scaled by 2^112 (subnormals included); an all-ones exponent becomes float32's
+    (inf and nan stay inf and nan); then the sign bit."""
+    def codegen(context, builder, sig, args):
+        i32 = ir.IntType(32)
+        c = lambda v: ir.Constant(i32, v)  # noqa: E731
+        lo, hi = _i32(builder, args[0]), _i32(builder, args[1])
+        mag = builder.or_(builder.shl(builder.and_(hi, c(0x7F)), c(21)), builder.shl(lo, c(13)))
+        special = builder.icmp_unsigned("==", builder.and_(hi, c(0x7C)), c(0x7C))
+        bits = builder.add(mag, builder.select(special, c(0x70000000), c(0)))
+        f = builder.fmul(builder.bitcast(bits, ir.FloatType()), ir.Constant(ir.FloatType(), 2.0 ** 112))
+        signed = builder.or_(builder.bitcast(f, i32), builder.shl(builder.and_(hi, c(0x80)), c(24)))
+        return builder.bitcast(signed, ir.FloatType())
+    return types.float32(lo, hi), codegen
 
 
 @njit(inline="always")
@@ -99,36 +115,69 @@ def _halves(blk, i, out):
     """out[r] = the f16 at bytes i, i+1 of row r's block, as float32."""
     lo, hi = _field(blk, i), _field(blk, i + 1)
     for r in range(R):
-        out[r] = _half(np.int32(lo[r]) | (np.int32(hi[r]) << 8))
+        out[r] = _half(lo[r], hi[r])
 
 
-def _put(sink, c, r, v):
-    """Value v of column c, row r: into a dot product (sink = (acc, x): acc[r] += v * x[c]) or stored
-    (sink = out [k, R]: out[c, r] = v). The form is chosen by the sink's type at compile time."""
+def _put(sink, c, r, q):
+    """Value q of column c, row r, before its scale group's scale and offset are applied (_scale):
+    into a dot product (sink = (acc, sub, x): sub[r] += q * x[c]) or stored (sink = out [k, R]:
+    out[c, r] = q). The form is chosen by the sink's type at compile time."""
 
 
 @overload(_put, inline="always")
-def _put_typed(sink, c, r, v):
+def _put_typed(sink, c, r, q):
     if isinstance(sink, types.BaseTuple):
-        def dot(sink, c, r, v):
-            sink[0][r] += v * sink[1][c]
+        def dot(sink, c, r, q):
+            sink[1][r] += q * sink[2][c]
         return dot
 
-    def store(sink, c, r, v):
-        sink[c, r] = v
+    def store(sink, c, r, q):
+        sink[c, r] = q
+    return store
+
+
+def _scale(sink, c0, n, a, m):
+    """Close the scale group of columns c0..c0+n: value = a[r] * q + m[r] (a or m None: 1 or 0).
+    A dot product adds a * sub + m * (the sum of those columns of x) to acc and clears sub: one
+    multiply per value instead of two. Stored values are scaled in place."""
+
+
+@overload(_scale, inline="always")
+def _scale_typed(sink, c0, n, a, m):
+    scaled, offset = not isinstance(a, types.NoneType), not isinstance(m, types.NoneType)
+    if isinstance(sink, types.BaseTuple):
+        def dot(sink, c0, n, a, m):
+            acc, sub, x = sink
+            s = np.float32(0)
+            if offset:
+                for c in range(c0, c0 + n):
+                    s += x[c]
+            for r in range(R):
+                v = a[r] * sub[r] if scaled else sub[r]
+                acc[r] += v + m[r] * s if offset else v
+                sub[r] = 0
+        return dot
+
+    def store(sink, c0, n, a, m):
+        if scaled:
+            for c in range(c0, c0 + n):
+                for r in range(R):
+                    sink[c, r] = a[r] * sink[c, r] + m[r] if offset else a[r] * sink[c, r]
     return store
 
 
 # ---------------------------------------------------------------------------- decoders, one per type
-# Each decodes every block of one group `blk` (its transposed bytes) for k columns and puts each
-# value; they are compiled only inside the kernels, through `_group`. Scales are decoded for R rows
-# at once into stack vectors (a = scale, m = offset: value = a * q + m).
+# Each decodes every block of one group `blk` (its transposed bytes) for k columns: it puts each
+# column's integer values (offset included) for the R rows, and closes each scale group with its
+# scales, decoded for R rows at once into stack vectors (a = scale, m = minimum).
 
 def _group_f16(marker, tg, k, sink):
     for c in range(k):
         lo, hi = _field(tg, 2 * c), _field(tg, 2 * c + 1)
         for r in range(R):
-            _put(sink, c, r, _half(np.int32(lo[r]) | (np.int32(hi[r]) << 8)))
+            _put(sink, c, r, _half(lo[r], hi[r]))
+        if c % 32 == 31 or c == k - 1:
+            _scale(sink, c - c % 32, c % 32 + 1, None, None)
 
 
 def _group_bf16(marker, tg, k, sink):
@@ -136,6 +185,8 @@ def _group_bf16(marker, tg, k, sink):
         lo, hi = _field(tg, 2 * c), _field(tg, 2 * c + 1)
         for r in range(R):
             _put(sink, c, r, _f32_from_bits((np.int32(lo[r]) << 16) | (np.int32(hi[r]) << 24)))
+        if c % 32 == 31 or c == k - 1:
+            _scale(sink, c - c % 32, c % 32 + 1, None, None)
 
 
 @njit(inline="always")
@@ -145,22 +196,21 @@ def _nibble_blocks(tg, k, sink, size, has_min, has_high):
     little-endian u32 qh is bit 4 of value j. Without m, values are centred: (q - 8) d or (q - 16) d."""
     a, m = carray(_vector(), R), carray(_vector(), R)
     qs = 2 + 2 * has_min + 4 * has_high
+    centre = np.float32(0 if has_min else -16 if has_high else -8)
     for b in range(k // 32):
         blk = tg[b * size * R:(b + 1) * size * R]
+        for i in range(32):
+            q = _field(blk, qs + i % 16)
+            h = _field(blk, qs - 4 + i // 8) if has_high else q
+            sa, hmask = 4 * (i // 16), 1 if has_high else 0
+            for r in range(R):
+                _put(sink, 32 * b + i, r, _bits(q[r], sa, h[r], i % 8, hmask, centre))
         _halves(blk, 0, a)
         if has_min:
             _halves(blk, 2, m)
+            _scale(sink, 32 * b, 32, a, m)
         else:
-            for r in range(R):
-                m[r] = np.float32(-16 if has_high else -8) * a[r]
-        for i in range(32):
-            q, high = _field(blk, qs + i % 16), i >= 16
-            h, mul = _field(blk, qs - 4 + i // 8) if has_high else q, np.int32(128 >> (i % 8))
-            for r in range(R):
-                v = _nibble(q[r], high)
-                if has_high:
-                    v |= _bit4(h[r], mul)
-                _put(sink, 32 * b + i, r, a[r] * np.float32(np.int32(v)) + m[r])
+            _scale(sink, 32 * b, 32, a, None)
 
 
 def _group_q4_0(marker, tg, k, sink):
@@ -183,11 +233,12 @@ def _group_q8_0(marker, tg, k, sink):  # d, qs:int8[32]
     d = carray(_vector(), R)
     for b in range(k // 32):
         blk = tg[b * 34 * R:(b + 1) * 34 * R]
-        _halves(blk, 0, d)
         for i in range(32):
             q = _field(blk, 2 + i)
             for r in range(R):
-                _put(sink, 32 * b + i, r, d[r] * np.float32(np.int8(q[r])))
+                _put(sink, 32 * b + i, r, np.float32(np.int8(q[r])))
+        _halves(blk, 0, d)
+        _scale(sink, 32 * b, 32, d, None)
 
 
 @njit(inline="always")
@@ -198,30 +249,28 @@ def _k4_blocks(tg, k, sink, size, five):
     scales and mins: ggml get_scale_min_k4."""
     d, dmin = carray(_vector(), R), carray(_vector(), R)
     a, m = carray(_vector(), R), carray(_vector(), R)
-    qs = 48 if five else 16
+    qs, zero = 48 if five else 16, np.float32(0)
     for b in range(k // 256):
         blk = tg[b * size * R:(b + 1) * size * R]
         _halves(blk, 0, d)
         _halves(blk, 2, dmin)
         for j in range(8):
-            if j < 4:
-                s0, s1 = _field(blk, 4 + j), _field(blk, 8 + j)
-                for r in range(R):
-                    a[r] = d[r] * np.float32(np.int32(s0[r]) & 63)
-                    m[r] = -(dmin[r] * np.float32(np.int32(s1[r]) & 63))
-            else:
-                s0, s1, s2 = _field(blk, j), _field(blk, 4 + j), _field(blk, 8 + j)
-                for r in range(R):
-                    a[r] = d[r] * np.float32((np.int32(s2[r]) & 15) | ((np.int32(s0[r]) >> 6) << 4))
-                    m[r] = -(dmin[r] * np.float32((np.int32(s2[r]) >> 4) | ((np.int32(s1[r]) >> 6) << 4)))
-            high, mul = j % 2 == 1, np.int32(128 >> j)
+            sa, hmask = 4 * (j % 2), 1 if five else 0
             for i in range(32):
                 q, h = _field(blk, qs + 32 * (j // 2) + i), _field(blk, 16 + i)
                 for r in range(R):
-                    v = _nibble(q[r], high)
-                    if five:
-                        v |= _bit4(h[r], mul)
-                    _put(sink, 256 * b + 32 * j + i, r, a[r] * np.float32(np.int32(v)) + m[r])
+                    _put(sink, 256 * b + 32 * j + i, r, _bits(q[r], sa, h[r], j, hmask, zero))
+            if j < 4:  # scale: 6 bits of byte j; min: of byte 4 + j
+                s0, s1 = _field(blk, 4 + j), _field(blk, 8 + j)
+                for r in range(R):
+                    a[r] = d[r] * _bits(s0[r], 0, s0[r], 4, 3, zero)
+                    m[r] = -(dmin[r] * _bits(s1[r], 0, s1[r], 4, 3, zero))
+            else:      # nibbles of byte 4 + j, with the top 2 bits of bytes j - 4 and j
+                s0, s1, s2 = _field(blk, j), _field(blk, 4 + j), _field(blk, 8 + j)
+                for r in range(R):
+                    a[r] = d[r] * _bits(s2[r], 0, s0[r], 6, 3, zero)
+                    m[r] = -(dmin[r] * _bits(s2[r], 4, s1[r], 6, 3, zero))
+            _scale(sink, 256 * b + 32 * j, 32, a, m)
 
 
 def _group_q4_k(marker, tg, k, sink):
@@ -235,31 +284,25 @@ def _group_q5_k(marker, tg, k, sink):
 def _group_q6_k(marker, tg, k, sink):
     """Q6_K (ql[128], qh[64], scales:int8[16], d): value 32u + l of half h (u < 4, l < 32) has its
     low 4 bits in ql[64h + 32(u % 2) + l] >> 4(u // 2), its high 2 in qh[32h + l] >> 2u; minus 32,
-    times d * scales[8h + 2u + l // 16] (ggml dequantize_row_q6_K)."""
-    d = carray(_vector(), R)
-    a0, a1, a2, a3 = carray(_vector(), R), carray(_vector(), R), carray(_vector(), R), carray(_vector(), R)
+    times d * scales[8h + 2u + l // 16] (ggml dequantize_row_q6_K). Scale groups of 16 values."""
+    d, a = carray(_vector(), R), carray(_vector(), R)
+    m32 = np.float32(-32)
     for b in range(k // 256):
         blk = tg[b * 210 * R:(b + 1) * 210 * R]
         _halves(blk, 208, d)
         for h in range(2):
-            for l0 in range(0, 32, 16):
-                s = 192 + 8 * h + l0 // 16
-                s0, s1, s2, s3 = _field(blk, s), _field(blk, s + 2), _field(blk, s + 4), _field(blk, s + 6)
-                for r in range(R):
-                    a0[r] = d[r] * np.float32(np.int8(s0[r]))
-                    a1[r] = d[r] * np.float32(np.int8(s1[r]))
-                    a2[r] = d[r] * np.float32(np.int8(s2[r]))
-                    a3[r] = d[r] * np.float32(np.int8(s3[r]))
-                c = 256 * b + 128 * h + l0
-                for i in range(16):  # four values (u = 0..3) per column pair of bytes, constant shifts
-                    ql, qm = _field(blk, 64 * h + l0 + i), _field(blk, 64 * h + 32 + l0 + i)
-                    qh = _field(blk, 128 + 32 * h + l0 + i)
+            for u in range(4):
+                lshift, hshift = 4 * (u // 2), 2 * u
+                for l0 in range(0, 32, 16):
+                    c = 256 * b + 128 * h + 32 * u + l0
+                    for i in range(16):
+                        ql, qh = _field(blk, 64 * h + 32 * (u % 2) + l0 + i), _field(blk, 128 + 32 * h + l0 + i)
+                        for r in range(R):
+                            _put(sink, c + i, r, _bits(ql[r], lshift, qh[r], hshift, 3, m32))
+                    s = _field(blk, 192 + 8 * h + 2 * u + l0 // 16)
                     for r in range(R):
-                        lo, mid, hi = np.int32(ql[r]), np.int32(qm[r]), np.int32(qh[r])
-                        _put(sink, c + i, r, a0[r] * np.float32(np.int32(((lo & 15) | ((hi & 3) << 4)) - 32)))
-                        _put(sink, c + 32 + i, r, a1[r] * np.float32(np.int32(((mid & 15) | ((hi & 12) << 2)) - 32)))
-                        _put(sink, c + 64 + i, r, a2[r] * np.float32(np.int32(((lo >> 4) | (hi & 48)) - 32)))
-                        _put(sink, c + 96 + i, r, a3[r] * np.float32(np.int32(((mid >> 4) | ((hi & 192) >> 2)) - 32)))
+                        a[r] = d[r] * np.float32(np.int8(s[r]))
+                    _scale(sink, c, 16, a, None)
 
 
 # The table: marker name -> decoder. Types not here are dequantized at load by the caller.
@@ -284,15 +327,16 @@ def _group_typed(marker, tg, k, sink):
 def matvec(marker, t, x, out):
     """out[r] = W[r] @ x for the rows of W (groups t [G, bytes]); x [k] float32, out [G * R]."""
     for g in prange(t.shape[0]):
-        acc = carray(_vector(), R)
+        acc, sub = carray(_vector(), R), carray(_vector(), R)
         for r in range(R):
             acc[r] = 0
-        _group(marker, t[g], x.shape[0], (acc, x))
+            sub[r] = 0
+        _group(marker, t[g], x.shape[0], (acc, sub, x))
         for r in range(R):
             out[g * R + r] = acc[r]
 
 
-@njit(**_JIT)
+@njit(**dict(_JIT, fastmath={"reassoc", "nsz"}))  # no contract: a * q + m rounded twice, as NumPy does
 def dequantize(marker, t, g0, out):
     """out[:, i * R + r] = row r of group g0 + i, as float32 columns: out [k, m * R] for m groups.
     On the calling thread: prefill alternates it with BLAS sgemm, and a parallel region here would
