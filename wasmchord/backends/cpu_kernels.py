@@ -118,28 +118,30 @@ def _halves(blk, i, out):
         out[r] = _half(lo[r], hi[r])
 
 
-def _put(sink, c, r, q):
-    """Value q of column c, row r, before its scale group's scale and offset are applied (_scale):
-    into a dot product (sink = (acc, sub, x): sub[r] += q * x[c]) or stored (sink = out [k, R]:
-    out[c, r] = q). The form is chosen by the sink's type at compile time."""
+def _put(sink, c, r, q, a, m):
+    """Value q of column c, row r, whose scale group has scales a and offsets m (value = a[r] * q +
+    m[r]; a or m None: 1 or 0): into a dot product (sink = (acc, sub, x): sub[r] += q * x[c], scaled
+    by _scale once per group) or stored (sink = out [k, R]: out[c, r] = the value). The form is
+    chosen by the sink's type at compile time."""
 
 
 @overload(_put, inline="always")
-def _put_typed(sink, c, r, q):
+def _put_typed(sink, c, r, q, a, m):
+    scaled, offset = not isinstance(a, types.NoneType), not isinstance(m, types.NoneType)
     if isinstance(sink, types.BaseTuple):
-        def dot(sink, c, r, q):
+        def dot(sink, c, r, q, a, m):
             sink[1][r] += q * sink[2][c]
         return dot
 
-    def store(sink, c, r, q):
-        sink[c, r] = q
+    def store(sink, c, r, q, a, m):
+        v = a[r] * q if scaled else q
+        sink[c, r] = v + m[r] if offset else v
     return store
 
 
 def _scale(sink, c0, n, a, m):
-    """Close the scale group of columns c0..c0+n: value = a[r] * q + m[r] (a or m None: 1 or 0).
-    A dot product adds a * sub + m * (the sum of those columns of x) to acc and clears sub: one
-    multiply per value instead of two. Stored values are scaled in place."""
+    """Close the scale group of columns c0..c0+n: a dot product adds a * sub + m * (the sum of those
+    columns of x) to acc and clears sub, one multiply per value instead of two."""
 
 
 @overload(_scale, inline="always")
@@ -159,23 +161,20 @@ def _scale_typed(sink, c0, n, a, m):
         return dot
 
     def store(sink, c0, n, a, m):
-        if scaled:
-            for c in range(c0, c0 + n):
-                for r in range(R):
-                    sink[c, r] = a[r] * sink[c, r] + m[r] if offset else a[r] * sink[c, r]
+        pass
     return store
 
 
 # ---------------------------------------------------------------------------- decoders, one per type
-# Each decodes every block of one group `blk` (its transposed bytes) for k columns: it puts each
-# column's integer values (offset included) for the R rows, and closes each scale group with its
-# scales, decoded for R rows at once into stack vectors (a = scale, m = minimum).
+# Each decodes every block of one group `blk` (its transposed bytes) for k columns: per scale group
+# it decodes the scales for the R rows at once into stack vectors (a = scale, m = minimum), puts
+# each column's integer values (offset included) and closes the group.
 
 def _group_f16(marker, tg, k, sink):
     for c in range(k):
         lo, hi = _field(tg, 2 * c), _field(tg, 2 * c + 1)
         for r in range(R):
-            _put(sink, c, r, _half(lo[r], hi[r]))
+            _put(sink, c, r, _half(lo[r], hi[r]), None, None)
         if c % 32 == 31 or c == k - 1:
             _scale(sink, c - c % 32, c % 32 + 1, None, None)
 
@@ -184,7 +183,7 @@ def _group_bf16(marker, tg, k, sink):
     for c in range(k):
         lo, hi = _field(tg, 2 * c), _field(tg, 2 * c + 1)
         for r in range(R):
-            _put(sink, c, r, _f32_from_bits((np.int32(lo[r]) << 16) | (np.int32(hi[r]) << 24)))
+            _put(sink, c, r, _f32_from_bits((np.int32(lo[r]) << 16) | (np.int32(hi[r]) << 24)), None, None)
         if c % 32 == 31 or c == k - 1:
             _scale(sink, c - c % 32, c % 32 + 1, None, None)
 
@@ -199,15 +198,20 @@ def _nibble_blocks(tg, k, sink, size, has_min, has_high):
     centre = np.float32(0 if has_min else -16 if has_high else -8)
     for b in range(k // 32):
         blk = tg[b * size * R:(b + 1) * size * R]
+        _halves(blk, 0, a)
+        if has_min:
+            _halves(blk, 2, m)
         for i in range(32):
             q = _field(blk, qs + i % 16)
             h = _field(blk, qs - 4 + i // 8) if has_high else q
             sa, hmask = 4 * (i // 16), 1 if has_high else 0
             for r in range(R):
-                _put(sink, 32 * b + i, r, _bits(q[r], sa, h[r], i % 8, hmask, centre))
-        _halves(blk, 0, a)
+                v = _bits(q[r], sa, h[r], i % 8, hmask, centre)
+                if has_min:
+                    _put(sink, 32 * b + i, r, v, a, m)
+                else:
+                    _put(sink, 32 * b + i, r, v, a, None)
         if has_min:
-            _halves(blk, 2, m)
             _scale(sink, 32 * b, 32, a, m)
         else:
             _scale(sink, 32 * b, 32, a, None)
@@ -233,11 +237,11 @@ def _group_q8_0(marker, tg, k, sink):  # d, qs:int8[32]
     d = carray(_vector(), R)
     for b in range(k // 32):
         blk = tg[b * 34 * R:(b + 1) * 34 * R]
+        _halves(blk, 0, d)
         for i in range(32):
             q = _field(blk, 2 + i)
             for r in range(R):
-                _put(sink, 32 * b + i, r, np.float32(np.int8(q[r])))
-        _halves(blk, 0, d)
+                _put(sink, 32 * b + i, r, np.float32(np.int8(q[r])), d, None)
         _scale(sink, 32 * b, 32, d, None)
 
 
@@ -255,11 +259,6 @@ def _k4_blocks(tg, k, sink, size, five):
         _halves(blk, 0, d)
         _halves(blk, 2, dmin)
         for j in range(8):
-            sa, hmask = 4 * (j % 2), 1 if five else 0
-            for i in range(32):
-                q, h = _field(blk, qs + 32 * (j // 2) + i), _field(blk, 16 + i)
-                for r in range(R):
-                    _put(sink, 256 * b + 32 * j + i, r, _bits(q[r], sa, h[r], j, hmask, zero))
             if j < 4:  # scale: 6 bits of byte j; min: of byte 4 + j
                 s0, s1 = _field(blk, 4 + j), _field(blk, 8 + j)
                 for r in range(R):
@@ -270,6 +269,11 @@ def _k4_blocks(tg, k, sink, size, five):
                 for r in range(R):
                     a[r] = d[r] * _bits(s2[r], 0, s0[r], 6, 3, zero)
                     m[r] = -(dmin[r] * _bits(s2[r], 4, s1[r], 6, 3, zero))
+            sa, hmask = 4 * (j % 2), 1 if five else 0
+            for i in range(32):
+                q, h = _field(blk, qs + 32 * (j // 2) + i), _field(blk, 16 + i)
+                for r in range(R):
+                    _put(sink, 256 * b + 32 * j + i, r, _bits(q[r], sa, h[r], j, hmask, zero), a, m)
             _scale(sink, 256 * b + 32 * j, 32, a, m)
 
 
@@ -294,14 +298,14 @@ def _group_q6_k(marker, tg, k, sink):
             for u in range(4):
                 lshift, hshift = 4 * (u // 2), 2 * u
                 for l0 in range(0, 32, 16):
+                    s = _field(blk, 192 + 8 * h + 2 * u + l0 // 16)
+                    for r in range(R):
+                        a[r] = d[r] * np.float32(np.int8(s[r]))
                     c = 256 * b + 128 * h + 32 * u + l0
                     for i in range(16):
                         ql, qh = _field(blk, 64 * h + 32 * (u % 2) + l0 + i), _field(blk, 128 + 32 * h + l0 + i)
                         for r in range(R):
-                            _put(sink, c + i, r, _bits(ql[r], lshift, qh[r], hshift, 3, m32))
-                    s = _field(blk, 192 + 8 * h + 2 * u + l0 // 16)
-                    for r in range(R):
-                        a[r] = d[r] * np.float32(np.int8(s[r]))
+                            _put(sink, c + i, r, _bits(ql[r], lshift, qh[r], hshift, 3, m32), a, None)
                     _scale(sink, c, 16, a, None)
 
 

@@ -25,9 +25,16 @@ log = logging.getLogger(__name__)
 TILE_BYTES = 4 << 20  # float32 bytes of one prefill tile (stays in cache beside sgemm's packed panels)
 
 
+_K = None
+
+
 def _kernels():
-    from . import cpu_kernels  # numba: imported on first use, so `import wasmchord` stays light
-    return cpu_kernels
+    """The compiled kernels' module, imported on first use: numba is needed only by this path."""
+    global _K
+    if _K is None:
+        from . import cpu_kernels
+        _K = cpu_kernels
+    return _K
 
 
 @dataclass
@@ -38,6 +45,7 @@ class _Run:
     c0: int
     rows: int
     t: np.ndarray | None = None      # the kernels' layout: uint8 [groups, row_bytes * R]
+    marker: np.ndarray | None = None
     f32: np.ndarray | None = None    # [rows, k] (F32, and types without a kernel)
 
 
@@ -79,6 +87,7 @@ class QuantMatrix:
             if name in K.KERNEL_TYPES:
                 row_bytes = group[0].raw.size // group[0].shape[0]
                 run.t = np.zeros((-(-run.rows // K.R), row_bytes * K.R), np.uint8)
+                run.marker = K.marker(name)
                 views = [_read_only(p.raw.reshape(p.shape[0], row_bytes)) for p in group]
                 if all(v.shape[0] % K.R == 0 for v in views[:-1]):  # each part starts a group
                     g = 0
@@ -102,20 +111,20 @@ class QuantMatrix:
         """x [n, k] float32 @ self.T -> [n, rows]; `scratch` is a float32 buffer for prefill tiles."""
         K = _kernels()
         x = np.ascontiguousarray(x, dtype=np.float32)
-        n, k = x.shape
+        n = x.shape[0]
         out = np.empty((n, self.shape[0]), np.float32)
         for run in self.runs:
             cols = out[:, run.c0:run.c0 + run.rows]
             if run.f32 is not None:
                 np.matmul(x, run.f32.T, out=cols)
-            elif n == 1:
-                padded = run.t.shape[0] * K.R
-                y = cols[0] if padded == run.rows else np.empty(padded, np.float32)
-                K.matvec(K.marker(run.qtype), run.t, x[0], y)
-                if padded != run.rows:
-                    cols[0] = y[:run.rows]
-            else:
+            elif n > 1:
                 self._tiled(K, run, x, cols, scratch)
+            elif run.rows % K.R == 0:
+                K.matvec(run.marker, run.t, x[0], cols[0])
+            else:  # the last group is padded
+                y = np.empty(run.t.shape[0] * K.R, np.float32)
+                K.matvec(run.marker, run.t, x[0], y)
+                cols[0] = y[:run.rows]
         return out
 
     @staticmethod
@@ -129,7 +138,7 @@ class QuantMatrix:
         for g in range(0, groups, step):
             m = min(step, groups - g)
             tile = scratch[:k * m * K.R].reshape(k, m * K.R)
-            K.dequantize(K.marker(run.qtype), run.t, g, tile)
+            K.dequantize(run.marker, run.t, g, tile)
             r0, r1 = g * K.R, min(run.rows, (g + m) * K.R)
             np.matmul(x, tile[:, :r1 - r0], out=cols[:, r0:r1])
 
