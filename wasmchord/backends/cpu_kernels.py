@@ -42,13 +42,22 @@ def marker(name: str) -> np.ndarray:
 
 # ---------------------------------------------------------------------------- helpers
 
-@intrinsic
-def _vector(typingctx):
-    """R float32 on the stack: an alloca in the entry block, which LLVM keeps in registers when every
-    index into it is a loop counter of a constant range."""
-    def codegen(context, builder, sig, args):
-        return cgutils.alloca_once(builder, context.get_value_type(types.float32), size=R)
-    return types.CPointer(types.float32)(), codegen
+def _stack(n: int):
+    """An intrinsic giving n float32 on the stack: an alloca in the entry block, which LLVM keeps in
+    registers when every index into it is a loop counter of a constant range (and n is small)."""
+    @intrinsic
+    def stack(typingctx):
+        def codegen(context, builder, sig, args):
+            return cgutils.alloca_once(builder, context.get_value_type(types.float32), size=n)
+        return types.CPointer(types.float32)(), codegen
+    return stack
+
+
+CHUNK = 256   # columns decoded at a time by matmul (a whole K-quant block): CHUNK x R float32 = 64 KiB
+TOKENS = 4    # tokens per pass over a decoded chunk: TOKENS x R accumulators = 16 AVX-512 registers
+_vector = _stack(R)
+_chunk = _stack(CHUNK * R)
+_token_block = _stack(TOKENS * R)
 
 
 @intrinsic
@@ -338,6 +347,39 @@ def matvec(marker, t, x, out):
         _group(marker, t[g], x.shape[0], (acc, sub, x))
         for r in range(R):
             out[g * R + r] = acc[r]
+
+
+@njit(parallel=True, **_JIT)
+def matmul(marker, t, cols_per_block, x, out):
+    """out[:, g * R + r] = x @ W[g * R + r] for the groups t of W; x [n, k] float32 with n a multiple of
+    TOKENS (callers pad with zero rows), out [n, G * R]. Per group, CHUNK columns at a time are decoded
+    into a float32 buffer on the stack (in cache) and multiplied into TOKENS tokens at a time, whose
+    accumulators stay in registers for the chunk: a small GEMM, parallel over groups."""
+    n, k = x.shape
+    size = t.shape[1] * cols_per_block // (k * R)  # bytes per block
+    for g in prange(t.shape[0]):
+        tg, w = t[g], carray(_chunk(), (CHUNK, R))
+        for i in range(n):
+            for r in range(R):
+                out[i, g * R + r] = 0
+        for c0 in range(0, k, CHUNK):
+            kc = min(CHUNK, k - c0)
+            b0 = c0 // cols_per_block
+            _group(marker, tg[b0 * size * R:(b0 + kc // cols_per_block) * size * R], kc, w)
+            for t0 in range(0, n, TOKENS):
+                acc = carray(_token_block(), TOKENS * R)
+                for i in range(TOKENS):
+                    for r in range(R):
+                        acc[i * R + r] = out[t0 + i, g * R + r]
+                for c in range(kc):
+                    wc = w[c]
+                    for i in range(TOKENS):
+                        xv = x[t0 + i, c0 + c]
+                        for r in range(R):
+                            acc[i * R + r] += wc[r] * xv
+                for i in range(TOKENS):
+                    for r in range(R):
+                        out[t0 + i, g * R + r] = acc[i * R + r]
 
 
 @njit(**dict(_JIT, fastmath={"reassoc", "nsz"}))  # no contract: a * q + m rounded twice, as NumPy does

@@ -46,6 +46,7 @@ class _Run:
     rows: int
     t: np.ndarray | None = None      # the kernels' layout: uint8 [groups, row_bytes * R]
     marker: np.ndarray | None = None
+    block: int = 1                   # columns per block
     f32: np.ndarray | None = None    # [rows, k] (F32, and types without a kernel)
 
 
@@ -70,6 +71,8 @@ def _release(raw: np.ndarray):
 class QuantMatrix:
     """A weight matrix [rows, k]: `parts` stacked by rows, kept in their blocks (see the module docstring)."""
 
+    prefill = "kernel"
+
     def __init__(self, parts: list[WeightSource]):
         K = _kernels()
         k = parts[0].shape[1]
@@ -87,7 +90,7 @@ class QuantMatrix:
             if name in K.KERNEL_TYPES:
                 row_bytes = group[0].raw.size // group[0].shape[0]
                 run.t = np.zeros((-(-run.rows // K.R), row_bytes * K.R), np.uint8)
-                run.marker = K.marker(name)
+                run.marker, run.block = K.marker(name), group[0].qtype.block_size
                 views = [_read_only(p.raw.reshape(p.shape[0], row_bytes)) for p in group]
                 if all(v.shape[0] % K.R == 0 for v in views[:-1]):  # each part starts a group
                     g = 0
@@ -117,8 +120,16 @@ class QuantMatrix:
             cols = out[:, run.c0:run.c0 + run.rows]
             if run.f32 is not None:
                 np.matmul(x, run.f32.T, out=cols)
-            elif n > 1:
+            elif n > 1 and self.prefill == "sgemm":
                 self._tiled(K, run, x, cols, scratch)
+            elif n > 1:
+                xp = x
+                if n % K.TOKENS:  # whole blocks of tokens: pad with zero rows
+                    xp = np.zeros((n + K.TOKENS - n % K.TOKENS, x.shape[1]), np.float32)
+                    xp[:n] = x
+                y = np.empty((xp.shape[0], run.t.shape[0] * K.R), np.float32)
+                K.matmul(run.marker, run.t, run.block, xp, y)
+                cols[...] = y[:n, :run.rows]
             elif run.rows % K.R == 0:
                 K.matvec(run.marker, run.t, x[0], cols[0])
             else:  # the last group is padded
