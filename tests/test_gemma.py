@@ -18,7 +18,7 @@ LLAMA_CPP_NOISE = 0.5  # see test_model_cpu.py
 
 @pytest.fixture(scope="module")
 def gemma_cpu(gemma_path):
-    return Model.load(gemma_path, device="cpu", context_length=1024)
+    return Model.load(gemma_path, device="cpu", weights="f32", context_length=1024)
 
 
 def fixture():

@@ -146,8 +146,8 @@ def test_unknown_device():
         Model.load("smollm2-135m-instruct", device="tpu")
 
 
-def test_quantized_weights_mode_gives_the_same_logits(m):
-    q = Model.load("smollm2-135m-instruct", device="cpu", weights="quantized", context_length=64)
+def test_f32_weights_mode_gives_the_same_logits(m):
+    f = Model.load("smollm2-135m-instruct", device="cpu", weights="f32", context_length=64)
     ids = m.tokenizer.encode("The capital of France is")
     import numpy as np
-    np.testing.assert_allclose(q.logits(ids), m.logits(ids), atol=1e-3)
+    np.testing.assert_allclose(f.logits(ids), m.logits(ids), atol=1e-3)

@@ -14,7 +14,7 @@ from wasmchord.formats.quants import ggml_type, quantize
 
 pytestmark = pytest.mark.gpu
 GPU_TYPES = ["F32", "F16", "Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q6_K"]
-CPU = NumpyBackend()
+CPU = NumpyBackend(weights="f32")  # the exact float32 reference
 
 
 def weight(name, rows, k, rng):
@@ -315,3 +315,51 @@ def test_matvec_rows_and_lanes_per_group(gpu_backend, name, rt, lanes):
     finally:
         g.matvec_rows = g.matvec_lanes = None
     close(got, CPU.matmul(x, CPU.load_matrix([src]), residual=r.copy()))
+
+
+# Batched decoding (the engine's step): B rows through the matmuls (matvec.wgsl's batch entry reads
+# each weight block once for 2-8 rows; more rows take qmatrix.wgsl's tiles) and attend_batch, each row
+# at its own position in its own cache slot, against one-sequence NumPy attention per row.
+@pytest.mark.parametrize("B", [2, 3, 8, 17])
+@pytest.mark.parametrize("name", ["F16", "Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q6_K"])
+def test_batched_matmul(gpu_backend, name, B):
+    g, rng = gpu_backend, np.random.default_rng()
+    k = 512
+    src = weight(name, 75, k, rng)
+    x = rng.standard_normal((B, k)).astype(np.float32)
+    r = rng.standard_normal((B, 75)).astype(np.float32)
+    W, xg = g.load_matrix([src]), upload(g, x)
+    got = run_twice(g, lambda: g.matmul(xg, W, residual=upload(g, r)))
+    close(got, CPU.matmul(x, CPU.load_matrix([src]), residual=r.copy()))
+
+
+@pytest.mark.parametrize("B", [1, 2, 3, 8, 17])
+@pytest.mark.parametrize("H,kv,hd,neox,qk,window", [(9, 3, 64, False, False, 0), (4, 1, 256, True, True, 0),
+                                                    (4, 2, 64, True, False, 37)])
+def test_batched_decode_attention(gpu_backend, B, H, kv, hd, neox, qk, window):
+    g, rng = gpu_backend, np.random.default_rng()
+    ctx, eps, scale = 320, 1e-6, hd ** -0.5
+    rope = dict(base=10000.0, n_rot=hd, scale=1.0, neox=neox)
+    slots = rng.permutation(B + 2)[:B]                  # rows land in slots out of order; two slots unused
+    positions = rng.integers(0, 300, B)                 # each row's history length = its new position
+    cc, gc = CPU.alloc_kv_cache(1, kv, ctx, hd, hd, slots=B + 2), g.alloc_kv_cache(1, kv, ctx, hd, hd, slots=B + 2)
+    qw, kw = (rng.standard_normal(hd).astype(np.float32) for _ in range(2))
+    norms = ((qw, kw, eps), (g.load_vector(qw), g.load_vector(kw), eps)) if qk else (None, None)
+    sizes, heads = [H * hd, kv * hd, kv * hd], [H, kv, kv]
+    g.begin_forward()
+    for s, p in zip(slots, positions):
+        if p:
+            hist = rng.standard_normal((p, (H + 2 * kv) * hd)).astype(np.float32)
+            CPU.kv_write(cc.slot(s), 0, *CPU.split_heads(hist.copy(), sizes, heads)[1:], 0, rope=rope)
+            g.kv_write(gc.slot(int(s)), 0, *g.split_heads(upload(g, hist), sizes, heads)[1:], 0, rope=rope)
+    qkv = (rng.standard_normal((B, (H + 2 * kv) * hd)) * 2).astype(np.float32)
+    want = np.concatenate([CPU.attend(*CPU.split_heads(qkv[b:b + 1].copy(), sizes, heads), cc.slot(s), 0, int(p),
+                                      rope=rope, scale=scale, window=window, qk_norm=norms[0])
+                           for b, (s, p) in enumerate(zip(slots, positions))])                # [B, H*hd]
+    g.stream.flush()
+    qg = g.split_heads(upload(g, qkv), sizes, heads)
+    poison(g)
+    g.begin_forward()
+    got = g.read(g.attend_batch(*qg, gc, 0, positions.tolist(), slots.tolist(), rope=rope, scale=scale,
+                                window=window, qk_norm=norms[1]))
+    close(got, want)

@@ -24,7 +24,7 @@ LLAMA_CPP_NOISE = 0.5
 def tiny_llama(d, **shape):
     """A random tiny LLaMA checkpoint and the float32 GGUF model the converter makes of it."""
     hf = make_llama(d / "hf", tokenizer="bytes", **shape)
-    return hf, Model.load(convert(d / "hf", d / "tiny.gguf", quant="f32"), device="cpu")
+    return hf, Model.load(convert(d / "hf", d / "tiny.gguf", quant="f32"), device="cpu", weights="f32")
 
 
 @pytest.mark.parametrize("shape", [
@@ -56,7 +56,7 @@ def test_decode_with_kv_cache_equals_full_recompute(tmp_path):
 
 @pytest.fixture(scope="module")
 def smol():
-    return Model.load("smollm2-135m-instruct", device="cpu", context_length=1024)
+    return Model.load("smollm2-135m-instruct", device="cpu", weights="f32", context_length=1024)
 
 
 def llama_fixture(alias):

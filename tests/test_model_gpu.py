@@ -22,7 +22,7 @@ SHORT = [0, 4, 9]      # llama.cpp fixture prompts short enough for lavapipe
 @pytest.fixture(scope="module")
 def pair(gpu_backend):
     g = Model.load("smollm2-135m-instruct", device="gpu", context_length=128)
-    c = Model.load("smollm2-135m-instruct", device="cpu", context_length=128)
+    c = Model.load("smollm2-135m-instruct", device="cpu", weights="f32", context_length=128)
     return g, c
 
 
@@ -94,7 +94,7 @@ def test_output_head_split_across_bindings(gpu_backend):
     """A forced 8 MiB binding limit splits the 28 MB embedding/output table into pieces."""
     small = Model.load("smollm2-135m-instruct", device="gpu", context_length=32, max_binding_size=8 << 20)
     assert len(small.transformer.tok_embd.pieces) > 1
-    ref = Model.load("smollm2-135m-instruct", device="cpu", context_length=32)
+    ref = Model.load("smollm2-135m-instruct", device="cpu", weights="f32", context_length=32)
     ids = ref.tokenizer.encode("Hello world")
     lg = small.logits(ids)
     assert np.abs(lg - ref.logits(ids)).max() < 1e-3 * np.abs(lg).max()

@@ -31,7 +31,8 @@ def record(alias: str, device: str) -> dict:
     a readable failure), a greedy continuation (decode path: encode-ahead, replay on the GPU) and a
     seeded sampled one (the backend's sampler)."""
     import wasmchord
-    m = wasmchord.Model.load(alias, device=device, context_length=96)
+    options = {"weights": "f32"} if device == "cpu" else {}  # the exact float32 reference
+    m = wasmchord.Model.load(alias, device=device, context_length=96, **options)
     ids = m.tokenizer.encode(PROMPT)
     lg = m.logits(ids)                                                   # [n, vocab]
     top = np.argsort(-lg[-1], kind="stable")[:8]

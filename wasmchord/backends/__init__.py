@@ -16,6 +16,9 @@ BACKENDS = {
 }
 
 
+_CPU_OPTIONS = ("weights", "attention_chunk")  # options of the cpu backend; "auto" passes them only to it
+
+
 def _load(name: str):
     mod, cls = BACKENDS[name].split(":")
     return getattr(importlib.import_module(mod), cls)
@@ -33,9 +36,9 @@ def get_backend(device="auto", **options):
         return device
     if device == "auto":
         if _hardware_gpu_present():
-            return _load("gpu")(**options)
+            return _load("gpu")(**{k: v for k, v in options.items() if k not in _CPU_OPTIONS})
         log.info("no hardware GPU adapter: using the cpu backend")
-        return _load("cpu")(**{k: v for k, v in options.items() if k in ("weights", "attention_chunk")})
+        return _load("cpu")(**{k: v for k, v in options.items() if k in _CPU_OPTIONS})
     if device not in BACKENDS:
         raise BackendError(f"unknown device {device!r}; expected one of: auto, {', '.join(BACKENDS)}")
     try:

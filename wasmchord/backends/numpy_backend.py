@@ -1,8 +1,9 @@
-"""The NumPy backend: float32 math on the CPU, matrix products through BLAS.
+"""The NumPy backend: float32 math on the CPU.
 
-Weights are dequantized to float32 once at load (`weights="f32"`, the fast path: BLAS sgemm for
-prefill, sgemv for decode). `weights="quantized"` keeps the GGUF blocks (the file's size in memory)
-and dequantizes a matrix each time it is used: far slower decode, for models too large for f32.
+Weights: `weights="quantized"` keeps them in their GGUF blocks (the file's size in memory, nothing
+expanded at load) and multiplies them with compiled kernels (`quantized.QuantMatrix`).
+`weights="f32"` dequantizes them to float32 once at load and multiplies with BLAS sgemm/sgemv: the
+exact reference (4 bytes per weight).
 """
 
 from __future__ import annotations
@@ -15,23 +16,10 @@ from ..errors import BackendError
 from ..formats.quants import dequantize_rows
 from ..constrain import apply_mask
 from ..sampling import check_finite
-from .base import Backend, WeightSource, rope_cos_sin
+from .base import Backend, rope_cos_sin
+from .quantized import TILE_BYTES, QuantMatrix
 
 _SQRT_2_OVER_PI = np.float32(np.sqrt(2.0 / np.pi))
-
-class _QuantizedMatrix:
-    """Rows of several GGUF tensors kept as raw blocks; dequantized on use."""
-
-    def __init__(self, parts: list[WeightSource]):
-        self.parts = parts
-        self.shape = (sum(p.shape[0] for p in parts), parts[0].shape[1])
-
-    def f32(self, rows: slice | None = None) -> np.ndarray:
-        if rows is not None and len(self.parts) == 1:
-            p = self.parts[0]
-            return dequantize_rows(p.raw, p.qtype, p.shape, rows)
-        full = np.concatenate([dequantize_rows(p.raw, p.qtype, p.shape) for p in self.parts])
-        return full if rows is None else full[rows]
 
 
 class KVCache:
@@ -58,20 +46,23 @@ class KVCache:
 class NumpyBackend(Backend):
     name = "cpu"
 
-    def __init__(self, *, weights: str = "f32", attention_chunk: int = 512):
+    def __init__(self, *, weights: str = "quantized", attention_chunk: int = 512):
         if weights not in ("f32", "quantized"):
             raise BackendError(f"cpu backend: weights={weights!r}, expected 'f32' or 'quantized'")
         self.weights = weights
         self.attention_chunk = attention_chunk
+        self._tile = np.empty(TILE_BYTES // 4, np.float32) if weights == "quantized" else None  # prefill tiles
         self._rope_tables: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 
     def describe(self) -> str:
-        return f"NumPy (float32 BLAS, weights {self.weights})"
+        if self.weights == "quantized":
+            return "NumPy + compiled kernels (weights in their GGUF blocks)"
+        return "NumPy (float32 BLAS, weights f32)"
 
     # ------------------------------------------------------------------------------------ memory
     def load_matrix(self, parts):
         if self.weights == "quantized":
-            return _QuantizedMatrix(parts)
+            return QuantMatrix(parts)
         k = parts[0].shape[1]
         out = np.empty((sum(p.shape[0] for p in parts), k), np.float32)
         r = 0
@@ -97,8 +88,8 @@ class NumpyBackend(Backend):
     # ------------------------------------------------------------------------------------ ops
     def embed(self, table, ids, scale=1.0):
         ids = np.asarray(ids, dtype=np.int64)
-        if isinstance(table, _QuantizedMatrix):
-            x = np.stack([table.f32(slice(int(i), int(i) + 1))[0] for i in ids])
+        if isinstance(table, QuantMatrix):
+            x = table.rows(ids)
         else:
             x = table[ids]
         if scale != 1.0:
@@ -120,7 +111,7 @@ class NumpyBackend(Backend):
     def matmul(self, x, w, bias=None, *, residual=None, norm=None):
         if norm is not None:
             x = self.rmsnorm(x, *norm)
-        y = x @ (w.f32() if isinstance(w, _QuantizedMatrix) else w).T
+        y = w.matmul(x, self._tile) if isinstance(w, QuantMatrix) else x @ w.T
         if bias is not None:
             y += bias
         if residual is not None:

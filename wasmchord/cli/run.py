@@ -23,6 +23,9 @@ def add_device_options(s):
     s.add_argument("--gpu-backend", default=None, choices=GPU_BACKENDS,
                    help="require this wgpu backend for the GPU (default: wgpu's choice, said on stderr)")
     s.add_argument("--context-length", type=int, default=None, help="cap the context (default: model's, max 4096)")
+    s.add_argument("--weights", choices=["quantized", "f32"], default=None,
+                   help="cpu backend: keep weights in their GGUF blocks (quantized, the default) or expand "
+                        "them to float32 at load (f32, the exact reference)")
     add_verify(s)
 
 
@@ -43,11 +46,18 @@ def sampling_options(a) -> dict:
 
 
 def backend_options(a) -> dict:
-    """Options for the backend from --gpu-backend."""
-    if a.gpu_backend and a.backend == "cpu":
-        from ..errors import BackendError
-        raise BackendError("--gpu-backend needs --backend gpu (or auto)")
-    return {"gpu_backend": a.gpu_backend} if a.gpu_backend else {}
+    """Backend keyword arguments from --gpu-backend and --weights."""
+    from ..errors import BackendError
+    options = {}
+    if a.gpu_backend:
+        if a.backend == "cpu":
+            raise BackendError("--gpu-backend needs --backend gpu (or auto)")
+        options["gpu_backend"] = a.gpu_backend
+    if a.weights:
+        if a.backend == "gpu":
+            raise BackendError("--weights chooses how the cpu backend stores weights; the gpu backend has no such option")
+        options["weights"] = a.weights
+    return options
 
 
 def load(a):

@@ -1,0 +1,78 @@
+"""Benchmark the CPU backend's compiled kernels on random blocks of every type: one-token matrix-vector
+products (GB/s of weights read) on 1 and all threads, the float32 tile decoding of prefill, and the
+memory read bandwidth of a BLAS float32 matrix-vector product measured in the same run.
+
+    python tools/bench_cpu_kernels.py [--types Q4_K,Q6_K] [--shape 8960x1536] [--repeats 30] [--json FILE]
+
+Kernels compile on first use (cached on disk afterwards); the first call of each is not timed.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+
+def best(f, repeats):
+    f()
+    t = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f()
+        t = min(t, time.perf_counter() - t0)
+    return t
+
+
+def main():
+    import numba
+
+    from test_quants import random_raw
+    from wasmchord.backends import cpu_kernels as K
+    from wasmchord.backends.base import WeightSource
+    from wasmchord.backends.quantized import QuantMatrix
+    from wasmchord.bench import read_bandwidth_gbps
+    from wasmchord.formats.quants import ggml_type
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--types", default=",".join(sorted(K.KERNEL_TYPES)))
+    ap.add_argument("--shape", default="8960x1536", help="rows x k")
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--json")
+    a = ap.parse_args()
+    rows, k = map(int, a.shape.split("x"))
+    threads = numba.config.NUMBA_NUM_THREADS
+    rng, results = np.random.default_rng(0), []
+    print(f"{rows} x {k}, {os.cpu_count()} cores; matvec GB/s of weights read, min of {a.repeats} runs")
+    print(f"{'type':<6}{'MB':>7}{'1 thread':>10}{f'{threads} threads':>11}{'tile f32 GB/s':>15}")
+    for name in a.types.split(","):
+        t = ggml_type(name)
+        raw = random_raw(t, (rows, k), rng)
+        (run,) = QuantMatrix([WeightSource("w", raw, t, (rows, k))]).runs
+        x = rng.standard_normal(k).astype(np.float32)
+        out = np.empty(run.t.shape[0] * K.R, np.float32)
+        tile = np.empty((k, 16 * K.R), np.float32)
+        speeds = {}
+        for n in (1, threads):
+            numba.set_num_threads(n)
+            speeds[n] = raw.nbytes / best(lambda: K.matvec(run.marker, run.t, x, out), a.repeats) / 1e9
+        tile_gbps = tile.nbytes / best(lambda: K.dequantize(run.marker, run.t, 0, tile), a.repeats) / 1e9
+        results.append({"type": name, "MB": raw.nbytes / 1e6, "matvec_GBps_1": speeds[1],
+                        f"matvec_GBps_{threads}": speeds[threads], "tile_f32_GBps": tile_gbps})
+        print(f"{name:<6}{raw.nbytes / 1e6:>7.1f}{speeds[1]:>10.1f}{speeds[threads]:>11.1f}{tile_gbps:>15.1f}")
+    bw = read_bandwidth_gbps()
+    print(f"read bandwidth (BLAS float32 matrix-vector product over 512 MB): {bw:.1f} GB/s")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"shape": [rows, k], "threads": threads, "read_GBps": bw,
+                                            "kernels": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

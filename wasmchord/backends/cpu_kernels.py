@@ -1,0 +1,406 @@
+"""Compiled CPU kernels (numba): matrix products computed from GGUF blocks.
+
+Layout. At load the rows of a matrix are taken in groups of R = 64 and each group's blocks are stored
+byte-transposed: byte i of block b of row r goes to t[g, (b * type_size + i) * R + r]. The bytes and
+the size are the file's (rows padded to a multiple of R); only their order changes. Every field of a
+block (a scale, a byte of quants) then comes for the R rows of a group as R consecutive bytes, so the
+kernels compute across rows: decode one column's value for R rows as a vector (scales included),
+multiply it by that column's activation, accumulate R sums. No horizontal sums and no per-row scalar
+work. (llama.cpp's repacked CPU types rest on the same idea.)
+
+`matvec` is one token (decode); `dequantize` writes float32 columns for prefill tiles that BLAS sgemm
+multiplies. Value order and arithmetic follow `formats/quants.py` (ggml-common.h block layouts); the
+tests hold every type to NumPy dequantization, bit for bit where values are written out.
+
+Dispatch: each block type has a marker, an empty array whose record dtype is named after the type;
+`_group` picks the type's decoder from `_GROUPS` at compile time, so one kernel source serves every
+type and each (kernel, type) pair compiles on first use only. Compiled code is cached on disk (numba
+`cache=True`: beside this file, or in numba's user-wide cache directory when that is read-only).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+from llvmlite import ir
+from numba import carray, njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
+
+R = 64  # rows per group: 4 AVX-512 (8 AVX2) registers per vector; fewer would let LLVM unroll the row
+        # loops before vectorizing them, and it then vectorizes across columns (gathers) instead
+# reassoc lets sums vectorize, contract makes multiply-adds FMAs; no nnan/ninf: inf and nan stay
+_JIT = dict(cache=True, fastmath={"reassoc", "contract", "nsz"}, nogil=True)
+
+
+@functools.cache
+def marker(name: str) -> np.ndarray:
+    """The dispatch marker of block type `name` ("Q4_K", "F16", ...)."""
+    return np.empty(0, np.dtype([(name.lower(), np.uint8)]))
+
+
+# ---------------------------------------------------------------------------- helpers
+
+def _stack(n: int):
+    """An intrinsic giving n float32 on the stack: an alloca in the entry block, which LLVM keeps in
+    registers when every index into it is a loop counter of a constant range (and n is small)."""
+    @intrinsic
+    def stack(typingctx):
+        def codegen(context, builder, sig, args):
+            return cgutils.alloca_once(builder, context.get_value_type(types.float32), size=n)
+        return types.CPointer(types.float32)(), codegen
+    return stack
+
+
+CHUNK = 256   # columns decoded at a time by matmul (a whole K-quant block): CHUNK x R float32 = 64 KiB
+TOKENS = 4    # tokens per pass over a decoded chunk: TOKENS x R accumulators = 16 AVX-512 registers
+_vector = _stack(R)
+_chunk = _stack(CHUNK * R)
+_token_block = _stack(TOKENS * R)
+
+
+@intrinsic
+def _f32_from_bits(typingctx, bits):
+    """The float32 whose IEEE bits are the low 32 bits of the integer `bits`."""
+    if not isinstance(bits, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        v, i32 = args[0], ir.IntType(32)
+        v = builder.trunc(v, i32) if v.type.width > 32 else builder.zext(v, i32) if v.type.width < 32 else v
+        return builder.bitcast(v, ir.FloatType())
+    return types.float32(bits), codegen
+
+
+# Integer work in 32 bits. numba computes integers in 64 bits, and LLVM narrows them back to 32-bit
+# vector lanes only sometimes; in 64-bit lanes a vector holds 8 values instead of 16. The bit
+# fiddling of the decoders is therefore written as two small intrinsics whose LLVM IR is 32-bit.
+
+def _i32(builder, v):
+    i32 = ir.IntType(32)
+    return builder.trunc(v, i32) if v.type.width > 32 else builder.zext(v, i32) if v.type.width < 32 else v
+
+
+@intrinsic
+def _bits(typingctx, a, sa, b, sb, mb, off):
+    """float32(((a >> sa) & 15) | (((b >> sb) & mb) << 4)) + off, in 32-bit integers: a nibble of byte
+    a, with high bits from byte b (mb = 0: none) and an offset (Q6_K's -32)."""
+    def codegen(context, builder, sig, args):
+        a, sa, b, sb, mb, off = args
+        lo = builder.and_(builder.lshr(_i32(builder, a), _i32(builder, sa)), ir.Constant(ir.IntType(32), 15))
+        hi = builder.and_(builder.lshr(_i32(builder, b), _i32(builder, sb)), _i32(builder, mb))
+        v = builder.or_(lo, builder.shl(hi, ir.Constant(ir.IntType(32), 4)))
+        return builder.fadd(builder.sitofp(v, ir.FloatType()), off)
+    return types.float32(a, sa, b, sb, mb, types.float32), codegen
+
+
+@intrinsic
+def _half(typingctx, lo, hi):
+    """The f16 with bytes lo, hi as float32, exactly, without branches: exponent and mantissa moved to
+    float32 position and scaled by 2^112 (subnormals included); an all-ones exponent becomes float32's
+    (inf and nan stay inf and nan); then the sign bit."""
+    def codegen(context, builder, sig, args):
+        i32 = ir.IntType(32)
+        c = lambda v: ir.Constant(i32, v)  # noqa: E731
+        lo, hi = _i32(builder, args[0]), _i32(builder, args[1])
+        mag = builder.or_(builder.shl(builder.and_(hi, c(0x7F)), c(21)), builder.shl(lo, c(13)))
+        special = builder.icmp_unsigned("==", builder.and_(hi, c(0x7C)), c(0x7C))
+        bits = builder.add(mag, builder.select(special, c(0x70000000), c(0)))
+        f = builder.fmul(builder.bitcast(bits, ir.FloatType()), ir.Constant(ir.FloatType(), 2.0 ** 112))
+        signed = builder.or_(builder.bitcast(f, i32), builder.shl(builder.and_(hi, c(0x80)), c(24)))
+        return builder.bitcast(signed, ir.FloatType())
+    return types.float32(lo, hi), codegen
+
+
+@njit(inline="always")
+def _field(blk, i):
+    """Byte i of the blocks of a group: R bytes, one per row."""
+    return blk[i * R:(i + 1) * R]
+
+
+@njit(inline="always")
+def _halves(blk, i, out):
+    """out[r] = the f16 at bytes i, i+1 of row r's block, as float32."""
+    lo, hi = _field(blk, i), _field(blk, i + 1)
+    for r in range(R):
+        out[r] = _half(lo[r], hi[r])
+
+
+def _put(sink, c, r, q, a, m):
+    """Value q of column c, row r, whose scale group has scales a and offsets m (value = a[r] * q +
+    m[r]; a or m None: 1 or 0): into a dot product (sink = (acc, sub, x): sub[r] += q * x[c], scaled
+    by _scale once per group) or stored (sink = out [k, R]: out[c, r] = the value). The form is
+    chosen by the sink's type at compile time."""
+
+
+@overload(_put, inline="always")
+def _put_typed(sink, c, r, q, a, m):
+    scaled, offset = not isinstance(a, types.NoneType), not isinstance(m, types.NoneType)
+    if isinstance(sink, types.BaseTuple):
+        def dot(sink, c, r, q, a, m):
+            sink[1][r] += q * sink[2][c]
+        return dot
+
+    def store(sink, c, r, q, a, m):
+        v = a[r] * q if scaled else q
+        sink[c, r] = v + m[r] if offset else v
+    return store
+
+
+def _scale(sink, c0, n, a, m):
+    """Close the scale group of columns c0..c0+n: a dot product adds a * sub + m * (the sum of those
+    columns of x) to acc and clears sub, one multiply per value instead of two."""
+
+
+@overload(_scale, inline="always")
+def _scale_typed(sink, c0, n, a, m):
+    scaled, offset = not isinstance(a, types.NoneType), not isinstance(m, types.NoneType)
+    if isinstance(sink, types.BaseTuple):
+        def dot(sink, c0, n, a, m):
+            acc, sub, x = sink
+            s = np.float32(0)
+            if offset:
+                for c in range(c0, c0 + n):
+                    s += x[c]
+            for r in range(R):
+                v = a[r] * sub[r] if scaled else sub[r]
+                acc[r] += v + m[r] * s if offset else v
+                sub[r] = 0
+        return dot
+
+    def store(sink, c0, n, a, m):
+        pass
+    return store
+
+
+# ---------------------------------------------------------------------------- decoders, one per type
+# Each decodes every block of one group `blk` (its transposed bytes) for k columns: per scale group
+# it decodes the scales for the R rows at once into stack vectors (a = scale, m = minimum), puts
+# each column's integer values (offset included) and closes the group.
+
+def _group_f16(marker, tg, k, sink):
+    for c in range(k):
+        lo, hi = _field(tg, 2 * c), _field(tg, 2 * c + 1)
+        for r in range(R):
+            _put(sink, c, r, _half(lo[r], hi[r]), None, None)
+        if c % 32 == 31 or c == k - 1:
+            _scale(sink, c - c % 32, c % 32 + 1, None, None)
+
+
+def _group_bf16(marker, tg, k, sink):
+    for c in range(k):
+        lo, hi = _field(tg, 2 * c), _field(tg, 2 * c + 1)
+        for r in range(R):
+            _put(sink, c, r, _f32_from_bits((np.int32(lo[r]) << 16) | (np.int32(hi[r]) << 24)), None, None)
+        if c % 32 == 31 or c == k - 1:
+            _scale(sink, c - c % 32, c % 32 + 1, None, None)
+
+
+@njit(inline="always")
+def _nibble_blocks(tg, k, sink, size, has_min, has_high):
+    """Q4_0 (d, qs[16]), Q4_1 (d, m, qs[16]), Q5_0 (d, qh[4], qs[16]), Q5_1 (d, m, qh[4], qs[16]):
+    32 values, byte i of qs holding value i (low nibble) and i + 16 (high); bit j of the
+    little-endian u32 qh is bit 4 of value j. Without m, values are centred: (q - 8) d or (q - 16) d."""
+    a, m = carray(_vector(), R), carray(_vector(), R)
+    qs = 2 + 2 * has_min + 4 * has_high
+    centre = np.float32(0 if has_min else -16 if has_high else -8)
+    for b in range(k // 32):
+        blk = tg[b * size * R:(b + 1) * size * R]
+        _halves(blk, 0, a)
+        if has_min:
+            _halves(blk, 2, m)
+        for i in range(32):
+            q = _field(blk, qs + i % 16)
+            h = _field(blk, qs - 4 + i // 8) if has_high else q
+            sa, hmask = 4 * (i // 16), 1 if has_high else 0
+            for r in range(R):
+                v = _bits(q[r], sa, h[r], i % 8, hmask, centre)
+                if has_min:
+                    _put(sink, 32 * b + i, r, v, a, m)
+                else:
+                    _put(sink, 32 * b + i, r, v, a, None)
+        if has_min:
+            _scale(sink, 32 * b, 32, a, m)
+        else:
+            _scale(sink, 32 * b, 32, a, None)
+
+
+def _group_q4_0(marker, tg, k, sink):
+    _nibble_blocks(tg, k, sink, 18, False, False)
+
+
+def _group_q4_1(marker, tg, k, sink):
+    _nibble_blocks(tg, k, sink, 20, True, False)
+
+
+def _group_q5_0(marker, tg, k, sink):
+    _nibble_blocks(tg, k, sink, 22, False, True)
+
+
+def _group_q5_1(marker, tg, k, sink):
+    _nibble_blocks(tg, k, sink, 24, True, True)
+
+
+def _group_q8_0(marker, tg, k, sink):  # d, qs:int8[32]
+    d = carray(_vector(), R)
+    for b in range(k // 32):
+        blk = tg[b * 34 * R:(b + 1) * 34 * R]
+        _halves(blk, 0, d)
+        for i in range(32):
+            q = _field(blk, 2 + i)
+            for r in range(R):
+                _put(sink, 32 * b + i, r, np.float32(np.int8(q[r])), d, None)
+        _scale(sink, 32 * b, 32, d, None)
+
+
+@njit(inline="always")
+def _k4_blocks(tg, k, sink, size, five):
+    """Q4_K (d, dmin, scales[12], qs[128]) and Q5_K (d, dmin, scales[12], qh[32], qs[128]): value
+    d * scale_j * q - dmin * min_j in sub-block j of 32; byte i of qs chunk j // 2 holds value i of
+    sub-block j in its low (j even) or high nibble; bit j of qh[i] is bit 4 of that value. The 6-bit
+    scales and mins: ggml get_scale_min_k4."""
+    d, dmin = carray(_vector(), R), carray(_vector(), R)
+    a, m = carray(_vector(), R), carray(_vector(), R)
+    qs, zero = 48 if five else 16, np.float32(0)
+    for b in range(k // 256):
+        blk = tg[b * size * R:(b + 1) * size * R]
+        _halves(blk, 0, d)
+        _halves(blk, 2, dmin)
+        for j in range(8):
+            if j < 4:  # scale: 6 bits of byte j; min: of byte 4 + j
+                s0, s1 = _field(blk, 4 + j), _field(blk, 8 + j)
+                for r in range(R):
+                    a[r] = d[r] * _bits(s0[r], 0, s0[r], 4, 3, zero)
+                    m[r] = -(dmin[r] * _bits(s1[r], 0, s1[r], 4, 3, zero))
+            else:      # nibbles of byte 4 + j, with the top 2 bits of bytes j - 4 and j
+                s0, s1, s2 = _field(blk, j), _field(blk, 4 + j), _field(blk, 8 + j)
+                for r in range(R):
+                    a[r] = d[r] * _bits(s2[r], 0, s0[r], 6, 3, zero)
+                    m[r] = -(dmin[r] * _bits(s2[r], 4, s1[r], 6, 3, zero))
+            sa, hmask = 4 * (j % 2), 1 if five else 0
+            for i in range(32):
+                q, h = _field(blk, qs + 32 * (j // 2) + i), _field(blk, 16 + i)
+                for r in range(R):
+                    _put(sink, 256 * b + 32 * j + i, r, _bits(q[r], sa, h[r], j, hmask, zero), a, m)
+            _scale(sink, 256 * b + 32 * j, 32, a, m)
+
+
+def _group_q4_k(marker, tg, k, sink):
+    _k4_blocks(tg, k, sink, 144, False)
+
+
+def _group_q5_k(marker, tg, k, sink):
+    _k4_blocks(tg, k, sink, 176, True)
+
+
+def _group_q6_k(marker, tg, k, sink):
+    """Q6_K (ql[128], qh[64], scales:int8[16], d): value 32u + l of half h (u < 4, l < 32) has its
+    low 4 bits in ql[64h + 32(u % 2) + l] >> 4(u // 2), its high 2 in qh[32h + l] >> 2u; minus 32,
+    times d * scales[8h + 2u + l // 16] (ggml dequantize_row_q6_K). Scale groups of 16 values."""
+    d, a = carray(_vector(), R), carray(_vector(), R)
+    m32 = np.float32(-32)
+    for b in range(k // 256):
+        blk = tg[b * 210 * R:(b + 1) * 210 * R]
+        _halves(blk, 208, d)
+        for h in range(2):
+            for u in range(4):
+                lshift, hshift = 4 * (u // 2), 2 * u
+                for l0 in range(0, 32, 16):
+                    s = _field(blk, 192 + 8 * h + 2 * u + l0 // 16)
+                    for r in range(R):
+                        a[r] = d[r] * np.float32(np.int8(s[r]))
+                    c = 256 * b + 128 * h + 32 * u + l0
+                    for i in range(16):
+                        ql, qh = _field(blk, 64 * h + 32 * (u % 2) + l0 + i), _field(blk, 128 + 32 * h + l0 + i)
+                        for r in range(R):
+                            _put(sink, c + i, r, _bits(ql[r], lshift, qh[r], hshift, 3, m32), a, None)
+                    _scale(sink, c, 16, a, None)
+
+
+# The table: marker name -> decoder. Types not here are dequantized at load by the caller.
+_GROUPS = {"f16": _group_f16, "bf16": _group_bf16, "q4_0": _group_q4_0, "q4_1": _group_q4_1,
+           "q5_0": _group_q5_0, "q5_1": _group_q5_1, "q8_0": _group_q8_0, "q4_k": _group_q4_k,
+           "q5_k": _group_q5_k, "q6_k": _group_q6_k}
+KERNEL_TYPES = frozenset(name.upper() for name in _GROUPS)
+
+
+def _group(marker, tg, k, sink):
+    """Decode the k columns of group tg for the block type `marker` names (from _GROUPS)."""
+
+
+@overload(_group, inline="always")
+def _group_typed(marker, tg, k, sink):
+    return _GROUPS[next(iter(marker.dtype.fields))]
+
+
+# ---------------------------------------------------------------------------- entry points
+
+@njit(parallel=True, **_JIT)
+def matvec(marker, t, x, out):
+    """out[r] = W[r] @ x for the rows of W (groups t [G, bytes]); x [k] float32, out [G * R]."""
+    for g in prange(t.shape[0]):
+        acc, sub = carray(_vector(), R), carray(_vector(), R)
+        for r in range(R):
+            acc[r] = 0
+            sub[r] = 0
+        _group(marker, t[g], x.shape[0], (acc, sub, x))
+        for r in range(R):
+            out[g * R + r] = acc[r]
+
+
+@njit(parallel=True, **_JIT)
+def matmul(marker, t, cols_per_block, x, out):
+    """out[:, g * R + r] = x @ W[g * R + r] for the groups t of W; x [n, k] float32 with n a multiple of
+    TOKENS (callers pad with zero rows), out [n, G * R]. Per group, CHUNK columns at a time are decoded
+    into a float32 buffer on the stack (in cache) and multiplied into TOKENS tokens at a time, whose
+    accumulators stay in registers for the chunk: a small GEMM, parallel over groups."""
+    n, k = x.shape
+    size = t.shape[1] * cols_per_block // (k * R)  # bytes per block
+    for g in prange(t.shape[0]):
+        tg, w = t[g], carray(_chunk(), (CHUNK, R))
+        for i in range(n):
+            for r in range(R):
+                out[i, g * R + r] = 0
+        for c0 in range(0, k, CHUNK):
+            kc = min(CHUNK, k - c0)
+            b0 = c0 // cols_per_block
+            _group(marker, tg[b0 * size * R:(b0 + kc // cols_per_block) * size * R], kc, w)
+            for t0 in range(0, n, TOKENS):
+                acc = carray(_token_block(), TOKENS * R)
+                for i in range(TOKENS):
+                    for r in range(R):
+                        acc[i * R + r] = out[t0 + i, g * R + r]
+                for c in range(kc):
+                    wc = w[c]
+                    for i in range(TOKENS):
+                        xv = x[t0 + i, c0 + c]
+                        for r in range(R):
+                            acc[i * R + r] += wc[r] * xv
+                for i in range(TOKENS):
+                    for r in range(R):
+                        out[t0 + i, g * R + r] = acc[i * R + r]
+
+
+@njit(**dict(_JIT, fastmath={"reassoc", "nsz"}))  # no contract: a * q + m rounded twice, as NumPy does
+def dequantize(marker, t, g0, out):
+    """out[:, i * R + r] = row r of group g0 + i, as float32 columns: out [k, m * R] for m groups.
+    On the calling thread: prefill alternates it with BLAS sgemm, and a parallel region here would
+    compete for the cores with BLAS's worker threads, which spin for a while after each product."""
+    for i in range(out.shape[1] // R):
+        _group(marker, t[g0 + i], out.shape[0], out[:, i * R:(i + 1) * R])
+
+
+@njit(parallel=True, **_JIT)
+def transpose(raw, t):
+    """Byte-transpose rows raw [rows, row_bytes] into groups t [G, row_bytes * R] (the layout above);
+    rows past the end stay zero (zero scales: the padding rows come out 0). In tiles of 64 x 64 bytes,
+    so that reads and writes both stay within cache lines."""
+    n = raw.shape[0]
+    for g in prange(t.shape[0]):
+        tg = t[g]
+        for p0 in range(0, raw.shape[1], 64):
+            for r in range(min(R, n - g * R)):
+                src = raw[g * R + r]
+                for p in range(p0, min(p0 + 64, raw.shape[1])):
+                    tg[p * R + r] = src[p]

@@ -1,0 +1,162 @@
+"""Weight matrices that stay in their GGUF blocks, for the CPU backend.
+
+A `QuantMatrix` keeps each run of rows of one block type (Q, K and V stacked may mix types) in the
+kernels' layout: the file's bytes, transposed within groups of R rows (see `cpu_kernels`), the same
+size as in the file; nothing is expanded. The file pages they were read from are then dropped from
+the process's resident set. One token (decode) is multiplied by `matvec`; several (prefill, batches)
+by decoding tiles of rows into a reused float32 buffer and multiplying with BLAS sgemm. F32 runs and
+types without a kernel (Q2_K, Q3_K: dequantized at load, with a warning) are float32 arrays
+multiplied by BLAS. Embedding lookups decode their rows from the file's own blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..formats.quants import dequantize, dequantize_rows
+from .base import WeightSource
+
+log = logging.getLogger(__name__)
+
+TILE_BYTES = 4 << 20  # float32 bytes of one prefill tile (stays in cache beside sgemm's packed panels)
+
+
+_K = None
+
+
+def _kernels():
+    """The compiled kernels' module, imported on first use: numba is needed only by this path."""
+    global _K
+    if _K is None:
+        from . import cpu_kernels
+        _K = cpu_kernels
+    return _K
+
+
+@dataclass
+class _Run:
+    """Rows c0..c0+rows of the matrix, of one block type."""
+
+    qtype: str
+    c0: int
+    rows: int
+    t: np.ndarray | None = None      # the kernels' layout: uint8 [groups, row_bytes * R]
+    marker: np.ndarray | None = None
+    block: int = 1                   # columns per block
+    f32: np.ndarray | None = None    # [rows, k] (F32, and types without a kernel)
+
+
+def _read_only(a: np.ndarray) -> np.ndarray:
+    """A read-only view: file views and arrays built in memory then share one compiled signature."""
+    a = a.view()
+    a.setflags(write=False)
+    return a
+
+
+def _release(raw: np.ndarray):
+    """Drop the pages of a memory-mapped view from this process's resident set (they stay in the page
+    cache; a later read maps them again). Where madvise is missing (Windows), the OS trims them."""
+    base = raw.base
+    if not isinstance(base, mmap.mmap) or not hasattr(base, "madvise") or raw.size == 0:
+        return
+    start = raw.ctypes.data - np.frombuffer(base, np.uint8, count=1).ctypes.data
+    first = start - start % mmap.PAGESIZE
+    base.madvise(mmap.MADV_DONTNEED, first, start + raw.size - first)
+
+
+class QuantMatrix:
+    """A weight matrix [rows, k]: `parts` stacked by rows, kept in their blocks (see the module docstring)."""
+
+    prefill = "kernel"
+
+    def __init__(self, parts: list[WeightSource]):
+        K = _kernels()
+        k = parts[0].shape[1]
+        self.shape = (sum(p.shape[0] for p in parts), k)
+        self.nbytes = sum(p.raw.size for p in parts)
+        self.parts = parts
+        self.runs: list[_Run] = []
+        i = c0 = 0
+        while i < len(parts):
+            j = i + 1
+            while j < len(parts) and parts[j].qtype == parts[i].qtype:
+                j += 1
+            group, name = parts[i:j], parts[i].qtype.name
+            run = _Run(name, c0, sum(p.shape[0] for p in group))
+            if name in K.KERNEL_TYPES:
+                row_bytes = group[0].raw.size // group[0].shape[0]
+                run.t = np.zeros((-(-run.rows // K.R), row_bytes * K.R), np.uint8)
+                run.marker, run.block = K.marker(name), group[0].qtype.block_size
+                views = [_read_only(p.raw.reshape(p.shape[0], row_bytes)) for p in group]
+                if all(v.shape[0] % K.R == 0 for v in views[:-1]):  # each part starts a group
+                    g = 0
+                    for v in views:
+                        n = -(-v.shape[0] // K.R)
+                        K.transpose(v, run.t[g:g + n])
+                        g += n
+                else:
+                    K.transpose(_read_only(np.concatenate(views)), run.t)
+                for p in group:
+                    _release(p.raw)
+            else:
+                run.f32 = np.concatenate([dequantize_rows(p.raw, p.qtype, p.shape, what=p.name) for p in group])
+                if name != "F32":
+                    log.warning("%s: no %s kernel; dequantized to float32 at load (4 bytes per weight)",
+                                group[0].name, name)
+            self.runs.append(run)
+            i, c0 = j, c0 + run.rows
+
+    def matmul(self, x: np.ndarray, scratch: np.ndarray) -> np.ndarray:
+        """x [n, k] float32 @ self.T -> [n, rows]; `scratch` is a float32 buffer for prefill tiles."""
+        K = _kernels()
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        n = x.shape[0]
+        out = np.empty((n, self.shape[0]), np.float32)
+        for run in self.runs:
+            cols = out[:, run.c0:run.c0 + run.rows]
+            if run.f32 is not None:
+                np.matmul(x, run.f32.T, out=cols)
+            elif n > 1 and self.prefill == "sgemm":
+                self._tiled(K, run, x, cols, scratch)
+            elif n > 1:
+                xp = x
+                if n % K.TOKENS:  # whole blocks of tokens: pad with zero rows
+                    xp = np.zeros((n + K.TOKENS - n % K.TOKENS, x.shape[1]), np.float32)
+                    xp[:n] = x
+                y = np.empty((xp.shape[0], run.t.shape[0] * K.R), np.float32)
+                K.matmul(run.marker, run.t, run.block, xp, y)
+                cols[...] = y[:n, :run.rows]
+            elif run.rows % K.R == 0:
+                K.matvec(run.marker, run.t, x[0], cols[0])
+            else:  # the last group is padded
+                y = np.empty(run.t.shape[0] * K.R, np.float32)
+                K.matvec(run.marker, run.t, x[0], y)
+                cols[0] = y[:run.rows]
+        return out
+
+    @staticmethod
+    def _tiled(K, run: _Run, x, cols, scratch):
+        """Prefill: decode up to a scratch-full of row groups at a time as float32 columns, then sgemm."""
+        k = x.shape[1]
+        step = max(1, scratch.size // (k * K.R))
+        if scratch.size < k * K.R:
+            scratch = np.empty(k * K.R, np.float32)
+        groups = run.t.shape[0]
+        for g in range(0, groups, step):
+            m = min(step, groups - g)
+            tile = scratch[:k * m * K.R].reshape(k, m * K.R)
+            K.dequantize(run.marker, run.t, g, tile)
+            r0, r1 = g * K.R, min(run.rows, (g + m) * K.R)
+            np.matmul(x, tile[:, :r1 - r0], out=cols[:, r0:r1])
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        """Rows `ids` as float32 [len(ids), k] (embedding lookups), decoded from the file's blocks:
+        only their pages are read."""
+        ids = np.asarray(ids, dtype=np.int64)
+        (p,) = self.parts  # an embedding table is one tensor
+        row_bytes = p.raw.size // p.shape[0]
+        return dequantize(p.raw.reshape(p.shape[0], row_bytes)[ids].reshape(-1), p.qtype, (len(ids), p.shape[1]))
