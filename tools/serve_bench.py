@@ -7,7 +7,8 @@ llama-cpp-python is installed, its `llama_cpp.server` under the same load in the
 
 Each client sends `--requests` chat requests one after another (different prompts, greedy,
 max_tokens each); a request's first streamed token gives its TTFT, the gaps between its streamed
-tokens its inter-token latencies.
+tokens its inter-token latencies. A stream that breaks off (llama-cpp-python's server, as installed,
+ends a running stream when another request arrives) counts as broken; its tokens still count.
 """
 
 import argparse
@@ -16,6 +17,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -34,12 +36,15 @@ def free_port() -> int:
 
 
 def start(cmd, url, timeout=600):
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    """Start a server (its output to a file: llama.cpp's is verbose enough to fill a pipe and block it)."""
+    log = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True,
                             env=dict(os.environ, PYTHONPATH=str(ROOT)))
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{cmd[2]} exited: {proc.stderr.read()[-2000:]}")
+            log.seek(0)
+            raise RuntimeError(f"{cmd[2]} exited: {log.read()[-2000:]}")
         try:
             if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
                 return proc
@@ -51,22 +56,28 @@ def start(cmd, url, timeout=600):
 
 
 def one_request(url, model, prompt, max_tokens):
-    """(ttft, [inter-token gaps], tokens) of one streamed greedy chat request."""
+    """(ttft, [inter-token gaps], tokens, complete) of one streamed greedy chat request; `complete`
+    is False when the stream broke off or failed (a server that drops a stream for a newer request)."""
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
             "temperature": 0, "stream": True}
     t0 = time.perf_counter()
-    times = []
-    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as r:
-        r.raise_for_status()
-        for line in r.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            d = json.loads(line[6:])
-            if d.get("choices") and d["choices"][0].get("delta", {}).get("content"):
-                times.append(time.perf_counter())
+    times, complete = [], False
+    try:
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as r:
+            r.raise_for_status()
+            for line in r.iter_lines():
+                if line == "data: [DONE]":
+                    complete = True
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                d = json.loads(line[6:])
+                if d.get("choices") and d["choices"][0].get("delta", {}).get("content"):
+                    times.append(time.perf_counter())
+    except httpx.HTTPError:
+        complete = False
     if not times:
-        return None, [], 0
-    return times[0] - t0, list(np.diff(times)), len(times)
+        return None, [], 0, complete
+    return times[0] - t0, list(np.diff(times)), len(times), complete
 
 
 def load(url, model, clients, requests, max_tokens):
@@ -84,7 +95,8 @@ def load(url, model, clients, requests, max_tokens):
     itl = [g for r in res for g in r[1]]
     tokens = sum(r[2] for r in res)
     pct = lambda a, q: float(np.percentile(a, q)) * 1e3 if a else None  # noqa: E731
-    return {"clients": clients, "requests": len(res), "tokens": tokens, "wall_s": wall, "tok_s": tokens / wall,
+    return {"clients": clients, "requests": len(res), "broken": sum(not r[3] for r in res), "tokens": tokens,
+            "wall_s": wall, "tok_s": tokens / wall,
             "ttft_p50_ms": pct(ttft, 50), "ttft_p99_ms": pct(ttft, 99), "itl_p50_ms": pct(itl, 50),
             "itl_p99_ms": pct(itl, 99)}
 
@@ -110,9 +122,11 @@ def main():
     if not a.no_llama_cpp:
         try:
             import llama_cpp  # noqa: F401
-            servers["llama-cpp-python server"] = [sys.executable, "-m", "llama_cpp.server", "--model", str(path),
-                                                  "--n_ctx", str(a.context_length), "--n_threads", str(threads),
-                                                  "--n_threads_batch", str(threads)]
+            llama = [sys.executable, "-m", "llama_cpp.server", "--model", str(path), "--n_ctx", str(a.context_length),
+                     "--n_threads", str(threads), "--n_threads_batch", str(threads)]
+            # as installed (a new request ends the running stream), and set to queue requests instead
+            servers["llama-cpp-python server"] = llama
+            servers["llama-cpp-python server, interrupt_requests off"] = llama + ["--interrupt_requests", "false"]
         except ImportError:
             print("llama-cpp-python is not installed: wasmchord only", file=sys.stderr)
     out = {"model": a.model, "backend": a.backend, "machine_cores": threads, "max_tokens": a.max_tokens,
@@ -131,10 +145,12 @@ def main():
             proc.wait(timeout=60)
         out["servers"][name] = rows
         print(f"\n{name} ({a.model}, {a.backend}, {threads} cores)")
-        print(f"{'clients':>8}{'tokens':>8}{'wall s':>8}{'tok/s':>8}{'TTFT p50':>10}{'p99':>8}{'ITL p50':>9}{'p99':>8}")
+        print(f"{'clients':>8}{'tokens':>8}{'wall s':>8}{'tok/s':>8}{'TTFT p50':>10}{'p99':>8}{'ITL p50':>9}{'p99':>8}"
+              f"{'broken':>8}")
         for r in rows:
             print(f"{r['clients']:>8}{r['tokens']:>8}{r['wall_s']:>8.1f}{r['tok_s']:>8.1f}{r['ttft_p50_ms']:>10.0f}"
-                  f"{r['ttft_p99_ms']:>8.0f}{r['itl_p50_ms']:>9.0f}{r['itl_p99_ms']:>8.0f}", flush=True)
+                  f"{r['ttft_p99_ms']:>8.0f}{r['itl_p50_ms']:>9.0f}{r['itl_p99_ms']:>8.0f}"
+                  f"{r['broken']:>5}/{r['requests']}", flush=True)
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1))
 
