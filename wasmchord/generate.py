@@ -250,7 +250,7 @@ def _generate_ahead(seq, logits, params, rng, max_tokens, stop_ids, stats, vocab
         pending = ahead
 
 
-def _stop_prefix_len(text: str, stops: list[str]) -> int:
+def stop_prefix_len(text: str, stops: list[str]) -> int:
     """Length of the longest suffix of `text` that is a proper prefix of some stop string."""
     best = 0
     for s in stops:
@@ -282,7 +282,7 @@ class TextStream:
         if hit is not None:
             out, self.pending = self.pending[:hit], ""
             return out, True
-        keep = _stop_prefix_len(self.pending, self.stop)
+        keep = stop_prefix_len(self.pending, self.stop)
         out, self.pending = self.pending[:len(self.pending) - keep], self.pending[len(self.pending) - keep:]
         return out, False
 

@@ -116,11 +116,15 @@ def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), 
         return await call_next(request)
 
     async def body(request: Request, kind):
+        """The request parsed as `kind`, once the model is ready and the request names it."""
+        served.ready()
         try:
             raw = json.loads(await request.body())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ApiError(400, f"the request body is not valid JSON: {e}") from None
-        return parse(kind, raw)
+        b = parse(kind, raw)
+        served.check_model(b.model)
+        return b
 
     @app.get("/health")
     async def health():
@@ -145,9 +149,7 @@ def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), 
 
     @app.post("/tokenize")
     async def tokenize(request: Request):
-        served.ready()
         b = await body(request, TokenizeRequest)
-        served.check_model(b.model)
         tok = served.model.tokenizer
         if b.messages is not None:
             ids = served.model.chat_ids([{"role": m.role, "content": m.text()} for m in b.messages])
@@ -159,9 +161,7 @@ def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), 
 
     @app.post("/detokenize")
     async def detokenize(request: Request):
-        served.ready()
         b = await body(request, DetokenizeRequest)
-        served.check_model(b.model)
         try:
             return {"prompt": served.model.tokenizer.decode([served.model.tokenizer.check_id(i) for i in b.tokens])}
         except (WasmchordError, ValueError) as e:
@@ -169,9 +169,7 @@ def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), 
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        served.ready()
         b = await body(request, ChatRequest)
-        served.check_model(b.model)
         b.check_unsupported()
         messages, grammar = b.chat_messages(), None
         if b.tools:
@@ -184,19 +182,19 @@ def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), 
             raise ApiError(400, str(e), param="messages") from None
         logprobs = (b.top_logprobs or 0) if b.logprobs else None
         calls = bool(b.tools) and b.tool_choice != "none"
-        constraint = {"grammar": grammar} if grammar else b.constraint()
-        if grammar and b.constraint():
-            raise ApiError(400, "response_format and a required tool call cannot both constrain the reply",
-                           param="response_format")
+        constraint = b.constraint()
+        if grammar:
+            if constraint:
+                raise ApiError(400, "response_format and a required tool call cannot both constrain the reply",
+                               param="response_format")
+            constraint = {"grammar": grammar}
         names = [t.get("function", {}).get("name") for t in b.tools or []]
         return await run(request, b, ids, b.max_completion_tokens or b.max_tokens, logprobs, chat=True,
                          constraint=constraint, calls=names if calls else None)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        served.ready()
         b = await body(request, CompletionRequest)
-        served.check_model(b.model)
         b.check_unsupported()
         try:
             ids = served.model.prompt_ids(b.prompt)

@@ -11,6 +11,7 @@ import json
 import uuid
 
 from ..constrain import JSON_STYLE
+from ..generate import stop_prefix_len
 from .protocol import ApiError
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
@@ -105,7 +106,7 @@ class CallStream:
             return content
         if (self.sent + self.pending).lstrip().startswith(("{", "`")):  # maybe a bare call: held to the end
             return ""
-        keep = max((k for k in range(1, len(OPEN)) if self.pending.endswith(OPEN[:k])), default=0)
+        keep = stop_prefix_len(self.pending, [OPEN])
         out, self.pending = self.pending[:len(self.pending) - keep], self.pending[len(self.pending) - keep:]
         self.sent += out
         return out
@@ -116,5 +117,5 @@ class CallStream:
             out, self.pending = self.pending, ""
             calls = [] if self.sent else _bare_call(out, self.names)
             return ("" if calls else out), calls
-        content, calls = parse_calls(self.calls_text, self.names)
+        _, calls = parse_calls(self.calls_text, self.names)
         return ("" if calls else self.calls_text), calls
