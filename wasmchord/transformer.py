@@ -196,6 +196,10 @@ class Transformer:
     def _run(self, ids, attend, all_logits, hidden):
         """The layers over token rows `ids` [n]; `attend(layer, q, k, v, rope=, scale=, window=, qk_norm=)`
         places the rows in their sequences."""
+        with self.be.forward_scope():
+            return self._layers(ids, attend, all_logits, hidden)
+
+    def _layers(self, ids, attend, all_logits, hidden):
         cfg, be, spec = self.cfg, self.be, self.cfg.spec
         H, KV, hd, hdv = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.head_dim_v
         neox, eps = spec.rope_style == "neox", cfg.norm_eps

@@ -7,6 +7,7 @@ Shapes: n = positions in this call, d = model width, H = query heads, hd = head 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -84,6 +85,10 @@ class Backend:
 
     def begin_forward(self):
         """Called at the start of each forward pass (GPU: start recording a new pass)."""
+
+    def forward_scope(self):
+        """A context the whole forward pass runs in (the CPU's compiled kernels: one BLAS thread)."""
+        return contextlib.nullcontext()
 
     def decode_step(self, cache, pos0: int, run):
         """One decode step whose input token is already on the device (encode-ahead), writing

@@ -8,7 +8,11 @@ exact reference (4 bytes per weight).
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -16,10 +20,18 @@ from ..errors import BackendError
 from ..formats.quants import dequantize_rows
 from ..constrain import apply_mask
 from ..sampling import check_finite
+from . import blas
 from .base import Backend, rope_cos_sin
 from .quantized import TILE_BYTES, QuantMatrix
 
 _SQRT_2_OVER_PI = np.float32(np.sqrt(2.0 / np.pi))
+
+
+@functools.cache
+def _attention_pool() -> ThreadPoolExecutor | None:
+    """Threads for prefill attention, one per usable core (None on one core), shared by all models."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return ThreadPoolExecutor(min(cores, 8), "wasmchord-attention") if cores > 1 else None
 
 
 class KVCache:
@@ -53,6 +65,11 @@ class NumpyBackend(Backend):
         self.attention_chunk = attention_chunk
         self._tile = np.empty(TILE_BYTES // 4, np.float32) if weights == "quantized" else None  # prefill tiles
         self._rope_tables: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+        # prefill attention on one thread per core: BLAS is kept to one thread beside the kernels
+        self._pool = _attention_pool() if weights == "quantized" else None
+
+    def forward_scope(self):
+        return blas.serial() if self.weights == "quantized" else contextlib.nullcontext()
 
     def describe(self) -> str:
         if self.weights == "quantized":
@@ -160,9 +177,18 @@ class NumpyBackend(Backend):
         K, V = cache.k[layer], cache.v[layer]
         kv = K.shape[0]
         out = np.empty((n, H * V.shape[2]), np.float32)
-        for c0 in range(0, n, self.attention_chunk):
-            c1 = min(n, c0 + self.attention_chunk)
+        size = self.attention_chunk
+        if self._pool is not None and n >= 32:  # at least one piece per thread
+            size = min(size, -(-n // self._pool._max_workers))
+
+        def piece(c0):
+            c1 = min(n, c0 + size)
             out[c0:c1] = self._attend(q[c0:c1], K, V, pos0 + c0, scale, window, kv)
+        if self._pool is not None and n > size:
+            list(self._pool.map(piece, range(0, n, size)))  # NumPy releases the GIL in these products
+        else:
+            for c0 in range(0, n, size):
+                piece(c0)
         return out
 
     @staticmethod

@@ -88,6 +88,29 @@ class _Cursor:
         except UnicodeDecodeError as e:
             raise GGUFError(self.path, f"{what} is not valid UTF-8 ({e.reason} at byte {e.start})") from None
 
+    def strings(self, count: int, key: str) -> list[str]:
+        """`count` strings of array `key` (a vocabulary: 150k+ of them): `string` in one loop, with the
+        same checks, whose messages are built only when one fails."""
+        buf, pos, end, out = self.buf, self.pos, self.end, []
+        length, append = struct.Struct("<Q").unpack_from, out.append
+        try:
+            for i in range(count):
+                if pos + 8 > end:
+                    self.pos = pos
+                    self.need(8, f"length of item {i} of {key!r}")
+                (n,) = length(buf, pos)
+                pos += 8
+                if n > end - pos:
+                    raise GGUFError(self.path, f"string length {n} of item {i} of {key!r} at offset {pos - 8} "
+                                               f"exceeds the {end - pos} bytes left in the file")
+                append(bytes(buf[pos:pos + n]).decode("utf-8"))
+                pos += n
+        except UnicodeDecodeError as e:
+            raise GGUFError(self.path, f"item {len(out)} of {key!r} is not valid UTF-8 "
+                                       f"({e.reason} at byte {e.start})") from None
+        self.pos = pos
+        return out
+
     def _count_items(self, count: int, key: str):
         self.list_items += count
         if self.list_items > MAX_LIST_ITEMS:
@@ -118,7 +141,7 @@ class _Cursor:
                 if count * 8 > self.end - self.pos:
                     raise GGUFError(self.path, f"array {key!r} of {count} strings runs past the end of the file")
                 self._count_items(count, key)
-                return [self.string(f"item {i} of {key!r}") for i in range(count)]
+                return self.strings(count, key)
             if etype == T_ARRAY:
                 if count * 12 > self.end - self.pos:
                     raise GGUFError(self.path, f"array {key!r} of {count} arrays runs past the end of the file")
