@@ -137,7 +137,7 @@ CACHE_PROBE = textwrap.dedent("""
     import numpy as np, wasmchord.backends.cpu_kernels as K
     t = np.zeros((1, 34 * K.R), np.uint8)
     out = np.empty(K.R, np.float32)
-    K.matvec(K.marker("Q8_0"), t, np.ones(32, np.float32), out)
+    K.matvec(K.marker("Q8_0"), t, 32, np.ones(32, np.float32), out)
     print(K.__file__, sum(K.matvec.stats.cache_hits.values()), sum(K.matvec.stats.cache_misses.values()))
 """)
 

@@ -96,3 +96,25 @@ def test_threaded_prefill_attention_equals_one_thread(n, pos0, window):
     serial = be.attention(q, cache, 0, pos0, scale=0.25, window=window)
     assert np.isfinite(threaded).all()
     np.testing.assert_allclose(threaded, serial, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("B", [1, 2, 3, 8, 17])
+@pytest.mark.parametrize("H, kv, hd, window", [(9, 3, 64, 0), (4, 1, 256, 0), (4, 2, 64, 37)])
+def test_batched_decode_attention_equals_one_row_at_a_time(B, H, kv, hd, window):
+    """Rows in shuffled slots at positions far apart (grouped by length) and close together."""
+    rng = np.random.default_rng()
+    be, ctx = NumpyBackend(weights="quantized"), 1200
+    rope = dict(base=10000.0, n_rot=hd, scale=1.0, neox=False)
+    slots = rng.permutation(B + 2)[:B]
+    positions = np.where(rng.random(B) < 0.3, rng.integers(0, 1100, B), rng.integers(0, 40, B))
+    cache = be.alloc_kv_cache(1, kv, ctx, hd, hd, slots=B + 2)
+    for a in (cache.k_all[0], cache.v_all[0]):
+        a[:] = rng.standard_normal(a.shape, dtype=np.float32)
+    q, k, v = (rng.standard_normal((B, h, hd), dtype=np.float32) for h in (H, kv, kv))
+    want = np.concatenate([be.attend(q[b:b + 1].copy(), k[b:b + 1].copy(), v[b:b + 1], cache.slot(int(s)), 0, int(p),
+                                     rope=rope, scale=hd ** -0.5, window=window)
+                           for b, (s, p) in enumerate(zip(slots, positions))])
+    got = be.attend_batch(q.copy(), k.copy(), v, cache, 0, positions, slots, rope=rope, scale=hd ** -0.5,
+                          window=window)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

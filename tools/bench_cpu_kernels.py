@@ -62,7 +62,7 @@ def main():
         speeds = {}
         for n in (1, threads):
             numba.set_num_threads(n)
-            speeds[n] = raw.nbytes / best(lambda: K.matvec(run.marker, run.t, x, out), a.repeats) / 1e9
+            speeds[n] = raw.nbytes / best(lambda: K.matvec(run.marker, run.t, run.block, x, out), a.repeats) / 1e9
         tile_gbps = tile.nbytes / best(lambda: K.dequantize(run.marker, run.t, 0, tile), a.repeats) / 1e9
         results.append({"type": name, "MB": raw.nbytes / 1e6, "matvec_GBps_1": speeds[1],
                         f"matvec_GBps_{threads}": speeds[threads], "tile_f32_GBps": tile_gbps})

@@ -34,6 +34,20 @@ def _attention_pool() -> ThreadPoolExecutor | None:
     return ThreadPoolExecutor(min(cores, 8), "wasmchord-attention") if cores > 1 else None
 
 
+def _similar_lengths(pos: np.ndarray) -> list[np.ndarray]:
+    """Rows of a batched decode step grouped so that none in a group attends over much fewer positions
+    than the longest (each group's rows are padded to its longest: at most 1.5x + 64 of each row's)."""
+    order = np.argsort(pos, kind="stable")
+    groups, i = [], 0
+    while i < len(order):
+        j, limit = i + 1, pos[order[i]] * 1.5 + 64
+        while j < len(order) and pos[order[j]] <= limit:
+            j += 1
+        groups.append(order[i:j])
+        i = j
+    return groups
+
+
 class KVCache:
     """Per layer: k [KV, max_ctx, hd], v [KV, max_ctx, hd_v] of one slot; `slot(i)` gives the others
     (views of [slots, KV, max_ctx, ...] arrays). np.zeros pages are only committed when written, so a
@@ -223,8 +237,33 @@ class NumpyBackend(Backend):
         k = self.rope(k, pos, **rope)                                                        # [B, KV, hd]
         K, V = cache.k_all[layer], cache.v_all[layer]                                        # [slots, KV, ctx, hd]
         K[sl, :, pos], V[sl, :, pos] = k, v
-        return np.concatenate([self._attend(q[b:b + 1], K[sl[b]], V[sl[b]], int(pos[b]), scale, window, K.shape[1])
-                               for b in range(q.shape[0])])                                   # [B, H*hd_v]
+        out = np.empty((q.shape[0], q.shape[1] * V.shape[3]), np.float32)
+        for rows in _similar_lengths(pos):
+            out[rows] = self._attend_rows(q[rows], K, V, sl[rows], pos[rows], scale, window)
+        return out                                                                           # [B, H*hd_v]
+
+    @staticmethod
+    def _attend_rows(q, K, V, sl, pos, scale, window):
+        """`_attend` of one new position for B rows at once, each in its own slot: the rows' keys
+        lo..T gathered side by side [B, KV, T - lo, hd], positions a row has not reached (or has left
+        behind its window) masked."""
+        B, H, hd = q.shape
+        kv = K.shape[1]
+        lo = max(0, int(pos.min()) + 1 - window) if window else 0
+        T = int(pos.max()) + 1
+        qg = q.reshape(B, kv, H // kv, 1, hd) * np.float32(scale)                             # [B, kv, rep, 1, hd]
+        s = qg @ K[sl, :, None, lo:T].transpose(0, 1, 2, 4, 3)                                # [B, kv, rep, 1, T']
+        kpos = np.arange(lo, T)[None, :]
+        masked = kpos > pos[:, None]                                                          # [B, T']
+        if window:
+            masked |= pos[:, None] - kpos >= window
+        if masked.any():
+            s += np.where(masked, np.float32(-np.inf), np.float32(0))[:, None, None, None, :]
+        s -= s.max(axis=-1, keepdims=True)
+        np.exp(s, out=s)
+        s /= s.sum(axis=-1, keepdims=True)
+        o = s @ V[sl, :, None, lo:T]                                                          # [B, kv, rep, 1, hd_v]
+        return o.reshape(B, -1)
 
     def swiglu(self, gate_up):
         f = gate_up.shape[-1] // 2

@@ -131,10 +131,10 @@ class QuantMatrix:
                 K.matmul(run.marker, run.t, run.block, xp, y)
                 cols[...] = y[:n, :run.rows]
             elif run.rows % K.R == 0:
-                K.matvec(run.marker, run.t, x[0], cols[0])
+                K.matvec(run.marker, run.t, run.block, x[0], cols[0])
             else:  # the last group is padded
                 y = np.empty(run.t.shape[0] * K.R, np.float32)
-                K.matvec(run.marker, run.t, x[0], y)
+                K.matvec(run.marker, run.t, run.block, x[0], y)
                 cols[0] = y[:run.rows]
         return out
 
