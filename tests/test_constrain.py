@@ -64,6 +64,33 @@ def test_batched_outputs_follow_their_schemas(cpu):
         valid(c.text, SCHEMAS[0])
 
 
+def test_batched_masks_are_computed_while_the_step_runs_and_once(cpu, monkeypatch):
+    """The engine starts the step (flush), asks every constrained row for its mask, then reads the
+    logits: on the GPU the masks are computed while the device works. Each mask is filled once per
+    step (sampling reuses it) and again after the next token."""
+    import llguidance.numpy
+    from wasmchord.constrain import Matcher
+    events, fill = [], llguidance.numpy.fill_next_token_bitmask
+    be = cpu.transformer.be
+    monkeypatch.setattr(llguidance.numpy, "fill_next_token_bitmask",
+                        lambda *a: (events.append("fill"), fill(*a))[1])
+    monkeypatch.setattr(type(be), "flush", lambda self: events.append("flush"), raising=False)
+    read = type(be).read
+    monkeypatch.setattr(type(be), "read", lambda self, x: (events.append("read"), read(self, x))[1])
+    consumed = []
+    consume = Matcher.consume
+    monkeypatch.setattr(Matcher, "consume", lambda self, t: (consumed.append(t), consume(self, t))[1])
+    batch = cpu.generate(["Example 1:", "Example 2:"], json_schema=SCHEMAS[1], max_tokens=30, temperature=0)
+    steps = [i for i, e in enumerate(events) if e == "flush"]
+    assert len(steps) >= 5
+    for i in steps:  # each batched step: flush, a fill per running constrained row, then the read
+        rest = events[i + 1:]
+        fills = rest[:rest.index("read")]
+        assert fills and set(fills) == {"fill"} and len(fills) <= 2
+    assert events.count("fill") == len(consumed)  # one fill per sampled token, none again to sample
+    assert all(c.text for c in batch)
+
+
 def test_regex_and_grammar(cpu):
     r = cpu.generate("Call me at ", regex=r"\(\d{3}\) \d{3}-\d{4}", max_tokens=20, temperature=1.0, seed=4)
     assert re.fullmatch(r"\(\d{3}\) \d{3}-\d{4}", r.text) and r.finish_reason == "stop"

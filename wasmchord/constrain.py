@@ -135,11 +135,15 @@ class Matcher:
         if self.m.is_error():
             raise GenerationError(f"{c.kind}: {self.m.get_error()}")
         self.bitmask = llg.numpy.allocate_token_bitmask(1, c.table.vocab_size)
+        self._filled = False  # the bitmask is the current state's
 
     def words(self) -> np.ndarray:
         """The allowed tokens of the next step as a bitmask: int32 [ceil(vocab / 32)], bit i % 32 of
-        word i / 32 set for an allowed token i (what the GPU sampler reads)."""
-        _llg().numpy.fill_next_token_bitmask(self.m, self.bitmask, 0)
+        word i / 32 set for an allowed token i (what the GPU sampler reads). Computed once per step:
+        the batch engine asks for it while the device runs the step, and again to sample."""
+        if not self._filled:
+            _llg().numpy.fill_next_token_bitmask(self.m, self.bitmask, 0)
+            self._filled = True
         return self.bitmask[0]
 
     def mask(self) -> np.ndarray:
@@ -147,6 +151,7 @@ class Matcher:
         return allowed(self.words(), self.c.vocab)
 
     def consume(self, tok: int):
+        self._filled = False
         if not self.m.consume_token(int(tok)):
             raise GenerationError(f"{self.c.kind}: token {tok} does not fit the constraint: {self.m.get_error()}")
 

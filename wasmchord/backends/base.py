@@ -86,6 +86,10 @@ class Backend:
     def begin_forward(self):
         """Called at the start of each forward pass (GPU: start recording a new pass)."""
 
+    def flush(self):
+        """Start the work recorded so far (GPU: submit it), so that the host can do other work before
+        it reads a result."""
+
     def forward_scope(self):
         """A context the whole forward pass runs in (the CPU's compiled kernels: one BLAS thread)."""
         return contextlib.nullcontext()

@@ -220,6 +220,10 @@ class Engine:
         t0 = time.perf_counter()
         positions = [len(self.slots[r.slot].tokens) for r in batch]
         logits = self.tf.forward_batch([r.tokens[-1] for r in batch], positions, [r.slot for r in batch])
+        self.tf.be.flush()
+        for r in batch:  # the constrained rows' masks, while the device runs the step
+            if r.matcher is not None:
+                r.matcher.words()
         host = np.asarray(self.tf.be.read(logits), np.float32).reshape(len(batch), -1)      # [B, vocab]
         dt = (time.perf_counter() - t0) / len(batch)
         for r, row in zip(batch, host):

@@ -183,6 +183,9 @@ class WgpuBackend(Backend):
         except Exception as e:
             self.gpu.fail("copying KV cache slots", e)
 
+    def flush(self):
+        self.stream.flush()
+
     def read(self, x):
         self.gpu.check()
         if isinstance(x, np.ndarray):
