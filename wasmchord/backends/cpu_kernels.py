@@ -113,6 +113,24 @@ def _half(typingctx, lo, hi):
     return types.float32(lo, hi), codegen
 
 
+AHEAD = 2048  # bytes: how far ahead of the field being decoded the dot products ask for the weights
+
+
+@intrinsic
+def _prefetch(typingctx, blk, i):
+    """Ask for the cache line holding byte i of uint8 array blk's data (i may run past the view's end,
+    into the next block or group: a prefetch never faults)."""
+    def codegen(context, builder, sig, args):
+        data = context.make_array(sig.args[0])(context, builder, args[0]).data
+        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                                            "llvm.prefetch.p0")
+        addr = builder.gep(builder.bitcast(data, i8p), [args[1]])
+        builder.call(fn, [addr, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+    return types.void(blk, i), codegen
+
+
 @njit(inline="always")
 def _field(blk, i):
     """Byte i of the blocks of a group: R bytes, one per row."""
@@ -181,6 +199,7 @@ def _scale_typed(sink, c0, n, a, m):
 
 def _group_f16(marker, tg, k, sink):
     for c in range(k):
+        _prefetch(tg, 2 * c * R + AHEAD)
         lo, hi = _field(tg, 2 * c), _field(tg, 2 * c + 1)
         for r in range(R):
             _put(sink, c, r, _half(lo[r], hi[r]), None, None)
@@ -190,6 +209,7 @@ def _group_f16(marker, tg, k, sink):
 
 def _group_bf16(marker, tg, k, sink):
     for c in range(k):
+        _prefetch(tg, 2 * c * R + AHEAD)
         lo, hi = _field(tg, 2 * c), _field(tg, 2 * c + 1)
         for r in range(R):
             _put(sink, c, r, _f32_from_bits((np.int32(lo[r]) << 16) | (np.int32(hi[r]) << 24)), None, None)
@@ -197,11 +217,20 @@ def _group_bf16(marker, tg, k, sink):
             _scale(sink, c - c % 32, c % 32 + 1, None, None)
 
 
-@njit(inline="always")
 def _nibble_blocks(tg, k, sink, size, has_min, has_high):
     """Q4_0 (d, qs[16]), Q4_1 (d, m, qs[16]), Q5_0 (d, qh[4], qs[16]), Q5_1 (d, m, qh[4], qs[16]):
     32 values, byte i of qs holding value i (low nibble) and i + 16 (high); bit j of the
-    little-endian u32 qh is bit 4 of value j. Without m, values are centred: (q - 8) d or (q - 16) d."""
+    little-endian u32 qh is bit 4 of value j. Without m, values are centred: (q - 8) d or (q - 16) d.
+    `_nibble_dot` into a dot product, else `_nibble_values`."""
+
+
+@overload(_nibble_blocks, inline="always")
+def _nibble_blocks_typed(tg, k, sink, size, has_min, has_high):
+    return _nibble_dot if isinstance(sink, types.BaseTuple) else _nibble_values
+
+
+def _nibble_values(tg, k, sink, size, has_min, has_high):
+    """The nibble types decoded value by value (tiles for prefill)."""
     a, m = carray(_vector(), R), carray(_vector(), R)
     qs = 2 + 2 * has_min + 4 * has_high
     centre = np.float32(0 if has_min else -16 if has_high else -8)
@@ -226,6 +255,40 @@ def _nibble_blocks(tg, k, sink, size, has_min, has_high):
             _scale(sink, 32 * b, 32, a, None)
 
 
+def _nibble_dot(tg, k, sink, size, has_min, has_high):
+    """The nibble types into a dot product (one token): both nibbles of a byte at one load, the
+    centre and the minimum taken out of the sums: d * (sum q x + centre * sum x) + m * sum x."""
+    acc, _, x = sink
+    a, m, sq = carray(_vector(), R), carray(_vector(), R), carray(_vector(), R)
+    qs = 2 + 2 * has_min + 4 * has_high
+    centre, zero = np.float32(0 if has_min else -16 if has_high else -8), np.float32(0)
+    for b in range(k // 32):
+        blk = tg[b * size * R:(b + 1) * size * R]
+        _halves(blk, 0, a)
+        if has_min:
+            _halves(blk, 2, m)
+        for r in range(R):
+            sq[r] = 0
+        c, sx = 32 * b, zero
+        for i in range(16):
+            _prefetch(blk, (qs + i) * R + AHEAD)
+            q = _field(blk, qs + i)
+            xa, xb = x[c + i], x[c + i + 16]
+            sx += xa + xb
+            if has_high:
+                h0, h1 = _field(blk, qs - 4 + i // 8), _field(blk, qs - 2 + i // 8)
+                for r in range(R):
+                    sq[r] += _bits(q[r], 0, h0[r], i % 8, 1, zero) * xa + _bits(q[r], 4, h1[r], i % 8, 1, zero) * xb
+            else:
+                for r in range(R):  # in 32-bit lanes (_bits): numba's own integers are 64-bit
+                    sq[r] += _bits(q[r], 0, q[r], 0, 0, zero) * xa + _bits(q[r], 4, q[r], 0, 0, zero) * xb
+        for r in range(R):
+            if has_min:
+                acc[r] += a[r] * sq[r] + m[r] * sx
+            else:
+                acc[r] += a[r] * (sq[r] + centre * sx)
+
+
 def _group_q4_0(marker, tg, k, sink):
     _nibble_blocks(tg, k, sink, 18, False, False)
 
@@ -248,18 +311,43 @@ def _group_q8_0(marker, tg, k, sink):  # d, qs:int8[32]
         blk = tg[b * 34 * R:(b + 1) * 34 * R]
         _halves(blk, 0, d)
         for i in range(32):
+            _prefetch(blk, (2 + i) * R + AHEAD)
             q = _field(blk, 2 + i)
             for r in range(R):
                 _put(sink, 32 * b + i, r, np.float32(np.int8(q[r])), d, None)
         _scale(sink, 32 * b, 32, d, None)
 
 
-@njit(inline="always")
 def _k4_blocks(tg, k, sink, size, five):
     """Q4_K (d, dmin, scales[12], qs[128]) and Q5_K (d, dmin, scales[12], qh[32], qs[128]): value
     d * scale_j * q - dmin * min_j in sub-block j of 32; byte i of qs chunk j // 2 holds value i of
     sub-block j in its low (j even) or high nibble; bit j of qh[i] is bit 4 of that value. The 6-bit
-    scales and mins: ggml get_scale_min_k4."""
+    scales and mins: ggml get_scale_min_k4. `_k4_dot` into a dot product, else `_k4_values`."""
+
+
+@overload(_k4_blocks, inline="always")
+def _k4_blocks_typed(tg, k, sink, size, five):
+    return _k4_dot if isinstance(sink, types.BaseTuple) else _k4_values
+
+
+@njit(inline="always")
+def _k4_scale(blk, j, d, dmin, a, m):
+    """a = d * scale_j, m = -dmin * min_j of sub-block j, for the R rows (get_scale_min_k4)."""
+    zero = np.float32(0)
+    if j < 4:  # scale: 6 bits of byte j; min: of byte 4 + j
+        s0, s1 = _field(blk, 4 + j), _field(blk, 8 + j)
+        for r in range(R):
+            a[r] = d[r] * _bits(s0[r], 0, s0[r], 4, 3, zero)
+            m[r] = -(dmin[r] * _bits(s1[r], 0, s1[r], 4, 3, zero))
+    else:      # nibbles of byte 4 + j, with the top 2 bits of bytes j - 4 and j
+        s0, s1, s2 = _field(blk, j), _field(blk, 4 + j), _field(blk, 8 + j)
+        for r in range(R):
+            a[r] = d[r] * _bits(s2[r], 0, s0[r], 6, 3, zero)
+            m[r] = -(dmin[r] * _bits(s2[r], 4, s1[r], 6, 3, zero))
+
+
+def _k4_values(tg, k, sink, size, five):
+    """Q4_K and Q5_K decoded value by value (tiles for prefill)."""
     d, dmin = carray(_vector(), R), carray(_vector(), R)
     a, m = carray(_vector(), R), carray(_vector(), R)
     qs, zero = 48 if five else 16, np.float32(0)
@@ -284,6 +372,48 @@ def _k4_blocks(tg, k, sink, size, five):
                 for r in range(R):
                     _put(sink, 256 * b + 32 * j + i, r, _bits(q[r], sa, h[r], j, hmask, zero), a, m)
             _scale(sink, 256 * b + 32 * j, 32, a, m)
+
+
+def _k4_dot(tg, k, sink, size, five):
+    """Q4_K and Q5_K into a dot product (one token): sub-blocks 2p and 2p + 1, the two nibbles of
+    the same bytes, decoded together into two sums; scales and minimums applied once per sub-block:
+    a_j * sum q x + m_j * sum x."""
+    acc, _, x = sink
+    d, dmin = carray(_vector(), R), carray(_vector(), R)
+    a, m = carray(_vector(), R), carray(_vector(), R)
+    s0, s1 = carray(_vector(), R), carray(_vector(), R)
+    qs, zero = 48 if five else 16, np.float32(0)
+    for b in range(k // 256):
+        blk = tg[b * size * R:(b + 1) * size * R]
+        _halves(blk, 0, d)
+        _halves(blk, 2, dmin)
+        for p in range(4):
+            c0 = 256 * b + 64 * p
+            for r in range(R):
+                s0[r] = 0
+                s1[r] = 0
+            x0, x1 = zero, zero
+            for i in range(32):
+                _prefetch(blk, (qs + 32 * p + i) * R + AHEAD)
+                q = _field(blk, qs + 32 * p + i)
+                xa, xb = x[c0 + i], x[c0 + 32 + i]
+                x0 += xa
+                x1 += xb
+                if five:
+                    h = _field(blk, 16 + i)
+                    for r in range(R):
+                        s0[r] += _bits(q[r], 0, h[r], 2 * p, 1, zero) * xa
+                        s1[r] += _bits(q[r], 4, h[r], 2 * p + 1, 1, zero) * xb
+                else:
+                    for r in range(R):  # in 32-bit lanes (_bits): numba's own integers are 64-bit
+                        s0[r] += _bits(q[r], 0, q[r], 0, 0, zero) * xa
+                        s1[r] += _bits(q[r], 4, q[r], 0, 0, zero) * xb
+            _k4_scale(blk, 2 * p, d, dmin, a, m)
+            for r in range(R):
+                acc[r] += a[r] * s0[r] + m[r] * x0
+            _k4_scale(blk, 2 * p + 1, d, dmin, a, m)
+            for r in range(R):
+                acc[r] += a[r] * s1[r] + m[r] * x1
 
 
 def _group_q4_k(marker, tg, k, sink):
@@ -344,6 +474,8 @@ def _q6_k_dot(tg, k, sink):
                         s1[r] = 0
                     x0, x1 = zero, zero
                     for i in range(16):
+                        _prefetch(blk, (64 * h + 32 * u + l0 + i) * R + AHEAD)
+                        _prefetch(blk, (128 + 32 * h + l0 + i) * R + AHEAD)
                         ql, qh = _field(blk, 64 * h + 32 * u + l0 + i), _field(blk, 128 + 32 * h + l0 + i)
                         xa, xb = x[c0 + i], x[c1 + i]
                         x0 += xa
