@@ -46,7 +46,7 @@ def test_every_kernel_type_is_tested():
 
 
 @pytest.mark.parametrize("name", KERNEL_TYPES)
-@pytest.mark.parametrize("n", [1, 3, 9])  # one token (matvec); several (matmul: padded blocks of tokens)
+@pytest.mark.parametrize("n", [1, 2, 3, 9])  # one or two tokens (matvec); more (matmul: padded blocks)
 def test_matmul_matches_numpy_dequantize_and_matmul(name, n):
     """150 rows: two whole groups of 64 and a padded one; k: three chunks of columns, or 2.25."""
     rng = np.random.default_rng()

@@ -3,8 +3,9 @@
 A `QuantMatrix` keeps each run of rows of one block type (Q, K and V stacked may mix types) in the
 kernels' layout: the file's bytes, transposed within groups of R rows (see `cpu_kernels`), the same
 size as in the file; nothing is expanded. The file pages they were read from are then dropped from
-the process's resident set. One token (decode) is multiplied by `matvec`; several (prefill, batches)
-by decoding tiles of rows into a reused float32 buffer and multiplying with BLAS sgemm. F32 runs and
+the process's resident set. One or two rows (decode, a batch of two) are multiplied by `matvec`, a
+row at a time; more (prefill, batches) by the several-token kernel (`prefill = "sgemm"` instead
+decodes tiles of rows into a reused float32 buffer and multiplies them with BLAS sgemm). F32 runs and
 types without a kernel (Q2_K, Q3_K: dequantized at load, with a warning) are float32 arrays
 multiplied by BLAS. Embedding lookups decode their rows from the file's own blocks.
 """
@@ -22,6 +23,8 @@ from .base import WeightSource
 
 log = logging.getLogger(__name__)
 
+MATVEC_ROWS = 2  # up to this many rows, one matvec each: the several-token kernel pads to 4 tokens and
+                 # costs ~3 matvecs (SmolLM2, 2 rows: 22-30 ms per step against 2 x 9.4)
 TILE_BYTES = 4 << 20  # float32 bytes of one prefill tile (stays in cache beside sgemm's packed panels)
 
 
@@ -122,7 +125,7 @@ class QuantMatrix:
                 np.matmul(x, run.f32.T, out=cols)
             elif n > 1 and self.prefill == "sgemm":
                 self._tiled(K, run, x, cols, scratch)
-            elif n > 1:
+            elif n > MATVEC_ROWS:
                 xp = x
                 if n % K.TOKENS:  # whole blocks of tokens: pad with zero rows
                     xp = np.zeros((n + K.TOKENS - n % K.TOKENS, x.shape[1]), np.float32)
@@ -131,11 +134,13 @@ class QuantMatrix:
                 K.matmul(run.marker, run.t, run.block, xp, y)
                 cols[...] = y[:n, :run.rows]
             elif run.rows % K.R == 0:
-                K.matvec(run.marker, run.t, run.block, x[0], cols[0])
+                for i in range(n):
+                    K.matvec(run.marker, run.t, run.block, x[i], cols[i])
             else:  # the last group is padded
                 y = np.empty(run.t.shape[0] * K.R, np.float32)
-                K.matvec(run.marker, run.t, run.block, x[0], y)
-                cols[0] = y[:run.rows]
+                for i in range(n):
+                    K.matvec(run.marker, run.t, run.block, x[i], y)
+                    cols[i] = y[:run.rows]
         return out
 
     @staticmethod
