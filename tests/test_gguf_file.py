@@ -143,6 +143,32 @@ def test_string_length_past_end_of_file(tmp_path):
     assert "exceeds" in _err(tmp_path / "s.gguf")
 
 
+def _string_array_file(path, items: list[bytes], cut: int = 0):
+    """A GGUF whose one metadata value is the string array `t.vocab` of raw items (the last `cut`
+    bytes of the file removed)."""
+    key = b"t.vocab"
+    body = b"".join(struct.pack("<Q", len(it)) + it for it in items)
+    b = (b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", len(key)) + key
+         + struct.pack("<IIQ", 9, 8, len(items)) + body)  # type 9 = array, of type 8 = string
+    path.write_bytes(b[:len(b) - cut] if cut else b)
+    return path
+
+
+@pytest.mark.parametrize("items, cut, message", [
+    ([b"a", b"bb", b"\xff\xfe", b"c"], 0, "item 2 of 't.vocab' is not valid UTF-8"),
+    ([b"a", b"bb", b"ccc", b"dddd"], 3, "string length 4 of item 3 of 't.vocab'"),
+    ([b"a", b"bb", b"ccc", b"dddd"], 10, "length of item 3 of 't.vocab'"),
+])
+def test_a_bad_item_of_a_string_array_is_named(tmp_path, items, cut, message):
+    assert message in _err(_string_array_file(tmp_path / "v.gguf", items, cut))
+
+
+def test_string_arrays_are_read_whole(tmp_path):
+    words = ["", "a", "héllo ✓", "x" * 300] + [f"w{i}" for i in range(1000)]
+    p = small_gguf(tmp_path / "m.gguf", **{"t.words": words})
+    assert GGUFFile(p).metadata["t.words"] == words
+
+
 def test_tensor_data_past_end_of_file(tmp_path):
     p = small_gguf(tmp_path / "m.gguf")
     p.write_bytes(p.read_bytes()[:-40])
