@@ -79,11 +79,14 @@ class NumpyBackend(Backend):
         self.attention_chunk = attention_chunk
         self._tile = np.empty(TILE_BYTES // 4, np.float32) if weights == "quantized" else None  # prefill tiles
         self._rope_tables: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+        self._kernels = False  # a matrix multiplied by the compiled kernels was loaded
         # prefill attention on one thread per core: BLAS is kept to one thread beside the kernels
         self._pool = _attention_pool() if weights == "quantized" else None
 
     def forward_scope(self):
-        return blas.serial() if self.weights == "quantized" else contextlib.nullcontext()
+        # one BLAS thread only beside the compiled kernels: a model whose matrices all went to float32
+        # (F32 files) keeps BLAS's threads
+        return blas.serial() if self._kernels else contextlib.nullcontext()
 
     def describe(self) -> str:
         if self.weights == "quantized":
@@ -93,7 +96,9 @@ class NumpyBackend(Backend):
     # ------------------------------------------------------------------------------------ memory
     def load_matrix(self, parts):
         if self.weights == "quantized":
-            return QuantMatrix(parts)
+            m = QuantMatrix(parts)
+            self._kernels = self._kernels or any(run.t is not None for run in m.runs)
+            return m
         k = parts[0].shape[1]
         out = np.empty((sum(p.shape[0] for p in parts), k), np.float32)
         r = 0
@@ -257,12 +262,14 @@ class NumpyBackend(Backend):
         masked = kpos > pos[:, None]                                                          # [B, T']
         if window:
             masked |= pos[:, None] - kpos >= window
-        if masked.any():
-            s += np.where(masked, np.float32(-np.inf), np.float32(0))[:, None, None, None, :]
+        Vg = V[sl, :, None, lo:T]                                                             # [B, kv, 1, T', hd_v]
+        if masked.any():  # set, not added: a row's masked positions may hold a previous owner's inf/nan
+            s[np.broadcast_to(masked[:, None, None, None, :], s.shape)] = -np.inf
+            Vg[np.broadcast_to(masked[:, None, None, :, None], Vg.shape)] = 0
         s -= s.max(axis=-1, keepdims=True)
         np.exp(s, out=s)
         s /= s.sum(axis=-1, keepdims=True)
-        o = s @ V[sl, :, None, lo:T]                                                          # [B, kv, rep, 1, hd_v]
+        o = s @ Vg                                                                            # [B, kv, rep, 1, hd_v]
         return o.reshape(B, -1)
 
     def swiglu(self, gate_up):
