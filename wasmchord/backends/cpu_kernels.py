@@ -356,16 +356,7 @@ def _k4_values(tg, k, sink, size, five):
         _halves(blk, 0, d)
         _halves(blk, 2, dmin)
         for j in range(8):
-            if j < 4:  # scale: 6 bits of byte j; min: of byte 4 + j
-                s0, s1 = _field(blk, 4 + j), _field(blk, 8 + j)
-                for r in range(R):
-                    a[r] = d[r] * _bits(s0[r], 0, s0[r], 4, 3, zero)
-                    m[r] = -(dmin[r] * _bits(s1[r], 0, s1[r], 4, 3, zero))
-            else:      # nibbles of byte 4 + j, with the top 2 bits of bytes j - 4 and j
-                s0, s1, s2 = _field(blk, j), _field(blk, 4 + j), _field(blk, 8 + j)
-                for r in range(R):
-                    a[r] = d[r] * _bits(s2[r], 0, s0[r], 6, 3, zero)
-                    m[r] = -(dmin[r] * _bits(s2[r], 4, s1[r], 6, 3, zero))
+            _k4_scale(blk, j, d, dmin, a, m)
             sa, hmask = 4 * (j % 2), 1 if five else 0
             for i in range(32):
                 q, h = _field(blk, qs + 32 * (j // 2) + i), _field(blk, 16 + i)

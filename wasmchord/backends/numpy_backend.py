@@ -27,11 +27,13 @@ from .quantized import TILE_BYTES, QuantMatrix
 _SQRT_2_OVER_PI = np.float32(np.sqrt(2.0 / np.pi))
 
 
+ATTENTION_THREADS = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
 @functools.cache
 def _attention_pool() -> ThreadPoolExecutor | None:
     """Threads for prefill attention, one per usable core (None on one core), shared by all models."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return ThreadPoolExecutor(min(cores, 8), "wasmchord-attention") if cores > 1 else None
+    return ThreadPoolExecutor(ATTENTION_THREADS, "wasmchord-attention") if ATTENTION_THREADS > 1 else None
 
 
 def _similar_lengths(pos: np.ndarray) -> list[np.ndarray]:
@@ -198,7 +200,7 @@ class NumpyBackend(Backend):
         out = np.empty((n, H * V.shape[2]), np.float32)
         size = self.attention_chunk
         if self._pool is not None and n >= 32:  # at least one piece per thread
-            size = min(size, -(-n // self._pool._max_workers))
+            size = min(size, -(-n // ATTENTION_THREADS))
 
         def piece(c0):
             c1 = min(n, c0 + size)
