@@ -49,3 +49,18 @@ def test_every_sampling_option_is_a_flag_with_the_library_default():
 def test_unknown_alias_for_pull():
     r = run("pull", "no-such-model")
     assert r.returncode == 2 and "unknown model alias" in r.stderr
+
+
+def test_activations_flag_reaches_the_cpu_backend_and_is_refused_for_the_gpu():
+    from wasmchord.cli.run import backend_options
+    from wasmchord.errors import BackendError
+    import pytest
+    for command in ("generate", "chat", "serve", "bench"):
+        a = build_parser().parse_args([command, "m", "--backend", "cpu", "--activations", "int8"])
+        assert backend_options(a) == {"activations": "int8"}
+        assert backend_options(build_parser().parse_args([command, "m"])) == {}
+    a = build_parser().parse_args(["generate", "m", "--backend", "gpu", "--activations", "f32"])
+    with pytest.raises(BackendError, match="--activations"):
+        backend_options(a)
+    r = run("generate", "m", "--activations", "int4")
+    assert r.returncode == 2 and "int4" in r.stderr and "Traceback" not in r.stderr

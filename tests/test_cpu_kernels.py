@@ -131,6 +131,133 @@ def test_non_finite_half_scales_stay_non_finite():
     assert np.isposinf(tile[:, 0]).all() and np.isnan(tile[:, 1]).all()
 
 
+# ---------------------------------------------------------------------------- the integer kernel
+
+INT_TOL = {"int16": 1e-4, "int8": 2e-2}  # of the largest output: planes of 16 and 8 bits per 32 columns
+
+
+def planes(x, gshift, two=True):
+    n, k = x.shape
+    a = [np.full((n, k), 99, np.int8), np.full((n, k), 99, np.int8), np.full((n, k // 32), np.nan, np.float32),
+         np.full((n, k >> gshift), -7, np.int32), np.full((n, k >> gshift), -7, np.int32),
+         np.full((n, k >> gshift), np.nan, np.float32)]
+    K.quantize_planes(x, gshift, *a)
+    if not two:
+        a[1] = None
+    return a
+
+
+def test_activations_split_into_two_int8_planes_of_16_bit_precision():
+    """Per 32 columns: x = s (q1 + q2 / 256) within s / 512 (s = max|x| / 127; s / 256 where q2 is
+    clamped), |q2| <= 127; an all-zero
+    block has s = 1 and zero planes; the group sums are exact integer sums (+128 offsets)."""
+    rng = np.random.default_rng()
+    x = rng.standard_normal((3, 256)).astype(np.float32) * np.float32(rng.uniform(0.01, 50))
+    x[0, 37] = 300.0    # an outlier: only its own block loses precision
+    x[1, 64:96] = 0     # an all-zero block
+    for gshift in (4, 5):
+        x1, x2, xs, z1, z2, xsum = planes(x, gshift)
+        s = 256 * xs                                                                   # [3, 8]
+        xb = x.reshape(3, 8, 32)
+        np.testing.assert_allclose(s, np.where(np.abs(xb).max(-1) > 0, np.abs(xb).max(-1) / 127, 1), rtol=1e-6)
+        got = (s[..., None] * (x1.reshape(3, 8, 32) + x2.reshape(3, 8, 32) / np.float32(256))).reshape(3, 256)
+        err = np.abs(got - x) / np.repeat(s, 32, axis=1)
+        assert (err <= 1 / 256 * 1.001).all()     # q2 clamped to 127 where 256 r rounds to 128
+        assert (err > 1 / 512 * 1.001).mean() < 0.02  # else rounding: half a step of s / 256
+        assert np.abs(x2.astype(int)).max() <= 127 and (x1[1, 64:96] == 0).all() and (x2[1, 64:96] == 0).all()
+        g = 1 << gshift
+        g1 = x1.astype(np.int64).reshape(3, -1, g).sum(-1)
+        g2 = x2.astype(np.int64).reshape(3, -1, g).sum(-1)
+        np.testing.assert_array_equal(z1, 128 * g1)
+        np.testing.assert_array_equal(z2, 128 * (256 * g1 + g2))
+        np.testing.assert_allclose(xsum, got.reshape(3, -1, g).sum(-1), rtol=1e-5, atol=1e-5 * np.abs(x).max())
+
+
+@pytest.mark.skipif(not K.HAS_VNNI, reason="the integer kernel needs AVX-512 VNNI")
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_activations_stay_non_finite(bad):
+    """A token whose activations hold an inf or a nan gets non-finite outputs (the engine then fails
+    that request), as float32 gives; the other tokens are unaffected."""
+    rng = np.random.default_rng()
+    parts = [source("Q4_K", 64, 512, rng)]
+    W = QuantMatrix(parts)
+    W.activations = "int16"
+    x = rng.standard_normal((4, 512)).astype(np.float32)
+    x[2, 300] = bad
+    got = W.matmul(x, np.empty(1, np.float32))
+    assert not np.isfinite(got[2]).any()
+    ref = x[[0, 1, 3]] @ reference(parts).T
+    np.testing.assert_allclose(got[[0, 1, 3]], ref, rtol=0, atol=INT_TOL["int16"] * np.abs(ref).max())
+
+
+def test_every_integer_type_has_a_kernel_type():
+    assert set(K.INT_TYPES) <= K.KERNEL_TYPES and {"F16", "BF16"}.isdisjoint(K.INT_TYPES)
+
+
+@pytest.mark.skipif(not K.HAS_VNNI, reason="the integer kernel needs AVX-512 VNNI (see test_integer_activations_"
+                                           "need_vnni for such CPUs)")
+@pytest.mark.parametrize("name", sorted(K.INT_TYPES))
+@pytest.mark.parametrize("mode", ["int16", "int8"])
+def test_integer_kernel_matches_numpy_dequantize_and_matmul(name, mode):
+    """The kernel alone (output poisoned with nan) and through QuantMatrix (5 and 9 tokens: padded to
+    whole passes; 150 rows: a padded group; k: several chunks), against NumPy in float64."""
+    rng = np.random.default_rng()
+    k = 3 * K.CHUNK if ggml_type(name).block_size == 256 else 9 * K.CHUNK // 4
+    parts = [source(name, 150, k, rng)]
+    want = reference(parts).astype(np.float64)
+    W = QuantMatrix(parts)
+    (run,) = W.runs
+    x = rng.standard_normal((K.TOKENS_INT, k)).astype(np.float32)
+    out = np.full((K.TOKENS_INT, run.t.shape[0] * K.R), np.nan, np.float32)
+    K.matmul_int(run.marker, run.t, run.block, K.INT_TYPES[name], *planes(x, K.INT_TYPES[name], mode == "int16"), out)
+    ref = x @ want.T
+    np.testing.assert_allclose(out[:, :150], ref, rtol=0, atol=INT_TOL[mode] * np.abs(ref).max())
+    assert (out[:, 150:] == 0).all()  # the padding rows
+    W.activations = mode
+    for n in (5, 9):
+        x = rng.standard_normal((n, k)).astype(np.float32)
+        ref = x @ want.T
+        got = W.matmul(x, np.empty(1, np.float32))
+        np.testing.assert_allclose(got, ref, rtol=0, atol=INT_TOL[mode] * np.abs(ref).max())
+        if mode == "int8":  # the precision says which path ran: int8 is far from float32
+            assert np.abs(got - ref).max() > 1e-4 * np.abs(ref).max()
+
+
+@pytest.mark.skipif(not K.HAS_VNNI, reason="the integer kernel needs AVX-512 VNNI")
+def test_integer_path_takes_several_tokens_only(monkeypatch):
+    """One or two tokens stay on matvec (float32); three and more go through the integer kernel, and
+    F16 (no integer values) through the float kernel."""
+    rng = np.random.default_rng()
+    calls = []
+    real = K.matmul_int
+    monkeypatch.setattr(K, "matmul_int", lambda *a: calls.append(a[-1].shape[0]) or real(*a))
+    W = QuantMatrix([source("Q4_K", 64, 256, rng)])
+    F = QuantMatrix([source("F16", 64, 256, rng)])
+    W.activations = F.activations = "int16"
+    for n in (1, 2, 3, 6):
+        W.matmul(rng.standard_normal((n, 256)).astype(np.float32), np.empty(1, np.float32))
+        F.matmul(rng.standard_normal((n, 256)).astype(np.float32), np.empty(1, np.float32))
+    assert calls == [4, 8]  # padded to whole passes of TOKENS_INT
+
+
+def test_integer_activations_need_vnni_and_quantized_weights(monkeypatch):
+    """auto: int16 where the CPU has VNNI, else f32; asking for int16/int8 without VNNI, or with float32
+    weights, or an unknown value: a clear error naming the option."""
+    from wasmchord.backends.numpy_backend import NumpyBackend
+    from wasmchord.errors import BackendError
+    assert NumpyBackend().activations == ("int16" if K.HAS_VNNI else "f32")
+    assert NumpyBackend(activations="f32").activations == "f32"
+    assert NumpyBackend(weights="f32").activations == "f32"
+    with pytest.raises(BackendError, match="activations='int8' needs weights='quantized'"):
+        NumpyBackend(weights="f32", activations="int8")
+    with pytest.raises(BackendError, match="activations='int4', expected one of"):
+        NumpyBackend(activations="int4")
+    monkeypatch.setattr(K, "HAS_VNNI", False)
+    assert NumpyBackend().activations == "f32"
+    with pytest.raises(BackendError, match="activations='int16' needs a CPU with AVX-512 VNNI"):
+        NumpyBackend(activations="int16")
+
+
 # ---------------------------------------------------------------------------- the disk cache
 
 CACHE_PROBE = textwrap.dedent("""

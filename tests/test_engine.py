@@ -67,8 +67,10 @@ def test_prefix_reuse_evaluates_only_the_new_tokens(cpu):
 
 def test_chunked_prefill_equals_one_shot(cpu):
     """A prompt evaluated 7 tokens per step, while another sequence decodes, gives the tokens it gives
-    evaluated at once, and its last position's logits agree to float32 rounding (BLAS sums a 7-row
-    product in another order than a 40-row one)."""
+    evaluated at once, and its last position's logits agree to the precision of the path: float32
+    rounding with float32 activations (kernels sum a 7-row product in another order than a 40-row
+    one); with integer activations (int16) a last chunk of one or two tokens goes through the float32
+    matrix-vector kernel, so the two agree to int16's ~1e-4 of the logit scale."""
     long = "In the beginning the universe was created. This has made a lot of people very angry. " * 2
     eng = Engine(cpu, prefill_chunk=7)
     a = eng.submit(PROMPTS[0], max_tokens=20, temperature=0)[0]
@@ -85,7 +87,8 @@ def test_chunked_prefill_equals_one_shot(cpu):
     ids = cpu.prompt_ids(long)
     one = cpu.transformer.forward(np.asarray(ids), 0, slot=1)
     chunks = [cpu.transformer.forward(np.asarray(ids[i:i + 7]), i, slot=2) for i in range(0, len(ids), 7)]
-    assert np.abs(one - chunks[-1]).max() <= 1e-5 * np.abs(one).max()
+    tol = {"f32": 1e-5, "int16": 2e-4}[cpu.backend.activations]
+    assert np.abs(one - chunks[-1]).max() <= tol * np.abs(one).max()
 
 
 def test_cancellation_frees_the_slot(cpu):

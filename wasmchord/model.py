@@ -99,7 +99,8 @@ class Model:
             slots: sequences the KV cache holds at once (batched generation, `engine()`); the cache takes
                 slots x context_length x the per-token KV size (`load_stats.kv_cache_bytes`).
             progress: called as progress(stage, done, total) while pulling and loading.
-            backend_options: passed to the backend (cpu: weights="f32" | "quantized").
+            backend_options: passed to the backend (cpu: weights="quantized" | "f32", activations="auto" |
+                "f32" | "int16" | "int8").
 
         Raises:
             GGUFError, ConfigError, UnsupportedError, TokenizerError: bad or unsupported file.

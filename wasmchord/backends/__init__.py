@@ -16,7 +16,7 @@ BACKENDS = {
 }
 
 
-_CPU_OPTIONS = ("weights", "attention_chunk")  # options of the cpu backend; "auto" passes them only to it
+_CPU_OPTIONS = ("weights", "activations", "attention_chunk")  # options of the cpu backend; "auto" passes them only to it
 
 
 def _load(name: str):

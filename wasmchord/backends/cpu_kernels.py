@@ -42,14 +42,14 @@ def marker(name: str) -> np.ndarray:
 
 # ---------------------------------------------------------------------------- helpers
 
-def _stack(n: int):
-    """An intrinsic giving n float32 on the stack: an alloca in the entry block, which LLVM keeps in
-    registers when every index into it is a loop counter of a constant range (and n is small)."""
+def _stack(n: int, dtype=types.float32):
+    """An intrinsic giving n values of `dtype` on the stack: an alloca in the entry block, which LLVM
+    keeps in registers when every index into it is a loop counter of a constant range (and n is small)."""
     @intrinsic
     def stack(typingctx):
         def codegen(context, builder, sig, args):
-            return cgutils.alloca_once(builder, context.get_value_type(types.float32), size=n)
-        return types.CPointer(types.float32)(), codegen
+            return cgutils.alloca_once(builder, context.get_value_type(dtype), size=n)
+        return types.CPointer(dtype)(), codegen
     return stack
 
 
@@ -145,6 +145,16 @@ def _halves(blk, i, out):
         out[r] = _half(lo[r], hi[r])
 
 
+def _dot_sink(sink):
+    """A dot product's sink (acc, sub, x): float32 arrays."""
+    return isinstance(sink, types.BaseTuple) and sink.types[0].dtype == types.float32
+
+
+def _int_sink(sink):
+    """The integer kernel's sink (wq, ab, mb): values as bytes, scales and offsets per scale group."""
+    return isinstance(sink, types.BaseTuple) and sink.types[0].dtype == types.uint8
+
+
 def _put(sink, c, r, q, a, m):
     """Value q of column c, row r, whose scale group has scales a and offsets m (value = a[r] * q +
     m[r]; a or m None: 1 or 0): into a dot product (sink = (acc, sub, x): sub[r] += q * x[c], scaled
@@ -155,10 +165,14 @@ def _put(sink, c, r, q, a, m):
 @overload(_put, inline="always")
 def _put_typed(sink, c, r, q, a, m):
     scaled, offset = not isinstance(a, types.NoneType), not isinstance(m, types.NoneType)
-    if isinstance(sink, types.BaseTuple):
+    if _dot_sink(sink):
         def dot(sink, c, r, q, a, m):
             sink[1][r] += q * sink[2][c]
         return dot
+    if _int_sink(sink):
+        def byte(sink, c, r, q, a, m):  # column-major, as the float chunk; `_interleave` follows
+            sink[0][c * R + r] = np.uint8(np.int32(q) + 128)
+        return byte
 
     def store(sink, c, r, q, a, m):
         v = a[r] * q if scaled else q
@@ -174,7 +188,14 @@ def _scale(sink, c0, n, a, m):
 @overload(_scale, inline="always")
 def _scale_typed(sink, c0, n, a, m):
     scaled, offset = not isinstance(a, types.NoneType), not isinstance(m, types.NoneType)
-    if isinstance(sink, types.BaseTuple):
+    if _int_sink(sink):
+        def group(sink, c0, n, a, m):
+            _, ab, mb = sink
+            for r in range(R):
+                ab[c0 // n, r] = a[r] if scaled else np.float32(1)
+                mb[c0 // n, r] = m[r] if offset else np.float32(0)
+        return group
+    if _dot_sink(sink):
         def dot(sink, c0, n, a, m):
             acc, sub, x = sink
             s = np.float32(0)
@@ -226,7 +247,7 @@ def _nibble_blocks(tg, k, sink, size, has_min, has_high):
 
 @overload(_nibble_blocks, inline="always")
 def _nibble_blocks_typed(tg, k, sink, size, has_min, has_high):
-    return _nibble_dot if isinstance(sink, types.BaseTuple) else _nibble_values
+    return _nibble_dot if _dot_sink(sink) else _nibble_values
 
 
 def _nibble_values(tg, k, sink, size, has_min, has_high):
@@ -327,7 +348,7 @@ def _k4_blocks(tg, k, sink, size, five):
 
 @overload(_k4_blocks, inline="always")
 def _k4_blocks_typed(tg, k, sink, size, five):
-    return _k4_dot if isinstance(sink, types.BaseTuple) else _k4_values
+    return _k4_dot if _dot_sink(sink) else _k4_values
 
 
 @njit(inline="always")
@@ -489,7 +510,7 @@ def _q6_k(tg, k, sink):
 
 @overload(_q6_k, inline="always")
 def _q6_k_typed(tg, k, sink):
-    return _q6_k_dot if isinstance(sink, types.BaseTuple) else _q6_k_values
+    return _q6_k_dot if _dot_sink(sink) else _q6_k_values
 
 
 # The table: marker name -> decoder. Types not here are dequantized at load by the caller.
@@ -560,6 +581,198 @@ def matmul(marker, t, cols_per_block, x, out):
                 for i in range(TOKENS):
                     for r in range(R):
                         out[t0 + i, g * R + r] = acc[i * R + r]
+
+
+# ---------------------------------------------------------------------------- integer kernel (AVX-512 VNNI)
+# Activations as two int8 planes per 32 columns, x = s * (q1 + q2 / 256) (the precision of a 16-bit
+# integer), weights as bytes u = q + 128, products summed by vpdpbusd (64 byte products per
+# instruction): per 16 rows and 4 columns, one instruction per plane and token where float32 needs 4
+# FMAs. The sums per scale group are exact integers; scales, offsets and the +128 applied after.
+
+def _has_vnni() -> bool:
+    """Whether numba compiles for a CPU with AVX-512 VNNI (vpdpbusd): the host's, or the target set by
+    NUMBA_CPU_NAME / NUMBA_CPU_FEATURES (portable caches)."""
+    import llvmlite.binding as ll
+    from numba.core import config
+    if config.CPU_NAME:
+        return "+avx512vnni" in (config.CPU_FEATURES or "") and "+avx512bw" in (config.CPU_FEATURES or "")
+    features = ll.get_host_cpu_features()
+    return bool(features.get("avx512vnni")) and bool(features.get("avx512bw"))
+
+
+HAS_VNNI = _has_vnni()
+# block type -> log2 of its scale group's columns, for the types the integer kernel takes
+INT_TYPES = {"Q4_0": 5, "Q4_1": 5, "Q5_0": 5, "Q5_1": 5, "Q8_0": 5, "Q4_K": 5, "Q5_K": 5, "Q6_K": 4}
+SLICE = 32          # rows per pass: two vectors of 16 32-bit sums
+TOKENS_INT = 4      # tokens per pass: 2 planes x TOKENS_INT x 2 sums + TOKENS_INT x 2 float sums in registers
+_bytes = _stack(CHUNK * R, types.uint8)
+_unit_scales = _stack(CHUNK // 16 * R)
+_sums = _stack(TOKENS_INT * SLICE, types.int32)
+_slice_acc = _stack(TOKENS_INT * SLICE)
+
+
+def _pointer(context, builder, ty, arr, i, elem):
+    data = context.make_array(ty)(context, builder, arr).data
+    return builder.bitcast(builder.gep(data, [i]), elem.as_pointer())
+
+
+@intrinsic
+def _dpbusd(typingctx, acc, ai, w, wi, x, xi):
+    """acc[ai:ai+16] (int32) += for each lane r: sum over j < 4 of w[wi + 4r + j] (uint8) * x[xi + j]
+    (int8): one vpdpbusd."""
+    def codegen(context, builder, sig, args):
+        i32 = ir.IntType(32)
+        v16 = ir.VectorType(i32, 16)
+        pa = _pointer(context, builder, sig.args[0], args[0], args[1], v16)
+        pw = _pointer(context, builder, sig.args[2], args[2], args[3], v16)
+        px = _pointer(context, builder, sig.args[4], args[4], args[5], i32)
+        xv = builder.insert_element(ir.Constant(v16, ir.Undefined), builder.load(px, align=1), ir.Constant(i32, 0))
+        xv = builder.shuffle_vector(xv, xv, ir.Constant(v16, [0] * 16))
+        fn = builder.module.declare_intrinsic("llvm.x86.avx512.vpdpbusd.512", (), ir.FunctionType(v16, [v16] * 3))
+        builder.store(builder.call(fn, [builder.load(pa, align=4), builder.load(pw, align=1), xv]), pa, align=4)
+        return context.get_dummy_value()
+    return types.void(acc, ai, w, wi, x, xi), codegen
+
+
+@intrinsic
+def _interleave(typingctx, src, si, dst, di):
+    """dst[di + 4r + j] = src[si + j * R + r] for r < R, j < 4: four columns of R bytes into R lanes of
+    4 bytes (vpdpbusd's operand), as vector shuffles."""
+    def codegen(context, builder, sig, args):
+        i8 = ir.IntType(8)
+        col, out = ir.VectorType(i8, R), ir.VectorType(i8, 4 * R)
+        c = [builder.load(_pointer(context, builder, sig.args[0], args[0], builder.add(args[1], ir.Constant(args[1].type, j * R)), col), align=1)
+             for j in range(4)]
+        lo = builder.shuffle_vector(c[0], c[1], ir.Constant(ir.VectorType(ir.IntType(32), 2 * R), list(range(2 * R))))
+        hi = builder.shuffle_vector(c[2], c[3], ir.Constant(ir.VectorType(ir.IntType(32), 2 * R), list(range(2 * R))))
+        mask = [j * R + r for r in range(R) for j in range(4)]
+        v = builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(ir.IntType(32), 4 * R), mask))
+        builder.store(v, _pointer(context, builder, sig.args[2], args[2], args[3], out), align=1)
+        return context.get_dummy_value()
+    return types.void(src, si, dst, di), codegen
+
+
+@intrinsic
+def _planes(typingctx, a, b, z):
+    """float32((a << 8) + b - z) in 32-bit integers (the sum is exact; numba's integers are 64-bit)."""
+    def codegen(context, builder, sig, args):
+        a, b, z = (_i32(builder, v) for v in args)
+        v = builder.sub(builder.add(builder.shl(a, ir.Constant(ir.IntType(32), 8)), b), z)
+        return builder.sitofp(v, ir.FloatType())
+    return types.float32(a, b, z), codegen
+
+
+@intrinsic
+def _minus(typingctx, a, z):
+    """float32(a - z) in 32-bit integers."""
+    def codegen(context, builder, sig, args):
+        a, z = (_i32(builder, v) for v in args)
+        return builder.sitofp(builder.sub(a, z), ir.FloatType())
+    return types.float32(a, z), codegen
+
+
+@njit(parallel=True, **_JIT)
+def matmul_int(marker, t, cols_per_block, gshift, x1, x2, xs, z1, z2, xsum, out):
+    """out[:, g * R + r] = x @ W[g * R + r] with x given as planes x1, x2 (int8 [n, k]) and scales xs
+    (float32 [n, k / 32], s / 256): x = xs * (256 * x1 + x2); x2 None: one plane, x = 256 xs x1. Per scale group of gs = 2^gshift columns
+    (16 or 32: the type's) z1, z2 are 128 x the planes' sums (float32 [n, k / gs]) and xsum the sum
+    of x. n a multiple of TOKENS_INT; out [n, G * R]. The chunk decoding is `matmul`'s, into bytes."""
+    n, k = x1.shape
+    gs = 1 << gshift
+    size = t.shape[1] * cols_per_block // (k * R)  # bytes per block
+    for g in prange(t.shape[0]):
+        tg, wc, wq = t[g], carray(_bytes(), CHUNK * R), carray(_bytes(), CHUNK * R)
+        ab, mb = carray(_unit_scales(), (CHUNK // 16, R)), carray(_unit_scales(), (CHUNK // 16, R))
+        for i in range(n):
+            for r in range(R):
+                out[i, g * R + r] = 0
+        for c0 in range(0, k, CHUNK):
+            kc = min(CHUNK, k - c0)
+            b0 = c0 // cols_per_block
+            _group(marker, tg[b0 * size * R:(b0 + kc // cols_per_block) * size * R], kc, (wc, ab, mb))
+            for c in range(0, kc, 4):
+                _interleave(wc, c * R, wq, c * R)
+            for t0 in range(0, n, TOKENS_INT):
+                for rs in range(0, R, SLICE):
+                    acc = carray(_slice_acc(), TOKENS_INT * SLICE)
+                    for i in range(TOKENS_INT):
+                        for r in range(SLICE):
+                            acc[i * SLICE + r] = out[t0 + i, g * R + rs + r]
+                    for j in range(kc >> gshift):
+                        s1, s2 = carray(_sums(), TOKENS_INT * SLICE), carray(_sums(), TOKENS_INT * SLICE)
+                        for i in range(TOKENS_INT * SLICE):
+                            s1[i] = 0
+                            s2[i] = 0
+                        for c in range(j << gshift, (j + 1) << gshift, 4):
+                            wo = ((c >> 2) * R + rs) * 4
+                            for i in range(TOKENS_INT):
+                                for h in range(0, SLICE, 16):
+                                    _dpbusd(s1, i * SLICE + h, wq, wo + 4 * h, x1[t0 + i], c0 + c)
+                                    if x2 is not None:
+                                        _dpbusd(s2, i * SLICE + h, wq, wo + 4 * h, x2[t0 + i], c0 + c)
+                        u, b = (c0 >> gshift) + j, (c0 + (j << gshift)) >> 5
+                        for i in range(TOKENS_INT):
+                            sc, sx = xs[t0 + i, b], xsum[t0 + i, u]
+                            if x2 is not None:
+                                zc = z2[t0 + i, u]
+                                for r in range(SLICE):
+                                    v = _planes(s1[i * SLICE + r], s2[i * SLICE + r], zc)
+                                    acc[i * SLICE + r] += ab[j, rs + r] * (v * sc) + mb[j, rs + r] * sx
+                            else:
+                                zc, sc = z1[t0 + i, u], sc * np.float32(256)
+                                for r in range(SLICE):
+                                    v = _minus(s1[i * SLICE + r], zc)
+                                    acc[i * SLICE + r] += ab[j, rs + r] * (v * sc) + mb[j, rs + r] * sx
+                    for i in range(TOKENS_INT):
+                        for r in range(SLICE):
+                            out[t0 + i, g * R + rs + r] = acc[i * SLICE + r]
+
+
+@intrinsic
+def _finite(typingctx, v):
+    """Whether float32 v is finite, from its exponent bits (a float comparison would be folded away:
+    numba compiles parallel loops with fast-math flags that assume no inf or nan)."""
+    def codegen(context, builder, sig, args):
+        i32 = ir.IntType(32)
+        e = builder.and_(builder.bitcast(args[0], i32), ir.Constant(i32, 0x7F800000))
+        return builder.icmp_unsigned("!=", e, ir.Constant(i32, 0x7F800000))
+    return types.boolean(types.float32), codegen
+
+
+@njit(parallel=True, **_JIT)
+def quantize_planes(x, gshift, x1, x2, xs, z1, z2, xsum):
+    """The activations x [n, k] float32 (k a multiple of 32) as `matmul_int` takes them: per 32 columns
+    s = max|x| / 127 (1 where all are 0), q1 = round(x / s), q2 = round(256 (x / s - q1)) clamped to +-127;
+    xs = s / 256, nan for a block holding an inf or a nan (the products come out nan, as float32's
+    would); per scale group of 2^gshift columns z1, z2 = 128 x the sums of q1 and q2, xsum the sum of
+    s (q1 + q2 / 256)."""
+    n, k = x.shape
+    gs = 1 << gshift
+    for i in prange(n):
+        for b in range(k // 32):
+            m = np.float32(0)
+            total = np.float32(0)
+            for c in range(32 * b, 32 * b + 32):
+                m = max(m, abs(x[i, c]))
+                total += x[i, c]
+            s = m / np.float32(127) if m > 0 else np.float32(1)
+            inv = np.float32(1) / s
+            for c in range(32 * b, 32 * b + 32):
+                y = x[i, c] * inv
+                q1 = np.float32(np.rint(y))
+                q2 = min(max(np.float32(np.rint((y - q1) * np.float32(256))), np.float32(-127)), np.float32(127))
+                x1[i, c] = np.int8(q1)
+                x2[i, c] = np.int8(q2)
+            xs[i, b] = s / np.float32(256) if _finite(total) else np.float32(np.nan)  # inf/nan stay so
+        for u in range(k >> gshift):
+            g1 = 0
+            g2 = 0
+            for c in range(u * gs, (u + 1) * gs):
+                g1 += np.int32(x1[i, c])
+                g2 += np.int32(x2[i, c])
+            z1[i, u] = 128 * g1
+            z2[i, u] = 128 * (256 * g1 + g2)
+            xsum[i, u] = np.float32(256 * g1 + g2) * xs[i, (u * gs) >> 5]
 
 
 @njit(**dict(_JIT, fastmath={"reassoc", "nsz"}))  # no contract: a * q + m rounded twice, as NumPy does

@@ -71,13 +71,39 @@ class KVCache:
         return views[i]
 
 
+ACTIVATIONS = ("auto", "f32", "int16", "int8")
+
+
+def _activations(weights: str, activations: str) -> str:
+    """How the several-token products take their activations: "f32"; "int16" (two int8 planes per 32
+    columns: the precision of 16-bit integers, logits within ~1e-4 of float32) or "int8" (one plane,
+    llama.cpp's precision) through AVX-512 VNNI; "auto": int16 where the CPU has VNNI, else f32."""
+    if activations not in ACTIVATIONS:
+        raise BackendError(f"cpu backend: activations={activations!r}, expected one of {', '.join(map(repr, ACTIVATIONS))}")
+    if weights == "f32":
+        if activations in ("int16", "int8"):
+            raise BackendError(f"cpu backend: activations={activations!r} needs weights='quantized' "
+                               "(with weights='f32' BLAS multiplies in float32)")
+        return "f32"
+    if activations == "f32":
+        return "f32"
+    from .quantized import _kernels
+    if not _kernels().HAS_VNNI:
+        if activations == "auto":
+            return "f32"
+        raise BackendError(f"cpu backend: activations={activations!r} needs a CPU with AVX-512 VNNI, which this "
+                           "one lacks; use 'f32' (or 'auto')")
+    return "int16" if activations == "auto" else activations
+
+
 class NumpyBackend(Backend):
     name = "cpu"
 
-    def __init__(self, *, weights: str = "quantized", attention_chunk: int = 512):
+    def __init__(self, *, weights: str = "quantized", activations: str = "auto", attention_chunk: int = 512):
         if weights not in ("f32", "quantized"):
             raise BackendError(f"cpu backend: weights={weights!r}, expected 'f32' or 'quantized'")
         self.weights = weights
+        self.activations = _activations(weights, activations)
         self.attention_chunk = attention_chunk
         self._tile = np.empty(TILE_BYTES // 4, np.float32) if weights == "quantized" else None  # prefill tiles
         self._rope_tables: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
@@ -92,13 +118,14 @@ class NumpyBackend(Backend):
 
     def describe(self) -> str:
         if self.weights == "quantized":
-            return "NumPy + compiled kernels (weights in their GGUF blocks)"
+            return f"NumPy + compiled kernels (weights in their GGUF blocks, activations {self.activations})"
         return "NumPy (float32 BLAS, weights f32)"
 
     # ------------------------------------------------------------------------------------ memory
     def load_matrix(self, parts):
         if self.weights == "quantized":
             m = QuantMatrix(parts)
+            m.activations = self.activations
             self._kernels = self._kernels or any(run.t is not None for run in m.runs)
             return m
         k = parts[0].shape[1]

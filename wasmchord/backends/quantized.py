@@ -4,8 +4,10 @@ A `QuantMatrix` keeps each run of rows of one block type (Q, K and V stacked may
 kernels' layout: the file's bytes, transposed within groups of R rows (see `cpu_kernels`), the same
 size as in the file; nothing is expanded. The file pages they were read from are then dropped from
 the process's resident set. One or two rows (decode, a batch of two) are multiplied by `matvec`, a
-row at a time; more (prefill, batches) by the several-token kernel (`prefill = "sgemm"` instead
-decodes tiles of rows into a reused float32 buffer and multiplies them with BLAS sgemm). F32 runs and
+row at a time; more (prefill, batches) by the several-token kernel: with float32 activations, or, on
+CPUs with AVX-512 VNNI, the integer kernel (`activations`: "int16", two int8 planes per 32 columns,
+logits within ~1e-4 of float32; "int8", one plane, as llama.cpp). `prefill = "sgemm"` instead
+decodes tiles of rows into a reused float32 buffer and multiplies them with BLAS sgemm. F32 runs and
 types without a kernel (Q2_K, Q3_K: dequantized at load, with a warning) are float32 arrays
 multiplied by BLAS. Embedding lookups decode their rows from the file's own blocks.
 """
@@ -75,6 +77,8 @@ class QuantMatrix:
     """A weight matrix [rows, k]: `parts` stacked by rows, kept in their blocks (see the module docstring)."""
 
     prefill = "kernel"
+    activations = "f32"  # several-token products: "f32", or integer planes "int16" / "int8" (VNNI CPUs);
+                         # the backend sets it per matrix
 
     def __init__(self, parts: list[WeightSource]):
         K = _kernels()
@@ -125,6 +129,8 @@ class QuantMatrix:
                 np.matmul(x, run.f32.T, out=cols)
             elif n > 1 and self.prefill == "sgemm":
                 self._tiled(K, run, x, cols, scratch)
+            elif n > MATVEC_ROWS and self.activations != "f32" and run.qtype in K.INT_TYPES and K.HAS_VNNI:
+                self._integer(K, run, x, cols)
             elif n > MATVEC_ROWS:
                 xp = x
                 if n % K.TOKENS:  # whole blocks of tokens: pad with zero rows
@@ -142,6 +148,21 @@ class QuantMatrix:
                     K.matvec(run.marker, run.t, run.block, x[i], y)
                     cols[i] = y[:run.rows]
         return out
+
+    def _integer(self, K, run: _Run, x, cols):
+        """Several tokens through the integer kernel: x as int8 planes per 32 columns."""
+        n, k = x.shape
+        npad = -(-n // K.TOKENS_INT) * K.TOKENS_INT
+        gshift = K.INT_TYPES[run.qtype]
+        x1, x2 = np.zeros((npad, k), np.int8), np.zeros((npad, k), np.int8)
+        xs = np.ones((npad, k // 32), np.float32)
+        z1, z2 = np.zeros((npad, k >> gshift), np.int32), np.zeros((npad, k >> gshift), np.int32)
+        xsum = np.zeros((npad, k >> gshift), np.float32)
+        K.quantize_planes(x, gshift, x1, x2, xs, z1, z2, xsum)
+        y = np.empty((npad, run.t.shape[0] * K.R), np.float32)
+        K.matmul_int(run.marker, run.t, run.block, gshift, x1, x2 if self.activations == "int16" else None,
+                     xs, z1, z2, xsum, y)
+        cols[...] = y[:n, :run.rows]
 
     @staticmethod
     def _tiled(K, run: _Run, x, cols, scratch):

@@ -26,6 +26,10 @@ def add_device_options(s):
     s.add_argument("--weights", choices=["quantized", "f32"], default=None,
                    help="cpu backend: keep weights in their GGUF blocks (quantized, the default) or expand "
                         "them to float32 at load (f32, the exact reference)")
+    s.add_argument("--activations", choices=["auto", "f32", "int16", "int8"], default=None,
+                   help="cpu backend, several tokens at once (prompts, batches): multiply float32 activations "
+                        "(f32), or integer ones through AVX-512 VNNI: int16 (logits within ~1e-4 of float32) or "
+                        "int8 (llama.cpp's precision, fastest); auto: int16 where the CPU has VNNI (the default)")
     add_verify(s)
 
 
@@ -46,7 +50,7 @@ def sampling_options(a) -> dict:
 
 
 def backend_options(a) -> dict:
-    """Backend keyword arguments from --gpu-backend and --weights."""
+    """Backend keyword arguments from --gpu-backend, --weights and --activations."""
     from ..errors import BackendError
     options = {}
     if a.gpu_backend:
@@ -57,6 +61,10 @@ def backend_options(a) -> dict:
         if a.backend == "gpu":
             raise BackendError("--weights chooses how the cpu backend stores weights; the gpu backend has no such option")
         options["weights"] = a.weights
+    if getattr(a, "activations", None):
+        if a.backend == "gpu":
+            raise BackendError("--activations chooses how the cpu backend multiplies; the gpu backend has no such option")
+        options["activations"] = a.activations
     return options
 
 
