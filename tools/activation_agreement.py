@@ -31,13 +31,14 @@ def agreement(alias: str, modes: list[str]) -> dict:
     n_prompts = len(json.loads(bytes(fx["meta"]).decode())["prompts"])
     prompts = [fx[f"p{i}_ids"].tolist() for i in range(n_prompts)]
     path = hub.pull(alias)
-    ref = Model.load(path, device="cpu", weights="f32", context_length=512)
+    ctx = max(len(p) for p in prompts) + 8
+    ref = Model.load(path, device="cpu", weights="f32", context_length=ctx)
     f32 = [ref.logits(ids) for ids in prompts]
     del ref
     gc.collect()
     out = {"model": alias, "prompts": n_prompts, "positions": sum(len(p) for p in prompts), "modes": {}}
     for mode in modes:
-        m = Model.load(path, device="cpu", activations=mode, context_length=512)
+        m = Model.load(path, device="cpu", activations=mode, context_length=ctx)
         dev = same_f32 = same_llama = clear = clear_same = 0
         for i, ids in enumerate(prompts):
             lg = m.logits(ids)

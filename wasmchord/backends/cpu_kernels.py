@@ -171,7 +171,7 @@ def _put_typed(sink, c, r, q, a, m):
         return dot
     if _int_sink(sink):
         def byte(sink, c, r, q, a, m):  # column-major, as the float chunk; `_interleave` follows
-            sink[0][c * R + r] = np.uint8(np.int32(q) + 128)
+            sink[0][np.uint64(c * R + r)] = np.uint8(np.int32(q) + 128)
         return byte
 
     def store(sink, c, r, q, a, m):
