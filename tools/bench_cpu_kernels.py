@@ -1,8 +1,11 @@
 """Benchmark the CPU backend's compiled kernels on random blocks of every type: one-token matrix-vector
 products (GB/s of weights read) on 1 and all threads, the float32 tile decoding of prefill, and the
-memory read bandwidth of a BLAS float32 matrix-vector product measured in the same run.
+memory read bandwidth of a BLAS float32 matrix-vector product measured in the same run. With
+--tokens N: instead the several-token products of N tokens (GFLOP/s, the activations' quantization
+included) with float32 activations and, where the CPU has AVX-512 VNNI, int16 and int8 ones.
 
     python tools/bench_cpu_kernels.py [--types Q4_K,Q6_K] [--shape 8960x1536] [--repeats 30] [--json FILE]
+    python tools/bench_cpu_kernels.py --tokens 256 --shape 1536x1536 [--threads 1]
 
 Kernels compile on first use (cached on disk afterwards); the first call of each is not timed.
 """
@@ -45,11 +48,34 @@ def main():
     ap.add_argument("--types", default=",".join(sorted(K.KERNEL_TYPES)))
     ap.add_argument("--shape", default="8960x1536", help="rows x k")
     ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--tokens", type=int, help="time several-token products of this many tokens instead")
+    ap.add_argument("--threads", type=int, help="numba threads for --tokens (default: all)")
     ap.add_argument("--json")
     a = ap.parse_args()
     rows, k = map(int, a.shape.split("x"))
     threads = numba.config.NUMBA_NUM_THREADS
     rng, results = np.random.default_rng(0), []
+    if a.tokens:
+        numba.set_num_threads(a.threads or threads)
+        modes = ["f32", "int16", "int8"] if K.HAS_VNNI else ["f32"]
+        print(f"{rows} x {k}, {a.tokens} tokens, {a.threads or threads} threads; GFLOP/s, min of {a.repeats} runs")
+        print(f"{'type':<6}" + "".join(f"{m:>9}" for m in modes))
+        for name in a.types.split(","):
+            t = ggml_type(name)
+            W = QuantMatrix([WeightSource("w", random_raw(t, (rows, k), rng), t, (rows, k))])
+            x = rng.standard_normal((a.tokens, k)).astype(np.float32)
+            speeds = {}
+            for mode in modes:
+                if mode != "f32" and name not in K.INT_TYPES:
+                    continue
+                W.activations = mode
+                speeds[mode] = 2 * rows * k * a.tokens / best(lambda: W.matmul(x, np.empty(1, np.float32)), a.repeats) / 1e9
+            results.append({"type": name, **{f"GFLOPs_{m}": v for m, v in speeds.items()}})
+            print(f"{name:<6}" + "".join(f"{speeds[m]:>9.0f}" if m in speeds else f"{'-':>9}" for m in modes))
+        if a.json:
+            Path(a.json).write_text(json.dumps({"shape": [rows, k], "tokens": a.tokens, "threads": a.threads or threads,
+                                                "kernels": results}, indent=1))
+        return
     print(f"{rows} x {k}, {os.cpu_count()} cores; matvec GB/s of weights read, min of {a.repeats} runs")
     print(f"{'type':<6}{'MB':>7}{'1 thread':>10}{f'{threads} threads':>11}{'tile f32 GB/s':>15}")
     for name in a.types.split(","):
