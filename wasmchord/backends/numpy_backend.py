@@ -76,7 +76,7 @@ ACTIVATIONS = ("auto", "f32", "int16", "int8")
 
 def _activations(weights: str, activations: str) -> str:
     """How the several-token products take their activations: "f32"; "int16" (two int8 planes per 32
-    columns: the precision of 16-bit integers, logits within ~1e-4 of float32) or "int8" (one plane,
+    columns: the precision of 16-bit integers, logits within a few 1e-4 of float32) or "int8" (one plane,
     llama.cpp's precision) through AVX-512 VNNI; "auto": int16 where the CPU has VNNI, else f32."""
     if activations not in ACTIVATIONS:
         raise BackendError(f"cpu backend: activations={activations!r}, expected one of {', '.join(map(repr, ACTIVATIONS))}")
