@@ -147,7 +147,11 @@ def test_unknown_device():
 
 
 def test_f32_weights_mode_gives_the_same_logits(m):
+    """weights="f32" (float32 BLAS) against the default blocks: float32 sums in another order (within
+    5e-5 of the logit scale), or int16 activations for several tokens (within 5e-4: two int8 planes)."""
     f = Model.load("smollm2-135m-instruct", device="cpu", weights="f32", context_length=64)
     ids = m.tokenizer.encode("The capital of France is")
     import numpy as np
-    np.testing.assert_allclose(f.logits(ids), m.logits(ids), atol=1e-3)
+    ref, got = f.logits(ids), m.logits(ids)
+    tol = {"f32": 5e-5, "int16": 5e-4}[m.backend.activations]
+    assert np.abs(got - ref).max() <= tol * np.abs(ref).max()

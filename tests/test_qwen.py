@@ -81,14 +81,20 @@ def qwen_cpu(reference, qwen_path):
     return Model.load(qwen_path, device="cpu", context_length=512)
 
 
-def test_qwen_cpu_matches_transformers_float32(qwen_cpu, reference):
+@pytest.mark.parametrize("activations", ["f32", "default"])
+def test_qwen_cpu_matches_transformers_float32(qwen_cpu, qwen_path, reference, activations):
+    """The weights in their blocks with float32 activations: within TOL; the default (int16 activations
+    on a VNNI CPU: two int8 planes per 32 columns) within issue 19's 1e-3 for the default path."""
+    m = qwen_cpu if activations == "default" else Model.load(qwen_path, device="cpu", context_length=512,
+                                                              activations="f32")
+    tol = TOL if m.backend.activations == "f32" else 1e-3
     fx, _ = fixture()
     for i in EXACT:
-        ref, ours = reference["logits"][i], qwen_cpu.logits(ids_of(fx, i))
-        assert np.abs(ours - ref).max() < TOL * np.abs(ref).max(), i
+        ref, ours = reference["logits"][i], m.logits(ids_of(fx, i))
+        assert np.abs(ours - ref).max() < tol * np.abs(ref).max(), i
         assert (ours.argmax(1) == ref.argmax(1)).all(), i
     for i in GREEDY:
-        ours = qwen_cpu.generate(ids_of(fx, i), max_tokens=N_GREEDY, temperature=0).tokens
+        ours = m.generate(ids_of(fx, i), max_tokens=N_GREEDY, temperature=0).tokens
         assert ours == reference["greedy"][i][:len(ours)], i
 
 

@@ -87,8 +87,8 @@ def _activations(weights: str, activations: str) -> str:
         return "f32"
     if activations == "f32":
         return "f32"
-    from .quantized import _kernels
-    if not _kernels().HAS_VNNI:
+    from . import cpu_kernels  # numba: needed by the quantized weights anyway
+    if not cpu_kernels.HAS_VNNI:
         if activations == "auto":
             return "f32"
         raise BackendError(f"cpu backend: activations={activations!r} needs a CPU with AVX-512 VNNI, which this "
