@@ -674,9 +674,11 @@ def _minus(typingctx, a, z):
 @njit(parallel=True, **_JIT)
 def matmul_int(marker, t, cols_per_block, gshift, x1, x2, xs, z1, z2, xsum, out):
     """out[:, g * R + r] = x @ W[g * R + r] with x given as planes x1, x2 (int8 [n, k]) and scales xs
-    (float32 [n, k / 32], s / 256): x = xs * (256 * x1 + x2); x2 None: one plane, x = 256 xs x1. Per scale group of gs = 2^gshift columns
-    (16 or 32: the type's) z1, z2 are 128 x the planes' sums (float32 [n, k / gs]) and xsum the sum
-    of x. n a multiple of TOKENS_INT; out [n, G * R]. The chunk decoding is `matmul`'s, into bytes."""
+    (float32 [n, k / 32], s / 256): x = xs * (256 * x1 + x2); x2 None: one plane, x = 256 xs x1. Per
+    scale group of gs = 2^gshift columns (16 or 32: the type's), the +128 of the weight bytes comes
+    off as z1 = 128 sum x1 and z2 = 128 (256 sum x1 + sum x2) (int32 [n, k / gs]); xsum is the sum of
+    x (the minimums' term). n a multiple of TOKENS_INT; out [n, G * R]. The chunk decoding is
+    `matmul`'s, into bytes."""
     n, k = x1.shape
     gs = 1 << gshift
     size = t.shape[1] * cols_per_block // (k * R)  # bytes per block
@@ -744,8 +746,8 @@ def quantize_planes(x, gshift, x1, x2, xs, z1, z2, xsum):
     """The activations x [n, k] float32 (k a multiple of 32) as `matmul_int` takes them: per 32 columns
     s = max|x| / 127 (1 where all are 0), q1 = round(x / s), q2 = round(256 (x / s - q1)) clamped to +-127;
     xs = s / 256, nan for a block holding an inf or a nan (the products come out nan, as float32's
-    would); per scale group of 2^gshift columns z1, z2 = 128 x the sums of q1 and q2, xsum the sum of
-    s (q1 + q2 / 256)."""
+    would); per scale group of 2^gshift columns z1 = 128 sum q1, z2 = 128 (256 sum q1 + sum q2) and
+    xsum = the sum of s (q1 + q2 / 256)."""
     n, k = x.shape
     gs = 1 << gshift
     for i in prange(n):
