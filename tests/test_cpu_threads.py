@@ -98,49 +98,6 @@ def test_threaded_prefill_attention_equals_one_thread(n, pos0, window):
     np.testing.assert_allclose(threaded, serial, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("B", [1, 2, 3, 8, 17])
-@pytest.mark.parametrize("H, kv, hd, window", [(9, 3, 64, 0), (4, 1, 256, 0), (4, 2, 64, 37)])
-def test_batched_decode_attention_equals_one_row_at_a_time(B, H, kv, hd, window):
-    """Rows in shuffled slots at positions far apart (grouped by length) and close together."""
-    rng = np.random.default_rng()
-    be, ctx = NumpyBackend(weights="quantized"), 1200
-    rope = dict(base=10000.0, n_rot=hd, scale=1.0, neox=False)
-    slots = rng.permutation(B + 2)[:B]
-    positions = np.where(rng.random(B) < 0.3, rng.integers(0, 1100, B), rng.integers(0, 40, B))
-    cache = be.alloc_kv_cache(1, kv, ctx, hd, hd, slots=B + 2)
-    for a in (cache.k_all[0], cache.v_all[0]):
-        a[:] = rng.standard_normal(a.shape, dtype=np.float32)
-    q, k, v = (rng.standard_normal((B, h, hd), dtype=np.float32) for h in (H, kv, kv))
-    want = np.concatenate([be.attend(q[b:b + 1].copy(), k[b:b + 1].copy(), v[b:b + 1], cache.slot(int(s)), 0, int(p),
-                                     rope=rope, scale=hd ** -0.5, window=window)
-                           for b, (s, p) in enumerate(zip(slots, positions))])
-    got = be.attend_batch(q.copy(), k.copy(), v, cache, 0, positions, slots, rope=rope, scale=hd ** -0.5,
-                          window=window)
-    assert np.isfinite(got).all()
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-
-
-def test_a_slot_left_with_non_finite_values_does_not_reach_a_shorter_row():
-    """A failed request can leave inf/nan K/V past a new owner's position in its slot; the batched
-    step reads those positions for the longer rows of the group and must mask them out, as the
-    per-row attention (which never reads them) does."""
-    rng = np.random.default_rng()
-    be, H, kv, hd = NumpyBackend(weights="quantized"), 4, 2, 32
-    rope = dict(base=10000.0, n_rot=hd, scale=1.0, neox=False)
-    cache = be.alloc_kv_cache(1, kv, 64, hd, hd, slots=2)
-    for a in (cache.k_all[0], cache.v_all[0]):
-        a[:] = rng.standard_normal(a.shape, dtype=np.float32)
-    cache.k_all[0][1, :, 5:] = np.nan
-    cache.v_all[0][1, :, 5:] = np.inf
-    positions, slots = np.array([20, 3]), np.array([0, 1])
-    q, k, v = (rng.standard_normal((2, h, hd), dtype=np.float32) for h in (H, kv, kv))
-    want = np.concatenate([be.attend(q[b:b + 1].copy(), k[b:b + 1].copy(), v[b:b + 1], cache.slot(int(s)), 0, int(p),
-                                     rope=rope, scale=hd ** -0.5) for b, (s, p) in enumerate(zip(slots, positions))])
-    got = be.attend_batch(q.copy(), k.copy(), v, cache, 0, positions, slots, rope=rope, scale=hd ** -0.5)
-    assert np.isfinite(got).all()
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-
-
 def test_only_a_backend_with_kernel_matrices_holds_blas_to_one_thread(two_blas_threads):
     """Float32 matrices (an F32 file) are multiplied by BLAS, which then keeps its threads."""
     from test_cpu_kernels import source

@@ -31,7 +31,7 @@ from numba.extending import intrinsic, overload
 R = 64  # rows per group: 4 AVX-512 (8 AVX2) registers per vector; fewer would let LLVM unroll the row
         # loops before vectorizing them, and it then vectorizes across columns (gathers) instead
 # reassoc lets sums vectorize, contract makes multiply-adds FMAs; no nnan/ninf: inf and nan stay
-_JIT = dict(cache=True, fastmath={"reassoc", "contract", "nsz"}, nogil=True)
+JIT = dict(cache=True, fastmath={"reassoc", "contract", "nsz"}, nogil=True)
 
 
 @functools.cache
@@ -531,7 +531,7 @@ def _group_typed(marker, tg, k, sink):
 
 # ---------------------------------------------------------------------------- entry points
 
-@njit(parallel=True, **_JIT)
+@njit(parallel=True, **JIT)
 def matvec(marker, t, cols_per_block, x, out):
     """out[r] = W[r] @ x for the rows of W (groups t [G, bytes]); x [k] float32, out [G * R]. CHUNK
     columns at a time, as `matmul` decodes them (Qwen2.5-1.5B decode 12.3 -> 13.3 tok/s against whole
@@ -550,7 +550,7 @@ def matvec(marker, t, cols_per_block, x, out):
             out[g * R + r] = acc[r]
 
 
-@njit(parallel=True, **_JIT)
+@njit(parallel=True, **JIT)
 def matmul(marker, t, cols_per_block, x, out):
     """out[:, g * R + r] = x @ W[g * R + r] for the groups t of W; x [n, k] float32 with n a multiple of
     TOKENS (callers pad with zero rows), out [n, G * R]. Per group, CHUNK columns at a time are decoded
@@ -671,7 +671,7 @@ def _minus(typingctx, a, z):
     return types.float32(a, z), codegen
 
 
-@njit(parallel=True, **_JIT)
+@njit(parallel=True, **JIT)
 def matmul_int(marker, t, cols_per_block, gshift, x1, x2, xs, z1, z2, xsum, out):
     """out[:, g * R + r] = x @ W[g * R + r] with x given as planes x1, x2 (int8 [n, k]) and scales xs
     (float32 [n, k / 32], s / 256): x = xs * (256 * x1 + x2); x2 None: one plane, x = 256 xs x1. Per
@@ -731,7 +731,7 @@ def matmul_int(marker, t, cols_per_block, gshift, x1, x2, xs, z1, z2, xsum, out)
 
 
 @intrinsic
-def _finite(typingctx, v):
+def finite(typingctx, v):
     """Whether float32 v is finite, from its exponent bits (a float comparison would be folded away:
     numba compiles parallel loops with fast-math flags that assume no inf or nan)."""
     def codegen(context, builder, sig, args):
@@ -741,43 +741,55 @@ def _finite(typingctx, v):
     return types.boolean(types.float32), codegen
 
 
-@njit(parallel=True, **_JIT)
+@njit(**JIT)
+def _quantize_row(x, gshift, x1, x2, xs, z1, z2, xsum):
+    k = x.shape[0]
+    gs = 1 << gshift
+    for b in range(k // 32):
+        m = np.float32(0)
+        total = np.float32(0)
+        for c in range(32 * b, 32 * b + 32):
+            m = max(m, abs(x[c]))
+            total += x[c]
+        s = m / np.float32(127) if m > 0 else np.float32(1)
+        inv = np.float32(1) / s
+        for c in range(32 * b, 32 * b + 32):
+            y = x[c] * inv
+            q1 = np.float32(np.rint(y))
+            q2 = min(max(np.float32(np.rint((y - q1) * np.float32(256))), np.float32(-127)), np.float32(127))
+            x1[c] = np.int8(q1)
+            x2[c] = np.int8(q2)
+        xs[b] = s / np.float32(256) if finite(total) else np.float32(np.nan)  # inf/nan stay so
+    for u in range(k >> gshift):
+        g1 = 0
+        g2 = 0
+        for c in range(u * gs, (u + 1) * gs):
+            g1 += np.int32(x1[c])
+            g2 += np.int32(x2[c])
+        z1[u] = 128 * g1
+        z2[u] = 128 * (256 * g1 + g2)
+        xsum[u] = np.float32(256 * g1 + g2) * xs[(u * gs) >> 5]
+
+
+@njit(parallel=True, **JIT)
 def quantize_planes(x, gshift, x1, x2, xs, z1, z2, xsum):
     """The activations x [n, k] float32 (k a multiple of 32) as `matmul_int` takes them: per 32 columns
     s = max|x| / 127 (1 where all are 0), q1 = round(x / s), q2 = round(256 (x / s - q1)) clamped to +-127;
     xs = s / 256, nan for a block holding an inf or a nan (the products come out nan, as float32's
     would); per scale group of 2^gshift columns z1 = 128 sum q1, z2 = 128 (256 sum q1 + sum q2) and
     xsum = the sum of s (q1 + q2 / 256)."""
-    n, k = x.shape
-    gs = 1 << gshift
-    for i in prange(n):
-        for b in range(k // 32):
-            m = np.float32(0)
-            total = np.float32(0)
-            for c in range(32 * b, 32 * b + 32):
-                m = max(m, abs(x[i, c]))
-                total += x[i, c]
-            s = m / np.float32(127) if m > 0 else np.float32(1)
-            inv = np.float32(1) / s
-            for c in range(32 * b, 32 * b + 32):
-                y = x[i, c] * inv
-                q1 = np.float32(np.rint(y))
-                q2 = min(max(np.float32(np.rint((y - q1) * np.float32(256))), np.float32(-127)), np.float32(127))
-                x1[i, c] = np.int8(q1)
-                x2[i, c] = np.int8(q2)
-            xs[i, b] = s / np.float32(256) if _finite(total) else np.float32(np.nan)  # inf/nan stay so
-        for u in range(k >> gshift):
-            g1 = 0
-            g2 = 0
-            for c in range(u * gs, (u + 1) * gs):
-                g1 += np.int32(x1[i, c])
-                g2 += np.int32(x2[i, c])
-            z1[i, u] = 128 * g1
-            z2[i, u] = 128 * (256 * g1 + g2)
-            xsum[i, u] = np.float32(256 * g1 + g2) * xs[i, (u * gs) >> 5]
+    for i in prange(x.shape[0]):
+        _quantize_row(x[i], gshift, x1[i], x2[i], xs[i], z1[i], z2[i], xsum[i])
 
 
-@njit(**dict(_JIT, fastmath={"reassoc", "nsz"}))  # no contract: a * q + m rounded twice, as NumPy does
+@njit(**JIT)
+def quantize_planes_serial(x, gshift, x1, x2, xs, z1, z2, xsum):
+    """`quantize_planes` on the calling thread (a few rows: starting threads would cost more)."""
+    for i in range(x.shape[0]):
+        _quantize_row(x[i], gshift, x1[i], x2[i], xs[i], z1[i], z2[i], xsum[i])
+
+
+@njit(**dict(JIT, fastmath={"reassoc", "nsz"}))  # no contract: a * q + m rounded twice, as NumPy does
 def dequantize(marker, t, g0, out):
     """out[:, i * R + r] = row r of group g0 + i, as float32 columns: out [k, m * R] for m groups.
     On the calling thread: prefill alternates it with BLAS sgemm, and a parallel region here would
@@ -786,7 +798,7 @@ def dequantize(marker, t, g0, out):
         _group(marker, t[g0 + i], out.shape[0], out[:, i * R:(i + 1) * R])
 
 
-@njit(parallel=True, **_JIT)
+@njit(parallel=True, **JIT)
 def transpose(raw, t):
     """Byte-transpose rows raw [rows, row_bytes] into groups t [G, row_bytes * R] (the layout above);
     rows past the end stay zero (zero scales: the padding rows come out 0). The inner loop runs down

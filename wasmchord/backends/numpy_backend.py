@@ -3,7 +3,11 @@
 Weights: `weights="quantized"` keeps them in their GGUF blocks (the file's size in memory, nothing
 expanded at load) and multiplies them with compiled kernels (`quantized.QuantMatrix`).
 `weights="f32"` dequantizes them to float32 once at load and multiplies with BLAS sgemm/sgemv: the
-exact reference (4 bytes per weight).
+exact reference (4 bytes per weight), plain NumPy throughout.
+
+With quantized weights the small ops of a decode step (RMSNorm, SwiGLU, the attention of one new
+position per sequence) run compiled as well (`cpu_ops`): in NumPy they cost more in per-call overhead
+than in arithmetic. The NumPy forms stay as the f32 backend's, and as the kernels' reference.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from .base import Backend, rope_cos_sin
 from .quantized import TILE_BYTES, QuantMatrix
 
 _SQRT_2_OVER_PI = np.float32(np.sqrt(2.0 / np.pi))
+_NO_NORM = np.empty(0, np.float32)
 
 
 ATTENTION_THREADS = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
@@ -110,6 +115,10 @@ class NumpyBackend(Backend):
         self._kernels = False  # a matrix multiplied by the compiled kernels was loaded
         # prefill attention on one thread per core: BLAS is kept to one thread beside the kernels
         self._pool = _attention_pool() if weights == "quantized" else None
+        self._ops = None  # compiled small ops (numba, imported with the quantized weights' kernels)
+        if weights == "quantized":
+            from . import cpu_ops
+            self._ops = cpu_ops
 
     def forward_scope(self):
         # one BLAS thread only beside the compiled kernels: a model whose matrices all went to float32
@@ -162,6 +171,12 @@ class NumpyBackend(Backend):
         return x
 
     def rmsnorm(self, x, w, eps):
+        if self._ops is not None:
+            x2 = np.ascontiguousarray(x, np.float32).reshape(-1, x.shape[-1])           # [rows, d]
+            out = np.empty_like(x2)
+            ops = self._ops
+            (ops.rmsnorm_parallel if x2.shape[0] >= ops.PARALLEL_ROWS else ops.rmsnorm)(x2, w, np.float32(eps), out)
+            return out.reshape(x.shape)
         ms = np.einsum("...i,...i->...", x, x)[..., None] / np.float32(x.shape[-1])
         out = x * (np.float32(1.0) / np.sqrt(ms + np.float32(eps)))
         out *= w
@@ -260,10 +275,18 @@ class NumpyBackend(Backend):
         o = s @ V[:, None, t0:t_end]                                                # [kv, rep, n, hd_v]
         return o.transpose(2, 0, 1, 3).reshape(n, -1)
 
+    def attend(self, q, k, v, cache, layer, pos0, *, rope, scale, window=0, qk_norm=None):
+        if q.shape[0] == 1 and self._ops is not None:  # decode
+            return self._decode_attention(q, k, v, cache, layer, np.array([pos0]), np.array([cache.index]),
+                                          rope, scale, window, qk_norm)
+        return super().attend(q, k, v, cache, layer, pos0, rope=rope, scale=scale, window=window, qk_norm=qk_norm)
+
     def attend_batch(self, q, k, v, cache, layer, positions, slots, *, rope, scale, window=0, qk_norm=None):
-        pos, sl = np.asarray(positions), np.asarray(slots)
+        pos, sl = np.asarray(positions, np.int64), np.asarray(slots, np.int64)
         if pos.max() >= cache.max_ctx:
             raise BackendError(f"KV cache overflow: position {pos.max()} >= context {cache.max_ctx}")
+        if self._ops is not None:
+            return self._decode_attention(q, k, v, cache, layer, pos, sl, rope, scale, window, qk_norm)
         if qk_norm is not None:
             qw, kw, eps = qk_norm
             q, k = self.rmsnorm(q, qw, eps), self.rmsnorm(k, kw, eps)                       # per head
@@ -274,6 +297,22 @@ class NumpyBackend(Backend):
         out = np.empty((q.shape[0], q.shape[1] * V.shape[3]), np.float32)
         for rows in _similar_lengths(pos):
             out[rows] = self._attend_rows(q[rows], K, V, sl[rows], pos[rows], scale, window)
+        return out                                                                           # [B, H*hd_v]
+
+    def _decode_attention(self, q, k, v, cache, layer, pos, sl, rope, scale, window, qk_norm):
+        """One new position per row (row b at pos[b] of slot sl[b]) through `cpu_ops.decode_attention`."""
+        if pos.max() >= cache.max_ctx:
+            raise BackendError(f"KV cache overflow: position {pos.max()} >= context {cache.max_ctx}")
+        rope = dict(rope)
+        neox = rope.pop("neox")
+        cos, sin = self._rope_table(rope.pop("base"), rope.pop("n_rot"), rope.pop("scale"), int(pos.max()) + 1,
+                                    **rope)                                                  # [positions, n_rot/2]
+        qw, kw, eps = qk_norm if qk_norm is not None else (_NO_NORM, _NO_NORM, 0.0)
+        q, k = np.array(q, np.float32), np.array(k, np.float32)                          # rotated in place
+        v = np.ascontiguousarray(v, np.float32)
+        out = np.empty((q.shape[0], q.shape[1] * v.shape[2]), np.float32)
+        self._ops.decode_attention(q, k, v, cache.k_all[layer], cache.v_all[layer], sl, pos, cos, sin, neox,
+                                   qw, kw, np.float32(eps), np.float32(scale), int(window), out)
         return out                                                                           # [B, H*hd_v]
 
     @staticmethod
@@ -302,6 +341,12 @@ class NumpyBackend(Backend):
         return o.reshape(B, -1)
 
     def swiglu(self, gate_up):
+        if self._ops is not None:
+            gate_up = np.ascontiguousarray(gate_up, np.float32)                               # [n, 2f]
+            out = np.empty((gate_up.shape[0], gate_up.shape[1] // 2), np.float32)          # [n, f]
+            ops = self._ops
+            (ops.swiglu_parallel if gate_up.shape[0] >= ops.PARALLEL_ROWS else ops.swiglu)(gate_up, out)
+            return out
         f = gate_up.shape[-1] // 2
         g, u = gate_up[..., :f], gate_up[..., f:]
         t = np.negative(g)          # silu(g) * u = g / (1 + exp(-g)) * u, one temporary

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 MATVEC_ROWS = 2  # up to this many rows, one matvec each: the several-token kernel pads to 4 tokens and
                  # costs ~3 matvecs (SmolLM2, 2 rows: 22-30 ms per step against 2 x 9.4)
+QUANTIZE_PARALLEL = 1 << 16  # activations (tokens x columns) from which their quantization splits across threads
 TILE_BYTES = 4 << 20  # float32 bytes of one prefill tile (stays in cache beside sgemm's packed panels)
 
 
@@ -154,15 +155,21 @@ class QuantMatrix:
         n, k = x.shape
         npad = -(-n // K.TOKENS_INT) * K.TOKENS_INT
         gshift = K.INT_TYPES[run.qtype]
-        x1, x2 = np.zeros((npad, k), np.int8), np.zeros((npad, k), np.int8)
-        xs = np.ones((npad, k // 32), np.float32)
-        z1, z2 = np.zeros((npad, k >> gshift), np.int32), np.zeros((npad, k >> gshift), np.int32)
-        xsum = np.zeros((npad, k >> gshift), np.float32)
-        K.quantize_planes(x, gshift, x1, x2, xs, z1, z2, xsum)
-        y = np.empty((npad, run.t.shape[0] * K.R), np.float32)
+        x1, x2 = np.empty((npad, k), np.int8), np.empty((npad, k), np.int8)
+        xs = np.empty((npad, k // 32), np.float32)
+        z1, z2 = np.empty((npad, k >> gshift), np.int32), np.empty((npad, k >> gshift), np.int32)
+        xsum = np.empty((npad, k >> gshift), np.float32)
+        for a in (x1, x2, z1, z2, xsum):  # padding rows: zero tokens
+            a[n:] = 0
+        xs[n:] = 1
+        quantize = K.quantize_planes if n * k >= QUANTIZE_PARALLEL else K.quantize_planes_serial
+        quantize(x, gshift, x1[:n], x2[:n], xs[:n], z1[:n], z2[:n], xsum[:n])
+        direct = npad == n and cols.flags.c_contiguous and cols.shape[1] == run.t.shape[0] * K.R
+        y = cols if direct else np.empty((npad, run.t.shape[0] * K.R), np.float32)
         K.matmul_int(run.marker, run.t, run.block, gshift, x1, x2 if self.activations == "int16" else None,
                      xs, z1, z2, xsum, y)
-        cols[...] = y[:n, :run.rows]
+        if not direct:
+            cols[...] = y[:n, :run.rows]
 
     @staticmethod
     def _tiled(K, run: _Run, x, cols, scratch):
