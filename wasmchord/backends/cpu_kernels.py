@@ -96,6 +96,25 @@ def _bits(typingctx, a, sa, b, sb, mb, off):
 
 
 @intrinsic
+def _byte(typingctx, a, sa, b, sb, mb, off):
+    """`_bits` as the integer kernel's byte, value + 128, in 8-bit integers (a vector of 64 rows is one
+    register, where `_bits`' 32-bit lanes need four and two conversions)."""
+    def codegen(context, builder, sig, args):
+        a, sa, b, sb, mb, off = args
+        i8 = ir.IntType(8)
+        lo = builder.and_(builder.lshr(_i8(builder, a), _i8(builder, sa)), ir.Constant(i8, 15))
+        hi = builder.and_(builder.lshr(_i8(builder, b), _i8(builder, sb)), _i8(builder, mb))
+        v = builder.or_(lo, builder.shl(hi, ir.Constant(i8, 4)))
+        bias = builder.add(builder.trunc(builder.fptosi(off, ir.IntType(32)), i8), ir.Constant(i8, 128))
+        return builder.add(v, bias)
+    return types.uint8(a, sa, b, sb, mb, types.float32), codegen
+
+
+def _i8(builder, v):
+    return builder.trunc(v, ir.IntType(8)) if v.type.width > 8 else v
+
+
+@intrinsic
 def _half(typingctx, lo, hi):
     """The f16 with bytes lo, hi as float32, exactly, without branches: exponent and mantissa moved to
     float32 position and scaled by 2^112 (subnormals included); an all-ones exponent becomes float32's
@@ -155,6 +174,28 @@ def _int_sink(sink):
     return isinstance(sink, types.BaseTuple) and sink.types[0].dtype == types.uint8
 
 
+def _value(sink, a, sa, b, sb, mb, off):
+    """A decoded value as the sink takes it: `_bits` (float32), or `_byte` for the integer kernel."""
+
+
+@overload(_value, inline="always")
+def _value_typed(sink, a, sa, b, sb, mb, off):
+    if _int_sink(sink):
+        return lambda sink, a, sa, b, sb, mb, off: _byte(a, sa, b, sb, mb, off)
+    return lambda sink, a, sa, b, sb, mb, off: _bits(a, sa, b, sb, mb, off)
+
+
+def _value_int8(sink, q):
+    """An int8 weight stored as the byte q (Q8_0): float32, or q + 128 (q ^ 0x80) for the integer kernel."""
+
+
+@overload(_value_int8, inline="always")
+def _value_int8_typed(sink, q):
+    if _int_sink(sink):
+        return lambda sink, q: q ^ np.uint8(128)
+    return lambda sink, q: np.float32(np.int8(q))
+
+
 def _put(sink, c, r, q, a, m):
     """Value q of column c, row r, whose scale group has scales a and offsets m (value = a[r] * q +
     m[r]; a or m None: 1 or 0): into a dot product (sink = (acc, sub, x): sub[r] += q * x[c], scaled
@@ -170,8 +211,8 @@ def _put_typed(sink, c, r, q, a, m):
             sink[1][r] += q * sink[2][c]
         return dot
     if _int_sink(sink):
-        def byte(sink, c, r, q, a, m):  # column-major, as the float chunk; `_interleave` follows
-            sink[0][np.uint64(c * R + r)] = np.uint8(np.int32(q) + 128)
+        def byte(sink, c, r, q, a, m):  # q: the byte (`_value`); column-major, `_interleave` follows
+            sink[0][np.uint64(c * R + r)] = q
         return byte
 
     def store(sink, c, r, q, a, m):
@@ -265,7 +306,7 @@ def _nibble_values(tg, k, sink, size, has_min, has_high):
             h = _field(blk, qs - 4 + i // 8) if has_high else q
             sa, hmask = 4 * (i // 16), 1 if has_high else 0
             for r in range(R):
-                v = _bits(q[r], sa, h[r], i % 8, hmask, centre)
+                v = _value(sink, q[r], sa, h[r], i % 8, hmask, centre)
                 if has_min:
                     _put(sink, 32 * b + i, r, v, a, m)
                 else:
@@ -335,7 +376,7 @@ def _group_q8_0(marker, tg, k, sink):  # d, qs:int8[32]
             _prefetch(blk, (2 + i) * R + AHEAD)
             q = _field(blk, 2 + i)
             for r in range(R):
-                _put(sink, 32 * b + i, r, np.float32(np.int8(q[r])), d, None)
+                _put(sink, 32 * b + i, r, _value_int8(sink, q[r]), d, None)
         _scale(sink, 32 * b, 32, d, None)
 
 
@@ -382,7 +423,7 @@ def _k4_values(tg, k, sink, size, five):
             for i in range(32):
                 q, h = _field(blk, qs + 32 * (j // 2) + i), _field(blk, 16 + i)
                 for r in range(R):
-                    _put(sink, 256 * b + 32 * j + i, r, _bits(q[r], sa, h[r], j, hmask, zero), a, m)
+                    _put(sink, 256 * b + 32 * j + i, r, _value(sink, q[r], sa, h[r], j, hmask, zero), a, m)
             _scale(sink, 256 * b + 32 * j, 32, a, m)
 
 
@@ -461,7 +502,7 @@ def _q6_k_values(tg, k, sink):
                     for i in range(16):
                         ql, qh = _field(blk, 64 * h + 32 * (u % 2) + l0 + i), _field(blk, 128 + 32 * h + l0 + i)
                         for r in range(R):
-                            _put(sink, c + i, r, _bits(ql[r], lshift, qh[r], hshift, 3, m32), a, None)
+                            _put(sink, c + i, r, _value(sink, ql[r], lshift, qh[r], hshift, 3, m32), a, None)
                     _scale(sink, c, 16, a, None)
 
 
