@@ -66,17 +66,22 @@ def _rmsnorm_row(x, w, eps, out):
 
 
 @njit(**JIT)
-def rmsnorm(x, w, eps, out):
-    """out [n, d] = x [n, d] / sqrt(mean(x^2) + eps) * w [d], row by row."""
+def _rmsnorm_serial(x, w, eps, out):
     for i in range(x.shape[0]):
         _rmsnorm_row(x[i], w, eps, out[i])
 
 
 @njit(parallel=True, **JIT)
-def rmsnorm_parallel(x, w, eps, out):
-    """`rmsnorm` with the rows split across threads (prefill)."""
+def _rmsnorm_parallel(x, w, eps, out):
     for i in prange(x.shape[0]):
         _rmsnorm_row(x[i], w, eps, out[i])
+
+
+def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    """x [n, d] / sqrt(mean(x^2) + eps) * w [d], row by row (float32, contiguous x)."""
+    out = np.empty_like(x)
+    (_rmsnorm_parallel if x.shape[0] >= PARALLEL_ROWS else _rmsnorm_serial)(x, w, np.float32(eps), out)
+    return out
 
 
 @njit(**JIT)
@@ -92,17 +97,22 @@ def _swiglu_row(gate_up, out):
 
 
 @njit(**JIT)
-def swiglu(gate_up, out):
-    """out [n, f] = silu(gate) * up of gate_up [n, 2f] (gate | up)."""
+def _swiglu_serial(gate_up, out):
     for i in range(gate_up.shape[0]):
         _swiglu_row(gate_up[i], out[i])
 
 
 @njit(parallel=True, **JIT)
-def swiglu_parallel(gate_up, out):
-    """`swiglu` with the rows split across threads (prefill)."""
+def _swiglu_parallel(gate_up, out):
     for i in prange(gate_up.shape[0]):
         _swiglu_row(gate_up[i], out[i])
+
+
+def swiglu(gate_up: np.ndarray) -> np.ndarray:
+    """silu(gate) * up [n, f] of gate_up [n, 2f] (gate | up; float32, contiguous)."""
+    out = np.empty((gate_up.shape[0], gate_up.shape[1] // 2), np.float32)
+    (_swiglu_parallel if gate_up.shape[0] >= PARALLEL_ROWS else _swiglu_serial)(gate_up, out)
+    return out
 
 
 # ---------------------------------------------------------------------------- decode attention

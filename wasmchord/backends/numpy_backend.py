@@ -172,11 +172,8 @@ class NumpyBackend(Backend):
 
     def rmsnorm(self, x, w, eps):
         if self._ops is not None:
-            x2 = np.ascontiguousarray(x, np.float32).reshape(-1, x.shape[-1])           # [rows, d]
-            out = np.empty_like(x2)
-            ops = self._ops
-            (ops.rmsnorm_parallel if x2.shape[0] >= ops.PARALLEL_ROWS else ops.rmsnorm)(x2, w, np.float32(eps), out)
-            return out.reshape(x.shape)
+            rows = np.ascontiguousarray(x, np.float32).reshape(-1, x.shape[-1])         # [rows, d]
+            return self._ops.rmsnorm(rows, w, eps).reshape(x.shape)
         ms = np.einsum("...i,...i->...", x, x)[..., None] / np.float32(x.shape[-1])
         out = x * (np.float32(1.0) / np.sqrt(ms + np.float32(eps)))
         out *= w
@@ -283,10 +280,10 @@ class NumpyBackend(Backend):
 
     def attend_batch(self, q, k, v, cache, layer, positions, slots, *, rope, scale, window=0, qk_norm=None):
         pos, sl = np.asarray(positions, np.int64), np.asarray(slots, np.int64)
-        if pos.max() >= cache.max_ctx:
-            raise BackendError(f"KV cache overflow: position {pos.max()} >= context {cache.max_ctx}")
         if self._ops is not None:
             return self._decode_attention(q, k, v, cache, layer, pos, sl, rope, scale, window, qk_norm)
+        if pos.max() >= cache.max_ctx:
+            raise BackendError(f"KV cache overflow: position {pos.max()} >= context {cache.max_ctx}")
         if qk_norm is not None:
             qw, kw, eps = qk_norm
             q, k = self.rmsnorm(q, qw, eps), self.rmsnorm(k, kw, eps)                       # per head
@@ -342,11 +339,7 @@ class NumpyBackend(Backend):
 
     def swiglu(self, gate_up):
         if self._ops is not None:
-            gate_up = np.ascontiguousarray(gate_up, np.float32)                               # [n, 2f]
-            out = np.empty((gate_up.shape[0], gate_up.shape[1] // 2), np.float32)          # [n, f]
-            ops = self._ops
-            (ops.swiglu_parallel if gate_up.shape[0] >= ops.PARALLEL_ROWS else ops.swiglu)(gate_up, out)
-            return out
+            return self._ops.swiglu(np.ascontiguousarray(gate_up, np.float32))                # [n, f]
         f = gate_up.shape[-1] // 2
         g, u = gate_up[..., :f], gate_up[..., f:]
         t = np.negative(g)          # silu(g) * u = g / (1 + exp(-g)) * u, one temporary
