@@ -223,6 +223,28 @@ def test_integer_kernel_matches_numpy_dequantize_and_matmul(name, mode):
             assert np.abs(got - ref).max() > 1e-4 * np.abs(ref).max()
 
 
+@pytest.mark.parametrize("mode", ["f32", "int16"])
+def test_more_tokens_than_a_tile_match_numpy_and_each_token_alone(mode):
+    """A product of more tokens than one kernel call takes (TOKEN_TILE: calls per tile of tokens) is
+    NumPy's within the mode's tolerance, and bit for bit the product of a few of its tokens alone (no
+    number depends on the tile a token falls in; compared at the same place in a pass of TOKENS_INT
+    tokens, whose unrolled epilogues may round their multiply-adds differently)."""
+    from wasmchord.backends.quantized import TOKEN_TILE
+    if mode == "int16" and not K.HAS_VNNI:
+        pytest.skip("the integer kernel needs AVX-512 VNNI")
+    rng = np.random.default_rng()
+    parts = [source("Q4_K", 96, 512, rng)]
+    W = QuantMatrix(parts)
+    W.activations = mode
+    n = 2 * TOKEN_TILE + 7
+    x = rng.standard_normal((n, 512)).astype(np.float32)
+    got = W.matmul(x, np.empty(1, np.float32))
+    ref = x.astype(np.float64) @ reference(parts).astype(np.float64).T
+    np.testing.assert_allclose(got, ref, rtol=0, atol=(1e-4 if mode == "int16" else 2e-6) * np.abs(ref).max())
+    for i in (0, TOKEN_TILE - 4, TOKEN_TILE, 2 * TOKEN_TILE):
+        np.testing.assert_array_equal(got[i:i + 3], W.matmul(x[i:i + 3], np.empty(1, np.float32)))
+
+
 @pytest.mark.skipif(not K.HAS_VNNI, reason="the integer kernel needs AVX-512 VNNI")
 def test_integer_path_takes_several_tokens_only(monkeypatch):
     """One or two tokens stay on matvec (float32); three and more go through the integer kernel, and

@@ -164,3 +164,52 @@ def test_a_non_finite_query_gives_nan_for_its_heads_only():
     heads = got.reshape(2, 4, 32)
     assert np.isnan(heads[0, 1]).all()
     assert np.isfinite(heads[0, [0, 2, 3]]).all() and np.isfinite(heads[1]).all()
+
+
+def prefill_case(rng, n, pos0, H=12, kv=2, hd=32):
+    cache = OPS.alloc_kv_cache(1, kv, pos0 + n, hd, hd)
+    for a in (cache.k[0], cache.v[0]):
+        a[:] = rng.standard_normal(a.shape, dtype=np.float32)
+    return cache, rng.standard_normal((n, H, hd), dtype=np.float32) * 2
+
+
+@pytest.mark.parametrize("n, pos0, window", [(1, 0, 0), (1, 40, 0), (7, 0, 0), (37, 15, 0), (300, 20, 0),
+                                             (300, 20, 64), (70, 100, 9), (600, 0, 0)])
+def test_prefill_attention_with_the_compiled_softmax_matches_numpy(n, pos0, window):
+    """Prompt attention (several query rows) with the compiled mask and softmax against the f32 backend's
+    NumPy mask, max, exp, sum and division: causal from the first position or after earlier ones,
+    sliding windows shorter than the rows, more rows than one chunk."""
+    rng = np.random.default_rng()
+    cache, q = prefill_case(rng, n, pos0)
+    got = OPS.attention(q, cache, 0, pos0, scale=32 ** -0.5, window=window)
+    want = REF.attention(q, cache, 0, pos0, scale=32 ** -0.5, window=window)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_causal_softmax_zeroes_what_a_row_may_not_see():
+    """Row i (position pos0 + i) keeps keys t0 .. its own position, within the window; the rest is 0 and
+    each row sums to 1."""
+    rng = np.random.default_rng()
+    s = rng.standard_normal((3, 6, 20), dtype=np.float32) * 4
+    cpu_ops.causal_softmax(s, 10, 0, 5)              # keys 0..19; queries 10..15, window 5
+    for i in range(6):
+        p = 10 + i
+        seen = np.zeros(20, bool)
+        seen[p - 4:p + 1] = True
+        assert (s[:, i, ~seen] == 0).all() and (s[:, i, seen] > 0).all()
+    np.testing.assert_allclose(s.sum(-1), 1, rtol=1e-6)
+
+
+def test_a_non_finite_query_row_gives_nan_for_that_row_and_head_only():
+    rng = np.random.default_rng()
+    cache, q = prefill_case(rng, 9, 4)
+    q[3, 5, 0] = np.inf
+    got = OPS.attention(q, cache, 0, 4, scale=32 ** -0.5).reshape(9, 12, 32)
+    with np.errstate(invalid="ignore"):
+        want = REF.attention(q, cache, 0, 4, scale=32 ** -0.5).reshape(9, 12, 32)
+    assert np.isnan(got[3, 5]).all() and np.isnan(want[3, 5]).all()
+    bad = np.zeros((9, 12), bool)
+    bad[3, 5] = True
+    assert np.isfinite(got[~bad]).all()
+    np.testing.assert_allclose(got[~bad], want[~bad], rtol=1e-5, atol=1e-5)

@@ -601,9 +601,11 @@ def matmul(marker, t, cols_per_block, x, out):
     size = t.shape[1] * cols_per_block // (k * R)  # bytes per block
     for g in prange(t.shape[0]):
         tg, w = t[g], carray(_chunk(), (CHUNK, R))
+        og = np.uint64(g * R)  # unsigned indices and row views: vector loads and stores, no wraparound code
         for i in range(n):
+            orow = out[i]
             for r in range(R):
-                out[i, g * R + r] = 0
+                orow[og + np.uint64(r)] = 0
         for c0 in range(0, k, CHUNK):
             kc = min(CHUNK, k - c0)
             b0 = c0 // cols_per_block
@@ -611,24 +613,27 @@ def matmul(marker, t, cols_per_block, x, out):
             for t0 in range(0, n, TOKENS):
                 acc = carray(_token_block(), TOKENS * R)
                 for i in range(TOKENS):
+                    orow = out[t0 + i, og:og + np.uint64(R)]
                     for r in range(R):
-                        acc[i * R + r] = out[t0 + i, g * R + r]
+                        acc[i * R + r] = orow[r]
                 for c in range(kc):
                     wc = w[c]
                     for i in range(TOKENS):
-                        xv = x[t0 + i, c0 + c]
+                        xv = x[np.uint64(t0 + i), np.uint64(c0 + c)]
                         for r in range(R):
                             acc[i * R + r] += wc[r] * xv
                 for i in range(TOKENS):
+                    orow = out[t0 + i, og:og + np.uint64(R)]
                     for r in range(R):
-                        out[t0 + i, g * R + r] = acc[i * R + r]
+                        orow[r] = acc[i * R + r]
 
 
 # ---------------------------------------------------------------------------- integer kernel (AVX-512 VNNI)
 # Activations as two int8 planes per 32 columns, x = s * (q1 + q2 / 256) (the precision of a 16-bit
 # integer), weights as bytes u = q + 128, products summed by vpdpbusd (64 byte products per
 # instruction): per 16 rows and 4 columns, one instruction per plane and token where float32 needs 4
-# FMAs. The sums per scale group are exact integers; scales, offsets and the +128 applied after.
+# FMAs. The sums per scale group are exact integers (started at minus the +128's share); scales and
+# offsets applied after.
 
 def _has_vnni() -> bool:
     """Whether numba compiles for a CPU with AVX-512 VNNI (vpdpbusd): the host's, or the target set by
@@ -694,22 +699,12 @@ def _interleave(typingctx, src, si, dst, di):
 
 
 @intrinsic
-def _planes(typingctx, a, b, z):
-    """float32((a << 8) + b - z) in 32-bit integers (the sum is exact; numba's integers are 64-bit)."""
+def _planes(typingctx, a, b):
+    """float32((a << 8) + b) in 32-bit integers (the sum is exact; numba's integers are 64-bit)."""
     def codegen(context, builder, sig, args):
-        a, b, z = (_i32(builder, v) for v in args)
-        v = builder.sub(builder.add(builder.shl(a, ir.Constant(ir.IntType(32), 8)), b), z)
-        return builder.sitofp(v, ir.FloatType())
-    return types.float32(a, b, z), codegen
-
-
-@intrinsic
-def _minus(typingctx, a, z):
-    """float32(a - z) in 32-bit integers."""
-    def codegen(context, builder, sig, args):
-        a, z = (_i32(builder, v) for v in args)
-        return builder.sitofp(builder.sub(a, z), ir.FloatType())
-    return types.float32(a, z), codegen
+        a, b = (_i32(builder, v) for v in args)
+        return builder.sitofp(builder.add(builder.shl(a, ir.Constant(ir.IntType(32), 8)), b), ir.FloatType())
+    return types.float32(a, b), codegen
 
 
 @njit(parallel=True, **JIT)
@@ -721,14 +716,15 @@ def matmul_int(marker, t, cols_per_block, gshift, x1, x2, xs, z1, z2, xsum, out)
     x (the minimums' term). n a multiple of TOKENS_INT; out [n, G * R]. The chunk decoding is
     `matmul`'s, into bytes."""
     n, k = x1.shape
-    gs = 1 << gshift
     size = t.shape[1] * cols_per_block // (k * R)  # bytes per block
     for g in prange(t.shape[0]):
         tg, wc, wq = t[g], carray(_bytes(), CHUNK * R), carray(_bytes(), CHUNK * R)
         ab, mb = carray(_unit_scales(), (CHUNK // 16, R)), carray(_unit_scales(), (CHUNK // 16, R))
+        og = np.uint64(g * R)  # unsigned indices: no negative-index wraparound code (it cost 12% here)
         for i in range(n):
+            orow = out[i]
             for r in range(R):
-                out[i, g * R + r] = 0
+                orow[og + np.uint64(r)] = 0
         for c0 in range(0, k, CHUNK):
             kc = min(CHUNK, k - c0)
             b0 = c0 // cols_per_block
@@ -738,14 +734,20 @@ def matmul_int(marker, t, cols_per_block, gshift, x1, x2, xs, z1, z2, xsum, out)
             for t0 in range(0, n, TOKENS_INT):
                 for rs in range(0, R, SLICE):
                     acc = carray(_slice_acc(), TOKENS_INT * SLICE)
-                    for i in range(TOKENS_INT):
+                    for i in range(TOKENS_INT):  # through a row view: vector loads (2-D indexing gave scalar ones)
+                        orow = out[t0 + i, og + np.uint64(rs):og + np.uint64(rs + SLICE)]
                         for r in range(SLICE):
-                            acc[i * SLICE + r] = out[t0 + i, g * R + rs + r]
+                            acc[i * SLICE + r] = orow[r]
                     for j in range(kc >> gshift):
+                        u, b = np.uint64((c0 >> gshift) + j), np.uint64((c0 + (j << gshift)) >> 5)
                         s1, s2 = carray(_sums(), TOKENS_INT * SLICE), carray(_sums(), TOKENS_INT * SLICE)
-                        for i in range(TOKENS_INT * SLICE):
-                            s1[i] = 0
-                            s2[i] = 0
+                        for i in range(TOKENS_INT):  # the sums start at minus the +128 offsets' share
+                            ti = np.uint64(t0 + i)
+                            z = -z2[ti, u] if x2 is not None else 0
+                            z8 = 0 if x2 is not None else -z1[ti, u]
+                            for r in range(SLICE):
+                                s1[i * SLICE + r] = z8
+                                s2[i * SLICE + r] = z
                         for c in range(j << gshift, (j + 1) << gshift, 4):
                             wo = ((c >> 2) * R + rs) * 4
                             for i in range(TOKENS_INT):
@@ -753,22 +755,22 @@ def matmul_int(marker, t, cols_per_block, gshift, x1, x2, xs, z1, z2, xsum, out)
                                     _dpbusd(s1, i * SLICE + h, wq, wo + 4 * h, x1[t0 + i], c0 + c)
                                     if x2 is not None:
                                         _dpbusd(s2, i * SLICE + h, wq, wo + 4 * h, x2[t0 + i], c0 + c)
-                        u, b = (c0 >> gshift) + j, (c0 + (j << gshift)) >> 5
                         for i in range(TOKENS_INT):
-                            sc, sx = xs[t0 + i, b], xsum[t0 + i, u]
+                            ti = np.uint64(t0 + i)
+                            sc, sx = xs[ti, b], xsum[ti, u]
                             if x2 is not None:
-                                zc = z2[t0 + i, u]
                                 for r in range(SLICE):
-                                    v = _planes(s1[i * SLICE + r], s2[i * SLICE + r], zc)
+                                    v = _planes(s1[i * SLICE + r], s2[i * SLICE + r])
                                     acc[i * SLICE + r] += ab[j, rs + r] * (v * sc) + mb[j, rs + r] * sx
                             else:
-                                zc, sc = z1[t0 + i, u], sc * np.float32(256)
+                                sc = sc * np.float32(256)
                                 for r in range(SLICE):
-                                    v = _minus(s1[i * SLICE + r], zc)
+                                    v = np.float32(s1[i * SLICE + r])
                                     acc[i * SLICE + r] += ab[j, rs + r] * (v * sc) + mb[j, rs + r] * sx
                     for i in range(TOKENS_INT):
+                        orow = out[t0 + i, og + np.uint64(rs):og + np.uint64(rs + SLICE)]
                         for r in range(SLICE):
-                            out[t0 + i, g * R + rs + r] = acc[i * SLICE + r]
+                            orow[r] = acc[i * SLICE + r]
 
 
 @intrinsic

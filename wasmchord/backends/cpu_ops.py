@@ -1,5 +1,6 @@
 """Compiled CPU kernels (numba) for the small ops of a decode step: attention of one new position per
-sequence (RoPE, the KV-cache write and the softmax-weighted sum in one call), RMSNorm and SwiGLU.
+sequence (RoPE, the KV-cache write and the softmax-weighted sum in one call), RMSNorm and SwiGLU; and
+the masked softmax of prefill attention, whose two products stay with BLAS.
 
 A decode step of a small model is mostly fixed costs: in NumPy, the attention of one new position is
 a dozen array operations of a few microseconds each per layer, more than its arithmetic. Here it is
@@ -189,3 +190,36 @@ def decode_attention(q, k, v, K, V, slots, pos, cos, sin, neox, qw, kw, eps, sca
             inv, c = np.float32(1) / total[h], (g * rep + h) * hdv
             for d in range(hdv):
                 out[b, c + d] = o[h, d] * inv if ok[h] else np.float32(np.nan)
+
+
+# ---------------------------------------------------------------------------- prefill attention's softmax
+
+@njit(**JIT)
+def causal_softmax(s, pos0, t0, window):
+    """In place, each row of the scores s [heads, n, T] (row i: query position pos0 + i against key
+    positions t0 .. t0 + T - 1) becomes the softmax over the keys that position sees (key <= query,
+    and query - key < window when window > 0), 0 elsewhere: the causal mask, max, exp, sum and
+    normalization of NumPy's seven passes over s in one. A row whose visible scores hold an inf or a
+    nan becomes nan (as float32's softmax would). On the calling thread: prefill attention already runs
+    a piece of the rows per core."""
+    heads, n, T = s.shape
+    for task in range(heads * n):
+        row, p = s[task // n, task % n], pos0 + task % n - t0   # p: the query's own key index
+        lo = max(0, p - window + 1) if window > 0 else 0
+        hi = min(T, p + 1)
+        row[:lo] = 0
+        row[hi:] = 0
+        vis = row[lo:hi]
+        m, total = vis[0], np.float32(0)
+        for t in range(vis.size):
+            m = max(m, vis[t])
+        for t in range(vis.size):  # an inf or a nan anywhere makes the sum non-finite
+            total += vis[t]
+        z = np.float32(0)
+        for t in range(vis.size):
+            e = _exp_nonpositive(vis[t] - m)
+            vis[t] = e
+            z += e
+        inv = np.float32(1) / z if finite(total) else np.float32(np.nan)
+        for t in range(vis.size):
+            vis[t] *= inv

@@ -243,7 +243,7 @@ class NumpyBackend(Backend):
 
         def piece(c0):
             c1 = min(n, c0 + size)
-            out[c0:c1] = self._attend(q[c0:c1], K, V, pos0 + c0, scale, window, kv)
+            out[c0:c1] = self._attend(q[c0:c1], K, V, pos0 + c0, scale, window, kv, self._ops)
         if self._pool is not None and n > size:
             list(self._pool.map(piece, range(0, n, size)))  # NumPy releases the GIL in these products
         else:
@@ -252,23 +252,26 @@ class NumpyBackend(Backend):
         return out
 
     @staticmethod
-    def _attend(q, K, V, pos0, scale, window, kv):
+    def _attend(q, K, V, pos0, scale, window, kv, ops=None):
         n, H, hd = q.shape
         rep = H // kv
         t_end = pos0 + n
         t0 = max(0, pos0 + 1 - window) if window else 0
         qg = q.reshape(n, kv, rep, hd).transpose(1, 2, 0, 3) * np.float32(scale)  # [kv, rep, n, hd]
         s = qg @ K[:, None, t0:t_end].transpose(0, 1, 3, 2)                         # [kv, rep, n, T]
-        if n > 1 or window:  # causal (and sliding-window) mask by index, added as 0 / -inf
-            qpos = np.arange(pos0, t_end)[:, None]
-            kpos = np.arange(t0, t_end)[None, :]
-            masked = kpos > qpos
-            if window:
-                masked |= qpos - kpos >= window
-            s += np.where(masked, np.float32(-np.inf), np.float32(0))
-        s -= s.max(axis=-1, keepdims=True)
-        np.exp(s, out=s)
-        s /= s.sum(axis=-1, keepdims=True)
+        if ops is not None:  # compiled: mask and softmax in one pass
+            ops.causal_softmax(s.reshape(kv * rep, n, -1), pos0, t0, window)
+        else:
+            if n > 1 or window:  # causal (and sliding-window) mask by index, added as 0 / -inf
+                qpos = np.arange(pos0, t_end)[:, None]
+                kpos = np.arange(t0, t_end)[None, :]
+                masked = kpos > qpos
+                if window:
+                    masked |= qpos - kpos >= window
+                s += np.where(masked, np.float32(-np.inf), np.float32(0))
+            s -= s.max(axis=-1, keepdims=True)
+            np.exp(s, out=s)
+            s /= s.sum(axis=-1, keepdims=True)
         o = s @ V[:, None, t0:t_end]                                                # [kv, rep, n, hd_v]
         return o.transpose(2, 0, 1, 3).reshape(n, -1)
 

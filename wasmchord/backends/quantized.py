@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 MATVEC_ROWS = 2  # up to this many rows, one matvec each: the several-token kernel pads to 4 tokens and
                  # costs ~3 matvecs (SmolLM2, 2 rows: 22-30 ms per step against 2 x 9.4)
 QUANTIZE_PARALLEL = 1 << 16  # activations (tokens x columns) from which their quantization splits across threads
+TOKEN_TILE = 256  # tokens per call of the several-token kernels: each row group reads the activations of all
+                  # the call's tokens, which then stay in L2 (1,024 tokens x 8,960 columns: 189 -> 287 GFLOP/s)
 TILE_BYTES = 4 << 20  # float32 bytes of one prefill tile (stays in cache beside sgemm's packed panels)
 
 
@@ -138,7 +140,8 @@ class QuantMatrix:
                     xp = np.zeros((n + K.TOKENS - n % K.TOKENS, x.shape[1]), np.float32)
                     xp[:n] = x
                 y = np.empty((xp.shape[0], run.t.shape[0] * K.R), np.float32)
-                K.matmul(run.marker, run.t, run.block, xp, y)
+                for t0 in range(0, xp.shape[0], TOKEN_TILE):
+                    K.matmul(run.marker, run.t, run.block, xp[t0:t0 + TOKEN_TILE], y[t0:t0 + TOKEN_TILE])
                 cols[...] = y[:n, :run.rows]
             elif run.rows % K.R == 0:
                 for i in range(n):
@@ -166,8 +169,11 @@ class QuantMatrix:
         quantize(x, gshift, x1[:n], x2[:n], xs[:n], z1[:n], z2[:n], xsum[:n])
         direct = npad == n and cols.flags.c_contiguous and cols.shape[1] == run.t.shape[0] * K.R
         y = cols if direct else np.empty((npad, run.t.shape[0] * K.R), np.float32)
-        K.matmul_int(run.marker, run.t, run.block, gshift, x1, x2 if self.activations == "int16" else None,
-                     xs, z1, z2, xsum, y)
+        two = self.activations == "int16"
+        for t0 in range(0, npad, TOKEN_TILE):
+            t1 = t0 + TOKEN_TILE
+            K.matmul_int(run.marker, run.t, run.block, gshift, x1[t0:t1], x2[t0:t1] if two else None,
+                         xs[t0:t1], z1[t0:t1], z2[t0:t1], xsum[t0:t1], y[t0:t1])
         if not direct:
             cols[...] = y[:n, :run.rows]
 
