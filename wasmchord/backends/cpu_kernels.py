@@ -170,7 +170,8 @@ def _dot_sink(sink):
 
 
 def _int_sink(sink):
-    """The integer kernel's sink (wq, ab, mb): values as bytes, scales and offsets per scale group."""
+    """The integer kernel's sink (wc, ab, mb, wq): values as bytes (column-major), scales and offsets per
+    scale group, and the bytes interleaved for vpdpbusd (written by the decoders that skip wc)."""
     return isinstance(sink, types.BaseTuple) and sink.types[0].dtype == types.uint8
 
 
@@ -231,7 +232,7 @@ def _scale_typed(sink, c0, n, a, m):
     scaled, offset = not isinstance(a, types.NoneType), not isinstance(m, types.NoneType)
     if _int_sink(sink):
         def group(sink, c0, n, a, m):
-            _, ab, mb = sink
+            ab, mb = sink[1], sink[2]
             for r in range(R):
                 ab[c0 // n, r] = a[r] if scaled else np.float32(1)
                 mb[c0 // n, r] = m[r] if offset else np.float32(0)
@@ -352,11 +353,42 @@ def _nibble_dot(tg, k, sink, size, has_min, has_high):
 
 
 def _group_q4_0(marker, tg, k, sink):
-    _nibble_blocks(tg, k, sink, 18, False, False)
+    _nibble4(tg, k, sink, 18, False)
 
 
 def _group_q4_1(marker, tg, k, sink):
-    _nibble_blocks(tg, k, sink, 20, True, False)
+    _nibble4(tg, k, sink, 20, True)
+
+
+def _nibble4(tg, k, sink, size, has_min):
+    """Q4_0 and Q4_1: `_nibble_bytes` into the integer kernel, else `_nibble_blocks`."""
+
+
+@overload(_nibble4, inline="always")
+def _nibble4_typed(tg, k, sink, size, has_min):
+    if _int_sink(sink):
+        return _nibble_bytes
+    return lambda tg, k, sink, size, has_min: _nibble_blocks(tg, k, sink, size, has_min, False)
+
+
+def _nibble_bytes(tg, k, sink, size, has_min):
+    """Q4_0 and Q4_1 straight into the integer kernel's interleaved bytes: four bytes of qs (values i..i+3
+    and i+16..i+19) interleaved once, then split into their two nibbles (`_interleave_nibbles`), where
+    decoding each value and interleaving them costs 4x the shuffles."""
+    a, m = carray(_vector(), R), carray(_vector(), R)
+    wq = sink[3]
+    bias = np.uint8(128 if has_min else 120)  # value + 128; Q4_0's values are q - 8
+    for b in range(k // 32):
+        blk = tg[b * size * R:(b + 1) * size * R]
+        _halves(blk, 0, a)
+        if has_min:
+            _halves(blk, 2, m)
+            _scale(sink, 32 * b, 32, a, m)
+        else:
+            _scale(sink, 32 * b, 32, a, None)
+        qs = 2 + 2 * has_min
+        for i in range(0, 16, 4):
+            _interleave_nibbles(blk, (qs + i) * R, wq, (32 * b + i) * R, (32 * b + 16 + i) * R, bias)
 
 
 def _group_q5_0(marker, tg, k, sink):
@@ -368,6 +400,30 @@ def _group_q5_1(marker, tg, k, sink):
 
 
 def _group_q8_0(marker, tg, k, sink):  # d, qs:int8[32]
+    _q8_0(tg, k, sink)
+
+
+def _q8_0(tg, k, sink):
+    """Q8_0: `_q8_0_bytes` into the integer kernel, else `_q8_0_values`."""
+
+
+@overload(_q8_0, inline="always")
+def _q8_0_typed(tg, k, sink):
+    return _q8_0_bytes if _int_sink(sink) else _q8_0_values
+
+
+def _q8_0_bytes(tg, k, sink):
+    """Q8_0 straight into the integer kernel's interleaved bytes: its values are the bytes (`_interleave_flip`)."""
+    d, wq = carray(_vector(), R), sink[3]
+    for b in range(k // 32):
+        blk = tg[b * 34 * R:(b + 1) * 34 * R]
+        _halves(blk, 0, d)
+        _scale(sink, 32 * b, 32, d, None)
+        for i in range(0, 32, 4):
+            _interleave_flip(blk, (2 + i) * R, wq, (32 * b + i) * R)
+
+
+def _q8_0_values(tg, k, sink):
     d = carray(_vector(), R)
     for b in range(k // 32):
         blk = tg[b * 34 * R:(b + 1) * 34 * R]
@@ -470,7 +526,37 @@ def _k4_dot(tg, k, sink, size, five):
 
 
 def _group_q4_k(marker, tg, k, sink):
-    _k4_blocks(tg, k, sink, 144, False)
+    _q4_k(tg, k, sink)
+
+
+def _q4_k(tg, k, sink):
+    """Q4_K: `_q4_k_bytes` into the integer kernel, else `_k4_blocks`."""
+
+
+@overload(_q4_k, inline="always")
+def _q4_k_typed(tg, k, sink):
+    if _int_sink(sink):
+        return _q4_k_bytes
+    return lambda tg, k, sink: _k4_blocks(tg, k, sink, 144, False)
+
+
+def _q4_k_bytes(tg, k, sink):
+    """Q4_K straight into the integer kernel's interleaved bytes (as `_nibble_bytes`): byte i of qs chunk
+    p holds value i of sub-blocks 2p (low nibble) and 2p + 1 (high)."""
+    d, dmin = carray(_vector(), R), carray(_vector(), R)
+    a, m = carray(_vector(), R), carray(_vector(), R)
+    wq = sink[3]
+    for b in range(k // 256):
+        blk = tg[b * 144 * R:(b + 1) * 144 * R]
+        _halves(blk, 0, d)
+        _halves(blk, 2, dmin)
+        for j in range(8):
+            _k4_scale(blk, j, d, dmin, a, m)
+            _scale(sink, 256 * b + 32 * j, 32, a, m)
+        for p in range(4):
+            c = 256 * b + 64 * p
+            for i in range(0, 32, 4):
+                _interleave_nibbles(blk, (16 + 32 * p + i) * R, wq, (c + i) * R, (c + 32 + i) * R, np.uint8(128))
 
 
 def _group_q5_k(marker, tg, k, sink):
@@ -680,22 +766,56 @@ def _dpbusd(typingctx, acc, ai, w, wi, x, xi):
     return types.void(acc, ai, w, wi, x, xi), codegen
 
 
+def _interleaved(context, builder, ty, src, si):
+    """IR: four columns of R bytes from src[si + j * R] as R lanes of 4 bytes (a vector of 4R bytes)."""
+    i8 = ir.IntType(8)
+    col = ir.VectorType(i8, R)
+    c = [builder.load(_pointer(context, builder, ty, src, builder.add(si, ir.Constant(si.type, j * R)), col), align=1)
+         for j in range(4)]
+    idx = ir.VectorType(ir.IntType(32), 2 * R)
+    lo = builder.shuffle_vector(c[0], c[1], ir.Constant(idx, list(range(2 * R))))
+    hi = builder.shuffle_vector(c[2], c[3], ir.Constant(idx, list(range(2 * R))))
+    mask = [j * R + r for r in range(R) for j in range(4)]
+    return builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(ir.IntType(32), 4 * R), mask))
+
+
 @intrinsic
 def _interleave(typingctx, src, si, dst, di):
     """dst[di + 4r + j] = src[si + j * R + r] for r < R, j < 4: four columns of R bytes into R lanes of
     4 bytes (vpdpbusd's operand), as vector shuffles."""
     def codegen(context, builder, sig, args):
-        i8 = ir.IntType(8)
-        col, out = ir.VectorType(i8, R), ir.VectorType(i8, 4 * R)
-        c = [builder.load(_pointer(context, builder, sig.args[0], args[0], builder.add(args[1], ir.Constant(args[1].type, j * R)), col), align=1)
-             for j in range(4)]
-        lo = builder.shuffle_vector(c[0], c[1], ir.Constant(ir.VectorType(ir.IntType(32), 2 * R), list(range(2 * R))))
-        hi = builder.shuffle_vector(c[2], c[3], ir.Constant(ir.VectorType(ir.IntType(32), 2 * R), list(range(2 * R))))
-        mask = [j * R + r for r in range(R) for j in range(4)]
-        v = builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(ir.IntType(32), 4 * R), mask))
-        builder.store(v, _pointer(context, builder, sig.args[2], args[2], args[3], out), align=1)
+        v = _interleaved(context, builder, sig.args[0], args[0], args[1])
+        builder.store(v, _pointer(context, builder, sig.args[2], args[2], args[3], v.type), align=1)
         return context.get_dummy_value()
     return types.void(src, si, dst, di), codegen
+
+
+@intrinsic
+def _interleave_flip(typingctx, src, si, dst, di):
+    """`_interleave` of int8 bytes q as q + 128 (q ^ 0x80): Q8_0's values straight from its blocks."""
+    def codegen(context, builder, sig, args):
+        v = _interleaved(context, builder, sig.args[0], args[0], args[1])
+        v = builder.xor(v, ir.Constant(v.type, [0x80] * (4 * R)))
+        builder.store(v, _pointer(context, builder, sig.args[2], args[2], args[3], v.type), align=1)
+        return context.get_dummy_value()
+    return types.void(src, si, dst, di), codegen
+
+
+@intrinsic
+def _interleave_nibbles(typingctx, src, si, dst, lo, hi, bias):
+    """`_interleave` of four columns of R bytes, then each byte's low nibble + bias to dst[lo:lo + 4R]
+    and its high nibble + bias to dst[hi:hi + 4R]: the interleaved values of 8 columns of a 4-bit type."""
+    def codegen(context, builder, sig, args):
+        v = _interleaved(context, builder, sig.args[0], args[0], args[1])
+        out = v.type
+        bias = builder.insert_element(ir.Constant(out, ir.Undefined), _i8(builder, args[5]), ir.Constant(ir.IntType(32), 0))
+        bias = builder.shuffle_vector(bias, bias, ir.Constant(ir.VectorType(ir.IntType(32), 4 * R), [0] * (4 * R)))
+        low = builder.add(builder.and_(v, ir.Constant(out, [15] * (4 * R))), bias)
+        high = builder.add(builder.lshr(v, ir.Constant(out, [4] * (4 * R))), bias)
+        builder.store(low, _pointer(context, builder, sig.args[2], args[2], args[3], out), align=1)
+        builder.store(high, _pointer(context, builder, sig.args[2], args[2], args[4], out), align=1)
+        return context.get_dummy_value()
+    return types.void(src, si, dst, lo, hi, bias), codegen
 
 
 @intrinsic
@@ -705,6 +825,19 @@ def _planes(typingctx, a, b):
         a, b = (_i32(builder, v) for v in args)
         return builder.sitofp(builder.add(builder.shl(a, ir.Constant(ir.IntType(32), 8)), b), ir.FloatType())
     return types.float32(a, b), codegen
+
+
+FUSED = frozenset({"q4_0", "q4_1", "q4_k", "q8_0"})  # types whose integer decoders write interleaved bytes themselves
+
+
+def _fused(marker):
+    """Whether the block type's integer decoder writes the interleaved bytes itself (compile time)."""
+
+
+@overload(_fused, inline="always")
+def _fused_typed(marker):
+    fused = next(iter(marker.dtype.fields)) in FUSED
+    return lambda marker: fused
 
 
 @njit(parallel=True, **JIT)
@@ -728,9 +861,10 @@ def matmul_int(marker, t, cols_per_block, gshift, x1, x2, xs, z1, z2, xsum, out)
         for c0 in range(0, k, CHUNK):
             kc = min(CHUNK, k - c0)
             b0 = c0 // cols_per_block
-            _group(marker, tg[b0 * size * R:(b0 + kc // cols_per_block) * size * R], kc, (wc, ab, mb))
-            for c in range(0, kc, 4):
-                _interleave(wc, c * R, wq, c * R)
+            _group(marker, tg[b0 * size * R:(b0 + kc // cols_per_block) * size * R], kc, (wc, ab, mb, wq))
+            if not _fused(marker):
+                for c in range(0, kc, 4):
+                    _interleave(wc, c * R, wq, c * R)
             for t0 in range(0, n, TOKENS_INT):
                 for rs in range(0, R, SLICE):
                     acc = carray(_slice_acc(), TOKENS_INT * SLICE)
