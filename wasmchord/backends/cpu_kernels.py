@@ -637,7 +637,29 @@ def _q6_k(tg, k, sink):
 
 @overload(_q6_k, inline="always")
 def _q6_k_typed(tg, k, sink):
-    return _q6_k_dot if _dot_sink(sink) else _q6_k_values
+    return _q6_k_dot if _dot_sink(sink) else _q6_k_bytes if _int_sink(sink) else _q6_k_values
+
+
+def _q6_k_bytes(tg, k, sink):
+    """Q6_K straight into the integer kernel's interleaved bytes: four bytes of ql (values u and u + 2 of
+    four consecutive l) and the four bytes of qh holding their high bits, interleaved once each
+    (`_interleave_six`); scale group j of 16 values has scales[j]."""
+    d, a = carray(_vector(), R), carray(_vector(), R)
+    wq = sink[3]
+    for b in range(k // 256):
+        blk = tg[b * 210 * R:(b + 1) * 210 * R]
+        _halves(blk, 208, d)
+        for j in range(16):
+            s = _field(blk, 192 + j)
+            for r in range(R):
+                a[r] = d[r] * np.float32(np.int8(s[r]))
+            _scale(sink, 256 * b + 16 * j, 16, a, None)
+        for h in range(2):
+            for u in range(2):
+                c = 256 * b + 128 * h + 32 * u
+                for l in range(0, 32, 4):
+                    _interleave_six(blk, (64 * h + 32 * u + l) * R, (128 + 32 * h + l) * R, 2 * u, wq,
+                                    (c + l) * R, (c + 64 + l) * R)
 
 
 # The table: marker name -> decoder. Types not here are dequantized at load by the caller.
@@ -819,6 +841,28 @@ def _interleave_nibbles(typingctx, src, si, dst, lo, hi, bias):
 
 
 @intrinsic
+def _interleave_six(typingctx, src, ql, qh, shift, dst, lo, hi):
+    """Q6_K's values + 128 for 8 columns: with Q the interleaved ql bytes at ql and H the qh bytes at qh
+    (`_interleaved`), dst[lo:lo + 4R] = (Q & 15 | (H >> shift & 3) << 4) + 96 and dst[hi:hi + 4R] =
+    (Q >> 4 | (H >> (shift + 4) & 3) << 4) + 96 (the values' -32, + 128)."""
+    def codegen(context, builder, sig, args):
+        q = _interleaved(context, builder, sig.args[0], args[0], args[1])
+        h = _interleaved(context, builder, sig.args[0], args[0], args[2])
+        out = q.type
+        k = lambda v: ir.Constant(out, [v] * (4 * R))  # noqa: E731
+        sh = builder.insert_element(ir.Constant(out, ir.Undefined), _i8(builder, args[3]), ir.Constant(ir.IntType(32), 0))
+        sh = builder.shuffle_vector(sh, sh, ir.Constant(ir.VectorType(ir.IntType(32), 4 * R), [0] * (4 * R)))
+        h0 = builder.shl(builder.and_(builder.lshr(h, sh), k(3)), k(4))
+        h1 = builder.shl(builder.and_(builder.lshr(h, builder.add(sh, k(4))), k(3)), k(4))
+        low = builder.add(builder.or_(builder.and_(q, k(15)), h0), k(96))
+        high = builder.add(builder.or_(builder.lshr(q, k(4)), h1), k(96))
+        builder.store(low, _pointer(context, builder, sig.args[4], args[4], args[5], out), align=1)
+        builder.store(high, _pointer(context, builder, sig.args[4], args[4], args[6], out), align=1)
+        return context.get_dummy_value()
+    return types.void(src, ql, qh, shift, dst, lo, hi), codegen
+
+
+@intrinsic
 def _planes(typingctx, a, b):
     """float32((a << 8) + b) in 32-bit integers (the sum is exact; numba's integers are 64-bit)."""
     def codegen(context, builder, sig, args):
@@ -827,7 +871,7 @@ def _planes(typingctx, a, b):
     return types.float32(a, b), codegen
 
 
-FUSED = frozenset({"q4_0", "q4_1", "q4_k", "q8_0"})  # types whose integer decoders write interleaved bytes themselves
+FUSED = frozenset({"q4_0", "q4_1", "q4_k", "q8_0", "q6_k"})  # types whose integer decoders write interleaved bytes themselves
 
 
 def _fused(marker):
