@@ -641,9 +641,9 @@ def _q6_k_typed(tg, k, sink):
 
 
 def _q6_k_bytes(tg, k, sink):
-    """Q6_K straight into the integer kernel's interleaved bytes: four bytes of ql (values u and u + 2 of
-    four consecutive l) and the four bytes of qh holding their high bits, interleaved once each
-    (`_interleave_six`); scale group j of 16 values has scales[j]."""
+    """Q6_K straight into the integer kernel's interleaved bytes: per half h and four consecutive l, the
+    ql bytes of values u = 0..3 (two bytes, two nibbles each) and the qh byte holding their high bits,
+    interleaved once each (`_interleave_six`); scale group j of 16 values has scales[j]."""
     d, a = carray(_vector(), R), carray(_vector(), R)
     wq = sink[3]
     for b in range(k // 256):
@@ -655,11 +655,8 @@ def _q6_k_bytes(tg, k, sink):
                 a[r] = d[r] * np.float32(np.int8(s[r]))
             _scale(sink, 256 * b + 16 * j, 16, a, None)
         for h in range(2):
-            for u in range(2):
-                c = 256 * b + 128 * h + 32 * u
-                for l in range(0, 32, 4):
-                    _interleave_six(blk, (64 * h + 32 * u + l) * R, (128 + 32 * h + l) * R, 2 * u, wq,
-                                    (c + l) * R, (c + 64 + l) * R)
+            for l in range(0, 32, 4):
+                _interleave_six(blk, (64 * h + l) * R, (128 + 32 * h + l) * R, wq, (256 * b + 128 * h + l) * R)
 
 
 # The table: marker name -> decoder. Types not here are dequantized at load by the caller.
@@ -841,25 +838,25 @@ def _interleave_nibbles(typingctx, src, si, dst, lo, hi, bias):
 
 
 @intrinsic
-def _interleave_six(typingctx, src, ql, qh, shift, dst, lo, hi):
-    """Q6_K's values + 128 for 8 columns: with Q the interleaved ql bytes at ql and H the qh bytes at qh
-    (`_interleaved`), dst[lo:lo + 4R] = (Q & 15 | (H >> shift & 3) << 4) + 96 and dst[hi:hi + 4R] =
-    (Q >> 4 | (H >> (shift + 4) & 3) << 4) + 96 (the values' -32, + 128)."""
+def _interleave_six(typingctx, src, ql, qh, dst, c):
+    """Q6_K's values + 128 for 16 columns: with Q0, Q1 the interleaved ql bytes at ql and ql + 32R (values
+    u = 0, 1 in their low nibbles, u = 2, 3 in their high ones) and H the qh bytes at qh (bits 2u, 2u + 1:
+    value u's high bits), all `_interleaved`, dst at columns c + 32u gets (low 4 bits | high 2 << 4) + 96
+    (the values' -32, + 128). qh is interleaved once for the four values it serves."""
     def codegen(context, builder, sig, args):
-        q = _interleaved(context, builder, sig.args[0], args[0], args[1])
+        q0 = _interleaved(context, builder, sig.args[0], args[0], args[1])
+        q1 = _interleaved(context, builder, sig.args[0], args[0], builder.add(args[1], ir.Constant(args[1].type, 32 * R)))
         h = _interleaved(context, builder, sig.args[0], args[0], args[2])
-        out = q.type
+        out = h.type
         k = lambda v: ir.Constant(out, [v] * (4 * R))  # noqa: E731
-        sh = builder.insert_element(ir.Constant(out, ir.Undefined), _i8(builder, args[3]), ir.Constant(ir.IntType(32), 0))
-        sh = builder.shuffle_vector(sh, sh, ir.Constant(ir.VectorType(ir.IntType(32), 4 * R), [0] * (4 * R)))
-        h0 = builder.shl(builder.and_(builder.lshr(h, sh), k(3)), k(4))
-        h1 = builder.shl(builder.and_(builder.lshr(h, builder.add(sh, k(4))), k(3)), k(4))
-        low = builder.add(builder.or_(builder.and_(q, k(15)), h0), k(96))
-        high = builder.add(builder.or_(builder.lshr(q, k(4)), h1), k(96))
-        builder.store(low, _pointer(context, builder, sig.args[4], args[4], args[5], out), align=1)
-        builder.store(high, _pointer(context, builder, sig.args[4], args[4], args[6], out), align=1)
+        low4 = [builder.and_(q0, k(15)), builder.and_(q1, k(15)), builder.lshr(q0, k(4)), builder.lshr(q1, k(4))]
+        for u in range(4):
+            high2 = builder.shl(builder.and_(builder.lshr(h, k(2 * u)), k(3)), k(4))
+            v = builder.add(builder.or_(low4[u], high2), k(96))
+            di = builder.add(args[4], ir.Constant(args[4].type, 32 * u * R))
+            builder.store(v, _pointer(context, builder, sig.args[3], args[3], di, out), align=1)
         return context.get_dummy_value()
-    return types.void(src, ql, qh, shift, dst, lo, hi), codegen
+    return types.void(src, ql, qh, dst, c), codegen
 
 
 @intrinsic
