@@ -136,27 +136,34 @@ def test_non_finite_half_scales_stay_non_finite():
 INT_TOL = {"int16": 1e-4, "int8": 2e-2}  # of the largest output: planes of 16 and 8 bits per 32 columns
 
 
-def planes(x, gshift, two=True):
+def planes(x, gshift, two=True, quantize=K.quantize_planes):
     n, k = x.shape
     a = [np.full((n, k), 99, np.int8), np.full((n, k), 99, np.int8), np.full((n, k // 32), np.nan, np.float32),
          np.full((n, k >> gshift), -7, np.int32), np.full((n, k >> gshift), -7, np.int32),
          np.full((n, k >> gshift), np.nan, np.float32)]
-    K.quantize_planes(x, gshift, *a)
+    quantize(x, gshift, *a)
     if not two:
         a[1] = None
     return a
 
 
-def test_activations_split_into_two_int8_planes_of_16_bit_precision():
+@pytest.mark.parametrize("quantize", [K.quantize_planes, K.quantize_planes_serial], ids=["parallel", "serial"])
+def test_activations_split_into_two_int8_planes_of_16_bit_precision(quantize):
     """Per 32 columns: x = s (q1 + q2 / 256) within s / 512 (s = max|x| / 127; s / 256 where q2 is
-    clamped), |q2| <= 127; an all-zero
-    block has s = 1 and zero planes; the group sums are exact integer sums (+128 offsets)."""
+    clamped), |q2| <= 127; an all-zero block has s = 1 and zero planes; the group sums are exact
+    integer sums (+128 offsets); a block holding an inf or a nan has a nan scale, the others are unaffected."""
     rng = np.random.default_rng()
     x = rng.standard_normal((3, 256)).astype(np.float32) * np.float32(rng.uniform(0.01, 50))
     x[0, 37] = 300.0    # an outlier: only its own block loses precision
     x[1, 64:96] = 0     # an all-zero block
     for gshift in (4, 5):
-        x1, x2, xs, z1, z2, xsum = planes(x, gshift)
+        bad = np.concatenate([x, x])  # rows 3-5: an inf, a -inf, a nan in block 2
+        bad[3, 70], bad[4, 71], bad[5, 72] = np.inf, -np.inf, np.nan
+        x1, x2, xs, z1, z2, xsum = planes(bad, gshift, quantize=quantize)
+        assert np.isnan(xs[3:, 2]).all() and np.isfinite(np.delete(xs[3:], 2, axis=1)).all()
+        assert np.isnan(xsum[3:, 64 >> gshift]).all()
+        np.testing.assert_array_equal(np.delete(xs[3:], 2, axis=1), np.delete(xs[:3], 2, axis=1))
+        x1, x2, xs, z1, z2, xsum = planes(x, gshift, quantize=quantize)
         s = 256 * xs                                                                   # [3, 8]
         xb = x.reshape(3, 8, 32)
         np.testing.assert_allclose(s, np.where(np.abs(xb).max(-1) > 0, np.abs(xb).max(-1) / 127, 1), rtol=1e-6)

@@ -166,6 +166,36 @@ def test_a_non_finite_query_gives_nan_for_its_heads_only():
     assert np.isfinite(heads[0, [0, 2, 3]]).all() and np.isfinite(heads[1]).all()
 
 
+@pytest.mark.parametrize("n, pos0", [(2, 0), (32, 0), (17, 200), (64, 0), (100, 0)])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=["smollm2", "gemma3", "gemma3-window", "qwen2"])
+def test_short_prefill_attend_matches_numpy(n, pos0, cfg):
+    """`attend` of several new positions of one sequence: up to COMPILED_ATTENTION query x key
+    positions through the compiled rows (every row's K/V written first, then each row causal over
+    them), above through NumPy's products; both against the f32 backend: outputs and the cache."""
+    from wasmchord.backends import numpy_backend
+    rng = np.random.default_rng()
+    H, kv, hd = cfg["H"], cfg["kv"], cfg["hd"]
+    rope = dict(base=10000.0, n_rot=hd if H != 12 else 64, scale=1.0, neox=cfg["neox"])
+    norm = (rng.standard_normal(hd).astype(np.float32), rng.standard_normal(hd).astype(np.float32), 1e-6) \
+        if cfg["qk"] else None
+    cache = OPS.alloc_kv_cache(1, kv, pos0 + n + 5, hd, hd, slots=3)
+    for a in (cache.k_all[0], cache.v_all[0]):
+        a[:] = rng.standard_normal(a.shape, dtype=np.float32)
+        a[1, :, pos0:pos0 + n] = np.nan                   # what the rows write: poisoned beforehand
+    ref = copy_cache(cache)
+    q, k, v = (rng.standard_normal((n, h, hd), dtype=np.float32) * 2 for h in (H, kv, kv))
+    compiled = n * (pos0 + n) <= numpy_backend.COMPILED_ATTENTION
+    assert compiled == (n <= 64)  # the cases span the threshold
+    got = OPS.attend(q.copy(), k.copy(), v, cache.slot(1), 0, pos0, rope=rope, scale=hd ** -0.5,
+                     window=cfg["window"], qk_norm=norm)
+    want = REF.attend(q.copy(), k.copy(), v, ref.slot(1), 0, pos0, rope=rope, scale=hd ** -0.5,
+                      window=cfg["window"], qk_norm=norm)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    for a, b in ((cache.k_all[0], ref.k_all[0]), (cache.v_all[0], ref.v_all[0])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 def prefill_case(rng, n, pos0, H=12, kv=2, hd=32):
     cache = OPS.alloc_kv_cache(1, kv, pos0 + n, hd, hd)
     for a in (cache.k[0], cache.v[0]):

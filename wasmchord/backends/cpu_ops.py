@@ -134,13 +134,14 @@ def _norm_rope(x, w, eps, cos, sin, neox):
 
 @njit(parallel=True, **JIT)
 def decode_attention(q, k, v, K, V, slots, pos, cos, sin, neox, qw, kw, eps, scale, window, out):
-    """One new position for each of B sequences. Row b: q [B, H, hd], k [B, KV, hd], v [B, KV, hd_v]
-    at position pos[b] of cache slot slots[b] (K [slots, KV, ctx, hd], V [slots, KV, ctx, hd_v]).
-    q and k are RMSNormed per head when qw/kw are not empty (qk-norm), then rotated (RoPE table
-    cos/sin [positions, n_rot / 2]); k and v are written to the cache; each query head attends over
-    positions pos[b] - window + 1 .. pos[b] (from 0 when window is 0) of its KV head (H / KV query
-    heads share one). out [B, H * hd_v]. q and k are overwritten. A head whose scores hold an inf or
-    a nan gives nan (as float32's softmax would)."""
+    """Rows of new positions: row b of q [B, H, hd], k [B, KV, hd], v [B, KV, hd_v] is at position
+    pos[b] of cache slot slots[b] (K [slots, KV, ctx, hd], V [slots, KV, ctx, hd_v]): one row each of B
+    sequences (batched decode), or consecutive positions of one (a short prefill). q and k are
+    RMSNormed per head when qw/kw are not empty (qk-norm), then rotated (RoPE table cos/sin
+    [positions, n_rot / 2]); every row's k and v are written to the cache first, then each query head
+    attends over positions pos[b] - window + 1 .. pos[b] (from 0 when window is 0) of its KV head
+    (H / KV query heads share one). out [B, H * hd_v]. q and k are overwritten. A head whose scores
+    hold an inf or a nan gives nan (as float32's softmax would)."""
     B, H, hd = q.shape
     KV, hdv = k.shape[1], v.shape[2]
     rep = H // KV
@@ -151,6 +152,9 @@ def decode_attention(q, k, v, K, V, slots, pos, cos, sin, neox, qw, kw, eps, sca
         _norm_rope(kr, kw, eps, cos[p], sin[p], neox)
         K[s, g, p, :] = kr
         V[s, g, p, :] = v[b, g]
+    for task in prange(B * KV):
+        b, g = task // KV, task % KV
+        s, p = slots[b], pos[b]
         lo = max(0, p + 1 - window) if window > 0 else 0
         T = p + 1 - lo
         qh = q[b, g * rep:(g + 1) * rep]                                   # [rep, hd]

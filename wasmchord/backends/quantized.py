@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import mmap
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,10 +31,13 @@ MATVEC_ROWS = 2  # up to this many rows, one matvec each: the several-token kern
 QUANTIZE_PARALLEL = 1 << 16  # activations (tokens x columns) from which their quantization splits across threads
 TOKEN_TILE = 256  # tokens per call of the several-token kernels: each row group reads the activations of all
                   # the call's tokens, which then stay in L2 (1,024 tokens x 8,960 columns: 189 -> 287 GFLOP/s)
+REUSE_TOKENS = 64  # up to this many tokens (decode batches) the integer kernel's activation buffers are kept per
+                   # thread and reused: allocating them cost ~10 us of a 40-140 us product
 TILE_BYTES = 4 << 20  # float32 bytes of one prefill tile (stays in cache beside sgemm's packed panels)
 
 
 _K = None
+_local = threading.local()
 
 
 def _kernels():
@@ -43,6 +47,24 @@ def _kernels():
         from . import cpu_kernels
         _K = cpu_kernels
     return _K
+
+
+def _plane_buffers(npad: int, k: int, gshift: int):
+    """The integer kernel's activations for npad tokens x k columns (x1, x2, xs, z1, z2, xsum):
+    reused by the calling thread up to REUSE_TOKENS tokens, fresh above."""
+    def make():
+        return (np.empty((npad, k), np.int8), np.empty((npad, k), np.int8), np.empty((npad, k // 32), np.float32),
+                np.empty((npad, k >> gshift), np.int32), np.empty((npad, k >> gshift), np.int32),
+                np.empty((npad, k >> gshift), np.float32))
+    if npad > REUSE_TOKENS:
+        return make()
+    cache = getattr(_local, "planes", None)
+    if cache is None:
+        cache = _local.planes = {}
+    key = (npad, k, gshift)
+    if key not in cache:
+        cache[key] = make()
+    return cache[key]
 
 
 @dataclass
@@ -158,21 +180,23 @@ class QuantMatrix:
         n, k = x.shape
         npad = -(-n // K.TOKENS_INT) * K.TOKENS_INT
         gshift = K.INT_TYPES[run.qtype]
-        x1, x2 = np.empty((npad, k), np.int8), np.empty((npad, k), np.int8)
-        xs = np.empty((npad, k // 32), np.float32)
-        z1, z2 = np.empty((npad, k >> gshift), np.int32), np.empty((npad, k >> gshift), np.int32)
-        xsum = np.empty((npad, k >> gshift), np.float32)
-        for a in (x1, x2, z1, z2, xsum):  # padding rows: zero tokens
-            a[n:] = 0
-        xs[n:] = 1
+        x1, x2, xs, z1, z2, xsum = _plane_buffers(npad, k, gshift)
+        if npad > n:  # padding rows: zero tokens
+            for a in (x1, x2, z1, z2, xsum):
+                a[n:] = 0
+            xs[n:] = 1
         quantize = K.quantize_planes if n * k >= QUANTIZE_PARALLEL else K.quantize_planes_serial
-        quantize(x, gshift, x1[:n], x2[:n], xs[:n], z1[:n], z2[:n], xsum[:n])
+        planes = (x1, x2, xs, z1, z2, xsum)
+        quantize(x, gshift, *(planes if npad == n else [a[:n] for a in planes]))
         direct = npad == n and cols.flags.c_contiguous and cols.shape[1] == run.t.shape[0] * K.R
         y = cols if direct else np.empty((npad, run.t.shape[0] * K.R), np.float32)
-        two = self.activations == "int16"
-        for t0 in range(0, npad, TOKEN_TILE):
+        if self.activations != "int16":
+            x2 = None
+        if npad <= TOKEN_TILE:
+            K.matmul_int(run.marker, run.t, run.block, gshift, x1, x2, xs, z1, z2, xsum, y)
+        for t0 in range(0, npad if npad > TOKEN_TILE else 0, TOKEN_TILE):
             t1 = t0 + TOKEN_TILE
-            K.matmul_int(run.marker, run.t, run.block, gshift, x1[t0:t1], x2[t0:t1] if two else None,
+            K.matmul_int(run.marker, run.t, run.block, gshift, x1[t0:t1], x2[t0:t1] if x2 is not None else None,
                          xs[t0:t1], z1[t0:t1], z2[t0:t1], xsum[t0:t1], y[t0:t1])
         if not direct:
             cols[...] = y[:n, :run.rows]
