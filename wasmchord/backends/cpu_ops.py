@@ -1,5 +1,5 @@
 """Compiled CPU kernels (numba) for the small ops of a decode step: attention of one new position per
-sequence (RoPE, the KV-cache write and the softmax-weighted sum in one call), RMSNorm and SwiGLU; and
+sequence (RoPE, the KV-cache write and the softmax-weighted sum in one call), RMSNorm, SwiGLU and GeGLU; and
 the masked softmax of prefill attention, whose two products stay with BLAS.
 
 A decode step of a small model is mostly fixed costs: in NumPy, the attention of one new position is
@@ -20,7 +20,7 @@ from numba.extending import intrinsic
 
 from .cpu_kernels import JIT, finite
 
-PARALLEL_ROWS = 64  # rows from which RMSNorm and SwiGLU split across threads (below: thread start-up dominates)
+PARALLEL_ROWS = 64  # rows from which RMSNorm, SwiGLU and GeGLU split across threads (below: thread start-up dominates)
 
 
 # ---------------------------------------------------------------------------- exp
@@ -54,7 +54,7 @@ def _exp_nonpositive(x):
     return e if x >= np.float32(-87) else np.float32(0)
 
 
-# ---------------------------------------------------------------------------- RMSNorm, SwiGLU
+# ---------------------------------------------------------------------------- RMSNorm, SwiGLU, GeGLU
 
 @njit(**JIT)
 def _rmsnorm_row(x, w, eps, out):
@@ -113,6 +113,39 @@ def swiglu(gate_up: np.ndarray) -> np.ndarray:
     """silu(gate) * up [n, f] of gate_up [n, 2f] (gate | up; float32, contiguous)."""
     out = np.empty((gate_up.shape[0], gate_up.shape[1] // 2), np.float32)
     (_swiglu_parallel if gate_up.shape[0] >= PARALLEL_ROWS else _swiglu_serial)(gate_up, out)
+    return out
+
+
+@njit(**JIT)
+def _geglu_row(gate_up, out):
+    # gelu_tanh(g) = g (1 + tanh(u)) / 2 with u = sqrt(2 / pi) (g + 0.044715 g^3) is g sigmoid(2u): with
+    # e = exp(-2|u|) <= 1, g / (1 + e) for g >= 0 (u has g's sign), g e / (1 + e) below: SwiGLU's form.
+    f = out.shape[0]
+    for j in range(f):
+        g = gate_up[j]
+        u = np.float32(0.7978845608028654) * (g + np.float32(0.044715) * g * g * g)
+        out[j] = _exp_nonpositive(np.float32(-2) * abs(u))
+    for j in range(f):
+        g, e = gate_up[j], out[j]
+        out[j] = (g if g >= 0 else g * e) / (np.float32(1) + e) * gate_up[f + j]
+
+
+@njit(**JIT)
+def _geglu_serial(gate_up, out):
+    for i in range(gate_up.shape[0]):
+        _geglu_row(gate_up[i], out[i])
+
+
+@njit(parallel=True, **JIT)
+def _geglu_parallel(gate_up, out):
+    for i in prange(gate_up.shape[0]):
+        _geglu_row(gate_up[i], out[i])
+
+
+def geglu(gate_up: np.ndarray) -> np.ndarray:
+    """gelu_tanh(gate) * up [n, f] of gate_up [n, 2f] (gate | up; float32, contiguous)."""
+    out = np.empty((gate_up.shape[0], gate_up.shape[1] // 2), np.float32)
+    (_geglu_parallel if gate_up.shape[0] >= PARALLEL_ROWS else _geglu_serial)(gate_up, out)
     return out
 
 

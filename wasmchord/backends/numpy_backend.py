@@ -32,9 +32,10 @@ _SQRT_2_OVER_PI = np.float32(np.sqrt(2.0 / np.pi))
 _NO_NORM = np.empty(0, np.float32)
 
 
-COMPILED_ATTENTION = 1 << 13  # query x key positions up to which prefill attention (RoPE, cache write, scores,
-                               # softmax, values) runs as compiled loops over rows rather than NumPy's products and
-                               # passes: SmolLM2, a layer of 32 new tokens 182 -> 70 us, 64: 336 -> 211 us; even at ~2e4
+COMPILED_ATTENTION = 1 << 22  # query x key positions x query heads x head size up to which prefill attention (RoPE,
+                               # cache write, scores, softmax, values) runs as compiled loops over rows rather than
+                               # NumPy's products and passes: a layer of 32 new tokens, SmolLM2 182 -> 70 us, Gemma-3
+                               # 365 -> 116, Qwen2.5 322 -> 136; the crossing near 5e6 (Gemma-3) to 1e7 (SmolLM2)
 ATTENTION_THREADS = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
@@ -279,8 +280,8 @@ class NumpyBackend(Backend):
         return o.transpose(2, 0, 1, 3).reshape(n, -1)
 
     def attend(self, q, k, v, cache, layer, pos0, *, rope, scale, window=0, qk_norm=None):
-        n = q.shape[0]
-        if self._ops is not None and (n == 1 or n * (pos0 + n) <= COMPILED_ATTENTION):  # decode, short prefill
+        n, H, hd = q.shape
+        if self._ops is not None and (n == 1 or n * (pos0 + n) * H * hd <= COMPILED_ATTENTION):  # decode, short prefill
             return self._decode_attention(q, k, v, cache, layer, np.arange(pos0, pos0 + n),
                                           np.full(n, cache.index), rope, scale, window, qk_norm)
         return super().attend(q, k, v, cache, layer, pos0, rope=rope, scale=scale, window=window, qk_norm=qk_norm)
@@ -361,6 +362,8 @@ class NumpyBackend(Backend):
         return 0.5 * x * (1.0 + np.tanh(_SQRT_2_OVER_PI * (x + np.float32(0.044715) * x * x * x)))
 
     def geglu(self, gate_up):
+        if self._ops is not None:
+            return self._ops.geglu(np.ascontiguousarray(gate_up, np.float32))                 # [n, f]
         f = gate_up.shape[-1] // 2
         return self.gelu(gate_up[..., :f]) * gate_up[..., f:]
 
