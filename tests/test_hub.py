@@ -4,12 +4,13 @@ import hashlib
 import os
 import time
 import zipfile
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from wasmchord import atomic, hub
-from wasmchord.errors import PullError
+from wasmchord.errors import GGUFError, PullError
 
 
 @pytest.fixture
@@ -86,6 +87,18 @@ def test_failed_download_is_reported(monkeypatch, tmp_path):
 def test_unknown_alias():
     with pytest.raises(PullError, match="unknown model alias 'nope'"):
         hub.pull("nope")
+
+
+@pytest.mark.parametrize("name, hint", [("gemma-3-270m", "did you mean 'gemma3-270m'?"),
+                                        ("SmolLM2-135M", "did you mean 'smollm2-135m-instruct'?"), ("llama-7b", None)])
+def test_a_bare_name_that_is_no_file_nor_alias_lists_the_aliases(name, hint, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(GGUFError, match="no such file, nor a known model alias") as e:
+        hub.resolve_model(name)
+    assert all(a in str(e.value) for a in hub.KNOWN_MODELS)
+    assert (hint in str(e.value)) if hint else "did you mean" not in str(e.value)
+    (tmp_path / name).write_bytes(b"")  # a file of that name is taken as the path
+    assert hub.resolve_model(name) == Path(name)
 
 
 def test_paths_that_are_not_aliases_pass_through(tmp_path):

@@ -8,6 +8,7 @@ that model removes. A stamp beside each file holds its sha256 and takes its mtim
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import logging
 import os
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from .atomic import atomic_write, file_lock, remove_stale, temp_path, temporaries
-from .errors import PullError
+from .errors import GGUFError, PullError
 
 log = logging.getLogger(__name__)
 
@@ -225,6 +226,8 @@ def resolve_model(path_or_alias: str | os.PathLike, *, cache_dir: str | os.PathL
 
     Raises:
         TypeError: `path_or_alias` is neither a string nor a path.
+        GGUFError: a bare name (no folder, no .gguf) that is neither a file nor a known alias: the
+            message lists the aliases and the closest one.
     """
     if not isinstance(path_or_alias, (str, os.PathLike)):
         raise TypeError(f"expected a .gguf path or a known model alias ({', '.join(KNOWN_MODELS)}), "
@@ -232,4 +235,10 @@ def resolve_model(path_or_alias: str | os.PathLike, *, cache_dir: str | os.PathL
     s = str(path_or_alias)
     if s in KNOWN_MODELS:
         return pull(s, cache_dir=cache_dir, progress=progress, verify=verify)
-    return Path(path_or_alias)
+    path = Path(path_or_alias)
+    if isinstance(path_or_alias, str) and os.sep not in s and "/" not in s and not s.lower().endswith(".gguf") \
+            and not path.exists():
+        close = difflib.get_close_matches(s.lower(), list(KNOWN_MODELS), n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise GGUFError(path, f"no such file, nor a known model alias (known: {', '.join(KNOWN_MODELS)}){hint}")
+    return path
