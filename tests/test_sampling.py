@@ -67,3 +67,24 @@ def test_same_seed_same_draws():
 def test_bad_parameters_are_named(kw):
     with pytest.raises(GenerationError, match=next(iter(kw))):
         SamplingParams(**kw)
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "all -inf"])
+def test_non_finite_logits_are_an_error_and_masked_ones_are_not(bad):
+    """A nan or a +inf anywhere, or nothing above -inf, fails the draw with GenerationError; -inf on
+    some tokens (what a constraint's mask leaves out) is a normal draw among the others."""
+    rng = np.random.default_rng()
+    logits = rng.standard_normal(5000).astype(np.float32)
+    i = int(rng.integers(5000))
+    if bad == "all -inf":
+        logits[:] = -np.inf
+    else:
+        logits[i] = float(bad)
+    for params in (SamplingParams(temperature=0), SamplingParams(temperature=1.0)):
+        with pytest.raises(GenerationError, match="non-finite logits"):
+            sample(logits, params, rng)
+    ok = rng.standard_normal(5000).astype(np.float32)
+    ok[rng.permutation(5000)[:4000]] = -np.inf
+    tok = sample(ok, SamplingParams(temperature=1.0), rng)
+    assert np.isfinite(ok[tok])
+    assert sample(ok, SamplingParams(temperature=0), rng) == int(np.argmax(ok))
