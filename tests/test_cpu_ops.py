@@ -207,9 +207,34 @@ def test_short_prefill_attend_matches_numpy(n, pos0, cfg):
     want = REF.attend(q.copy(), k.copy(), v, ref.slot(1), 0, pos0, rope=rope, scale=hd ** -0.5,
                       window=cfg["window"], qk_norm=norm)
     assert np.isfinite(got).all()
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # scores reach ~30 here: their float32 rounding (1e-7 relative, summed in another order) moves the
+    # softmax by a few 1e-6 relative, of outputs up to ~5
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
     for a, b in ((cache.k_all[0], ref.k_all[0]), (cache.v_all[0], ref.v_all[0])):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_a_subclass_that_overrides_attention_sees_every_prompt():
+    """The compiled short-prompt path bypasses `attention`: a backend subclass that overrides it (to
+    record the weights, as examples/04 does) still gets short prompts through it; decode stays compiled."""
+    calls = []
+
+    class Recording(NumpyBackend):
+        def attention(self, q, cache, layer, pos0, *, scale, window=0):
+            calls.append(q.shape[0])
+            return super().attention(q, cache, layer, pos0, scale=scale, window=window)
+    rng = np.random.default_rng()
+    rec = Recording(weights="quantized")
+    cache = rec.alloc_kv_cache(1, 3, 64, 64, 64)
+    rope = dict(base=10000.0, n_rot=64, scale=1.0, neox=False)
+    q, k, v = (rng.standard_normal((5, h, 64), dtype=np.float32) for h in (9, 3, 3))
+    got = rec.attend(q.copy(), k.copy(), v, cache.slot(0), 0, 0, rope=rope, scale=0.125)
+    assert calls == [5]
+    want = OPS.attend(q.copy(), k.copy(), v, OPS.alloc_kv_cache(1, 3, 64, 64, 64).slot(0), 0, 0, rope=rope,
+                      scale=0.125)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    rec.attend(q[:1].copy(), k[:1].copy(), v[:1], cache.slot(0), 0, 5, rope=rope, scale=0.125)
+    assert calls == [5]
 
 
 def prefill_case(rng, n, pos0, H=12, kv=2, hd=32):

@@ -120,6 +120,8 @@ class NumpyBackend(Backend):
         # prefill attention on one thread per core: BLAS is kept to one thread beside the kernels
         self._pool = _attention_pool() if weights == "quantized" else None
         self._ops = None  # compiled small ops (numba, imported with the quantized weights' kernels)
+        # a subclass that overrides `attention` (to record or change it) gets every prompt through it
+        self._compiled_prompts = type(self).attention is NumpyBackend.attention
         if weights == "quantized":
             from . import cpu_ops
             self._ops = cpu_ops
@@ -281,7 +283,8 @@ class NumpyBackend(Backend):
 
     def attend(self, q, k, v, cache, layer, pos0, *, rope, scale, window=0, qk_norm=None):
         n, H, hd = q.shape
-        if self._ops is not None and (n == 1 or n * (pos0 + n) * H * hd <= COMPILED_ATTENTION):  # decode, short prefill
+        short = self._compiled_prompts and n * (pos0 + n) * H * hd <= COMPILED_ATTENTION
+        if self._ops is not None and (n == 1 or short):  # decode, a short prompt
             return self._decode_attention(q, k, v, cache, layer, np.arange(pos0, pos0 + n),
                                           np.full(n, cache.index), rope, scale, window, qk_norm)
         return super().attend(q, k, v, cache, layer, pos0, rope=rope, scale=scale, window=window, qk_norm=qk_norm)
