@@ -86,67 +86,51 @@ def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
 
 
 @njit(**JIT)
-def _swiglu_row(gate_up, out):
-    # silu(g) = g sigmoid(g), sigmoid(g) = 1 / (1 + e^-g) = e^g / (1 + e^g): e = exp(-|g|) <= 1. Two
-    # passes: LLVM vectorizes neither the exp nor the division in a loop that has both.
+def _glu_row(gate_up, out, gelu):
+    # act(g) = g sigmoid(t): silu t = g; gelu_tanh t = 2u, u = sqrt(2 / pi) (g + 0.044715 g^3), since
+    # g (1 + tanh(u)) / 2 = g sigmoid(2u). t has g's sign, so with e = exp(-|t|) <= 1, act(g) = g / (1 + e)
+    # for g >= 0 and g e / (1 + e) below. Two passes: LLVM vectorizes neither the exp nor the division in
+    # a loop that has both.
     f = out.shape[0]
-    for j in range(f):
-        out[j] = _exp_nonpositive(-abs(gate_up[j]))
+    if gelu:
+        for j in range(f):
+            g = gate_up[j]
+            u = np.float32(0.7978845608028654) * (g + np.float32(0.044715) * g * g * g)
+            out[j] = _exp_nonpositive(np.float32(-2) * abs(u))
+    else:
+        for j in range(f):
+            out[j] = _exp_nonpositive(-abs(gate_up[j]))
     for j in range(f):
         g, e = gate_up[j], out[j]
         out[j] = (g if g >= 0 else g * e) / (np.float32(1) + e) * gate_up[f + j]
 
 
 @njit(**JIT)
-def _swiglu_serial(gate_up, out):
+def _glu_serial(gate_up, out, gelu):
     for i in range(gate_up.shape[0]):
-        _swiglu_row(gate_up[i], out[i])
+        _glu_row(gate_up[i], out[i], gelu)
 
 
 @njit(parallel=True, **JIT)
-def _swiglu_parallel(gate_up, out):
+def _glu_parallel(gate_up, out, gelu):
     for i in prange(gate_up.shape[0]):
-        _swiglu_row(gate_up[i], out[i])
+        _glu_row(gate_up[i], out[i], gelu)
+
+
+def _glu(gate_up: np.ndarray, gelu: bool) -> np.ndarray:
+    out = np.empty((gate_up.shape[0], gate_up.shape[1] // 2), np.float32)
+    (_glu_parallel if gate_up.shape[0] >= PARALLEL_ROWS else _glu_serial)(gate_up, out, gelu)
+    return out
 
 
 def swiglu(gate_up: np.ndarray) -> np.ndarray:
     """silu(gate) * up [n, f] of gate_up [n, 2f] (gate | up; float32, contiguous)."""
-    out = np.empty((gate_up.shape[0], gate_up.shape[1] // 2), np.float32)
-    (_swiglu_parallel if gate_up.shape[0] >= PARALLEL_ROWS else _swiglu_serial)(gate_up, out)
-    return out
-
-
-@njit(**JIT)
-def _geglu_row(gate_up, out):
-    # gelu_tanh(g) = g (1 + tanh(u)) / 2 with u = sqrt(2 / pi) (g + 0.044715 g^3) is g sigmoid(2u): with
-    # e = exp(-2|u|) <= 1, g / (1 + e) for g >= 0 (u has g's sign), g e / (1 + e) below: SwiGLU's form.
-    f = out.shape[0]
-    for j in range(f):
-        g = gate_up[j]
-        u = np.float32(0.7978845608028654) * (g + np.float32(0.044715) * g * g * g)
-        out[j] = _exp_nonpositive(np.float32(-2) * abs(u))
-    for j in range(f):
-        g, e = gate_up[j], out[j]
-        out[j] = (g if g >= 0 else g * e) / (np.float32(1) + e) * gate_up[f + j]
-
-
-@njit(**JIT)
-def _geglu_serial(gate_up, out):
-    for i in range(gate_up.shape[0]):
-        _geglu_row(gate_up[i], out[i])
-
-
-@njit(parallel=True, **JIT)
-def _geglu_parallel(gate_up, out):
-    for i in prange(gate_up.shape[0]):
-        _geglu_row(gate_up[i], out[i])
+    return _glu(gate_up, False)
 
 
 def geglu(gate_up: np.ndarray) -> np.ndarray:
     """gelu_tanh(gate) * up [n, f] of gate_up [n, 2f] (gate | up; float32, contiguous)."""
-    out = np.empty((gate_up.shape[0], gate_up.shape[1] // 2), np.float32)
-    (_geglu_parallel if gate_up.shape[0] >= PARALLEL_ROWS else _geglu_serial)(gate_up, out)
-    return out
+    return _glu(gate_up, True)
 
 
 # ---------------------------------------------------------------------------- decode attention

@@ -192,12 +192,13 @@ class QuantMatrix:
         y = cols if direct else np.empty((npad, run.t.shape[0] * K.R), np.float32)
         if self.activations != "int16":
             x2 = None
-        if npad <= TOKEN_TILE:
+        if npad <= TOKEN_TILE:  # one call on the whole buffers (no views to make)
             K.matmul_int(run.marker, run.t, run.block, gshift, x1, x2, xs, z1, z2, xsum, y)
-        for t0 in range(0, npad if npad > TOKEN_TILE else 0, TOKEN_TILE):
-            t1 = t0 + TOKEN_TILE
-            K.matmul_int(run.marker, run.t, run.block, gshift, x1[t0:t1], x2[t0:t1] if x2 is not None else None,
-                         xs[t0:t1], z1[t0:t1], z2[t0:t1], xsum[t0:t1], y[t0:t1])
+        else:
+            for t0 in range(0, npad, TOKEN_TILE):
+                t1 = t0 + TOKEN_TILE
+                K.matmul_int(run.marker, run.t, run.block, gshift, x1[t0:t1], None if x2 is None else x2[t0:t1],
+                             xs[t0:t1], z1[t0:t1], z2[t0:t1], xsum[t0:t1], y[t0:t1])
         if not direct:
             cols[...] = y[:n, :run.rows]
 
