@@ -151,6 +151,14 @@ def _prefetch(typingctx, blk, i):
 
 
 @njit(inline="always")
+def _prefetch_next(blk, fields, blocks):
+    """Ask for the `fields` lines (R bytes each) of the block `blocks` blocks after blk: the integer
+    decoders ask for the next chunk's weights while this one's products run."""
+    for f in range(fields):
+        _prefetch(blk, (blocks * fields + f) * R)
+
+
+@njit(inline="always")
 def _field(blk, i):
     """Byte i of the blocks of a group: R bytes, one per row."""
     return blk[i * R:(i + 1) * R]
@@ -380,6 +388,7 @@ def _nibble_bytes(tg, k, sink, size, has_min):
     bias = np.uint8(128 if has_min else 120)  # value + 128; Q4_0's values are q - 8
     for b in range(k // 32):
         blk = tg[b * size * R:(b + 1) * size * R]
+        _prefetch_next(blk, size, k // 32)
         _halves(blk, 0, a)
         if has_min:
             _halves(blk, 2, m)
@@ -417,6 +426,7 @@ def _q8_0_bytes(tg, k, sink):
     d, wq = carray(_vector(), R), sink[3]
     for b in range(k // 32):
         blk = tg[b * 34 * R:(b + 1) * 34 * R]
+        _prefetch_next(blk, 34, k // 32)
         _halves(blk, 0, d)
         _scale(sink, 32 * b, 32, d, None)
         for i in range(0, 32, 4):
@@ -556,6 +566,8 @@ def _q4_k_bytes(tg, k, sink):
         for p in range(4):
             c = 256 * b + 64 * p
             for i in range(0, 32, 4):
+                for f in range(5):  # the next block's 144 lines, spread over the 32 steps (a burst stalls)
+                    _prefetch(blk, (144 + 5 * (8 * p + i // 4) + f) * R)
                 _interleave_nibbles(blk, (16 + 32 * p + i) * R, wq, (c + i) * R, (c + 32 + i) * R, np.uint8(128))
 
 
@@ -660,6 +672,8 @@ def _q6_k_bytes(tg, k, sink):
             _scale(sink, 256 * b + 16 * j, 16, a, None)
         for h in range(2):
             for l in range(0, 32, 4):
+                for f in range(14):  # the next block's 210 lines, spread over the 16 steps
+                    _prefetch(blk, (210 + 14 * (8 * h + l // 4) + f) * R)
                 _interleave_six(blk, (64 * h + l) * R, (128 + 32 * h + l) * R, wq, (256 * b + 128 * h + l) * R)
 
 
