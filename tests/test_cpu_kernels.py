@@ -253,20 +253,61 @@ def test_more_tokens_than_a_tile_match_numpy_and_each_token_alone(mode):
 
 
 @pytest.mark.skipif(not K.HAS_VNNI, reason="the integer kernel needs AVX-512 VNNI")
-def test_integer_path_takes_several_tokens_only(monkeypatch):
-    """One or two tokens stay on matvec (float32); three and more go through the integer kernel, and
-    F16 (no integer values) through the float kernel."""
+def test_integer_paths_by_token_count_and_type(monkeypatch):
+    """One or two tokens of a VECTOR_INT_TYPES type go through `matvec_int`, a token per call; three and
+    more through `matmul_int`; a type without a one-token integer kernel (Q6_K) stays on float32 `matvec`
+    for one or two tokens, and F16 (no integer values) on the float kernels throughout."""
     rng = np.random.default_rng()
     calls = []
-    real = K.matmul_int
-    monkeypatch.setattr(K, "matmul_int", lambda *a: calls.append(a[-1].shape[0]) or real(*a))
-    W = QuantMatrix([source("Q4_K", 64, 256, rng)])
-    F = QuantMatrix([source("F16", 64, 256, rng)])
-    W.activations = F.activations = "int16"
-    for n in (1, 2, 3, 6):
-        W.matmul(rng.standard_normal((n, 256)).astype(np.float32), np.empty(1, np.float32))
-        F.matmul(rng.standard_normal((n, 256)).astype(np.float32), np.empty(1, np.float32))
-    assert calls == [4, 8]  # padded to whole passes of TOKENS_INT
+    for name in ("matmul_int", "matvec_int", "matvec"):
+        real = getattr(K, name)
+        monkeypatch.setattr(K, name, lambda *a, name=name, real=real: calls.append((name, a[-1].shape)) or real(*a))
+    for qtype, want in [("Q4_K", [("matvec_int", (64,)), ("matvec_int", (64,)), ("matvec_int", (64,)),
+                                  ("matmul_int", (4, 64)), ("matmul_int", (8, 64))]),
+                        ("Q6_K", [("matvec", (64,)), ("matvec", (64,)), ("matvec", (64,)),
+                                  ("matmul_int", (4, 64)), ("matmul_int", (8, 64))]),
+                        ("F16", [("matvec", (64,)), ("matvec", (64,)), ("matvec", (64,))])]:
+        calls.clear()
+        W = QuantMatrix([source(qtype, 64, 256, rng)])
+        W.activations = "int16"
+        for n in (1, 2, 3, 6):
+            W.matmul(rng.standard_normal((n, 256)).astype(np.float32), np.empty(1, np.float32))
+        assert calls == want, qtype  # several tokens padded to whole passes of TOKENS_INT
+
+
+@pytest.mark.skipif(not K.HAS_VNNI, reason="the integer kernel needs AVX-512 VNNI")
+@pytest.mark.parametrize("name", sorted(K.VECTOR_INT_TYPES))
+@pytest.mark.parametrize("mode", ["int16", "int8"])
+def test_one_token_integer_kernel_matches_numpy_and_the_several_token_kernel(name, mode):
+    """`matvec_int` alone (output poisoned with nan; 150 rows: a padded group; k: several chunks) against
+    NumPy in float64 within the mode's tolerance, and against `matmul_int`'s row for the same token
+    (the same integer sums and scale groups: float32 rounding apart); through QuantMatrix, one and two
+    tokens."""
+    rng = np.random.default_rng()
+    k = 3 * K.CHUNK if ggml_type(name).block_size == 256 else 9 * K.CHUNK // 4
+    parts = [source(name, 150, k, rng)]
+    want = reference(parts).astype(np.float64)
+    W = QuantMatrix(parts)
+    (run,) = W.runs
+    x = np.zeros((K.TOKENS_INT, k), np.float32)
+    x[0] = rng.standard_normal(k)
+    x1, x2, xs, z1, z2, xsum = planes(x, 5, mode == "int16")
+    out = np.full(run.t.shape[0] * K.R, np.nan, np.float32)
+    K.matvec_int(run.marker, run.t, x1[0], None if x2 is None else x2[0], xs[0], z1[0], z2[0], xsum[0], out)
+    ref = x[0] @ want.T
+    np.testing.assert_allclose(out[:150], ref, rtol=0, atol=INT_TOL[mode] * np.abs(ref).max())
+    assert (out[150:] == 0).all()  # the padding rows
+    several = np.full((K.TOKENS_INT, run.t.shape[0] * K.R), np.nan, np.float32)
+    K.matmul_int(run.marker, run.t, run.block, 5, x1, x2, xs, z1, z2, xsum, several)
+    np.testing.assert_allclose(out, several[0], rtol=0, atol=2e-6 * np.abs(ref).max())
+    W.activations = mode
+    for n in (1, 2):
+        x = rng.standard_normal((n, k)).astype(np.float32)
+        ref = x @ want.T
+        got = W.matmul(x, np.empty(1, np.float32))
+        np.testing.assert_allclose(got, ref, rtol=0, atol=INT_TOL[mode] * np.abs(ref).max())
+        if mode == "int8":  # the precision says which path ran: int8 is far from float32
+            assert np.abs(got - ref).max() > 1e-4 * np.abs(ref).max()
 
 
 def test_integer_activations_need_vnni_and_quantized_weights(monkeypatch):

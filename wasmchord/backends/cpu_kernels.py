@@ -966,6 +966,150 @@ def matmul_int(marker, t, cols_per_block, gshift, x1, x2, xs, z1, z2, xsum, out)
                             orow[r] = acc[i * SLICE + r]
 
 
+# ---------------------------------------------------------------------------- one token, integer
+# `matvec_int`: one token's product through vpdpbusd, decoding each step of four columns into a small
+# buffer (in L1) and multiplying it at once, so the weights stream in evenly (decoding a whole chunk
+# first, as `matmul_int` does, ran at 19 GB/s from DRAM where this runs at 31; float32 `matvec` is
+# bound by its conversions at ~22). The values go in as they are (nibbles are unsigned: no +128 and no
+# offset sums) except Q8_0's, flipped to q + 128 as in `matmul_int`. Per scale group the two planes'
+# sums are closed as `matmul_int` closes them.
+VECTOR_INT_TYPES = frozenset({"Q4_0", "Q4_1", "Q8_0", "Q4_K"})
+_step = _stack(8 * R, types.uint8)
+_int_vector = _stack(R, types.int32)
+
+
+@njit(inline="always")
+def _close(acc, a, m, s1, s2, x2, sc, sx):
+    """acc += a * (the planes' sum * sc) + m * sx for the R rows (x2 None: s1 alone, sc for 256 x1)."""
+    if x2 is not None:
+        for r in range(R):
+            acc[r] += a[r] * (_planes(s1[r], s2[r]) * sc) + m[r] * sx
+    else:
+        for r in range(R):
+            acc[r] += a[r] * (np.float32(s1[r]) * sc) + m[r] * sx
+
+
+@njit(inline="always")
+def _start(s1, s2, x2, z):
+    """Clear a scale group's sums, which start at -z (the +128 offsets' share; 0 for values as they are):
+    the second plane's, or the first's where there is one plane."""
+    for r in range(R):
+        s1[r] = 0 if x2 is not None else -z
+        s2[r] = -z
+
+
+@njit(inline="always")
+def _dot4(s1, s2, w, wi, x1, x2, c):
+    """The sums += four columns' interleaved bytes w[wi:wi + 4R] times the planes' columns c..c+3."""
+    for h in range(0, R, 16):
+        _dpbusd(s1, h, w, wi + 4 * h, x1, c)
+        if x2 is not None:
+            _dpbusd(s2, h, w, wi + 4 * h, x2, c)
+
+
+def _vector_int(marker, tg, k, x1, x2, xs, z1, z2, xsum, acc):
+    """acc += the row group's blocks tg times one token's planes, for the block type `marker` names."""
+
+
+@overload(_vector_int, inline="always")
+def _vector_int_typed(marker, tg, k, x1, x2, xs, z1, z2, xsum, acc):
+    name = next(iter(marker.dtype.fields))
+    if name in ("q4_0", "q4_1"):
+        has_min = name == "q4_1"
+        return lambda marker, tg, k, x1, x2, xs, z1, z2, xsum, acc: _vector_q4(tg, k, x1, x2, xs, z1, z2, xsum, acc,
+                                                                             has_min)
+    return {"q8_0": _vector_q8_0, "q4_k": _vector_q4_k}[name]
+
+
+@njit(inline="always")
+def _vector_q4(tg, k, x1, x2, xs, z1, z2, xsum, acc, has_min):
+    """Q4_0 and Q4_1 (`_nibble_blocks`): a block is one scale group. Q4_0's values q - 8 go in as
+    q + 120 (as in `matmul_int`, so that both give the same sums)."""
+    size, qs = (20, 4) if has_min else (18, 2)
+    a, m, w = carray(_vector(), R), carray(_vector(), R), carray(_step(), 8 * R)
+    s1, s2 = carray(_int_vector(), R), carray(_int_vector(), R)
+    for r in range(R):
+        m[r] = 0
+    for b in range(k // 32):
+        blk = tg[b * size * R:(b + 1) * size * R]
+        _halves(blk, 0, a)
+        if has_min:
+            _halves(blk, 2, m)
+            _start(s1, s2, x2, 0)
+        else:
+            _start(s1, s2, x2, z2[b] if x2 is not None else z1[b])
+        for i in range(0, 16, 4):
+            _interleave_nibbles(blk, (qs + i) * R, w, 0, 4 * R, np.uint8(0 if has_min else 120))
+            _dot4(s1, s2, w, 0, x1, x2, 32 * b + i)
+            _dot4(s1, s2, w, 4 * R, x1, x2, 32 * b + 16 + i)
+        sc = xs[b] if x2 is not None else xs[b] * np.float32(256)
+        _close(acc, a, m, s1, s2, x2, sc, xsum[b])
+
+
+def _vector_q8_0(marker, tg, k, x1, x2, xs, z1, z2, xsum, acc):
+    """Q8_0: int8 values as q + 128, the sums started at minus the offsets' share."""
+    d, m, w = carray(_vector(), R), carray(_vector(), R), carray(_step(), 8 * R)
+    s1, s2 = carray(_int_vector(), R), carray(_int_vector(), R)
+    for r in range(R):
+        m[r] = 0
+    for b in range(k // 32):
+        blk = tg[b * 34 * R:(b + 1) * 34 * R]
+        _halves(blk, 0, d)
+        _start(s1, s2, x2, z2[b] if x2 is not None else z1[b])
+        for i in range(0, 32, 4):
+            _interleave_flip(blk, (2 + i) * R, w, 0)
+            _dot4(s1, s2, w, 0, x1, x2, 32 * b + i)
+        sc = xs[b] if x2 is not None else xs[b] * np.float32(256)
+        _close(acc, d, m, s1, s2, x2, sc, xsum[b])
+
+
+def _vector_q4_k(marker, tg, k, x1, x2, xs, z1, z2, xsum, acc):
+    """Q4_K (`_k4_blocks`): per qs chunk p, sub-blocks 2p (low nibbles) and 2p + 1 (high) summed side by side."""
+    d, dmin, w = carray(_vector(), R), carray(_vector(), R), carray(_step(), 8 * R)
+    a, m = carray(_vector(), R), carray(_vector(), R)
+    ab, mb = carray(_unit_scales(), (8, R)), carray(_unit_scales(), (8, R))
+    s1, s2 = carray(_int_vector(), R), carray(_int_vector(), R)
+    t1, t2 = carray(_int_vector(), R), carray(_int_vector(), R)
+    for b in range(k // 256):
+        blk = tg[b * 144 * R:(b + 1) * 144 * R]
+        _halves(blk, 0, d)
+        _halves(blk, 2, dmin)
+        for j in range(8):  # the scales first: their lines come in with the block's first
+            _k4_scale(blk, j, d, dmin, a, m)
+            for r in range(R):
+                ab[j, r] = a[r]
+                mb[j, r] = m[r]
+        for p in range(4):
+            c = 256 * b + 64 * p
+            _start(s1, s2, x2, 0)
+            _start(t1, t2, x2, 0)
+            for i in range(0, 32, 4):
+                for f in range(5):  # the block's 144 lines in order, spread over its 32 steps
+                    _prefetch(blk, (5 * (8 * p + i // 4) + f) * R)
+                _interleave_nibbles(blk, (16 + 32 * p + i) * R, w, 0, 4 * R, np.uint8(0))
+                _dot4(s1, s2, w, 0, x1, x2, c + i)
+                _dot4(t1, t2, w, 4 * R, x1, x2, c + 32 + i)
+            u = c >> 5
+            one = np.float32(1) if x2 is not None else np.float32(256)
+            _close(acc, ab[2 * p], mb[2 * p], s1, s2, x2, xs[u] * one, xsum[u])
+            _close(acc, ab[2 * p + 1], mb[2 * p + 1], t1, t2, x2, xs[u + 1] * one, xsum[u + 1])
+
+
+@njit(parallel=True, **JIT)
+def matvec_int(marker, t, x1, x2, xs, z1, z2, xsum, out):
+    """out[g * R + r] = W[g * R + r] @ x for one token x given as `matmul_int` takes a token (planes
+    x1, x2 int8 [k], scales xs [k / 32], offsets z1, z2 and sums xsum per 32 columns; x2 None: one
+    plane), for the types in VECTOR_INT_TYPES (their scale groups are 32 columns); out [G * R]."""
+    k = x1.shape[0]
+    for g in prange(t.shape[0]):
+        acc = carray(_vector(), R)
+        for r in range(R):
+            acc[r] = 0
+        _vector_int(marker, t[g], k, x1, x2, xs, z1, z2, xsum, acc)
+        for r in range(R):
+            out[g * R + r] = acc[r]
+
+
 @intrinsic
 def finite(typingctx, v):
     """Whether float32 v is finite, from its exponent bits (a float comparison would be folded away:

@@ -165,6 +165,8 @@ class QuantMatrix:
                 for t0 in range(0, xp.shape[0], TOKEN_TILE):
                     K.matmul(run.marker, run.t, run.block, xp[t0:t0 + TOKEN_TILE], y[t0:t0 + TOKEN_TILE])
                 cols[...] = y[:n, :run.rows]
+            elif self.activations != "f32" and run.qtype in K.VECTOR_INT_TYPES and K.HAS_VNNI:
+                self._vector_integer(K, run, x, cols)
             elif run.rows % K.R == 0:
                 for i in range(n):
                     K.matvec(run.marker, run.t, run.block, x[i], cols[i])
@@ -201,6 +203,19 @@ class QuantMatrix:
                              xs[t0:t1], z1[t0:t1], z2[t0:t1], xsum[t0:t1], y[t0:t1])
         if not direct:
             cols[...] = y[:n, :run.rows]
+
+    def _vector_integer(self, K, run: _Run, x, cols):
+        """One or two tokens through `matvec_int`, a token at a time, as integer planes."""
+        n, k = x.shape
+        x1, x2, xs, z1, z2, xsum = _plane_buffers(n, k, 5)
+        K.quantize_planes_serial(x, 5, x1, x2, xs, z1, z2, xsum)
+        two = self.activations == "int16"
+        y = None if run.rows % K.R == 0 else np.empty(run.t.shape[0] * K.R, np.float32)
+        for i in range(n):
+            out = cols[i] if y is None else y
+            K.matvec_int(run.marker, run.t, x1[i], x2[i] if two else None, xs[i], z1[i], z2[i], xsum[i], out)
+            if y is not None:
+                cols[i] = y[:run.rows]
 
     @staticmethod
     def _tiled(K, run: _Run, x, cols, scratch):
