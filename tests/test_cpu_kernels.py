@@ -255,7 +255,7 @@ def test_more_tokens_than_a_tile_match_numpy_and_each_token_alone(mode):
 @pytest.mark.skipif(not K.HAS_VNNI, reason="the integer kernel needs AVX-512 VNNI")
 def test_integer_paths_by_token_count_and_type(monkeypatch):
     """One or two tokens of a VECTOR_INT_TYPES type go through `matvec_int`, a token per call; three and
-    more through `matmul_int`; a type without a one-token integer kernel (Q6_K) stays on float32 `matvec`
+    more through `matmul_int`; a type without a one-token integer kernel (Q5_0) stays on float32 `matvec`
     for one or two tokens, and F16 (no integer values) on the float kernels throughout."""
     rng = np.random.default_rng()
     calls = []
@@ -264,7 +264,7 @@ def test_integer_paths_by_token_count_and_type(monkeypatch):
         monkeypatch.setattr(K, name, lambda *a, name=name, real=real: calls.append((name, a[-1].shape)) or real(*a))
     for qtype, want in [("Q4_K", [("matvec_int", (64,)), ("matvec_int", (64,)), ("matvec_int", (64,)),
                                   ("matmul_int", (4, 64)), ("matmul_int", (8, 64))]),
-                        ("Q6_K", [("matvec", (64,)), ("matvec", (64,)), ("matvec", (64,)),
+                        ("Q5_0", [("matvec", (64,)), ("matvec", (64,)), ("matvec", (64,)),
                                   ("matmul_int", (4, 64)), ("matmul_int", (8, 64))]),
                         ("F16", [("matvec", (64,)), ("matvec", (64,)), ("matvec", (64,))])]:
         calls.clear()
@@ -291,14 +291,14 @@ def test_one_token_integer_kernel_matches_numpy_and_the_several_token_kernel(nam
     (run,) = W.runs
     x = np.zeros((K.TOKENS_INT, k), np.float32)
     x[0] = rng.standard_normal(k)
-    x1, x2, xs, z1, z2, xsum = planes(x, 5, mode == "int16")
+    x1, x2, xs, z1, z2, xsum = planes(x, K.INT_TYPES[name], mode == "int16")
     out = np.full(run.t.shape[0] * K.R, np.nan, np.float32)
     K.matvec_int(run.marker, run.t, x1[0], None if x2 is None else x2[0], xs[0], z1[0], z2[0], xsum[0], out)
     ref = x[0] @ want.T
     np.testing.assert_allclose(out[:150], ref, rtol=0, atol=INT_TOL[mode] * np.abs(ref).max())
     assert (out[150:] == 0).all()  # the padding rows
     several = np.full((K.TOKENS_INT, run.t.shape[0] * K.R), np.nan, np.float32)
-    K.matmul_int(run.marker, run.t, run.block, 5, x1, x2, xs, z1, z2, xsum, several)
+    K.matmul_int(run.marker, run.t, run.block, K.INT_TYPES[name], x1, x2, xs, z1, z2, xsum, several)
     np.testing.assert_allclose(out, several[0], rtol=0, atol=2e-6 * np.abs(ref).max())
     W.activations = mode
     for n in (1, 2):

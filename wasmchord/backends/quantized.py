@@ -207,8 +207,9 @@ class QuantMatrix:
     def _vector_integer(self, K, run: _Run, x, cols):
         """One or two tokens through `matvec_int`, a token at a time, as integer planes."""
         n, k = x.shape
-        x1, x2, xs, z1, z2, xsum = _plane_buffers(n, k, 5)
-        K.quantize_planes_serial(x, 5, x1, x2, xs, z1, z2, xsum)
+        gshift = K.INT_TYPES[run.qtype]
+        x1, x2, xs, z1, z2, xsum = _plane_buffers(n, k, gshift)
+        K.quantize_planes_serial(x, gshift, x1, x2, xs, z1, z2, xsum)
         two = self.activations == "int16"
         y = None if run.rows % K.R == 0 else np.empty(run.t.shape[0] * K.R, np.float32)
         for i in range(n):
