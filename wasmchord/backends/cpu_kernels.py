@@ -969,10 +969,10 @@ def matmul_int(marker, t, cols_per_block, gshift, x1, x2, xs, z1, z2, xsum, out)
 # ---------------------------------------------------------------------------- one token, integer
 # `matvec_int`: one token's product through vpdpbusd, decoding each step of four columns into a small
 # buffer (in L1) and multiplying it at once, so the weights stream in evenly (decoding a whole chunk
-# first, as `matmul_int` does, ran at 19 GB/s from DRAM where this runs at 31; float32 `matvec` is
-# bound by its conversions at ~22). The values go in as they are (nibbles are unsigned: no +128 and no
-# offset sums) except Q8_0's, flipped to q + 128 as in `matmul_int`. Per scale group the two planes'
-# sums are closed as `matmul_int` closes them.
+# first, as `matmul_int` does, ran at 19 GB/s from DRAM where this runs at 25-31; float32 `matvec` is
+# bound by its conversions at ~22). Q4_1's and Q4_K's unsigned nibbles go in as they are; Q4_0, Q8_0
+# and Q6_K as `matmul_int`'s decoders make them (value + 128, the sums started at minus the offsets'
+# share). Per scale group the planes' sums are closed as `matmul_int` closes them.
 VECTOR_INT_TYPES = frozenset({"Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K"})
 _step = _stack(8 * R, types.uint8)
 _six = _stack(112 * R, types.uint8)
