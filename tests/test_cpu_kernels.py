@@ -147,6 +147,19 @@ def planes(x, gshift, two=True, quantize=K.quantize_planes):
     return a
 
 
+def through_matrix(W, want, mode, counts, rng):
+    """W's products of `counts` random tokens in activations `mode` against NumPy (want: W's float64
+    values) within the mode's tolerance."""
+    W.activations = mode
+    for n in counts:
+        x = rng.standard_normal((n, want.shape[1])).astype(np.float32)
+        ref = x @ want.T
+        got = W.matmul(x, np.empty(1, np.float32))
+        np.testing.assert_allclose(got, ref, rtol=0, atol=INT_TOL[mode] * np.abs(ref).max())
+        if mode == "int8":  # the precision says which path ran: int8 is far from float32
+            assert np.abs(got - ref).max() > 1e-4 * np.abs(ref).max()
+
+
 @pytest.mark.parametrize("quantize", [K.quantize_planes, K.quantize_planes_serial], ids=["parallel", "serial"])
 def test_activations_split_into_two_int8_planes_of_16_bit_precision(quantize):
     """Per 32 columns: x = s (q1 + q2 / 256) within s / 512 (s = max|x| / 127; s / 256 where q2 is
@@ -220,14 +233,7 @@ def test_integer_kernel_matches_numpy_dequantize_and_matmul(name, mode):
     ref = x @ want.T
     np.testing.assert_allclose(out[:, :150], ref, rtol=0, atol=INT_TOL[mode] * np.abs(ref).max())
     assert (out[:, 150:] == 0).all()  # the padding rows
-    W.activations = mode
-    for n in (5, 9):
-        x = rng.standard_normal((n, k)).astype(np.float32)
-        ref = x @ want.T
-        got = W.matmul(x, np.empty(1, np.float32))
-        np.testing.assert_allclose(got, ref, rtol=0, atol=INT_TOL[mode] * np.abs(ref).max())
-        if mode == "int8":  # the precision says which path ran: int8 is far from float32
-            assert np.abs(got - ref).max() > 1e-4 * np.abs(ref).max()
+    through_matrix(W, want, mode, (5, 9), rng)
 
 
 @pytest.mark.parametrize("mode", ["f32", "int16"])
@@ -300,14 +306,7 @@ def test_one_token_integer_kernel_matches_numpy_and_the_several_token_kernel(nam
     several = np.full((K.TOKENS_INT, run.t.shape[0] * K.R), np.nan, np.float32)
     K.matmul_int(run.marker, run.t, run.block, K.INT_TYPES[name], x1, x2, xs, z1, z2, xsum, several)
     np.testing.assert_allclose(out, several[0], rtol=0, atol=2e-6 * np.abs(ref).max())
-    W.activations = mode
-    for n in (1, 2):
-        x = rng.standard_normal((n, k)).astype(np.float32)
-        ref = x @ want.T
-        got = W.matmul(x, np.empty(1, np.float32))
-        np.testing.assert_allclose(got, ref, rtol=0, atol=INT_TOL[mode] * np.abs(ref).max())
-        if mode == "int8":  # the precision says which path ran: int8 is far from float32
-            assert np.abs(got - ref).max() > 1e-4 * np.abs(ref).max()
+    through_matrix(W, want, mode, (1, 2), rng)
 
 
 def test_integer_activations_need_vnni_and_quantized_weights(monkeypatch):

@@ -151,11 +151,11 @@ def _prefetch(typingctx, blk, i):
 
 
 @njit(inline="always")
-def _prefetch_next(blk, fields, blocks):
-    """Ask for the `fields` lines (R bytes each) of the block `blocks` blocks after blk: the integer
-    decoders ask for the next chunk's weights while this one's products run."""
-    for f in range(fields):
-        _prefetch(blk, (blocks * fields + f) * R)
+def _prefetch_lines(blk, first, n):
+    """Ask for fields first..first+n of blk (a field is R bytes, one line): the integer decoders ask for
+    the weights in order a few fields per step, or a whole next chunk as they start a block."""
+    for f in range(first, first + n):
+        _prefetch(blk, f * R)
 
 
 @njit(inline="always")
@@ -388,7 +388,7 @@ def _nibble_bytes(tg, k, sink, size, has_min):
     bias = np.uint8(128 if has_min else 120)  # value + 128; Q4_0's values are q - 8
     for b in range(k // 32):
         blk = tg[b * size * R:(b + 1) * size * R]
-        _prefetch_next(blk, size, k // 32)
+        _prefetch_lines(blk, k // 32 * size, size)  # the next chunk's block
         _halves(blk, 0, a)
         if has_min:
             _halves(blk, 2, m)
@@ -426,7 +426,7 @@ def _q8_0_bytes(tg, k, sink):
     d, wq = carray(_vector(), R), sink[3]
     for b in range(k // 32):
         blk = tg[b * 34 * R:(b + 1) * 34 * R]
-        _prefetch_next(blk, 34, k // 32)
+        _prefetch_lines(blk, k // 32 * 34, 34)
         _halves(blk, 0, d)
         _scale(sink, 32 * b, 32, d, None)
         for i in range(0, 32, 4):
@@ -566,8 +566,7 @@ def _q4_k_bytes(tg, k, sink):
         for p in range(4):
             c = 256 * b + 64 * p
             for i in range(0, 32, 4):
-                for f in range(5):  # the next block's 144 lines, spread over the 32 steps (a burst stalls)
-                    _prefetch(blk, (144 + 5 * (8 * p + i // 4) + f) * R)
+                _prefetch_lines(blk, 144 + 5 * (8 * p + i // 4), 5)  # the next block, over 32 steps (a burst stalls)
                 _interleave_nibbles(blk, (16 + 32 * p + i) * R, wq, (c + i) * R, (c + 32 + i) * R, np.uint8(128))
 
 
@@ -672,8 +671,7 @@ def _q6_k_bytes(tg, k, sink):
             _scale(sink, 256 * b + 16 * j, 16, a, None)
         for h in range(2):
             for l in range(0, 32, 4):
-                for f in range(14):  # the next block's 210 lines, spread over the 16 steps
-                    _prefetch(blk, (210 + 14 * (8 * h + l // 4) + f) * R)
+                _prefetch_lines(blk, 210 + 14 * (8 * h + l // 4), 14)  # the next block, over 16 steps
                 _interleave_six(blk, (64 * h + l) * R, (128 + 32 * h + l) * R, wq, (256 * b + 128 * h + l) * R)
 
 
@@ -980,14 +978,13 @@ _int_vector = _stack(R, types.int32)
 
 
 @njit(inline="always")
-def _close(acc, a, m, s1, s2, x2, sc, sx):
-    """acc += a * (the planes' sum * sc) + m * sx for the R rows (x2 None: s1 alone, sc for 256 x1)."""
-    if x2 is not None:
-        for r in range(R):
-            acc[r] += a[r] * (_planes(s1[r], s2[r]) * sc) + m[r] * sx
-    else:
-        for r in range(R):
-            acc[r] += a[r] * (np.float32(s1[r]) * sc) + m[r] * sx
+def _close(acc, a, m, s1, s2, x2, xs, sx):
+    """acc += a * (the planes' sum * the token's scale) + m * sx for the R rows: the scale is xs (x2
+    None: 256 xs, s1 alone); m None: no minimums' term."""
+    sc = xs if x2 is not None else xs * np.float32(256)
+    for r in range(R):
+        v = a[r] * ((_planes(s1[r], s2[r]) if x2 is not None else np.float32(s1[r])) * sc)
+        acc[r] += v + m[r] * sx if m is not None else v
 
 
 @njit(inline="always")
@@ -1029,8 +1026,6 @@ def _vector_q4(tg, k, x1, x2, xs, z1, z2, xsum, acc, has_min):
     size, qs = (20, 4) if has_min else (18, 2)
     a, m, w = carray(_vector(), R), carray(_vector(), R), carray(_step(), 8 * R)
     s1, s2 = carray(_int_vector(), R), carray(_int_vector(), R)
-    for r in range(R):
-        m[r] = 0
     for b in range(k // 32):
         blk = tg[b * size * R:(b + 1) * size * R]
         _halves(blk, 0, a)
@@ -1043,16 +1038,16 @@ def _vector_q4(tg, k, x1, x2, xs, z1, z2, xsum, acc, has_min):
             _interleave_nibbles(blk, (qs + i) * R, w, 0, 4 * R, np.uint8(0 if has_min else 120))
             _dot4(s1, s2, w, 0, x1, x2, 32 * b + i)
             _dot4(s1, s2, w, 4 * R, x1, x2, 32 * b + 16 + i)
-        sc = xs[b] if x2 is not None else xs[b] * np.float32(256)
-        _close(acc, a, m, s1, s2, x2, sc, xsum[b])
+        if has_min:
+            _close(acc, a, m, s1, s2, x2, xs[b], xsum[b])
+        else:
+            _close(acc, a, None, s1, s2, x2, xs[b], xsum[b])
 
 
 def _vector_q8_0(marker, tg, k, x1, x2, xs, z1, z2, xsum, acc):
     """Q8_0: int8 values as q + 128, the sums started at minus the offsets' share."""
-    d, m, w = carray(_vector(), R), carray(_vector(), R), carray(_step(), 8 * R)
+    d, w = carray(_vector(), R), carray(_step(), 8 * R)
     s1, s2 = carray(_int_vector(), R), carray(_int_vector(), R)
-    for r in range(R):
-        m[r] = 0
     for b in range(k // 32):
         blk = tg[b * 34 * R:(b + 1) * 34 * R]
         _halves(blk, 0, d)
@@ -1060,8 +1055,7 @@ def _vector_q8_0(marker, tg, k, x1, x2, xs, z1, z2, xsum, acc):
         for i in range(0, 32, 4):
             _interleave_flip(blk, (2 + i) * R, w, 0)
             _dot4(s1, s2, w, 0, x1, x2, 32 * b + i)
-        sc = xs[b] if x2 is not None else xs[b] * np.float32(256)
-        _close(acc, d, m, s1, s2, x2, sc, xsum[b])
+        _close(acc, d, None, s1, s2, x2, xs[b], xsum[b])
 
 
 def _vector_q4_k(marker, tg, k, x1, x2, xs, z1, z2, xsum, acc):
@@ -1085,25 +1079,21 @@ def _vector_q4_k(marker, tg, k, x1, x2, xs, z1, z2, xsum, acc):
             _start(s1, s2, x2, 0)
             _start(t1, t2, x2, 0)
             for i in range(0, 32, 4):
-                for f in range(5):  # the block's 144 lines in order, spread over its 32 steps
-                    _prefetch(blk, (5 * (8 * p + i // 4) + f) * R)
+                _prefetch_lines(blk, 5 * (8 * p + i // 4), 5)  # this block's 144 lines, over its 32 steps
                 _interleave_nibbles(blk, (16 + 32 * p + i) * R, w, 0, 4 * R, np.uint8(0))
                 _dot4(s1, s2, w, 0, x1, x2, c + i)
                 _dot4(t1, t2, w, 4 * R, x1, x2, c + 32 + i)
             u = c >> 5
-            one = np.float32(1) if x2 is not None else np.float32(256)
-            _close(acc, ab[2 * p], mb[2 * p], s1, s2, x2, xs[u] * one, xsum[u])
-            _close(acc, ab[2 * p + 1], mb[2 * p + 1], t1, t2, x2, xs[u + 1] * one, xsum[u + 1])
+            _close(acc, ab[2 * p], mb[2 * p], s1, s2, x2, xs[u], xsum[u])
+            _close(acc, ab[2 * p + 1], mb[2 * p + 1], t1, t2, x2, xs[u + 1], xsum[u + 1])
 
 
 def _vector_q6_k(marker, tg, k, x1, x2, xs, z1, z2, xsum, acc):
     """Q6_K (`_group_q6_k`; scale groups of 16 columns, planes quantized with gshift 4): per half h and
     16 values l, four steps of `_interleave_six` write values u = 0..3 (+ 128, offsets subtracted as in
     `matmul_int`) into the buffer, then each u's 16 columns are one scale group's sums."""
-    d, a, zero, w = carray(_vector(), R), carray(_vector(), R), carray(_vector(), R), carray(_six(), 112 * R)
+    d, a, w = carray(_vector(), R), carray(_vector(), R), carray(_six(), 112 * R)
     s1, s2 = carray(_int_vector(), R), carray(_int_vector(), R)
-    for r in range(R):
-        zero[r] = 0
     for b in range(k // 256):
         blk = tg[b * 210 * R:(b + 1) * 210 * R]
         _halves(blk, 208, d)
@@ -1111,8 +1101,7 @@ def _vector_q6_k(marker, tg, k, x1, x2, xs, z1, z2, xsum, acc):
             for lh in range(0, 32, 16):
                 for q in range(4):
                     l = lh + 4 * q
-                    for f in range(14):  # the block's 210 lines in order, spread over its 16 steps
-                        _prefetch(blk, (14 * (8 * h + lh // 4 + q) + f) * R)
+                    _prefetch_lines(blk, 14 * (8 * h + lh // 4 + q), 14)  # this block's 210, over 16 steps
                     _interleave_six(blk, (64 * h + l) * R, (128 + 32 * h + l) * R, w, 4 * q * R)
                 for u in range(4):
                     c = 256 * b + 128 * h + 32 * u + lh
@@ -1123,8 +1112,7 @@ def _vector_q6_k(marker, tg, k, x1, x2, xs, z1, z2, xsum, acc):
                     sc = blk[(192 + 8 * h + 2 * u + lh // 16) * R:(193 + 8 * h + 2 * u + lh // 16) * R]
                     for r in range(R):
                         a[r] = d[r] * np.float32(np.int8(sc[r]))
-                    one = np.float32(1) if x2 is not None else np.float32(256)
-                    _close(acc, a, zero, s1, s2, x2, xs[c >> 5] * one, np.float32(0))
+                    _close(acc, a, None, s1, s2, x2, xs[c >> 5], np.float32(0))
 
 
 @njit(parallel=True, **JIT)
