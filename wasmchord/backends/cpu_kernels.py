@@ -968,12 +968,12 @@ def matmul_int(marker, t, cols_per_block, gshift, x1, x2, xs, z1, z2, xsum, out)
 # `matvec_int`: one token's product through vpdpbusd, decoding each step of four columns into a small
 # buffer (in L1) and multiplying it at once, so the weights stream in evenly (decoding a whole chunk
 # first, as `matmul_int` does, ran at 19 GB/s from DRAM where this runs at 25-31; float32 `matvec` is
-# bound by its conversions at ~22). Q4_1's and Q4_K's unsigned nibbles go in as they are; Q4_0, Q8_0
-# and Q6_K as `matmul_int`'s decoders make them (value + 128, the sums started at minus the offsets'
-# share). Per scale group the planes' sums are closed as `matmul_int` closes them.
-VECTOR_INT_TYPES = frozenset({"Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K"})
+# bound by its conversions at ~22). Q4_1's and Q4_K's unsigned nibbles go in as they are; Q4_0 and Q8_0
+# as `matmul_int`'s decoders make them (value + 128, the sums started at minus the offsets' share). Per
+# scale group the planes' sums are closed as `matmul_int` closes them. Q6_K is not here: the same
+# scheme (four steps of `_interleave_six` per 16 values) ran at 0.73-0.84x its float32 `matvec`.
+VECTOR_INT_TYPES = frozenset({"Q4_0", "Q4_1", "Q8_0", "Q4_K"})
 _step = _stack(8 * R, types.uint8)
-_six = _stack(112 * R, types.uint8)
 _int_vector = _stack(R, types.int32)
 
 
@@ -1016,7 +1016,7 @@ def _vector_int_typed(marker, tg, k, x1, x2, xs, z1, z2, xsum, acc):
         has_min = name == "q4_1"
         return lambda marker, tg, k, x1, x2, xs, z1, z2, xsum, acc: _vector_q4(tg, k, x1, x2, xs, z1, z2, xsum, acc,
                                                                              has_min)
-    return {"q8_0": _vector_q8_0, "q4_k": _vector_q4_k, "q6_k": _vector_q6_k}[name]
+    return {"q8_0": _vector_q8_0, "q4_k": _vector_q4_k}[name]
 
 
 @njit(inline="always")
@@ -1088,39 +1088,11 @@ def _vector_q4_k(marker, tg, k, x1, x2, xs, z1, z2, xsum, acc):
             _close(acc, ab[2 * p + 1], mb[2 * p + 1], t1, t2, x2, xs[u + 1], xsum[u + 1])
 
 
-def _vector_q6_k(marker, tg, k, x1, x2, xs, z1, z2, xsum, acc):
-    """Q6_K (`_group_q6_k`; scale groups of 16 columns, planes quantized with gshift 4): per half h and
-    16 values l, four steps of `_interleave_six` write values u = 0..3 (+ 128, offsets subtracted as in
-    `matmul_int`) into the buffer, then each u's 16 columns are one scale group's sums."""
-    d, a, w = carray(_vector(), R), carray(_vector(), R), carray(_six(), 112 * R)
-    s1, s2 = carray(_int_vector(), R), carray(_int_vector(), R)
-    for b in range(k // 256):
-        blk = tg[b * 210 * R:(b + 1) * 210 * R]
-        _halves(blk, 208, d)
-        for h in range(2):
-            for lh in range(0, 32, 16):
-                for q in range(4):
-                    l = lh + 4 * q
-                    _prefetch_lines(blk, 14 * (8 * h + lh // 4 + q), 14)  # this block's 210, over 16 steps
-                    _interleave_six(blk, (64 * h + l) * R, (128 + 32 * h + l) * R, w, 4 * q * R)
-                for u in range(4):
-                    c = 256 * b + 128 * h + 32 * u + lh
-                    g = c >> 4
-                    _start(s1, s2, x2, z2[g] if x2 is not None else z1[g])
-                    for q in range(4):
-                        _dot4(s1, s2, w, (32 * u + 4 * q) * R, x1, x2, c + 4 * q)
-                    sc = blk[(192 + 8 * h + 2 * u + lh // 16) * R:(193 + 8 * h + 2 * u + lh // 16) * R]
-                    for r in range(R):
-                        a[r] = d[r] * np.float32(np.int8(sc[r]))
-                    _close(acc, a, None, s1, s2, x2, xs[c >> 5], np.float32(0))
-
-
 @njit(parallel=True, **JIT)
 def matvec_int(marker, t, x1, x2, xs, z1, z2, xsum, out):
     """out[g * R + r] = W[g * R + r] @ x for one token x given as `matmul_int` takes a token (planes
     x1, x2 int8 [k], scales xs [k / 32], offsets z1, z2 and sums xsum per scale group; x2 None: one
-    plane; offsets and sums per scale group: 16 columns for Q6_K), for the types in VECTOR_INT_TYPES;
-    out [G * R]."""
+    plane), for the types in VECTOR_INT_TYPES (scale groups of 32 columns); out [G * R]."""
     k = x1.shape[0]
     for g in prange(t.shape[0]):
         acc = carray(_vector(), R)
