@@ -95,6 +95,7 @@ class Transformer:
         if progress:
             progress("load weights", cfg.n_layers, cfg.n_layers)
         self.rope_ext = self._rope_ext()
+        self._attention_args = [self._attention_kw(i, L) for i, L in enumerate(self.layers)]
         # KV caches for `slots` sequences; `cache` is slot 0's. owners[i]: the generate.Sequence whose
         # tokens slot i holds.
         self.cache = backend.alloc_kv_cache(cfg.n_layers, cfg.n_kv_heads, max_ctx, cfg.head_dim, cfg.head_dim_v,
@@ -124,6 +125,15 @@ class Transformer:
             raise GGUFError(self._gf.path, f"missing tensor {names[have.index(False)]!r}: the block's other "
                                            f"attention biases are present")
         return self.be.load_vector(np.concatenate([self._gf.dequantize(b).reshape(-1) for b in names]))
+
+    def _attention_kw(self, i: int, L: Layer) -> dict:
+        """Layer i's attention keywords (RoPE, scale, window, qk-norm), made once at load."""
+        cfg, spec = self.cfg, self.cfg.spec
+        local = cfg.is_local_layer(i)
+        base = spec.rope_base_local if local and spec.rope_base_local else cfg.rope_base
+        rope = dict(base=base, n_rot=cfg.rope_dim, scale=cfg.rope_scale, neox=spec.rope_style == "neox", **self.rope_ext)
+        return dict(rope=rope, scale=cfg.attn_scale, window=cfg.sliding_window if local else 0,
+                    qk_norm=(L.q_norm, L.k_norm, cfg.norm_eps) if spec.qk_norm else None)
 
     def _rope_ext(self) -> dict:
         """The RoPE table's inputs beyond base, dims and linear scale, as rope() keywords: per-dimension
@@ -202,18 +212,15 @@ class Transformer:
     def _layers(self, ids, attend, all_logits, hidden):
         cfg, be, spec = self.cfg, self.be, self.cfg.spec
         H, KV, hd, hdv = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.head_dim_v
-        neox, eps = spec.rope_style == "neox", cfg.norm_eps
+        eps = cfg.norm_eps
         be.begin_forward()
         x = be.embed(self.tok_embd, ids, math.sqrt(cfg.d_model) if spec.embed_scale_sqrt_d else 1.0)  # [n, d]
+        sizes, heads = [H * hd, KV * hd, KV * hdv], [H, KV, KV]
         for i, L in enumerate(self.layers):
-            local = cfg.is_local_layer(i)
-            base = spec.rope_base_local if local and spec.rope_base_local else cfg.rope_base
             h, norm = self._prenorm(x, L.attn_norm, L.attn_norm_b)
             qkv = be.matmul(h, L.wqkv, L.bqkv, norm=norm)                                   # [n, (H+2KV)*hd]
-            q, k, v = be.split_heads(qkv, [H * hd, KV * hd, KV * hdv], [H, KV, KV])         # [n, H|KV, hd]
-            rope = dict(base=base, n_rot=cfg.rope_dim, scale=cfg.rope_scale, neox=neox, **self.rope_ext)
-            a = attend(i, q, k, v, rope=rope, scale=cfg.attn_scale, window=cfg.sliding_window if local else 0,
-                       qk_norm=(L.q_norm, L.k_norm, eps) if spec.qk_norm else None)         # [n, H*hdv]
+            q, k, v = be.split_heads(qkv, sizes, heads)                                     # [n, H|KV, hd]
+            a = attend(i, q, k, v, **self._attention_args[i])                               # [n, H*hdv]
             if spec.post_norms:  # gemma3: norm the attention output before the residual add
                 x = be.add(x, be.rmsnorm(be.matmul(a, L.wo, L.bo), L.post_attn_norm, eps))
             else:

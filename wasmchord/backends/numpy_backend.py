@@ -116,6 +116,7 @@ class NumpyBackend(Backend):
         self.attention_chunk = attention_chunk
         self._tile = np.empty(TILE_BYTES // 4, np.float32) if weights == "quantized" else None  # prefill tiles
         self._rope_tables: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+        self._rows: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}  # the last step's (positions, slots)
         self._kernels = False  # a matrix multiplied by the compiled kernels was loaded
         # prefill attention on one thread per core: BLAS is kept to one thread beside the kernels
         self._pool = _attention_pool() if weights == "quantized" else None
@@ -285,14 +286,17 @@ class NumpyBackend(Backend):
         n, H, hd = q.shape
         short = self._compiled_prompts and n * (pos0 + n) * H * hd <= COMPILED_ATTENTION
         if self._ops is not None and (n == 1 or short):  # decode, a short prompt
-            return self._decode_attention(q, k, v, cache, layer, np.arange(pos0, pos0 + n),
-                                          np.full(n, cache.index), rope, scale, window, qk_norm)
+            rows = self._rows.get((pos0, n, cache.index))
+            if rows is None:  # the step's positions and slots, made once for all its layers
+                rows = (np.arange(pos0, pos0 + n), np.full(n, cache.index))
+                self._rows = {(pos0, n, cache.index): rows}
+            return self._decode_attention(q, k, v, cache, layer, *rows, pos0 + n - 1, rope, scale, window, qk_norm)
         return super().attend(q, k, v, cache, layer, pos0, rope=rope, scale=scale, window=window, qk_norm=qk_norm)
 
     def attend_batch(self, q, k, v, cache, layer, positions, slots, *, rope, scale, window=0, qk_norm=None):
         pos, sl = np.asarray(positions, np.int64), np.asarray(slots, np.int64)
         if self._ops is not None:
-            return self._decode_attention(q, k, v, cache, layer, pos, sl, rope, scale, window, qk_norm)
+            return self._decode_attention(q, k, v, cache, layer, pos, sl, int(pos.max()), rope, scale, window, qk_norm)
         if pos.max() >= cache.max_ctx:
             raise BackendError(f"KV cache overflow: position {pos.max()} >= context {cache.max_ctx}")
         if qk_norm is not None:
@@ -307,14 +311,14 @@ class NumpyBackend(Backend):
             out[rows] = self._attend_rows(q[rows], K, V, sl[rows], pos[rows], scale, window)
         return out                                                                           # [B, H*hd_v]
 
-    def _decode_attention(self, q, k, v, cache, layer, pos, sl, rope, scale, window, qk_norm):
-        """One new position per row (row b at pos[b] of slot sl[b]) through `cpu_ops.decode_attention`."""
-        if pos.max() >= cache.max_ctx:
-            raise BackendError(f"KV cache overflow: position {pos.max()} >= context {cache.max_ctx}")
-        rope = dict(rope)
-        neox = rope.pop("neox")
-        cos, sin = self._rope_table(rope.pop("base"), rope.pop("n_rot"), rope.pop("scale"), int(pos.max()) + 1,
-                                    **rope)                                                  # [positions, n_rot/2]
+    def _decode_attention(self, q, k, v, cache, layer, pos, sl, top, rope, scale, window, qk_norm):
+        """One new position per row (row b at pos[b] of slot sl[b]; top = max(pos)) through
+        `cpu_ops.decode_attention`."""
+        if top >= cache.max_ctx:
+            raise BackendError(f"KV cache overflow: position {top} >= context {cache.max_ctx}")
+        cos, sin = self._rope_table(rope["base"], rope["n_rot"], rope["scale"], top + 1, rope.get("factors"),
+                                    rope.get("attn_factor", 1.0))                            # [positions, n_rot/2]
+        neox = rope["neox"]
         qw, kw, eps = qk_norm if qk_norm is not None else (_NO_NORM, _NO_NORM, 0.0)
         q, k = np.array(q, np.float32), np.array(k, np.float32)                          # rotated in place
         v = np.ascontiguousarray(v, np.float32)

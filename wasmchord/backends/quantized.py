@@ -141,13 +141,23 @@ class QuantMatrix:
                                 group[0].name, name)
             self.runs.append(run)
             i, c0 = j, c0 + run.rows
+        # the one run, when it is all the matrix and its groups are whole: decode's path without the loop below
+        whole = len(self.runs) == 1 and self.runs[0].t is not None and self.runs[0].rows % K.R == 0
+        self._whole = self.runs[0] if whole else None
 
     def matmul(self, x: np.ndarray, scratch: np.ndarray) -> np.ndarray:
         """x [n, k] float32 @ self.T -> [n, rows]; `scratch` is a float32 buffer for prefill tiles."""
-        K = _kernels()
+        K = _K or _kernels()
         x = np.ascontiguousarray(x, dtype=np.float32)
         n = x.shape[0]
         out = np.empty((n, self.shape[0]), np.float32)
+        if n == 1 and self._whole is not None:  # decode: one token, one run of whole groups
+            run = self._whole
+            if self.activations != "f32" and run.qtype in K.VECTOR_INT_TYPES and K.HAS_VNNI:
+                self._vector_integer(K, run, x, out)
+            else:
+                K.matvec(run.marker, run.t, run.block, x[0], out[0])
+            return out
         for run in self.runs:
             cols = out[:, run.c0:run.c0 + run.rows]
             if run.f32 is not None:
