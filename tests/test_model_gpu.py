@@ -198,7 +198,10 @@ def test_bench_profile_reports_kernels_bandwidth_and_host_time(gpu_backend, tmp_
     assert not any(k.startswith(("elementwise.", "norm.", "rope.", "attention.")) for k in kernels)  # all fused
     assert p["dispatches_per_step"] == 154 == sum(k["calls_per_step"] for k in p["kernels"])
     assert kernels["matvec.matvec[q4m]"]["GBps"] > 0 and p["read_GBps"] > 0
-    assert 0 < p["host_encode_ms_per_step"] < 1000 and 0 < p["gpu_ms_per_step"] <= p["wall_ms_per_step"] * 1.5
+    # host encoding is part of each step's wall time (on lavapipe, which runs the kernels on the CPU, most
+    # of it: 1.07 s per step on a 2-core Zen 3); medians and means, hence the margin
+    assert 0 < p["host_encode_ms_per_step"] <= p["wall_ms_per_step"] * 1.5
+    assert 0 < p["gpu_ms_per_step"] <= p["wall_ms_per_step"] * 1.5
     assert "dispatches per decode step" in r.stdout and "read bandwidth" in r.stdout
 
 

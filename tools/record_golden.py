@@ -22,6 +22,17 @@ MODELS = ("smollm2-135m-instruct", "gemma3-270m")
 PROMPT = "The history of the printing press begins"
 
 
+def key(alias: str, device: str) -> str:
+    """The recording's key. CPU recordings (weights="f32": NumPy's BLAS) also name OpenBLAS's kernel
+    family (Haswell, SkylakeX, ...), whose sgemm sums in its own order; the key without it holds the
+    first recording, made on an AVX-512 machine, and is used where no family's own recording exists."""
+    if device != "cpu":
+        return f"{alias}/{device}"
+    from threadpoolctl import threadpool_info
+    arch = next((i.get("architecture") for i in threadpool_info() if i.get("internal_api") == "openblas"), None)
+    return f"{alias}/cpu/{arch}" if arch else f"{alias}/cpu"
+
+
 def digest(a: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(a, np.float32).tobytes()).hexdigest()
 
@@ -51,8 +62,9 @@ def main():
     data = json.loads(out.read_text()) if out.exists() else {}
     for dev in a.backends.split(","):
         for alias in MODELS:
-            data[f"{alias}/{dev}"] = record(alias, dev)
-            print(f"{alias} on {dev}: {data[f'{alias}/{dev}']['logits_sha256'][:16]}", file=sys.stderr)
+            k = key(alias, dev)
+            data[k] = record(alias, dev)
+            print(f"{k}: {data[k]['logits_sha256'][:16]}", file=sys.stderr)
     out.write_text(json.dumps(data, indent=1) + "\n")
 
 
