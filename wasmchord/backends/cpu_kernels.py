@@ -53,14 +53,15 @@ def _stack(n: int, dtype=types.float32):
     return stack
 
 
-def _has_avx512() -> bool:
-    """Whether numba compiles for a CPU with AVX-512F (32 vector registers of 16 floats): the host's,
-    or the target set by NUMBA_CPU_NAME / NUMBA_CPU_FEATURES (portable caches)."""
+def _target_has(*features: str) -> bool:
+    """Whether numba compiles for a CPU with all these features ("avx512f", ...): the host's, or the
+    target set by NUMBA_CPU_NAME / NUMBA_CPU_FEATURES (portable caches)."""
     import llvmlite.binding as ll
     from numba.core import config
     if config.CPU_NAME:
-        return "+avx512f" in (config.CPU_FEATURES or "")
-    return bool(ll.get_host_cpu_features().get("avx512f"))
+        return all(f"+{f}" in (config.CPU_FEATURES or "") for f in features)
+    host = ll.get_host_cpu_features()
+    return all(bool(host.get(f)) for f in features)
 
 
 CHUNK = 256   # columns decoded at a time by matmul (a whole K-quant block): CHUNK x R float32 = 64 KiB
@@ -68,7 +69,7 @@ TOKENS = 4    # tokens per pass over a decoded chunk
 # rows per pass of matmul over a chunk, whose TOKENS x ROWS sums stay in registers: all R with AVX-512
 # (16 of its 32 registers); 16 elsewhere (AVX2 has 16 registers of 8 floats: TOKENS x R sums spilled
 # to the stack, two moves per FMA; Zen 3, 64 tokens: 37-66 -> 100-119 GFLOP/s, the same sums)
-ROWS = R if _has_avx512() else 16
+ROWS = R if _target_has("avx512f") else 16  # AVX-512F: 32 registers of 16 floats
 _vector = _stack(R)
 _chunk = _stack(CHUNK * R)
 _token_block = _stack(TOKENS * ROWS)
@@ -796,18 +797,7 @@ def matmul(marker, t, cols_per_block, x, out):
 # FMAs. The sums per scale group are exact integers (started at minus the +128's share); scales and
 # offsets applied after.
 
-def _has_vnni() -> bool:
-    """Whether numba compiles for a CPU with AVX-512 VNNI (vpdpbusd): the host's, or the target set by
-    NUMBA_CPU_NAME / NUMBA_CPU_FEATURES (portable caches)."""
-    import llvmlite.binding as ll
-    from numba.core import config
-    if config.CPU_NAME:
-        return "+avx512vnni" in (config.CPU_FEATURES or "") and "+avx512bw" in (config.CPU_FEATURES or "")
-    features = ll.get_host_cpu_features()
-    return bool(features.get("avx512vnni")) and bool(features.get("avx512bw"))
-
-
-HAS_VNNI = _has_vnni()
+HAS_VNNI = _target_has("avx512vnni", "avx512bw")  # vpdpbusd on 512-bit vectors
 # block type -> log2 of its scale group's columns, for the types the integer kernel takes
 INT_TYPES = {"Q4_0": 5, "Q4_1": 5, "Q5_0": 5, "Q5_1": 5, "Q8_0": 5, "Q4_K": 5, "Q5_K": 5, "Q6_K": 4}
 SLICE = 32          # rows per pass: two vectors of 16 32-bit sums

@@ -153,7 +153,7 @@ class QuantMatrix:
         out = np.empty((n, self.shape[0]), np.float32)
         if n == 1 and self._whole is not None:  # decode: one token, one run of whole groups
             run = self._whole
-            if self.activations != "f32" and run.qtype in K.VECTOR_INT_TYPES and K.HAS_VNNI:
+            if self._integer_vector(K, run):
                 self._vector_integer(K, run, x, out)
             else:
                 K.matvec(run.marker, run.t, run.block, x[0], out[0])
@@ -175,7 +175,7 @@ class QuantMatrix:
                 for t0 in range(0, xp.shape[0], TOKEN_TILE):
                     K.matmul(run.marker, run.t, run.block, xp[t0:t0 + TOKEN_TILE], y[t0:t0 + TOKEN_TILE])
                 cols[...] = y[:n, :run.rows]
-            elif self.activations != "f32" and run.qtype in K.VECTOR_INT_TYPES and K.HAS_VNNI:
+            elif self._integer_vector(K, run):
                 self._vector_integer(K, run, x, cols)
             elif run.rows % K.R == 0:
                 for i in range(n):
@@ -186,6 +186,10 @@ class QuantMatrix:
                     K.matvec(run.marker, run.t, run.block, x[i], y)
                     cols[i] = y[:run.rows]
         return out
+
+    def _integer_vector(self, K, run: _Run) -> bool:
+        """Whether one or two tokens of `run` go through the one-token integer kernel."""
+        return self.activations != "f32" and run.qtype in K.VECTOR_INT_TYPES and K.HAS_VNNI
 
     def _integer(self, K, run: _Run, x, cols):
         """Several tokens through the integer kernel: x as int8 planes per 32 columns."""
