@@ -281,14 +281,33 @@ def test_integer_paths_by_token_count_and_type(monkeypatch):
         assert calls == want, qtype  # several tokens padded to whole passes of TOKENS_INT
 
 
-@pytest.mark.skipif(not K.HAS_VNNI, reason="the integer kernel needs AVX-512 VNNI")
+@pytest.mark.skipif(K.HAS_VNNI or not K.HAS_AVX2, reason="AVX2 without VNNI (with VNNI: the test above)")
+def test_avx2_paths_by_token_count_and_type(monkeypatch):
+    """AVX2 without VNNI, int16: one or two tokens of Q4_K go through `matvec_int` (AVX2's kernel), a
+    token per call; three and more through the float32 `matmul`; Q4_1 (no AVX2 kernel) through float32
+    `matvec` for one or two tokens."""
+    rng = np.random.default_rng()
+    calls = []
+    for name in ("matmul_int", "matvec_int", "matvec", "matmul"):
+        real = getattr(K, name)
+        monkeypatch.setattr(K, name, lambda *a, name=name, real=real: calls.append((name, a[-1].shape)) or real(*a))
+    for qtype, one in [("Q4_K", "matvec_int"), ("Q4_1", "matvec")]:
+        calls.clear()
+        W = QuantMatrix([source(qtype, 64, 256, rng)])
+        W.activations = "int16"
+        for n in (1, 2, 3):
+            W.matmul(rng.standard_normal((n, 256)).astype(np.float32), np.empty(1, np.float32))
+        assert calls == [(one, (64,))] * 3 + [("matmul", (4, 64))], qtype
+
+
+@pytest.mark.skipif(not K.VECTOR_INT_TYPES, reason="the one-token integer kernel needs AVX2 or AVX-512 VNNI")
 @pytest.mark.parametrize("name", sorted(K.VECTOR_INT_TYPES))
 @pytest.mark.parametrize("mode", ["int16", "int8"])
 def test_one_token_integer_kernel_matches_numpy_and_the_several_token_kernel(name, mode):
     """`matvec_int` alone (output poisoned with nan; 150 rows: a padded group; k: several chunks) against
-    NumPy in float64 within the mode's tolerance, and against `matmul_int`'s row for the same token
-    (the same integer sums and scale groups: float32 rounding apart); through QuantMatrix, one and two
-    tokens."""
+    NumPy in float64 within the mode's tolerance, and, with VNNI, against `matmul_int`'s row for the same
+    token (the same integer sums and scale groups: float32 rounding apart); through QuantMatrix, one and
+    two tokens. Without VNNI this is AVX2's kernel (vpmaddubsw), for Q4_K."""
     rng = np.random.default_rng()
     k = 3 * K.CHUNK if ggml_type(name).block_size == 256 else 9 * K.CHUNK // 4
     parts = [source(name, 150, k, rng)]
@@ -303,18 +322,19 @@ def test_one_token_integer_kernel_matches_numpy_and_the_several_token_kernel(nam
     ref = x[0] @ want.T
     np.testing.assert_allclose(out[:150], ref, rtol=0, atol=INT_TOL[mode] * np.abs(ref).max())
     assert (out[150:] == 0).all()  # the padding rows
-    several = np.full((K.TOKENS_INT, run.t.shape[0] * K.R), np.nan, np.float32)
-    K.matmul_int(run.marker, run.t, run.block, K.INT_TYPES[name], x1, x2, xs, z1, z2, xsum, several)
-    np.testing.assert_allclose(out, several[0], rtol=0, atol=2e-6 * np.abs(ref).max())
+    if K.HAS_VNNI:
+        several = np.full((K.TOKENS_INT, run.t.shape[0] * K.R), np.nan, np.float32)
+        K.matmul_int(run.marker, run.t, run.block, K.INT_TYPES[name], x1, x2, xs, z1, z2, xsum, several)
+        np.testing.assert_allclose(out, several[0], rtol=0, atol=2e-6 * np.abs(ref).max())
     through_matrix(W, want, mode, (1, 2), rng)
 
 
-def test_integer_activations_need_vnni_and_quantized_weights(monkeypatch):
-    """auto: int16 where the CPU has VNNI, else f32; asking for int16/int8 without VNNI, or with float32
-    weights, or an unknown value: a clear error naming the option."""
+def test_integer_activations_need_vnni_or_avx2_and_quantized_weights(monkeypatch):
+    """auto: int16 where the CPU has VNNI or AVX2, else f32; asking for int16/int8 without either, or with
+    float32 weights, or an unknown value: a clear error naming the option."""
     from wasmchord.backends.numpy_backend import NumpyBackend
     from wasmchord.errors import BackendError
-    assert NumpyBackend().activations == ("int16" if K.HAS_VNNI else "f32")
+    assert NumpyBackend().activations == ("int16" if K.HAS_VNNI or K.HAS_AVX2 else "f32")
     assert NumpyBackend(activations="f32").activations == "f32"
     assert NumpyBackend(weights="f32").activations == "f32"
     with pytest.raises(BackendError, match="activations='int8' needs weights='quantized'"):
@@ -322,8 +342,9 @@ def test_integer_activations_need_vnni_and_quantized_weights(monkeypatch):
     with pytest.raises(BackendError, match="activations='int4', expected one of"):
         NumpyBackend(activations="int4")
     monkeypatch.setattr(K, "HAS_VNNI", False)
+    monkeypatch.setattr(K, "HAS_AVX2", False)
     assert NumpyBackend().activations == "f32"
-    with pytest.raises(BackendError, match="activations='int16' needs a CPU with AVX-512 VNNI"):
+    with pytest.raises(BackendError, match="activations='int16' needs a CPU with AVX2 or AVX-512 VNNI"):
         NumpyBackend(activations="int16")
 
 

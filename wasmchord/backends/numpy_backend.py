@@ -84,9 +84,11 @@ ACTIVATIONS = ("auto", "f32", "int16", "int8")
 
 
 def _activations(weights: str, activations: str) -> str:
-    """How the several-token products take their activations: "f32"; "int16" (two int8 planes per 32
+    """How the products of quantized weights take their activations: "f32"; "int16" (two int8 planes per 32
     columns: the precision of 16-bit integers, logits within a few 1e-4 of float32) or "int8" (one plane,
-    llama.cpp's precision) through AVX-512 VNNI; "auto": int16 where the CPU has VNNI, else f32."""
+    llama.cpp's precision). With AVX-512 VNNI the integer kernels take every product of their types; with
+    AVX2 alone, one token's Q4_K products (decode), the rest staying float32 (which does as much per
+    instruction there as integers of two planes). "auto": int16 with VNNI or AVX2, else f32."""
     if activations not in ACTIVATIONS:
         raise BackendError(f"cpu backend: activations={activations!r}, expected one of {', '.join(map(repr, ACTIVATIONS))}")
     if weights == "f32":
@@ -97,11 +99,11 @@ def _activations(weights: str, activations: str) -> str:
     if activations == "f32":
         return "f32"
     from . import cpu_kernels  # numba: needed by the quantized weights anyway
-    if not cpu_kernels.HAS_VNNI:
+    if not (cpu_kernels.HAS_VNNI or cpu_kernels.HAS_AVX2):
         if activations == "auto":
             return "f32"
-        raise BackendError(f"cpu backend: activations={activations!r} needs a CPU with AVX-512 VNNI, which this "
-                           "one lacks; use 'f32' (or 'auto')")
+        raise BackendError(f"cpu backend: activations={activations!r} needs a CPU with AVX2 or AVX-512 VNNI, "
+                           "which this one lacks; use 'f32' (or 'auto')")
     return "int16" if activations == "auto" else activations
 
 
@@ -134,7 +136,11 @@ class NumpyBackend(Backend):
 
     def describe(self) -> str:
         if self.weights == "quantized":
-            return f"NumPy + compiled kernels (weights in their GGUF blocks, activations {self.activations})"
+            from . import cpu_kernels as K
+            acts = self.activations
+            if acts != "f32" and not K.HAS_VNNI:  # AVX2: the one-token integer kernel only
+                acts = f"{acts} for one token of {', '.join(sorted(K.VECTOR_INT_TYPES))}, else f32"
+            return f"NumPy + compiled kernels (weights in their GGUF blocks, activations {acts})"
         return "NumPy (float32 BLAS, weights f32)"
 
     # ------------------------------------------------------------------------------------ memory

@@ -189,7 +189,7 @@ class QuantMatrix:
 
     def _integer_vector(self, K, run: _Run) -> bool:
         """Whether one or two tokens of `run` go through the one-token integer kernel."""
-        return self.activations != "f32" and run.qtype in K.VECTOR_INT_TYPES and K.HAS_VNNI
+        return self.activations != "f32" and run.qtype in K.VECTOR_INT_TYPES  # the CPU's (VNNI's, or AVX2's)
 
     def _integer(self, K, run: _Run, x, cols):
         """Several tokens through the integer kernel: x as int8 planes per 32 columns."""
