@@ -1004,8 +1004,8 @@ def matmul_int(marker, t, cols_per_block, gshift, x1, x2, xs, z1, z2, xsum, out)
 # scheme (four steps of `_interleave_six` per 16 values) ran at 0.73-0.84x its float32 `matvec`.
 HAS_AVX2 = _target_has("avx2")
 # the types of the one-token integer kernel: VNNI's (vpdpbusd), or AVX2's (vpmaddubsw on nibble pairs)
-VECTOR_INT_TYPES = (frozenset({"Q4_0", "Q4_1", "Q8_0", "Q4_K"}) if HAS_VNNI else frozenset({"Q4_K"}) if HAS_AVX2
-                    else frozenset())
+VECTOR_INT_TYPES = (frozenset({"Q4_0", "Q4_1", "Q8_0", "Q4_K"}) if HAS_VNNI else frozenset({"Q4_K", "Q6_K"})
+                    if HAS_AVX2 else frozenset())
 _step = _stack(8 * R, types.uint8)
 _int_vector = _stack(R, types.int32)
 
@@ -1049,7 +1049,8 @@ def _vector_int_typed(marker, tg, k, x1, x2, xs, z1, z2, xsum, acc):
         has_min = name == "q4_1"
         return lambda marker, tg, k, x1, x2, xs, z1, z2, xsum, acc: _vector_q4(tg, k, x1, x2, xs, z1, z2, xsum, acc,
                                                                              has_min)
-    return {"q8_0": _vector_q8_0, "q4_k": _vector_q4_k if HAS_VNNI else _vector_q4_k_avx2}[name]
+    return {"q8_0": _vector_q8_0, "q4_k": _vector_q4_k if HAS_VNNI else _vector_q4_k_avx2,
+            "q6_k": _vector_q6_k_avx2}[name]
 
 
 @njit(inline="always")
@@ -1180,6 +1181,103 @@ def _nibble_pairs16(typingctx, s1, s2, t1, t2, blk, f, h, x1, x2, c):
                 builder.store(builder.add(builder.load(ptr, align=4), part), ptr, align=4)
         return context.get_dummy_value()
     return types.void(s1, s2, t1, t2, blk, f, h, x1, x2, c), codegen
+
+
+@intrinsic
+def _six_group16(typingctx, acc, a, blk, ql, qh, lshift, hshift, h, x1, x2, c, off, scale):
+    """Q6_K, rows h..h+31, one scale group: the values of fields ql..ql+15 and qh..qh+15 of blk (((ql byte
+    >> lshift) & 15) | ((qh byte >> hshift) & 3) << 4: 0..63) times the planes' columns c..c+15, summed in
+    32-bit integers, less `off` (the -32's share), then acc[r] += a[r] * (sum * scale) (x2 None: one plane).
+    A 6-bit value times an int8 is too large for 16-bit sums over more than two pairs: four fields are
+    interleaved instead (bytes, then 16-bit pairs: a row's four columns in one 32-bit lane) and vpmaddwd
+    with ones adds each row's two pairs into 32 bits, as vpdpbusd would. The group's sums stay in registers
+    (its 16 columns are too few to pay for `_start` and `_close` in memory)."""
+    two = not isinstance(x2, types.NoneType)
+
+    def codegen(context, builder, sig, args):
+        acc, a, blk, ql, qh, lshift, hshift, h, x1, x2, c, off, scale = args
+        i8, i16, i32, f32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
+        b32, w16, v8, f8 = ir.VectorType(i8, 32), ir.VectorType(i16, 16), ir.VectorType(i32, 8), ir.VectorType(f32, 8)
+        madd = builder.module.declare_intrinsic("llvm.x86.avx2.pmadd.ub.sw", (), ir.FunctionType(w16, [b32, b32]))
+        widen = builder.module.declare_intrinsic("llvm.x86.avx2.pmadd.wd", (), ir.FunctionType(v8, [w16, w16]))
+        fma = builder.module.declare_intrinsic("llvm.fma.v8f32", (), ir.FunctionType(f8, [f8] * 3))
+        ones = ir.Constant(w16, [1] * 16)
+        k = lambda v, t=ql.type: ir.Constant(t, v)  # noqa: E731
+
+        def splat(v, ty):
+            return builder.shuffle_vector(builder.insert_element(ir.Constant(ty, ir.Undefined), v, ir.Constant(i32, 0)),
+                                          ir.Constant(ty, ir.Undefined), ir.Constant(ir.VectorType(i32, ty.count), [0] * ty.count))
+
+        def shifted(v, n):  # v >> n in 16-bit lanes (one vpsrlw; bytes have no shift by a variable), masked after
+            n = builder.trunc(n, i16) if n.type.width > 16 else builder.zext(n, i16)
+            return builder.bitcast(builder.lshr(builder.bitcast(v, w16), splat(n, w16)), b32)
+
+        bytes_lo = [16 * lane + j + 32 * e for lane in range(2) for j in range(8) for e in range(2)]
+        bytes_hi = [16 * lane + 8 + j + 32 * e for lane in range(2) for j in range(8) for e in range(2)]
+        words = lambda half: [8 * lane + half + j + 16 * e for lane in range(2) for j in range(4) for e in range(2)]  # noqa: E731
+        planes = [(x1, sig.args[8])] + ([(x2, sig.args[9])] if two else [])
+        sums = {}
+        for q4 in range(4):  # columns c + 4 q4 .. + 4
+            vals = []
+            for e in range(4):
+                f = k(4 * q4 + e)
+                lo = builder.load(_pointer(context, builder, sig.args[2], blk,
+                                           builder.add(builder.mul(builder.add(ql, f), k(R)), h), b32), align=1)
+                hi = builder.load(_pointer(context, builder, sig.args[2], blk,
+                                           builder.add(builder.mul(builder.add(qh, f), k(R)), h), b32), align=1)
+                lo = builder.and_(shifted(lo, lshift), ir.Constant(b32, [15] * 32))
+                hi = builder.shl(builder.and_(shifted(hi, hshift), ir.Constant(b32, [3] * 32)), ir.Constant(b32, [4] * 32))
+                vals.append(builder.or_(lo, hi))
+            quads = []  # rows 0-3|16-19, 4-7|20-23, 8-11|24-27, 12-15|28-31 (lanes of 4)
+            for idx in (bytes_lo, bytes_hi):
+                ab = builder.bitcast(builder.shuffle_vector(vals[0], vals[1], ir.Constant(ir.VectorType(i32, 32), idx)), w16)
+                cd = builder.bitcast(builder.shuffle_vector(vals[2], vals[3], ir.Constant(ir.VectorType(i32, 32), idx)), w16)
+                for half in (0, 4):
+                    quads.append(builder.bitcast(builder.shuffle_vector(ab, cd, ir.Constant(ir.VectorType(i32, 16), words(half))), b32))
+            for p, (x, xt) in enumerate(planes):
+                xw = builder.load(_pointer(context, builder, xt, x, builder.add(c, k(4 * q4, c.type)), i32), align=1)
+                xv = builder.bitcast(splat(xw, v8), b32)
+                for n, qv in enumerate(quads):
+                    part = builder.call(widen, [builder.call(madd, [qv, xv]), ones])
+                    sums[p, n] = builder.add(sums[p, n], part) if q4 else part
+        o, sc = splat(_i32(builder, off), v8), splat(scale, f8)
+        v = []
+        for n in range(4):
+            t = builder.add(builder.shl(sums[0, n], ir.Constant(v8, [8] * 8)), sums[1, n]) if two else sums[0, n]
+            v.append(builder.fmul(builder.sitofp(builder.sub(t, o), f8), sc))
+        for lane in range(2):
+            for pair in range(2):  # rows h + 16 lane + 8 pair .. + 8
+                rows = builder.shuffle_vector(v[2 * pair], v[2 * pair + 1], ir.Constant(
+                    v8, [4 * lane + j for j in range(4)] + [8 + 4 * lane + j for j in range(4)]))
+                r = builder.add(h, k(16 * lane + 8 * pair, h.type))
+                pa = _pointer(context, builder, sig.args[0], acc, r, f8)
+                pw = _pointer(context, builder, sig.args[1], a, r, f8)
+                builder.store(builder.call(fma, [builder.load(pw, align=4), rows, builder.load(pa, align=4)]), pa, align=4)
+        return context.get_dummy_value()
+    return types.void(acc, a, blk, ql, qh, lshift, hshift, h, x1, x2, c, off, scale), codegen
+
+
+def _vector_q6_k_avx2(marker, tg, k, x1, x2, xs, z1, z2, xsum, acc):
+    """Q6_K (`_group_q6_k`) through `_six_group16`, a scale group of 16 columns at a time: the sums less
+    the -32's share (32 x the planes' sums: z / 4), times d * scale."""
+    d, a = carray(_vector(), R), carray(_vector(), R)
+    for b in range(k // 256):
+        blk = tg[b * 210 * R:(b + 1) * 210 * R]
+        _halves(blk, 208, d)
+        for h in range(2):
+            for u in range(4):
+                for l0 in range(0, 32, 16):
+                    c = 256 * b + 128 * h + 32 * u + l0
+                    g = c >> 4
+                    off = (z2[g] if x2 is not None else z1[g]) // 4
+                    scale = xs[c >> 5] if x2 is not None else xs[c >> 5] * np.float32(256)
+                    sc = _field(blk, 192 + 8 * h + 2 * u + l0 // 16)
+                    for r in range(R):
+                        a[r] = d[r] * np.float32(np.int8(sc[r]))
+                    for rh in range(0, R, 32):
+                        _prefetch_lines(blk, 210 + 7 * (8 * h + 2 * u + l0 // 16) + 3 * (rh // 32), 4)  # the next block
+                        _six_group16(acc, a, blk, 64 * h + 32 * (u % 2) + l0, 128 + 32 * h + l0, 4 * (u // 2), 2 * u,
+                                     rh, x1, x2, c, off, scale)
 
 
 def _vector_q4_k_avx2(marker, tg, k, x1, x2, xs, z1, z2, xsum, acc):
