@@ -329,6 +329,43 @@ def test_one_token_integer_kernel_matches_numpy_and_the_several_token_kernel(nam
     through_matrix(W, want, mode, (1, 2), rng)
 
 
+def _avx2_vector_kernel(decoder):
+    """A one-token kernel over every row group through `decoder` (K._vector_q4_k_avx2, ...), compiled
+    here: `matvec_int` takes the AVX2 forms only where the CPU lacks VNNI, and every VNNI CPU has AVX2."""
+    from numba import njit
+    body = njit(inline="always")(decoder)
+
+    @njit
+    def kernel(t, x1, x2, xs, z1, z2, xsum, out):
+        for g in range(t.shape[0]):
+            acc = np.zeros(K.R, np.float32)
+            body(None, t[g], x1.shape[0], x1, x2, xs, z1, z2, xsum, acc)
+            out[g * K.R:(g + 1) * K.R] = acc
+    return kernel
+
+
+@pytest.mark.skipif(not K.HAS_AVX2, reason="the AVX2 kernels need AVX2")
+@pytest.mark.parametrize("name", ["Q4_K", "Q6_K"])
+@pytest.mark.parametrize("mode", ["int16", "int8"])
+def test_avx2_one_token_kernels_match_numpy_on_any_avx2_cpu(name, mode):
+    """The AVX2 one-token decoders (Q4_K: nibble pairs in 16-bit sums; Q6_K: four columns into 32 bits)
+    against NumPy in float64, on every AVX2 CPU, VNNI or not (output poisoned with nan; 150 rows: a padded
+    group; three blocks of columns)."""
+    rng = np.random.default_rng()
+    k = 3 * K.CHUNK
+    parts = [source(name, 150, k, rng)]
+    want = reference(parts).astype(np.float64)
+    (run,) = QuantMatrix(parts).runs
+    x = rng.standard_normal((1, k)).astype(np.float32) * np.float32(rng.uniform(0.1, 10))
+    x1, x2, xs, z1, z2, xsum = planes(x, K.INT_TYPES[name], mode == "int16")
+    out = np.full(run.t.shape[0] * K.R, np.nan, np.float32)
+    decoder = {"Q4_K": K._vector_q4_k_avx2, "Q6_K": K._vector_q6_k_avx2}[name]
+    _avx2_vector_kernel(decoder)(run.t, x1[0], None if x2 is None else x2[0], xs[0], z1[0], z2[0], xsum[0], out)
+    ref = x[0] @ want.T
+    np.testing.assert_allclose(out[:150], ref, rtol=0, atol=INT_TOL[mode] * np.abs(ref).max())
+    assert (out[150:] == 0).all()  # the padding rows
+
+
 def test_integer_activations_need_vnni_or_avx2_and_quantized_weights(monkeypatch):
     """auto: int16 where the CPU has VNNI or AVX2, else f32; asking for int16/int8 without either, or with
     float32 weights, or an unknown value: a clear error naming the option."""

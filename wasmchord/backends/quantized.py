@@ -6,7 +6,8 @@ size as in the file; nothing is expanded. The file pages they were read from are
 the process's resident set. One or two rows (decode, a batch of two) are multiplied by `matvec`, a
 row at a time; more (prefill, batches) by the several-token kernel: with float32 activations, or, on
 CPUs with AVX-512 VNNI, the integer kernel (`activations`: "int16", two int8 planes per 32 columns,
-logits within a few 1e-4 of float32; "int8", one plane, as llama.cpp). `prefill = "sgemm"` instead
+logits within a few 1e-4 of float32; "int8", one plane, as llama.cpp). One or two rows take the one-token
+integer kernel for its types (VNNI's, or AVX2's for Q4_K and Q6_K). `prefill = "sgemm"` instead
 decodes tiles of rows into a reused float32 buffer and multiplies them with BLAS sgemm. F32 runs and
 types without a kernel (Q2_K, Q3_K: dequantized at load, with a warning) are float32 arrays
 multiplied by BLAS. Embedding lookups decode their rows from the file's own blocks.

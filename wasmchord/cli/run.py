@@ -27,9 +27,10 @@ def add_device_options(s):
                    help="cpu backend: keep weights in their GGUF blocks (quantized, the default) or expand "
                         "them to float32 at load (f32, the exact reference)")
     s.add_argument("--activations", choices=["auto", "f32", "int16", "int8"], default=None,
-                   help="cpu backend, several tokens at once (prompts, batches): multiply float32 activations "
-                        "(f32), or integer ones through AVX-512 VNNI: int16 (logits within a few 1e-4 of float32) or "
-                        "int8 (llama.cpp's precision, fastest); auto: int16 where the CPU has VNNI (the default)")
+                   help="cpu backend: multiply float32 activations (f32), or integer ones: int16 (logits within a "
+                        "few 1e-4 of float32) or int8 (llama.cpp's precision, fastest), for every product with "
+                        "AVX-512 VNNI, for decode's Q4_K and Q6_K products with AVX2 alone; auto: int16 where the "
+                        "CPU has either (the default)")
     add_verify(s)
 
 
