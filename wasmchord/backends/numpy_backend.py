@@ -87,7 +87,7 @@ def _activations(weights: str, activations: str) -> str:
     """How the products of quantized weights take their activations: "f32"; "int16" (two int8 planes per 32
     columns: the precision of 16-bit integers, logits within a few 1e-4 of float32) or "int8" (one plane,
     llama.cpp's precision). With AVX-512 VNNI the integer kernels take every product of their types; with
-    AVX2 alone, one token's Q4_K products (decode), the rest staying float32 (which does as much per
+    AVX2 alone, one or two tokens' Q4_K and Q6_K products (decode), the rest staying float32 (which does as much per
     instruction there as integers of two planes). "auto": int16 with VNNI or AVX2, else f32."""
     if activations not in ACTIVATIONS:
         raise BackendError(f"cpu backend: activations={activations!r}, expected one of {', '.join(map(repr, ACTIVATIONS))}")

@@ -103,7 +103,7 @@ class QuantMatrix:
     """A weight matrix [rows, k]: `parts` stacked by rows, kept in their blocks (see the module docstring)."""
 
     prefill = "kernel"
-    activations = "f32"  # several-token products: "f32", or integer planes "int16" / "int8" (VNNI CPUs);
+    activations = "f32"  # "f32", or integer planes "int16" / "int8" (VNNI: every integer type; AVX2: one token of Q4_K, Q6_K);
                          # the backend sets it per matrix
 
     def __init__(self, parts: list[WeightSource]):
