@@ -172,10 +172,15 @@ class QuantMatrix:
                 if n % K.TOKENS:  # whole blocks of tokens: pad with zero rows
                     xp = np.zeros((n + K.TOKENS - n % K.TOKENS, x.shape[1]), np.float32)
                     xp[:n] = x
-                y = np.empty((xp.shape[0], run.t.shape[0] * K.R), np.float32)
-                for t0 in range(0, xp.shape[0], TOKEN_TILE):
-                    K.matmul(run.marker, run.t, run.block, xp[t0:t0 + TOKEN_TILE], y[t0:t0 + TOKEN_TILE])
-                cols[...] = y[:n, :run.rows]
+                direct = xp is x and cols.flags.c_contiguous and cols.shape[1] == run.t.shape[0] * K.R  # as _integer
+                y = cols if direct else np.empty((xp.shape[0], run.t.shape[0] * K.R), np.float32)
+                if xp.shape[0] <= TOKEN_TILE:
+                    K.matmul(run.marker, run.t, run.block, xp, y)
+                else:
+                    for t0 in range(0, xp.shape[0], TOKEN_TILE):
+                        K.matmul(run.marker, run.t, run.block, xp[t0:t0 + TOKEN_TILE], y[t0:t0 + TOKEN_TILE])
+                if not direct:
+                    cols[...] = y[:n, :run.rows]
             elif self._integer_vector(K, run):
                 self._vector_integer(K, run, x, cols)
             elif run.rows % K.R == 0:
