@@ -193,7 +193,7 @@ def test_activations_split_into_two_int8_planes_of_16_bit_precision(quantize):
         np.testing.assert_allclose(xsum, got.reshape(3, -1, g).sum(-1), rtol=1e-5, atol=1e-5 * np.abs(x).max())
 
 
-@pytest.mark.skipif(not K.HAS_VNNI, reason="the integer kernel needs AVX-512 VNNI")
+@pytest.mark.skipif(not (K.HAS_VNNI or K.HAS_AVX2), reason="the integer kernels need AVX2 or AVX-512 VNNI")
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_non_finite_activations_stay_non_finite(bad):
     """A token whose activations hold an inf or a nan gets non-finite outputs (the engine then fails
@@ -214,25 +214,41 @@ def test_every_integer_type_has_a_kernel_type():
     assert set(K.INT_TYPES) <= K.KERNEL_TYPES and {"F16", "BF16"}.isdisjoint(K.INT_TYPES)
 
 
-@pytest.mark.skipif(not K.HAS_VNNI, reason="the integer kernel needs AVX-512 VNNI (see test_integer_activations_"
-                                           "need_vnni for such CPUs)")
+@pytest.mark.skipif(not (K.HAS_VNNI or K.HAS_AVX2), reason="the integer kernels need AVX2 or AVX-512 VNNI (see "
+                                                          "test_integer_activations_need_vnni_or_avx2 for such CPUs)")
 @pytest.mark.parametrize("name", sorted(K.INT_TYPES))
 @pytest.mark.parametrize("mode", ["int16", "int8"])
 def test_integer_kernel_matches_numpy_dequantize_and_matmul(name, mode):
-    """The kernel alone (output poisoned with nan) and through QuantMatrix (5 and 9 tokens: padded to
-    whole passes; 150 rows: a padded group; k: several chunks), against NumPy in float64."""
+    """The several-token integer kernels alone (output poisoned with nan; 8 tokens: two passes) against
+    NumPy in float64: VNNI's `matmul_int` where the CPU has it, AVX2's `matmul_int16` (the planes joined
+    into 16-bit integers) on every AVX2 CPU, and on a VNNI CPU each against the other (the same integer
+    sums: float32 rounding apart); then through QuantMatrix (5 and 9 tokens: padded to whole passes;
+    150 rows: a padded group; k: several chunks)."""
     rng = np.random.default_rng()
     k = 3 * K.CHUNK if ggml_type(name).block_size == 256 else 9 * K.CHUNK // 4
     parts = [source(name, 150, k, rng)]
     want = reference(parts).astype(np.float64)
     W = QuantMatrix(parts)
     (run,) = W.runs
-    x = rng.standard_normal((K.TOKENS_INT, k)).astype(np.float32)
-    out = np.full((K.TOKENS_INT, run.t.shape[0] * K.R), np.nan, np.float32)
-    K.matmul_int(run.marker, run.t, run.block, K.INT_TYPES[name], *planes(x, K.INT_TYPES[name], mode == "int16"), out)
+    gshift = K.INT_TYPES[name]
+    x = rng.standard_normal((2 * K.TOKENS_INT, k)).astype(np.float32) * np.float32(rng.uniform(0.1, 10))
     ref = x @ want.T
-    np.testing.assert_allclose(out[:, :150], ref, rtol=0, atol=INT_TOL[mode] * np.abs(ref).max())
-    assert (out[:, 150:] == 0).all()  # the padding rows
+    x1, x2, xs, z1, z2, xsum = planes(x, gshift, mode == "int16")
+    got = {}
+    if K.HAS_VNNI:
+        got["matmul_int"] = np.full((len(x), run.t.shape[0] * K.R), np.nan, np.float32)
+        K.matmul_int(run.marker, run.t, run.block, gshift, x1, x2, xs, z1, z2, xsum, got["matmul_int"])
+    if K.HAS_AVX2:
+        x16 = np.full(x1.shape, 12345, np.int16)
+        K.join_planes(x1, x2, x16)
+        np.testing.assert_array_equal(x16, 256 * x1.astype(np.int32) + (0 if x2 is None else x2))
+        got["matmul_int16"] = np.full((len(x), run.t.shape[0] * K.R), np.nan, np.float32)
+        K.matmul_int16(run.marker, run.t, run.block, gshift, x16, xs, xsum, got["matmul_int16"])
+    for kernel, out in got.items():
+        np.testing.assert_allclose(out[:, :150], ref, rtol=0, atol=INT_TOL[mode] * np.abs(ref).max(), err_msg=kernel)
+        assert (out[:, 150:] == 0).all()  # the padding rows
+    if len(got) == 2:
+        np.testing.assert_allclose(got["matmul_int16"], got["matmul_int"], rtol=0, atol=2e-6 * np.abs(ref).max())
     through_matrix(W, want, mode, (5, 9), rng)
 
 
@@ -243,8 +259,8 @@ def test_more_tokens_than_a_tile_match_numpy_and_each_token_alone(mode):
     number depends on the tile a token falls in; compared at the same place in a pass of TOKENS_INT
     tokens, whose unrolled epilogues may round their multiply-adds differently)."""
     from wasmchord.backends.quantized import TOKEN_TILE
-    if mode == "int16" and not K.HAS_VNNI:
-        pytest.skip("the integer kernel needs AVX-512 VNNI")
+    if mode == "int16" and not (K.HAS_VNNI or K.HAS_AVX2):
+        pytest.skip("the integer kernels need AVX2 or AVX-512 VNNI")
     rng = np.random.default_rng()
     parts = [source("Q4_K", 96, 512, rng)]
     W = QuantMatrix(parts)
@@ -284,20 +300,22 @@ def test_integer_paths_by_token_count_and_type(monkeypatch):
 @pytest.mark.skipif(K.HAS_VNNI or not K.HAS_AVX2, reason="AVX2 without VNNI (with VNNI: the test above)")
 def test_avx2_paths_by_token_count_and_type(monkeypatch):
     """AVX2 without VNNI, int16: one or two tokens of Q4_K go through `matvec_int` (AVX2's kernel), a
-    token per call; three and more through the float32 `matmul`; Q4_1 (no AVX2 kernel) through float32
-    `matvec` for one or two tokens."""
+    token per call; three and more through `matmul_int16`; Q4_1 (no AVX2 one-token kernel) through
+    float32 `matvec` for one or two tokens, `matmul_int16` for more; F16 (no integer values) through
+    the float32 kernels."""
     rng = np.random.default_rng()
     calls = []
-    for name in ("matmul_int", "matvec_int", "matvec", "matmul"):
+    for name in ("matmul_int", "matmul_int16", "matvec_int", "matvec", "matmul"):
         real = getattr(K, name)
         monkeypatch.setattr(K, name, lambda *a, name=name, real=real: calls.append((name, a[-1].shape)) or real(*a))
-    for qtype, one in [("Q4_K", "matvec_int"), ("Q4_1", "matvec")]:
+    for qtype, one, several in [("Q4_K", "matvec_int", "matmul_int16"), ("Q4_1", "matvec", "matmul_int16"),
+                                ("F16", "matvec", "matmul")]:
         calls.clear()
         W = QuantMatrix([source(qtype, 64, 256, rng)])
         W.activations = "int16"
         for n in (1, 2, 3):
             W.matmul(rng.standard_normal((n, 256)).astype(np.float32), np.empty(1, np.float32))
-        assert calls == [(one, (64,))] * 3 + [("matmul", (4, 64))], qtype
+        assert calls == [(one, (64,))] * 3 + [(several, (4, 64))], qtype
 
 
 @pytest.mark.skipif(not K.VECTOR_INT_TYPES, reason="the one-token integer kernel needs AVX2 or AVX-512 VNNI")

@@ -2,7 +2,8 @@
 products (GB/s of weights read) on 1 and all threads, the float32 tile decoding of prefill, and the
 memory read bandwidth of a BLAS float32 matrix-vector product measured in the same run. With
 --tokens N: instead the several-token products of N tokens (GFLOP/s, the activations' quantization
-included) with float32 activations and, where the CPU has AVX-512 VNNI, int16 and int8 ones.
+included) with float32 activations and, where the CPU has AVX-512 VNNI or AVX2, int16 and int8 ones
+(`matmul_int`, or `matmul_int16` without VNNI).
 
     python tools/bench_cpu_kernels.py [--types Q4_K,Q6_K] [--shape 8960x1536] [--repeats 30] [--json FILE]
     python tools/bench_cpu_kernels.py --tokens 256 --shape 1536x1536 [--threads 1]
@@ -57,7 +58,7 @@ def main():
     rng, results = np.random.default_rng(0), []
     if a.tokens:
         numba.set_num_threads(a.threads or threads)
-        modes = ["f32", "int16", "int8"] if K.HAS_VNNI else ["f32"]
+        modes = ["f32", "int16", "int8"] if K.HAS_VNNI or K.HAS_AVX2 else ["f32"]
         print(f"{rows} x {k}, {a.tokens} tokens, {a.threads or threads} threads; GFLOP/s, min of {a.repeats} runs")
         print(f"{'type':<6}" + "".join(f"{m:>9}" for m in modes))
         for name in a.types.split(","):

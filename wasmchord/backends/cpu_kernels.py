@@ -994,6 +994,169 @@ def matmul_int(marker, t, cols_per_block, gshift, x1, x2, xs, z1, z2, xsum, out)
                             orow[r] = acc[i * SLICE + r]
 
 
+# ---------------------------------------------------------------------------- several tokens, integer (AVX2)
+# Without VNNI, the activations as one 16-bit integer per value (x16 = 256 x1 + x2: the two planes
+# joined, exactly) and the weights' values as 16-bit integers, multiplied by vpmaddwd (16 products into
+# 8 sums of two per instruction, plus a vpaddd) where float32 does 8 per FMA. Per scale group the 32-bit
+# sums are exact (32 columns x 128 x 32,639 < 2^31) and closed as `matmul_int` closes them, with no
+# +128 share to take off: the same sums as VNNI's. Zen 3, 2 cores, 1536 x 1536 (tools/bench_cpu_kernels.py
+# --tokens N): 8 tokens 1.0-1.15x float32's `matmul` (decoding the chunk weighs as much as the
+# products), 64 and 256 tokens 1.15-1.6x. The group's column loop must have a constant trip count
+# (unrolled: constant offsets) and the epilogue explicit vectors (`_close8`): otherwise 0.5x float32.
+SLICE16 = 16        # rows per pass: two vectors of 8 sums; TOKENS_INT tokens: 8 sum registers
+_words = _stack(CHUNK * R, types.int16)
+_sums16 = _stack(TOKENS_INT * SLICE16, types.int32)
+_slice_acc16 = _stack(TOKENS_INT * SLICE16)
+
+
+@intrinsic
+def _widen_quad(typingctx, wq, qi, w16):
+    """The interleaved bytes of four columns (wq[qi:qi + 4R]: value + 128, a row's four columns in a
+    lane) as 16-bit values in pairs: w16[qi:qi + 2R] holds each row's columns 0, 1 and w16[qi + 2R:qi + 4R]
+    its columns 2, 3 (vpmaddwd's operands, a row per 32-bit lane)."""
+    def codegen(context, builder, sig, args):
+        wq, qi, w16 = args
+        i8, i16, i32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
+        v = builder.load(_pointer(context, builder, sig.args[0], wq, qi, ir.VectorType(i8, 4 * R)), align=1)
+        for half in range(2):
+            idx = [4 * r + 2 * half + j for r in range(R) for j in range(2)]
+            b = builder.shuffle_vector(v, ir.Constant(v.type, ir.Undefined), ir.Constant(ir.VectorType(i32, 2 * R), idx))
+            w = builder.sub(builder.zext(b, ir.VectorType(i16, 2 * R)), ir.Constant(ir.VectorType(i16, 2 * R), [128] * (2 * R)))
+            di = builder.add(qi, ir.Constant(qi.type, 2 * R * half))
+            builder.store(w, _pointer(context, builder, sig.args[2], w16, di, w.type), align=2)
+        return context.get_dummy_value()
+    return types.void(wq, qi, w16), codegen
+
+
+@intrinsic
+def _madd8(typingctx, acc, ai, w16, wi, x16, xi):
+    """acc[ai:ai + 8] (int32) += for each lane r: w16[wi + 2r] * x16[xi] + w16[wi + 2r + 1] * x16[xi + 1]
+    (16-bit values): one vpmaddwd and one vpaddd."""
+    def codegen(context, builder, sig, args):
+        acc, ai, w16, wi, x16, xi = args
+        i16, i32 = ir.IntType(16), ir.IntType(32)
+        v8, w16t = ir.VectorType(i32, 8), ir.VectorType(i16, 16)
+        madd = builder.module.declare_intrinsic("llvm.x86.avx2.pmadd.wd", (), ir.FunctionType(v8, [w16t, w16t]))
+        pa = _pointer(context, builder, sig.args[0], acc, ai, v8)
+        pw = _pointer(context, builder, sig.args[2], w16, wi, w16t)
+        xw = builder.load(_pointer(context, builder, sig.args[4], x16, xi, i32), align=2)
+        xv = builder.shuffle_vector(builder.insert_element(ir.Constant(v8, ir.Undefined), xw, ir.Constant(i32, 0)),
+                                    ir.Constant(v8, ir.Undefined), ir.Constant(v8, [0] * 8))
+        prod = builder.call(madd, [builder.load(pw, align=2), builder.bitcast(xv, w16t)])
+        builder.store(builder.add(builder.load(pa, align=4), prod), pa, align=4)
+        return context.get_dummy_value()
+    return types.void(acc, ai, w16, wi, x16, xi), codegen
+
+
+@intrinsic
+def _close8(typingctx, acc, ai, s, si, ab, mb, bi, sc, sx):
+    """acc[ai:ai + 8] += ab[bi:bi + 8] * (float32(s[si:si + 8]) * sc) + mb[bi:bi + 8] * sx: a scale
+    group's sums of 8 rows closed (ab, mb: the rows' scales and minimums, flat indices)."""
+    def codegen(context, builder, sig, args):
+        acc, ai, s, si, ab, mb, bi, sc, sx = args
+        f32, i32 = ir.FloatType(), ir.IntType(32)
+        f8, v8 = ir.VectorType(f32, 8), ir.VectorType(i32, 8)
+        fma = builder.module.declare_intrinsic("llvm.fma.v8f32", (), ir.FunctionType(f8, [f8] * 3))
+
+        def splat(v):
+            return builder.shuffle_vector(builder.insert_element(ir.Constant(f8, ir.Undefined), v, ir.Constant(i32, 0)),
+                                          ir.Constant(f8, ir.Undefined), ir.Constant(v8, [0] * 8))
+        pa = _pointer(context, builder, sig.args[0], acc, ai, f8)
+        v = builder.sitofp(builder.load(_pointer(context, builder, sig.args[2], s, si, v8), align=4), f8)
+        a = builder.load(_pointer(context, builder, sig.args[4], ab, bi, f8), align=4)
+        m = builder.load(_pointer(context, builder, sig.args[5], mb, bi, f8), align=4)
+        r = builder.call(fma, [a, builder.fmul(v, splat(sc)), builder.load(pa, align=4)])
+        builder.store(builder.call(fma, [m, splat(sx), r]), pa, align=4)
+        return context.get_dummy_value()
+    return types.void(acc, ai, s, si, ab, mb, bi, types.float32, types.float32), codegen
+
+
+@njit(inline="always")
+def _group_madd(s, w16, wo, x16, t0, xc, cols):
+    """s[i * SLICE16 + r] += the 16-bit pairs at w16[wo:] (a quad of columns per 4R values) times token
+    t0 + i's columns xc..xc + cols, for SLICE16 rows and TOKENS_INT tokens."""
+    for c in range(0, cols, 2):
+        w = wo + (c >> 2) * 4 * R + ((c >> 1) & 1) * 2 * R
+        for i in range(TOKENS_INT):
+            for h in range(0, SLICE16, 8):
+                _madd8(s, i * SLICE16 + h, w16, w + 2 * h, x16[t0 + i], xc + c)
+
+
+@njit(inline="always")
+def _join_row(x1, x2, x16):
+    for c in range(x1.shape[0]):
+        v = np.int16(x1[c]) << 8
+        x16[c] = v + np.int16(x2[c]) if x2 is not None else v
+
+
+@njit(parallel=True, **JIT)
+def join_planes(x1, x2, x16):
+    """x16 = 256 x1 + x2 (int8 [n, k] each; x2 None: 256 x1), `matmul_int16`'s activations: exact
+    (|x16| <= 127 x 256 + 127)."""
+    for i in prange(x1.shape[0]):
+        _join_row(x1[i], x2[i] if x2 is not None else None, x16[i])
+
+
+@njit(**JIT)
+def join_planes_serial(x1, x2, x16):
+    """`join_planes` on the calling thread (a few rows)."""
+    for i in range(x1.shape[0]):
+        _join_row(x1[i], x2[i] if x2 is not None else None, x16[i])
+
+
+@njit(parallel=True, **JIT)
+def matmul_int16(marker, t, cols_per_block, gshift, x16, xs, xsum, out):
+    """`matmul_int` for CPUs without VNNI: x given as x16 (int16 [n, k], 256 x1 + x2) and scales xs
+    (float32 [n, k / 32]): x = xs * x16; xsum per scale group of 2^gshift columns (the minimums' term).
+    n a multiple of TOKENS_INT; out [n, G * R]. The chunk decoding is `matmul_int`'s, then widened to
+    16-bit pairs (`_widen_quad`)."""
+    n, k = x16.shape
+    size = t.shape[1] * cols_per_block // (k * R)  # bytes per block
+    for g in prange(t.shape[0]):
+        tg, wc, wq, w16 = t[g], carray(_bytes(), CHUNK * R), carray(_bytes(), CHUNK * R), carray(_words(), CHUNK * R)
+        ab, mb = carray(_unit_scales(), (CHUNK // 16, R)), carray(_unit_scales(), (CHUNK // 16, R))
+        og = np.uint64(g * R)
+        for i in range(n):
+            orow = out[i]
+            for r in range(R):
+                orow[og + np.uint64(r)] = 0
+        for c0 in range(0, k, CHUNK):
+            kc = min(CHUNK, k - c0)
+            b0 = c0 // cols_per_block
+            _group(marker, tg[b0 * size * R:(b0 + kc // cols_per_block) * size * R], kc, (wc, ab, mb, wq))
+            if not _fused(marker):
+                for c in range(0, kc, 4):
+                    _interleave(wc, c * R, wq, c * R)
+            for c in range(0, kc, 4):
+                _widen_quad(wq, c * R, w16)
+            for t0 in range(0, n, TOKENS_INT):
+                for rs in range(0, R, SLICE16):
+                    acc = carray(_slice_acc16(), TOKENS_INT * SLICE16)
+                    for i in range(TOKENS_INT):
+                        orow = out[t0 + i, og + np.uint64(rs):og + np.uint64(rs + SLICE16)]
+                        for r in range(SLICE16):
+                            acc[i * SLICE16 + r] = orow[r]
+                    for j in range(kc >> gshift):
+                        u, b = np.uint64((c0 >> gshift) + j), np.uint64((c0 + (j << gshift)) >> 5)
+                        s = carray(_sums16(), TOKENS_INT * SLICE16)
+                        for q in range(TOKENS_INT * SLICE16):
+                            s[q] = 0
+                        cj = j << gshift
+                        if gshift == 5:  # constant trip counts: the loop unrolled, its offsets constants
+                            _group_madd(s, w16, cj * R + 2 * rs, x16, t0, c0 + cj, 32)
+                        else:
+                            _group_madd(s, w16, cj * R + 2 * rs, x16, t0, c0 + cj, 16)
+                        for i in range(TOKENS_INT):
+                            ti = np.uint64(t0 + i)
+                            sc, sx = xs[ti, b], xsum[ti, u]
+                            for h in range(0, SLICE16, 8):
+                                _close8(acc, i * SLICE16 + h, s, i * SLICE16 + h, ab, mb, j * R + rs + h, sc, sx)
+                    for i in range(TOKENS_INT):
+                        orow = out[t0 + i, og + np.uint64(rs):og + np.uint64(rs + SLICE16)]
+                        for r in range(SLICE16):
+                            orow[r] = acc[i * SLICE16 + r]
+
+
 # ---------------------------------------------------------------------------- one token, integer
 # `matvec_int`: one token's product through vpdpbusd, decoding each step of four columns into a small
 # buffer (in L1) and multiplying it at once, so the weights stream in evenly (decoding a whole chunk

@@ -103,8 +103,9 @@ class QuantMatrix:
     """A weight matrix [rows, k]: `parts` stacked by rows, kept in their blocks (see the module docstring)."""
 
     prefill = "kernel"
-    activations = "f32"  # "f32", or integer planes "int16" / "int8" (VNNI: every integer type; AVX2: one token of Q4_K, Q6_K);
-                         # the backend sets it per matrix
+    # "f32", or integer planes "int16" / "int8" (VNNI: every integer type; AVX2: several tokens, and one
+    # token of Q4_K, Q6_K); the backend sets it per matrix
+    activations = "f32"
 
     def __init__(self, parts: list[WeightSource]):
         K = _kernels()
@@ -165,7 +166,8 @@ class QuantMatrix:
                 np.matmul(x, run.f32.T, out=cols)
             elif n > 1 and self.prefill == "sgemm":
                 self._tiled(K, run, x, cols, scratch)
-            elif n > MATVEC_ROWS and self.activations != "f32" and run.qtype in K.INT_TYPES and K.HAS_VNNI:
+            elif (n > MATVEC_ROWS and self.activations != "f32" and run.qtype in K.INT_TYPES
+                  and (K.HAS_VNNI or K.HAS_AVX2)):
                 self._integer(K, run, x, cols)
             elif n > MATVEC_ROWS:
                 xp = x
@@ -214,7 +216,13 @@ class QuantMatrix:
         y = cols if direct else np.empty((npad, run.t.shape[0] * K.R), np.float32)
         if self.activations != "int16":
             x2 = None
-        if npad <= TOKEN_TILE:  # one call on the whole buffers (no views to make)
+        if not K.HAS_VNNI:  # AVX2: the planes joined into 16-bit integers, multiplied by vpmaddwd
+            x16 = np.empty(x1.shape, np.int16)
+            (K.join_planes if n * k >= QUANTIZE_PARALLEL else K.join_planes_serial)(x1, x2, x16)
+            for t0 in range(0, npad, TOKEN_TILE):
+                K.matmul_int16(run.marker, run.t, run.block, gshift, x16[t0:t0 + TOKEN_TILE], xs[t0:t0 + TOKEN_TILE],
+                               xsum[t0:t0 + TOKEN_TILE], y[t0:t0 + TOKEN_TILE])
+        elif npad <= TOKEN_TILE:  # one call on the whole buffers (no views to make)
             K.matmul_int(run.marker, run.t, run.block, gshift, x1, x2, xs, z1, z2, xsum, y)
         else:
             for t0 in range(0, npad, TOKEN_TILE):
