@@ -1,5 +1,6 @@
 """Where a batched decode step goes on the CPU: the engine's step time for one sequence and for B, the time of
-the several-token float32 kernel (`cpu_kernels.matmul`) inside the B step, and OpenBLAS's sgemm peak on
+the several-token kernel inside the B step (`cpu_kernels.matmul`, `matmul_int` or `matmul_int16`: the one the
+activations and the CPU choose), and OpenBLAS's sgemm peak on
 2048 x 2048 float32 matrices measured in the same process, alternating, so that a noisy machine moves all
 of them together.
 
@@ -42,14 +43,18 @@ def main():
     a = ap.parse_args()
 
     kernel = [0.0, 0]  # seconds, floating-point operations (padding tokens included)
-    real = K.matmul
 
-    def timed(marker, t, cols_per_block, x, out):
-        t0 = time.perf_counter()
-        real(marker, t, cols_per_block, x, out)
-        kernel[0] += time.perf_counter() - t0
-        kernel[1] += 2 * x.shape[0] * x.shape[1] * out.shape[1]
-    K.matmul = timed  # QuantMatrix looks the kernel up on the module at each call
+    def timed(real, xi):
+        def run(*args):
+            t0 = time.perf_counter()
+            real(*args)
+            kernel[0] += time.perf_counter() - t0
+            x, out = args[xi], args[-1]
+            kernel[1] += 2 * x.shape[0] * x.shape[1] * out.shape[1]
+        return run
+    # the several-token kernels (QuantMatrix looks them up on the module at each call), their activations' place
+    for name, xi in (("matmul", 3), ("matmul_int", 4), ("matmul_int16", 4)):
+        setattr(K, name, timed(getattr(K, name), xi))
 
     m = wasmchord.Model.load(a.model, device="cpu", slots=a.batch, context_length=256)
     words = m.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 40, add_bos=False)
@@ -69,8 +74,8 @@ def main():
             steps[b] = ((time.perf_counter() - t0) / a.steps * 1e3, kernel[0] / a.steps * 1e3, kernel[1] / max(kernel[0], 1e-9))
         peak = sgemm_gflops()
         s1, sb, (kb, rate) = steps[1][0], steps[a.batch][0], steps[a.batch][1:]
-        print(f"repeat {rep + 1}: step B = 1 {s1:.1f} ms, B = {a.batch} {sb:.1f} ms, of which the float32 several-token "
-              f"kernel {kb:.1f} ms ({rate / 1e9:.0f} GFLOP/s); sgemm 2048^3 {peak:.0f} GFLOP/s")
+        print(f"repeat {rep + 1}: step B = 1 {s1:.1f} ms, B = {a.batch} {sb:.1f} ms, of which the several-token "
+              f"kernels {kb:.1f} ms ({rate / 1e9:.0f} GFLOP/s); sgemm 2048^3 {peak:.0f} GFLOP/s")
 
 
 if __name__ == "__main__":
