@@ -197,17 +197,20 @@ def test_activations_split_into_two_int8_planes_of_16_bit_precision(quantize):
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_non_finite_activations_stay_non_finite(bad):
     """A token whose activations hold an inf or a nan gets non-finite outputs (the engine then fails
-    that request), as float32 gives; the other tokens are unaffected."""
+    that request), as float32 gives; the other tokens are unaffected. Enough tokens for the integer
+    several-token kernel on either kind of CPU."""
+    from wasmchord.backends.quantized import AVX2_INT_TOKENS
     rng = np.random.default_rng()
     parts = [source("Q4_K", 64, 512, rng)]
     W = QuantMatrix(parts)
     W.activations = "int16"
-    x = rng.standard_normal((4, 512)).astype(np.float32)
+    x = rng.standard_normal((AVX2_INT_TOKENS + 4, 512)).astype(np.float32)
     x[2, 300] = bad
     got = W.matmul(x, np.empty(1, np.float32))
     assert not np.isfinite(got[2]).any()
-    ref = x[[0, 1, 3]] @ reference(parts).T
-    np.testing.assert_allclose(got[[0, 1, 3]], ref, rtol=0, atol=INT_TOL["int16"] * np.abs(ref).max())
+    ok = np.arange(len(x)) != 2
+    ref = x[ok] @ reference(parts).T
+    np.testing.assert_allclose(got[ok], ref, rtol=0, atol=INT_TOL["int16"] * np.abs(ref).max())
 
 
 def test_every_integer_type_has_a_kernel_type():
@@ -249,7 +252,8 @@ def test_integer_kernel_matches_numpy_dequantize_and_matmul(name, mode):
         assert (out[:, 150:] == 0).all()  # the padding rows
     if len(got) == 2:
         np.testing.assert_allclose(got["matmul_int16"], got["matmul_int"], rtol=0, atol=2e-6 * np.abs(ref).max())
-    through_matrix(W, want, mode, (5, 9), rng)
+    from wasmchord.backends.quantized import AVX2_INT_TOKENS  # without VNNI, fewer tokens stay float32
+    through_matrix(W, want, mode, (5, 9) if K.HAS_VNNI else (AVX2_INT_TOKENS + 1, AVX2_INT_TOKENS + 9), rng)
 
 
 @pytest.mark.parametrize("mode", ["f32", "int16"])
@@ -258,7 +262,7 @@ def test_more_tokens_than_a_tile_match_numpy_and_each_token_alone(mode):
     NumPy's within the mode's tolerance, and bit for bit the product of a few of its tokens alone (no
     number depends on the tile a token falls in; compared at the same place in a pass of TOKENS_INT
     tokens, whose unrolled epilogues may round their multiply-adds differently)."""
-    from wasmchord.backends.quantized import TOKEN_TILE
+    from wasmchord.backends.quantized import AVX2_INT_TOKENS, TOKEN_TILE
     if mode == "int16" and not (K.HAS_VNNI or K.HAS_AVX2):
         pytest.skip("the integer kernels need AVX2 or AVX-512 VNNI")
     rng = np.random.default_rng()
@@ -270,8 +274,9 @@ def test_more_tokens_than_a_tile_match_numpy_and_each_token_alone(mode):
     got = W.matmul(x, np.empty(1, np.float32))
     ref = x.astype(np.float64) @ reference(parts).astype(np.float64).T
     np.testing.assert_allclose(got, ref, rtol=0, atol=(1e-4 if mode == "int16" else 2e-6) * np.abs(ref).max())
-    for i in (0, TOKEN_TILE - 4, TOKEN_TILE, 2 * TOKEN_TILE):
-        np.testing.assert_array_equal(got[i:i + 3], W.matmul(x[i:i + 3], np.empty(1, np.float32)))
+    m = 3 if mode == "f32" or K.HAS_VNNI else AVX2_INT_TOKENS  # few enough tokens for the same kernel
+    for i in (0, TOKEN_TILE - 4, TOKEN_TILE, 2 * TOKEN_TILE - (0 if m == 3 else m)):
+        np.testing.assert_array_equal(got[i:i + m], W.matmul(x[i:i + m], np.empty(1, np.float32)))
 
 
 @pytest.mark.skipif(not K.HAS_VNNI, reason="the integer kernel needs AVX-512 VNNI")
@@ -300,22 +305,24 @@ def test_integer_paths_by_token_count_and_type(monkeypatch):
 @pytest.mark.skipif(K.HAS_VNNI or not K.HAS_AVX2, reason="AVX2 without VNNI (with VNNI: the test above)")
 def test_avx2_paths_by_token_count_and_type(monkeypatch):
     """AVX2 without VNNI, int16: one or two tokens of Q4_K go through `matvec_int` (AVX2's kernel), a
-    token per call; three and more through `matmul_int16`; Q4_1 (no AVX2 one-token kernel) through
-    float32 `matvec` for one or two tokens, `matmul_int16` for more; F16 (no integer values) through
-    the float32 kernels."""
+    token per call; 3 to AVX2_INT_TOKENS - 1 through the float32 `matmul`, more through `matmul_int16`;
+    Q4_1 (no AVX2 one-token kernel) through float32 `matvec` for one or two tokens; F16 (no integer
+    values) through the float32 kernels throughout."""
+    from wasmchord.backends.quantized import AVX2_INT_TOKENS
     rng = np.random.default_rng()
     calls = []
     for name in ("matmul_int", "matmul_int16", "matvec_int", "matvec", "matmul"):
         real = getattr(K, name)
         monkeypatch.setattr(K, name, lambda *a, name=name, real=real: calls.append((name, a[-1].shape)) or real(*a))
+    big = AVX2_INT_TOKENS
     for qtype, one, several in [("Q4_K", "matvec_int", "matmul_int16"), ("Q4_1", "matvec", "matmul_int16"),
                                 ("F16", "matvec", "matmul")]:
         calls.clear()
         W = QuantMatrix([source(qtype, 64, 256, rng)])
         W.activations = "int16"
-        for n in (1, 2, 3):
+        for n in (1, 2, 3, big - 1, big):
             W.matmul(rng.standard_normal((n, 256)).astype(np.float32), np.empty(1, np.float32))
-        assert calls == [(one, (64,))] * 3 + [(several, (4, 64))], qtype
+        assert calls == [(one, (64,))] * 3 + [("matmul", (4, 64)), ("matmul", (big, 64)), (several, (big, 64))], qtype
 
 
 @pytest.mark.skipif(not K.VECTOR_INT_TYPES, reason="the one-token integer kernel needs AVX2 or AVX-512 VNNI")

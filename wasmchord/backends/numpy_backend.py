@@ -87,9 +87,9 @@ def _activations(weights: str, activations: str) -> str:
     """How the products of quantized weights take their activations: "f32"; "int16" (two int8 planes per 32
     columns: the precision of 16-bit integers, logits within a few 1e-4 of float32) or "int8" (one plane,
     llama.cpp's precision). With AVX-512 VNNI the integer kernels take every product of their types; with
-    AVX2 alone, every product of three tokens or more (the planes joined into 16-bit integers, vpmaddwd) and
-    one or two tokens' Q4_K and Q6_K products, the other types' one or two tokens staying float32 (integers
-    do no more per instruction there). "auto": int16 with VNNI or AVX2, else f32."""
+    AVX2 alone, products of 32 tokens or more (prompts: the planes joined into 16-bit integers, vpmaddwd) and
+    one or two tokens' Q4_K and Q6_K products, the rest staying float32 (batch steps and the other types'
+    one or two tokens, where integers save less than they cost). "auto": int16 with VNNI or AVX2, else f32."""
     if activations not in ACTIVATIONS:
         raise BackendError(f"cpu backend: activations={activations!r}, expected one of {', '.join(map(repr, ACTIVATIONS))}")
     if weights == "f32":
@@ -140,7 +140,8 @@ class NumpyBackend(Backend):
             from . import cpu_kernels as K
             acts = self.activations
             if acts != "f32" and not K.HAS_VNNI:  # AVX2: one token's integer kernel for a few types
-                acts = f"{acts}, one token in f32 except {', '.join(sorted(K.VECTOR_INT_TYPES))}"
+                acts = (f"{acts} for 32 tokens or more and one token of {', '.join(sorted(K.VECTOR_INT_TYPES))}, "
+                        "else f32")
             return f"NumPy + compiled kernels (weights in their GGUF blocks, activations {acts})"
         return "NumPy (float32 BLAS, weights f32)"
 

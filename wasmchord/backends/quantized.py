@@ -32,6 +32,9 @@ MATVEC_ROWS = 2  # up to this many rows, one matvec each: the several-token kern
 QUANTIZE_PARALLEL = 1 << 16  # activations (tokens x columns) from which their quantization splits across threads
 TOKEN_TILE = 256  # tokens per call of the several-token kernels: each row group reads the activations of all
                   # the call's tokens, which then stay in L2 (1,024 tokens x 8,960 columns: 189 -> 287 GFLOP/s)
+AVX2_INT_TOKENS = 32  # without VNNI, the integer several-token kernel from this many tokens: below it (batch
+                      # steps) quantizing the activations costs what vpmaddwd saves (8 tokens: 0.65-0.9x float32's
+                      # time through QuantMatrix, 16: 0.9-1.1x, 32 and 64: 1.0-1.25x; Zen 3)
 REUSE_TOKENS = 64  # up to this many tokens (decode batches) the integer kernel's activation buffers are kept per
                    # thread and reused: allocating them cost ~10 us of a 40-140 us product
 TILE_BYTES = 4 << 20  # float32 bytes of one prefill tile (stays in cache beside sgemm's packed panels)
@@ -103,8 +106,8 @@ class QuantMatrix:
     """A weight matrix [rows, k]: `parts` stacked by rows, kept in their blocks (see the module docstring)."""
 
     prefill = "kernel"
-    # "f32", or integer planes "int16" / "int8" (VNNI: every integer type; AVX2: several tokens, and one
-    # token of Q4_K, Q6_K); the backend sets it per matrix
+    # "f32", or integer planes "int16" / "int8" (VNNI: every integer type; AVX2: AVX2_INT_TOKENS tokens or
+    # more, and one or two of Q4_K, Q6_K); the backend sets it per matrix
     activations = "f32"
 
     def __init__(self, parts: list[WeightSource]):
@@ -167,7 +170,7 @@ class QuantMatrix:
             elif n > 1 and self.prefill == "sgemm":
                 self._tiled(K, run, x, cols, scratch)
             elif (n > MATVEC_ROWS and self.activations != "f32" and run.qtype in K.INT_TYPES
-                  and (K.HAS_VNNI or K.HAS_AVX2)):
+                  and (K.HAS_VNNI or K.HAS_AVX2 and n >= AVX2_INT_TOKENS)):
                 self._integer(K, run, x, cols)
             elif n > MATVEC_ROWS:
                 xp = x

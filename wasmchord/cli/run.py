@@ -29,8 +29,8 @@ def add_device_options(s):
     s.add_argument("--activations", choices=["auto", "f32", "int16", "int8"], default=None,
                    help="cpu backend: multiply float32 activations (f32), or integer ones: int16 (logits within a "
                         "few 1e-4 of float32) or int8 (llama.cpp's precision, fastest), for every product with "
-                        "AVX-512 VNNI; with AVX2 alone for prompts and batches, and decode's Q4_K and Q6_K "
-                        "products; auto: int16 where the CPU has either (the default)")
+                        "AVX-512 VNNI; with AVX2 alone for prompts of 32 tokens or more and decode's Q4_K and "
+                        "Q6_K products; auto: int16 where the CPU has either (the default)")
     add_verify(s)
 
 
