@@ -71,7 +71,8 @@ def main():
             t0 = time.perf_counter()
             for _ in range(a.steps):
                 eng.step()
-            steps[b] = ((time.perf_counter() - t0) / a.steps * 1e3, kernel[0] / a.steps * 1e3, kernel[1] / max(kernel[0], 1e-9))
+            step_ms = (time.perf_counter() - t0) / a.steps * 1e3
+            steps[b] = (step_ms, kernel[0] / a.steps * 1e3, kernel[1] / max(kernel[0], 1e-9))
         peak = sgemm_gflops()
         s1, sb, (kb, rate) = steps[1][0], steps[a.batch][0], steps[a.batch][1:]
         print(f"repeat {rep + 1}: step B = 1 {s1:.1f} ms, B = {a.batch} {sb:.1f} ms, of which the several-token "

@@ -139,7 +139,7 @@ class NumpyBackend(Backend):
         if self.weights == "quantized":
             from . import cpu_kernels as K
             acts = self.activations
-            if acts != "f32" and not K.HAS_VNNI:  # AVX2: one token's integer kernel for a few types
+            if acts != "f32" and not K.HAS_VNNI:  # AVX2: integers for prompts, and one token of a few types
                 acts = (f"{acts} for 32 tokens or more and one token of {', '.join(sorted(K.VECTOR_INT_TYPES))}, "
                         "else f32")
             return f"NumPy + compiled kernels (weights in their GGUF blocks, activations {acts})"
