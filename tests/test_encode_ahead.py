@@ -66,14 +66,14 @@ def test_replayed_steps_equal_the_graph(gpu_backend):
     attention grid grows; generation through the public path equals the step-by-step one."""
     m = Model.load("smollm2-135m-instruct", device="gpu", context_length=96)
     be, tf = m.backend, m.transformer
-    ids = m.tokenizer.encode("The rain in Spain stays mainly in the plain. " * 9)[:58]
-    assert len(ids) == 58  # decode positions 58..69 cross 64
+    ids = m.tokenizer.encode("The rain in Spain stays mainly in the plain. " * 9)[:60]
+    assert len(ids) == 60  # decode positions 60..67 cross 64
 
     def steps(replay):
         be.replay_steps = replay
         be.argmax(tf.forward(ids, 0))  # the first token, left on the device for the next step
         out, before = [], be.stream.replayed
-        for pos in range(len(ids), len(ids) + 12):
+        for pos in range(len(ids), len(ids) + 8):
             logits = tf.decode(pos)
             out.append(be.read(logits).copy())
             be.argmax(logits)
@@ -81,12 +81,12 @@ def test_replayed_steps_equal_the_graph(gpu_backend):
 
     replayed, n = steps(True)
     graph, n0 = steps(False)
-    assert n >= 10 and n0 == 0
+    assert n >= 6 and n0 == 0
     for a, b in zip(replayed, graph):
         assert np.array_equal(a, b)
     be.replay_steps = True
-    a, sa = run(m, ids, SamplingParams(temperature=0.8, seed=11), 12, ahead=True)
-    b, sb = run(m, ids, SamplingParams(temperature=0.8, seed=11), 12, ahead=False)
+    a, sa = run(m, ids, SamplingParams(temperature=0.8, seed=11), 8, ahead=True)
+    b, sb = run(m, ids, SamplingParams(temperature=0.8, seed=11), 8, ahead=False)
     assert a == b and sa == sb
 
 

@@ -88,6 +88,8 @@ def test_qwen_cpu_matches_transformers_float32(qwen_cpu, qwen_path, reference, a
     m = qwen_cpu if activations == "default" else Model.load(qwen_path, device="cpu", context_length=512,
                                                               activations="f32")
     tol = TOL if m.backend.activations == "f32" else 1e-3
+    w = m.transformer.layers[0].w_up
+    assert m.backend.weights == "quantized" and w.nbytes < w.shape[0] * w.shape[1]  # in blocks: under a byte a weight
     fx, _ = fixture()
     for i in EXACT:
         ref, ours = reference["logits"][i], m.logits(ids_of(fx, i))

@@ -157,7 +157,7 @@ def profile_gpu(model_path, *, n_steps=16, timestamp_period_ns=1.0, context=256,
         be.collect(pending)
         return enc, (time.perf_counter() - t0) / n
 
-    decode(4)  # warm-up: pipelines and buffers of the decode path
+    decode(min(4, n_steps))  # warm-up: pipelines and buffers of the decode path
     enc, wall = decode(n_steps)
     be.enable_profiling("step")
     decode(n_steps)
@@ -258,7 +258,7 @@ def format_sweep(res: dict) -> str:
 
 
 def run(model_path, *, device="cpu", prompt_lengths=(64, 256, 1024), n_gen=128, llama_cpp="auto",
-        progress=None, profile=False, timestamp_period_ns=1.0, **backend_options) -> dict:
+        progress=None, profile=False, profile_steps=16, timestamp_period_ns=1.0, **backend_options) -> dict:
     """Benchmark wasmchord (and llama.cpp when available and not disabled) on one model."""
     threads = os.cpu_count() or 1
     ours = bench_wasmchord(model_path, device, prompt_lengths, n_gen, progress=progress, **backend_options)
@@ -274,7 +274,8 @@ def run(model_path, *, device="cpu", prompt_lengths=(64, 256, 1024), n_gen=128, 
         if device != "gpu":
             from .errors import BackendError
             raise BackendError("--profile times GPU kernels: use it with --backend gpu")
-        res["profile"] = profile_gpu(model_path, timestamp_period_ns=timestamp_period_ns, **backend_options)
+        res["profile"] = profile_gpu(model_path, n_steps=profile_steps, timestamp_period_ns=timestamp_period_ns,
+                                     **backend_options)
     ref = bench_llama_cpp(model_path, prompt_lengths, n_gen, threads) if llama_cpp != "off" else None
     if ref:
         res["llama_cpp"] = ref

@@ -186,6 +186,8 @@ def add_bench(sub):
     s.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp comparison")
     s.add_argument("--profile", action="store_true", help="GPU: per-kernel times (timestamp queries), GB/s, "
                    "host encode time and dispatches per decode step")
+    s.add_argument("--profile-steps", type=positive_int, default=16,
+                   help="decode steps timed per --profile measurement (default: 16)")
     s.add_argument("--timestamp-period", type=float, default=1.0,
                    help="ns per GPU timestamp tick (Vulkan timestampPeriod: 1 on lavapipe and NVIDIA)")
     s.add_argument("--batch", default=None, type=positive_ints, metavar="B,B,...",
@@ -205,6 +207,7 @@ def cmd_bench(a):
         with ProgressBar() as bar:
             res = bench.run(path, device=a.backend, prompt_lengths=a.prompt_lengths, n_gen=a.gen_tokens,
                             llama_cpp="off" if a.no_llama_cpp else "auto", progress=bar, profile=a.profile,
+                            profile_steps=a.profile_steps,
                             timestamp_period_ns=a.timestamp_period, **backend_options(a))
         print(bench.format_result(res))
     if a.json:
