@@ -48,9 +48,15 @@ def test_float_conversions_match_transformers(tmp_path, arch, quant, tol):
 def test_quantized_conversions_keep_the_argmax(tmp_path, arch, quant):
     m = MAKERS[arch](tmp_path / "hf", calm=True)
     out = convert(tmp_path / "hf", tmp_path / "m.gguf", quant=quant)
-    ids = np.random.default_rng().integers(3, 250, size=200).tolist()
+    seed = int(np.random.default_rng().integers(1 << 31))
+    ids = np.random.default_rng(seed).integers(3, 250, size=200).tolist()
     ours, ref = Model.load(out, device="cpu").logits(ids), hf_logits(m, ids)
-    assert (ours.argmax(1) == ref.argmax(1)).mean() >= 0.95
+    # argmax agreement away from near-ties: the tiny model's top two logits are often within the
+    # quantization's error (~1% of the logit scale; disagreements measured at margins up to 0.5%)
+    top2 = np.sort(ref, axis=1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 0.01 * np.abs(ref).max()
+    agree = ours.argmax(1) == ref.argmax(1)
+    assert agree[clear].all() and clear.mean() > 0.5 and agree.mean() >= 0.9, (seed, agree.mean(), clear.mean())
     assert validate(out).ok
 
 
