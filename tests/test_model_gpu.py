@@ -187,8 +187,8 @@ def test_bench_profile_reports_kernels_bandwidth_and_host_time(gpu_backend, tmp_
     30 layers: embedding, 5 per layer, head, argmax in two passes)."""
     out = tmp_path / "p.json"
     r = subprocess.run([sys.executable, "-m", "wasmchord", "bench", "smollm2-135m-instruct", "--backend", "gpu",
-                        "--prompt-lengths", "4", "--gen-tokens", "2", "--no-llama-cpp", "--profile", "--profile-steps", "3", "--json",
-                        str(out)],
+                        "--prompt-lengths", "4", "--gen-tokens", "2", "--no-llama-cpp", "--profile",
+                        "--profile-steps", "3", "--json", str(out)],
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr
     p = json.loads(out.read_text())["profile"]
