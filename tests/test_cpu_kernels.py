@@ -465,3 +465,18 @@ def test_kernels_compile_once_and_load_from_cache_when_installed_read_only(tmp_p
     (path1, hits1, misses1), (path2, hits2, misses2) = (r.stdout.split() for r in runs)
     assert path1.startswith(str(site)) and (int(hits1), int(misses1)) == (0, 1)
     assert (int(hits2), int(misses2)) == (1, 0)
+
+
+def test_kernel_benchmark_times_another_checkout_alternately(tmp_path):
+    """tools/bench_cpu_kernels.py --against DIR: the other checkout's package (here this one's) imported
+    under another name and timed in turn with this one's, each mode's figures and time ratio printed; a
+    path without a package is a one-line error."""
+    tool = [sys.executable, str(ROOT / "tools" / "bench_cpu_kernels.py"), "--tokens", "4", "--shape", "64x256",
+            "--types", "Q4_K", "--repeats", "2"]
+    r = subprocess.run(tool + ["--against", str(ROOT)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    (row,) = [line for line in r.stdout.splitlines() if line.startswith("Q4_K")]
+    cells = row.split()[1:]
+    assert len(cells) >= 4 and cells[1] == "/" and cells[3].startswith("(") and cells[3].endswith("x)"), row
+    r = subprocess.run(tool + ["--against", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and "no wasmchord/__init__.py" in r.stderr and "Traceback" not in r.stderr

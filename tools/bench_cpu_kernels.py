@@ -7,6 +7,11 @@ included) with float32 activations and, where the CPU has AVX-512 VNNI or AVX2, 
 
     python tools/bench_cpu_kernels.py [--types Q4_K,Q6_K] [--shape 8960x1536] [--repeats 30] [--json FILE]
     python tools/bench_cpu_kernels.py --tokens 256 --shape 1536x1536 [--threads 1]
+    python tools/bench_cpu_kernels.py --tokens 8 --shape 3072x576 --types Q4_1 --against /path/to/other/checkout
+
+--against DIR (with --tokens) also times another checkout's kernels on the same blocks and activations,
+its package imported from DIR under another name, a call of each in turn (this machine's noise moves
+both together): each mode's GFLOP/s for both, and this checkout's time over the other's.
 
 Kernels compile on first use (cached on disk afterwards); the first call of each is not timed.
 """
@@ -35,6 +40,35 @@ def best(f, repeats):
     return t
 
 
+def alternate(f, g, repeats):
+    """Best seconds of f and of g, called in turn."""
+    f(), g()
+    tf = tg = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f()
+        t1 = time.perf_counter()
+        g()
+        tf, tg = min(tf, t1 - t0), min(tg, time.perf_counter() - t1)
+    return tf, tg
+
+
+def other_package(root: Path):
+    """The `wasmchord` package of the checkout at `root`, imported as `wasmchord_against` (it imports its
+    own modules relatively)."""
+    import importlib.util
+    init = root / "wasmchord" / "__init__.py"
+    if not init.is_file():
+        raise SystemExit(f"--against {root}: no wasmchord/__init__.py there (expected a checkout's root)")
+    spec = importlib.util.spec_from_file_location("wasmchord_against", init,
+                                                  submodule_search_locations=[str(init.parent)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["wasmchord_against"] = module
+    spec.loader.exec_module(module)
+    return (importlib.import_module("wasmchord_against.backends.base"),
+            importlib.import_module("wasmchord_against.backends.quantized"))
+
+
 def main():
     import numba
 
@@ -51,8 +85,11 @@ def main():
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--tokens", type=int, help="time several-token products of this many tokens instead")
     ap.add_argument("--threads", type=int, help="numba threads for --tokens (default: all)")
+    ap.add_argument("--against", type=Path, help="with --tokens: also time the checkout at this path, alternating")
     ap.add_argument("--json")
     a = ap.parse_args()
+    if a.against and not a.tokens:
+        ap.error("--against needs --tokens")
     rows, k = map(int, a.shape.split("x"))
     threads = numba.config.NUMBA_NUM_THREADS
     rng, results = np.random.default_rng(0), []
@@ -60,19 +97,34 @@ def main():
         numba.set_num_threads(a.threads or threads)
         modes = ["f32", "int16", "int8"] if K.HAS_VNNI or K.HAS_AVX2 else ["f32"]
         print(f"{rows} x {k}, {a.tokens} tokens, {a.threads or threads} threads; GFLOP/s, min of {a.repeats} runs")
-        print(f"{'type':<6}" + "".join(f"{m:>9}" for m in modes))
+        against = other_package(a.against) if a.against else None
+        if against:
+            print(f"against {a.against}: each mode as this checkout / that one's GFLOP/s (this one's time / "
+                  "that one's)")
+        print(f"{'type':<6}" + "".join(f"{m:>9}" if not against else f"{m:>26}" for m in modes))
+        flop = 2 * rows * k * a.tokens
         for name in a.types.split(","):
             t = ggml_type(name)
-            W = QuantMatrix([WeightSource("w", random_raw(t, (rows, k), rng), t, (rows, k))])
+            raw = random_raw(t, (rows, k), rng)
+            W = QuantMatrix([WeightSource("w", raw, t, (rows, k))])
+            V = against[1].QuantMatrix([against[0].WeightSource("w", raw, t, (rows, k))]) if against else None
             x = rng.standard_normal((a.tokens, k)).astype(np.float32)
-            speeds = {}
+            speeds, cells = {}, {}
             for mode in modes:
                 if mode != "f32" and name not in K.INT_TYPES:
                     continue
                 W.activations = mode
-                speeds[mode] = 2 * rows * k * a.tokens / best(lambda: W.matmul(x, np.empty(1, np.float32)), a.repeats) / 1e9
+                if V is None:
+                    speeds[mode] = flop / best(lambda: W.matmul(x, np.empty(1, np.float32)), a.repeats) / 1e9
+                    cells[mode] = f"{speeds[mode]:>9.0f}"
+                    continue
+                V.activations = mode
+                tw, tv = alternate(lambda: W.matmul(x, np.empty(1, np.float32)),
+                                   lambda: V.matmul(x, np.empty(1, np.float32)), a.repeats)
+                speeds[mode], speeds[f"{mode}_against"] = flop / tw / 1e9, flop / tv / 1e9
+                cells[mode] = f"{f'{flop / tw / 1e9:.0f} / {flop / tv / 1e9:.0f} ({tw / tv:.2f}x)':>26}"
             results.append({"type": name, **{f"GFLOPs_{m}": v for m, v in speeds.items()}})
-            print(f"{name:<6}" + "".join(f"{speeds[m]:>9.0f}" if m in speeds else f"{'-':>9}" for m in modes))
+            print(f"{name:<6}" + "".join(cells.get(m, f"{'-':>{26 if against else 9}}") for m in modes))
         if a.json:
             Path(a.json).write_text(json.dumps({"shape": [rows, k], "tokens": a.tokens, "threads": a.threads or threads,
                                                 "kernels": results}, indent=1))

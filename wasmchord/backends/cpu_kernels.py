@@ -66,9 +66,9 @@ def _target_has(*features: str) -> bool:
 
 CHUNK = 256   # columns decoded at a time by matvec and the integer kernels (a whole K-quant block)
 # columns matmul decodes at a time for types of 32-column blocks and f16/bf16: 64 x R float32 = 16 KiB stays
-# in L1 while the tokens' products read it, where CHUNK x R (64 KiB) went through L2 (Zen 3, 8 tokens, three
-# runs: Q4_1 and Q8_0 3072 x 576 and Q4_1 576 x 1536 7-19% less time, F16 6-10%, Q5_0 4-10%; the same sums in
-# the same order)
+# in L1 while the tokens' products read it, where CHUNK x R (64 KiB) went through L2 (Zen 3, SmolLM2's Q4_1
+# and Q8_0 matrices at 8 and 16 tokens: 0.85-0.97x the time; the same sums in the same order). K-quants keep
+# CHUNK: decoded a quarter block at a time they gained nothing
 SMALL_CHUNK = 64
 TOKENS = 4    # tokens per pass over a decoded chunk
 # rows per pass of matmul over a chunk, whose TOKENS x ROWS sums stay in registers: all R with AVX-512
