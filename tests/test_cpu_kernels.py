@@ -469,14 +469,19 @@ def test_kernels_compile_once_and_load_from_cache_when_installed_read_only(tmp_p
 
 def test_kernel_benchmark_times_another_checkout_alternately(tmp_path):
     """tools/bench_cpu_kernels.py --against DIR: the other checkout's package (here this one's) imported
-    under another name and timed in turn with this one's, each mode's figures and time ratio printed; a
-    path without a package is a one-line error."""
+    under another name from a copy and timed in turn with this one's, each mode's figures and time ratio
+    printed, and nothing compiled under the other name left in this checkout's numba cache (where its
+    own import would find it); a path without a package is a one-line error."""
     tool = [sys.executable, str(ROOT / "tools" / "bench_cpu_kernels.py"), "--tokens", "4", "--shape", "64x256",
-            "--types", "Q4_K", "--repeats", "2"]
-    r = subprocess.run(tool + ["--against", str(ROOT)], capture_output=True, text=True, timeout=600)
+            "--types", "F16", "--repeats", "2"]
+    env = {**os.environ, "TMPDIR": str(tmp_path)}  # a fresh copy: its kernels compiled in this run
+    r = subprocess.run(tool + ["--against", str(ROOT)], capture_output=True, text=True, timeout=900, env=env)
     assert r.returncode == 0, r.stderr
-    (row,) = [line for line in r.stdout.splitlines() if line.startswith("Q4_K")]
+    (row,) = [line for line in r.stdout.splitlines() if line.startswith("F16")]
     cells = row.split()[1:]
     assert len(cells) >= 4 and cells[1] == "/" and cells[3].startswith("(") and cells[3].endswith("x)"), row
-    r = subprocess.run(tool + ["--against", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert list(tmp_path.glob("wasmchord-against/*/wasmchord_against/backends/__pycache__/cpu_kernels.matmul-*"))
+    for f in (ROOT / "wasmchord").rglob("__pycache__/*.nb*"):
+        assert b"wasmchord_against" not in f.read_bytes(), f
+    r = subprocess.run(tool + ["--against", str(tmp_path / "none")], capture_output=True, text=True, timeout=600)
     assert r.returncode != 0 and "no wasmchord/__init__.py" in r.stderr and "Traceback" not in r.stderr

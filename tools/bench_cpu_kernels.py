@@ -10,8 +10,9 @@ included) with float32 activations and, where the CPU has AVX-512 VNNI or AVX2, 
     python tools/bench_cpu_kernels.py --tokens 8 --shape 3072x576 --types Q4_1 --against /path/to/other/checkout
 
 --against DIR (with --tokens) also times another checkout's kernels on the same blocks and activations,
-its package imported from DIR under another name, a call of each in turn (this machine's noise moves
-both together): each mode's GFLOP/s for both, and this checkout's time over the other's.
+its package imported under another name from a copy of its sources (in the temporary directory, kept per
+content: the first run compiles its kernels), a call of each in turn (this machine's noise moves both
+together): each mode's GFLOP/s for both, and this checkout's time over the other's.
 
 Kernels compile on first use (cached on disk afterwards); the first call of each is not timed.
 """
@@ -54,14 +55,32 @@ def alternate(f, g, repeats):
 
 
 def other_package(root: Path):
-    """The `wasmchord` package of the checkout at `root`, imported as `wasmchord_against` (it imports its
-    own modules relatively)."""
+    """The `wasmchord` package of the checkout at `root`, imported as `wasmchord_against` from a copy of
+    its sources (it imports its own modules relatively). A copy, not the checkout itself: numba caches a
+    kernel beside its source file, and an entry compiled under the other name would be loaded later by
+    the checkout's own `wasmchord`, which could not resolve that name. The copy is kept per content (a
+    temporary directory named by a hash of the sources), so its compiled kernels are reused next time."""
+    import hashlib
     import importlib.util
-    init = root / "wasmchord" / "__init__.py"
-    if not init.is_file():
+    import shutil
+    import tempfile
+    src = root / "wasmchord"
+    if not (src / "__init__.py").is_file():
         raise SystemExit(f"--against {root}: no wasmchord/__init__.py there (expected a checkout's root)")
-    spec = importlib.util.spec_from_file_location("wasmchord_against", init,
-                                                  submodule_search_locations=[str(init.parent)])
+    digest = hashlib.sha256()
+    for f in sorted(src.rglob("*.py")):
+        digest.update(str(f.relative_to(src)).encode() + b"\0" + f.read_bytes())
+    copy = Path(tempfile.gettempdir()) / "wasmchord-against" / digest.hexdigest()[:16] / "wasmchord_against"
+    if not copy.is_dir():
+        tmp = copy.with_name(f"partial-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        try:
+            tmp.rename(copy)
+        except OSError:  # another run made it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    spec = importlib.util.spec_from_file_location("wasmchord_against", copy / "__init__.py",
+                                                  submodule_search_locations=[str(copy)])
     module = importlib.util.module_from_spec(spec)
     sys.modules["wasmchord_against"] = module
     spec.loader.exec_module(module)
