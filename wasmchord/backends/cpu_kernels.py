@@ -13,7 +13,7 @@ multiplies. Value order and arithmetic follow `formats/quants.py` (ggml-common.h
 tests hold every type to NumPy dequantization, bit for bit where values are written out.
 
 Dispatch: each block type has a marker, an empty array whose record dtype is named after the type;
-`_group` picks the type's decoder from `_GROUPS` at compile time, so one kernel source serves every
+`_group` picks the type's decoder from `_DECODERS` at compile time, so one kernel source serves every
 type and each (kernel, type) pair compiles on first use only. Compiled code is cached on disk (numba
 `cache=True`: beside this file, or in numba's user-wide cache directory when that is read-only).
 """
@@ -21,6 +21,7 @@ type and each (kernel, type) pair compiles on first use only. Compiled code is c
 from __future__ import annotations
 
 import functools
+import inspect
 
 import numpy as np
 from llvmlite import ir
@@ -288,7 +289,7 @@ def _scale_typed(sink, c0, n, a, m):
 # it decodes the scales for the R rows at once into stack vectors (a = scale, m = minimum), puts
 # each column's integer values (offset included) and closes the group.
 
-def _group_f16(marker, tg, k, sink):
+def _f16_values(tg, k, sink):
     for c in range(k):
         _prefetch(tg, 2 * c * R + AHEAD)
         lo, hi = _field(tg, 2 * c), _field(tg, 2 * c + 1)
@@ -298,7 +299,7 @@ def _group_f16(marker, tg, k, sink):
             _scale(sink, c - c % 32, c % 32 + 1, None, None)
 
 
-def _group_bf16(marker, tg, k, sink):
+def _bf16_values(tg, k, sink):
     for c in range(k):
         _prefetch(tg, 2 * c * R + AHEAD)
         lo, hi = _field(tg, 2 * c), _field(tg, 2 * c + 1)
@@ -308,20 +309,11 @@ def _group_bf16(marker, tg, k, sink):
             _scale(sink, c - c % 32, c % 32 + 1, None, None)
 
 
-def _nibble_blocks(tg, k, sink, size, has_min, has_high):
+def _nibble_values(tg, k, sink, size, has_min, has_high):
     """Q4_0 (d, qs[16]), Q4_1 (d, m, qs[16]), Q5_0 (d, qh[4], qs[16]), Q5_1 (d, m, qh[4], qs[16]):
     32 values, byte i of qs holding value i (low nibble) and i + 16 (high); bit j of the
     little-endian u32 qh is bit 4 of value j. Without m, values are centred: (q - 8) d or (q - 16) d.
-    `_nibble_dot` into a dot product, else `_nibble_values`."""
-
-
-@overload(_nibble_blocks, inline="always")
-def _nibble_blocks_typed(tg, k, sink, size, has_min, has_high):
-    return _nibble_dot if _dot_sink(sink) else _nibble_values
-
-
-def _nibble_values(tg, k, sink, size, has_min, has_high):
-    """The nibble types decoded value by value (tiles for prefill)."""
+    Decoded value by value (tiles for prefill, the integer kernel's bytes of Q5_0 and Q5_1)."""
     a, m = carray(_vector(), R), carray(_vector(), R)
     qs = 2 + 2 * has_min + 4 * has_high
     centre = np.float32(0 if has_min else -16 if has_high else -8)
@@ -380,25 +372,6 @@ def _nibble_dot(tg, k, sink, size, has_min, has_high):
                 acc[r] += a[r] * (sq[r] + centre * sx)
 
 
-def _group_q4_0(marker, tg, k, sink):
-    _nibble4(tg, k, sink, 18, False)
-
-
-def _group_q4_1(marker, tg, k, sink):
-    _nibble4(tg, k, sink, 20, True)
-
-
-def _nibble4(tg, k, sink, size, has_min):
-    """Q4_0 and Q4_1: `_nibble_bytes` into the integer kernel, else `_nibble_blocks`."""
-
-
-@overload(_nibble4, inline="always")
-def _nibble4_typed(tg, k, sink, size, has_min):
-    if _int_sink(sink):
-        return _nibble_bytes
-    return lambda tg, k, sink, size, has_min: _nibble_blocks(tg, k, sink, size, has_min, False)
-
-
 def _nibble_bytes(tg, k, sink, size, has_min):
     """Q4_0 and Q4_1 straight into the integer kernel's interleaved bytes: four bytes of qs (values i..i+3
     and i+16..i+19) interleaved once, then split into their two nibbles (`_interleave_nibbles`), where
@@ -420,29 +393,9 @@ def _nibble_bytes(tg, k, sink, size, has_min):
             _interleave_nibbles(blk, (qs + i) * R, wq, (32 * b + i) * R, (32 * b + 16 + i) * R, bias)
 
 
-def _group_q5_0(marker, tg, k, sink):
-    _nibble_blocks(tg, k, sink, 22, False, True)
-
-
-def _group_q5_1(marker, tg, k, sink):
-    _nibble_blocks(tg, k, sink, 24, True, True)
-
-
-def _group_q8_0(marker, tg, k, sink):  # d, qs:int8[32]
-    _q8_0(tg, k, sink)
-
-
-def _q8_0(tg, k, sink):
-    """Q8_0: `_q8_0_bytes` into the integer kernel, else `_q8_0_values`."""
-
-
-@overload(_q8_0, inline="always")
-def _q8_0_typed(tg, k, sink):
-    return _q8_0_bytes if _int_sink(sink) else _q8_0_values
-
-
 def _q8_0_bytes(tg, k, sink):
-    """Q8_0 straight into the integer kernel's interleaved bytes: its values are the bytes (`_interleave_flip`)."""
+    """Q8_0 (d, qs:int8[32]) straight into the integer kernel's interleaved bytes: its values are the
+    bytes (`_interleave_flip`)."""
     d, wq = carray(_vector(), R), sink[3]
     for b in range(k // 32):
         blk = tg[b * 34 * R:(b + 1) * 34 * R]
@@ -466,18 +419,6 @@ def _q8_0_values(tg, k, sink):
         _scale(sink, 32 * b, 32, d, None)
 
 
-def _k4_blocks(tg, k, sink, size, five):
-    """Q4_K (d, dmin, scales[12], qs[128]) and Q5_K (d, dmin, scales[12], qh[32], qs[128]): value
-    d * scale_j * q - dmin * min_j in sub-block j of 32; byte i of qs chunk j // 2 holds value i of
-    sub-block j in its low (j even) or high nibble; bit j of qh[i] is bit 4 of that value. The 6-bit
-    scales and mins: ggml get_scale_min_k4. `_k4_dot` into a dot product, else `_k4_values`."""
-
-
-@overload(_k4_blocks, inline="always")
-def _k4_blocks_typed(tg, k, sink, size, five):
-    return _k4_dot if _dot_sink(sink) else _k4_values
-
-
 @njit(inline="always")
 def _k4_scale(blk, j, d, dmin, a, m):
     """a = d * scale_j, m = -dmin * min_j of sub-block j, for the R rows (get_scale_min_k4)."""
@@ -495,7 +436,11 @@ def _k4_scale(blk, j, d, dmin, a, m):
 
 
 def _k4_values(tg, k, sink, size, five):
-    """Q4_K and Q5_K decoded value by value (tiles for prefill)."""
+    """Q4_K (d, dmin, scales[12], qs[128]) and Q5_K (d, dmin, scales[12], qh[32], qs[128]): value
+    d * scale_j * q - dmin * min_j in sub-block j of 32; byte i of qs chunk j // 2 holds value i of
+    sub-block j in its low (j even) or high nibble; bit j of qh[i] is bit 4 of that value. The 6-bit
+    scales and mins: ggml get_scale_min_k4. Decoded value by value (tiles for prefill, the integer
+    kernel's bytes of Q5_K)."""
     d, dmin = carray(_vector(), R), carray(_vector(), R)
     a, m = carray(_vector(), R), carray(_vector(), R)
     qs, zero = 48 if five else 16, np.float32(0)
@@ -555,21 +500,6 @@ def _k4_dot(tg, k, sink, size, five):
                 acc[r] += a[r] * s1[r] + m[r] * x1
 
 
-def _group_q4_k(marker, tg, k, sink):
-    _q4_k(tg, k, sink)
-
-
-def _q4_k(tg, k, sink):
-    """Q4_K: `_q4_k_bytes` into the integer kernel, else `_k4_blocks`."""
-
-
-@overload(_q4_k, inline="always")
-def _q4_k_typed(tg, k, sink):
-    if _int_sink(sink):
-        return _q4_k_bytes
-    return lambda tg, k, sink: _k4_blocks(tg, k, sink, 144, False)
-
-
 def _q4_k_bytes(tg, k, sink):
     """Q4_K straight into the integer kernel's interleaved bytes (as `_nibble_bytes`): byte i of qs chunk
     p holds value i of sub-blocks 2p (low nibble) and 2p + 1 (high)."""
@@ -590,19 +520,11 @@ def _q4_k_bytes(tg, k, sink):
                 _interleave_nibbles(blk, (16 + 32 * p + i) * R, wq, (c + i) * R, (c + 32 + i) * R, np.uint8(128))
 
 
-def _group_q5_k(marker, tg, k, sink):
-    _k4_blocks(tg, k, sink, 176, True)
-
-
-def _group_q6_k(marker, tg, k, sink):
+def _q6_k_values(tg, k, sink):
     """Q6_K (ql[128], qh[64], scales:int8[16], d): value 32u + l of half h (u < 4, l < 32) has its
     low 4 bits in ql[64h + 32(u % 2) + l] >> 4(u // 2), its high 2 in qh[32h + l] >> 2u; minus 32,
-    times d * scales[8h + 2u + l // 16] (ggml dequantize_row_q6_K). Scale groups of 16 values."""
-    _q6_k(tg, k, sink)
-
-
-def _q6_k_values(tg, k, sink):
-    """Q6_K decoded value by value (tiles for prefill)."""
+    times d * scales[8h + 2u + l // 16] (ggml dequantize_row_q6_K). Scale groups of 16 values.
+    Decoded value by value (tiles for prefill)."""
     d, a = carray(_vector(), R), carray(_vector(), R)
     m32 = np.float32(-32)
     for b in range(k // 256):
@@ -666,15 +588,6 @@ def _q6_k_dot(tg, k, sink):
                                   (d[r] * np.float32(np.int8(sc1[r]))) * (s1[r] - x1)
 
 
-def _q6_k(tg, k, sink):
-    """Q6_K's decoder for the sink: `_q6_k_dot` into a dot product, else `_q6_k_values`."""
-
-
-@overload(_q6_k, inline="always")
-def _q6_k_typed(tg, k, sink):
-    return _q6_k_dot if _dot_sink(sink) else _q6_k_bytes if _int_sink(sink) else _q6_k_values
-
-
 def _q6_k_bytes(tg, k, sink):
     """Q6_K straight into the integer kernel's interleaved bytes: per half h and four consecutive l, the
     ql bytes of values u = 0..3 (two bytes, two nibbles each) and the qh byte holding their high bits,
@@ -695,20 +608,49 @@ def _q6_k_bytes(tg, k, sink):
                 _interleave_six(blk, (64 * h + l) * R, (128 + 32 * h + l) * R, wq, (256 * b + 128 * h + l) * R)
 
 
-# The table: marker name -> decoder. Types not here are dequantized at load by the caller.
-_GROUPS = {"f16": _group_f16, "bf16": _group_bf16, "q4_0": _group_q4_0, "q4_1": _group_q4_1,
-           "q5_0": _group_q5_0, "q5_1": _group_q5_1, "q8_0": _group_q8_0, "q4_k": _group_q4_k,
-           "q5_k": _group_q5_k, "q6_k": _group_q6_k}
-KERNEL_TYPES = frozenset(name.upper() for name in _GROUPS)
+# The table: marker name -> (its decoder into a dot product, into float32 values, into the integer
+# kernel's bytes; the constant arguments, of which each decoder takes the first it names). Types not
+# here are dequantized at load by the caller.
+_DECODERS = {
+    "f16": (_f16_values, _f16_values, _f16_values, ()),
+    "bf16": (_bf16_values, _bf16_values, _bf16_values, ()),
+    "q4_0": (_nibble_dot, _nibble_values, _nibble_bytes, (18, False, False)),
+    "q4_1": (_nibble_dot, _nibble_values, _nibble_bytes, (20, True, False)),
+    "q5_0": (_nibble_dot, _nibble_values, _nibble_values, (22, False, True)),
+    "q5_1": (_nibble_dot, _nibble_values, _nibble_values, (24, True, True)),
+    "q8_0": (_q8_0_values, _q8_0_values, _q8_0_bytes, ()),
+    "q4_k": (_k4_dot, _k4_values, _q4_k_bytes, (144, False)),
+    "q5_k": (_k4_dot, _k4_values, _k4_values, (176, True)),
+    "q6_k": (_q6_k_dot, _q6_k_values, _q6_k_bytes, ()),
+}
+KERNEL_TYPES = frozenset(name.upper() for name in _DECODERS)
+
+
+@functools.cache
+def _inlined(decoder):
+    """A decoder compiled into its caller (numba inlines its IR at the call)."""
+    return njit(inline="always")(decoder)
 
 
 def _group(marker, tg, k, sink):
-    """Decode the k columns of group tg for the block type `marker` names (from _GROUPS)."""
+    """Decode the k columns of group tg for the block type `marker` names into `sink` (from _DECODERS)."""
 
 
 @overload(_group, inline="always")
 def _group_typed(marker, tg, k, sink):
-    return _GROUPS[next(iter(marker.dtype.fields))]
+    """The one overload between a kernel and its decoder, which is inlined as plain code with its
+    constants. (Through three levels of inlined overloads, by type, then sink, then constants, the
+    first compilation of `matvec` for Q4_1 took 20-27 s on a 2-core Zen 3; with one, 5 s.)"""
+    dot, values, as_bytes, consts = _DECODERS[next(iter(marker.dtype.fields))]
+    body = dot if _dot_sink(sink) else as_bytes if _int_sink(sink) else values
+    decoder, consts = _inlined(body), consts[:len(inspect.signature(body).parameters) - 3]  # those it takes
+    if consts == ():
+        return lambda marker, tg, k, sink: decoder(tg, k, sink)
+    if len(consts) == 2:
+        c0, c1 = consts
+        return lambda marker, tg, k, sink: decoder(tg, k, sink, c0, c1)
+    c0, c1, c2 = consts
+    return lambda marker, tg, k, sink: decoder(tg, k, sink, c0, c1, c2)
 
 
 def _chunk_cols(marker):
@@ -1234,7 +1176,7 @@ def _vector_int_typed(marker, tg, k, x1, x2, xs, z1, z2, xsum, acc):
 
 @njit(inline="always")
 def _vector_q4(tg, k, x1, x2, xs, z1, z2, xsum, acc, has_min):
-    """Q4_0 and Q4_1 (`_nibble_blocks`): a block is one scale group. Q4_0's values q - 8 go in as
+    """Q4_0 and Q4_1 (`_nibble_values`): a block is one scale group. Q4_0's values q - 8 go in as
     q + 120 (as in `matmul_int`, so that both give the same sums)."""
     size, qs = (20, 4) if has_min else (18, 2)
     a, m, w = carray(_vector(), R), carray(_vector(), R), carray(_step(), 8 * R)
@@ -1272,7 +1214,7 @@ def _vector_q8_0(marker, tg, k, x1, x2, xs, z1, z2, xsum, acc):
 
 
 def _vector_q4_k(marker, tg, k, x1, x2, xs, z1, z2, xsum, acc):
-    """Q4_K (`_k4_blocks`): per qs chunk p, sub-blocks 2p (low nibbles) and 2p + 1 (high) summed side by side."""
+    """Q4_K (`_k4_values`): per qs chunk p, sub-blocks 2p (low nibbles) and 2p + 1 (high) summed side by side."""
     d, dmin, w = carray(_vector(), R), carray(_vector(), R), carray(_step(), 8 * R)
     a, m = carray(_vector(), R), carray(_vector(), R)
     ab, mb = carray(_unit_scales(), (8, R)), carray(_unit_scales(), (8, R))
@@ -1437,7 +1379,7 @@ def _six_group16(typingctx, acc, a, blk, ql, qh, lshift, hshift, h, x1, x2, c, o
 
 
 def _vector_q6_k_avx2(marker, tg, k, x1, x2, xs, z1, z2, xsum, acc):
-    """Q6_K (`_group_q6_k`) through `_six_group16`, a scale group of 16 columns at a time: the sums less
+    """Q6_K (`_q6_k_values`) through `_six_group16`, a scale group of 16 columns at a time: the sums less
     the -32's share (32 x the planes' sums: z / 4), times d * scale."""
     d, a = carray(_vector(), R), carray(_vector(), R)
     for b in range(k // 256):
