@@ -64,3 +64,30 @@ def test_activations_flag_reaches_the_cpu_backend_and_is_refused_for_the_gpu():
         backend_options(a)
     r = run("generate", "m", "--activations", "int4")
     assert r.returncode == 2 and "int4" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_the_first_compilation_of_a_cpu_kernel_is_announced_once(capsys):
+    """A kernel's first compilation on a machine takes seconds: the CLI says so once on stderr, for the
+    kernels of a prompt or a token (not load's small ones), and not on the GPU backend."""
+    import argparse
+
+    from numba import njit
+
+    from wasmchord.cli import _compile_notice
+
+    def kernel(name):  # a new function each time: numba compiles it at its first call
+        def f(x):
+            return x + 1
+        f.__name__ = f.__qualname__ = name
+        return njit(f)
+
+    with _compile_notice(argparse.Namespace(backend="cpu")):
+        kernel("transpose")(1)
+        assert capsys.readouterr().err == ""
+        kernel("matvec")(1)
+        kernel("decode_attention")(1)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "compiling the CPU kernels" in err
+    with _compile_notice(argparse.Namespace(backend="gpu")):
+        kernel("matvec")(1)
+    assert capsys.readouterr().err == ""

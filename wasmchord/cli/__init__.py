@@ -8,6 +8,8 @@ command's arguments are defined next to its code: `run` (generate, chat, bench),
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import logging
 import sys
 
@@ -39,7 +41,8 @@ def main(argv=None) -> int:
         args = build_parser().parse_args(argv)
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                             format="%(levelname)s %(name)s: %(message)s")
-        return args.func(args) or 0
+        with _compile_notice(args):
+            return args.func(args) or 0
     except BrokenPipeError:
         return 0
     except (WasmchordError, OSError) as e:
@@ -48,3 +51,32 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("wasmchord: interrupted", file=sys.stderr)
         return 130
+
+
+# The CPU kernels whose first compilation on a machine (numba, per block type; cached on disk afterwards)
+# takes seconds to tens of seconds each, at the first prompt or token.
+_KERNELS = frozenset({"matvec", "matvec_int", "matmul", "matmul_int", "matmul_int16", "decode_attention"})
+
+
+@contextlib.contextmanager
+def _compile_notice(args):
+    """Say once on stderr when a CPU kernel starts compiling, which otherwise looks like a hang."""
+    if getattr(args, "backend", "gpu") == "gpu" or importlib.util.find_spec("numba") is None:
+        yield
+        return
+    from numba.core import event
+
+    class Notice(event.Listener):
+        said = False
+
+        def on_start(self, ev):
+            if not self.said and ev.data["dispatcher"].py_func.__name__ in _KERNELS:
+                self.said = True
+                print("wasmchord: compiling the CPU kernels for this model's block types (their first use on this "
+                      "machine; cached for later runs)", file=sys.stderr, flush=True)
+
+        def on_end(self, ev):
+            pass
+
+    with event.install_listener("numba:compile", Notice()):
+        yield
