@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import logging
 import sys
 
@@ -61,7 +60,7 @@ _KERNELS = frozenset({"matvec", "matvec_int", "matmul", "matmul_int", "matmul_in
 @contextlib.contextmanager
 def _compile_notice(args):
     """Say once on stderr when a CPU kernel starts compiling, which otherwise looks like a hang."""
-    if getattr(args, "backend", "gpu") == "gpu" or importlib.util.find_spec("numba") is None:
+    if getattr(args, "backend", "gpu") == "gpu":  # commands without a model, or on the GPU: no kernels
         yield
         return
     from numba.core import event
