@@ -115,10 +115,22 @@ def test_bad_input_is_named(cpu):
         eng.submit([1] * 300, max_tokens=2)
     with pytest.raises(GenerationError, match="temperature"):
         eng.submit("hi", temperature=-1)
-    eng.submit("a", max_tokens=1)
-    eng.submit("b", max_tokens=1)
+    with pytest.raises(GenerationError, match="max_queue = -1"):
+        Engine(cpu, max_queue=-1)
+
+
+def test_the_queue_holds_what_the_free_slots_do_not_take(cpu):
+    """max_queue counts the requests that would wait for a slot: four free slots take four at once (a
+    request's n samples included), then max_queue more wait, then QueueFull."""
+    eng = Engine(cpu, max_queue=2)  # not started: nothing is admitted, every slot stays free
+    for p in "abcdef":
+        eng.submit(p, max_tokens=1)
     with pytest.raises(QueueFull, match="queue is full"):
-        eng.submit("c", max_tokens=1)
+        eng.submit("g", max_tokens=1)
+    none = Engine(cpu, max_queue=0)
+    none.submit("a", max_tokens=1, n=4)
+    with pytest.raises(QueueFull, match="queue is full"):
+        none.submit("b", max_tokens=1)
 
 
 def test_a_request_that_fails_does_not_stop_the_others(cpu, monkeypatch):

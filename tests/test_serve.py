@@ -174,6 +174,118 @@ def test_a_disconnect_frees_the_slot(server):
     assert running(server) == 0
 
 
+def test_a_disconnect_before_a_whole_reply_cancels_it(server, lib):
+    """A client that gives up on a non-streamed reply: its generation stops too (the tokens generated
+    stay well under max_tokens, which would take several seconds here)."""
+    assert lib.generate("Once upon a time", max_tokens=240, temperature=0).finish_reason == "length"
+    def generated():
+        m = httpx.get(server + "/metrics").text
+        return int(next(line.split()[1] for line in m.splitlines()
+                        if line.startswith("wasmchord_generation_tokens_total ")))
+    before = generated()
+    body = json.dumps({"model": MODEL, "prompt": "Once upon a time", "max_tokens": 240, "temperature": 0}).encode()
+    port = int(server.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: " + str(len(body)).encode()
+                  + b"\r\n\r\n" + body)
+        deadline = time.time() + 60
+        while running(server) == 0 and time.time() < deadline:
+            time.sleep(0.05)
+        assert running(server) == 1
+    deadline = time.time() + 30
+    while running(server) and time.time() < deadline:
+        time.sleep(0.1)
+    assert running(server) == 0
+    assert generated() - before < 200
+
+
+def test_more_of_the_openai_protocol(server, client):
+    h = {"Authorization": f"Bearer {KEY}"}
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+    assert httpx.get(server + "/v1/models", headers={"Authorization": f"bearer {KEY}"}).status_code == 200
+    # the developer role is the system role under OpenAI's newer name
+    sys_msgs = [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Hello"}]
+    dev = client.chat.completions.create(model=MODEL, messages=[dict(sys_msgs[0], role="developer"), sys_msgs[1]],
+                                         max_tokens=6, temperature=0)
+    assert dev.choices[0].message.content == client.chat.completions.create(
+        model=MODEL, messages=sys_msgs, max_tokens=6, temperature=0).choices[0].message.content
+    assert dev.usage.prompt_tokens == httpx.post(server + "/tokenize", json={"messages": sys_msgs},
+                                                 headers=h).json()["count"]
+    # a stream with include_usage: "usage": null on every chunk but the last; text_offset runs on
+    raw = httpx.post(server + "/v1/completions", headers=h, timeout=60, json={
+        "model": MODEL, "prompt": "Hello", "max_tokens": 6, "temperature": 0, "logprobs": 1, "stream": True,
+        "stream_options": {"include_usage": True}}).text
+    chunks = [json.loads(line[6:]) for line in raw.splitlines() if line.startswith("data: {")]
+    assert all("usage" in c for c in chunks) and chunks[-1]["usage"]["completion_tokens"] == 6
+    assert all(c["usage"] is None for c in chunks[:-1])
+    offsets, text = [], ""
+    for c in chunks:
+        for ch in c["choices"]:
+            if ch["logprobs"]:
+                offsets += ch["logprobs"]["text_offset"]
+                assert ch["logprobs"]["text_offset"] == [len(text)]
+            text += ch["text"]
+    whole = client.completions.create(model=MODEL, prompt="Hello", max_tokens=6, temperature=0, logprobs=1)
+    assert offsets == whole.choices[0].logprobs.text_offset and len(offsets) == 6
+
+
+def test_an_internal_error_keeps_the_connection(lib, monkeypatch):
+    """A bug answers 500 in OpenAI's shape, and the client's keep-alive connection keeps serving."""
+    import http.client
+
+    import uvicorn
+
+    from wasmchord.serve import create_app
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("a bug")
+    monkeypatch.setattr(lib.tokenizer, "encode", boom)
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(create_app(lambda: lib, name=MODEL), port=port, log_level="critical"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.time() + 60
+        while not srv.started and time.time() < deadline:
+            time.sleep(0.05)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        for _ in range(3):
+            conn.request("POST", "/tokenize", body=json.dumps({"prompt": "hi"}),
+                         headers={"Content-Type": "application/json"})
+            r = conn.getresponse()
+            err = json.loads(r.read())["error"]
+            assert r.status == 500 and err["type"] == "server_error" and "a bug" in err["message"]
+            time.sleep(0.2)  # a server that closes the connection after the answer has done so by now
+        conn.request("GET", "/health")
+        r = conn.getresponse()
+        assert r.status == 200 and json.loads(r.read())["status"] == "ok"
+    finally:
+        srv.should_exit = True
+        thread.join(30)
+
+
+def test_error_answers_carry_cors_headers():
+    from fastapi.testclient import TestClient
+
+    from wasmchord.serve import create_app
+    gate = threading.Event()
+
+    def load():
+        gate.wait(60)
+        raise RuntimeError("not loaded in this test")
+    try:
+        with TestClient(create_app(load, name=MODEL, api_key=KEY, cors_origins=["http://app.example"])) as c:
+            r = c.get("/v1/models", headers={"Origin": "http://app.example"})
+            assert r.status_code == 401 and r.headers["access-control-allow-origin"] == "http://app.example"
+            r = c.post("/v1/completions", content=b"x" * (33 * 2**20), headers={"Authorization": f"Bearer {KEY}"})
+            assert r.status_code == 503  # still loading: a big body is not read before that
+    finally:
+        gate.set()
+
+
 def test_bad_requests_get_openai_errors(server, client):
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=server + "/v1", api_key="wrong", max_retries=0).models.list()
@@ -200,6 +312,15 @@ def test_bad_requests_get_openai_errors(server, client):
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "hi"}])
     assert httpx.get(server + "/v2/nothing", headers=h).status_code == 404
+    with pytest.raises(openai.BadRequestError, match="token id -1"):
+        client.completions.create(model=MODEL, prompt=[-1], max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="tool_choice = 'required' needs tools"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                       tool_choice="required")
+    with pytest.raises(openai.BadRequestError, match="top_logprobs needs logprobs"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], top_logprobs=2)
+    r = httpx.post(server + "/v1/completions", content=b" " * (33 * 2**20), headers=h)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
     # the server still serves everyone after all of that
     assert client.completions.create(model=MODEL, prompt="Hi", max_tokens=2).choices[0].text is not None
 

@@ -30,7 +30,12 @@ def cmd_serve(a):
     require()
     import uvicorn
 
+    from ..errors import GenerationError
     from ..model import Model
+    for flag, value, low, high in (("--slots", a.slots, 1, 256), ("--max-queue", a.max_queue, 0, None),
+                                   ("--prefill-chunk", a.prefill_chunk, 1, None), ("--port", a.port, 0, 65535)):
+        if value < low or high is not None and value > high:  # before loading, not as a failed /health
+            raise GenerationError(f"{flag} {value}: expected an integer from {low}" + (f" to {high}" if high else " up"))
     options = backend_options(a)
     path = resolve(a.model, a)
     name = a.served_model_name or (a.model if a.model in hub.KNOWN_MODELS else path.name)

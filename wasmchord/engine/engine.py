@@ -34,13 +34,16 @@ class Engine:
 
     Args:
         model: a loaded `Model`.
-        max_queue: requests waiting for a slot before `submit` refuses more (QueueFull).
+        max_queue: requests that may wait for a slot (beyond the free ones) before `submit` refuses more
+            (QueueFull); 0: only what free slots take at once.
         prefill_chunk: prompt tokens evaluated per step, so running sequences keep getting tokens.
     """
 
     def __init__(self, model, *, max_queue: int = 64, prefill_chunk: int = 512):
         if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1:
             raise GenerationError(f"prefill_chunk = {prefill_chunk!r}: expected an integer >= 1")
+        if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
+            raise GenerationError(f"max_queue = {max_queue!r}: expected an integer >= 0")
         self.model, self.tf = model, model.transformer
         self.max_queue, self.prefill_chunk = max_queue, prefill_chunk
         self.slots = [Sequence(self.tf, i) for i in range(self.tf.slots)]
@@ -89,8 +92,11 @@ class Engine:
         for r in reqs[1:]:
             r.leader = reqs[0]
         with self._wake:
-            if len(self.waiting) + len(self._inbox) + n > self.max_queue:
-                raise QueueFull(f"the engine's queue is full ({self.max_queue} requests waiting)")
+            # requests that would find no free slot at the next step: the ones queued, these, less free slots
+            waiting = len(self.waiting) + len(self._inbox) - self.busy.count(None)
+            if waiting + n > self.max_queue:
+                raise QueueFull(f"the engine's queue is full ({max(waiting, 0)} requests waiting for a slot, "
+                                f"max_queue {self.max_queue})")
             self._inbox.extend(reqs)
             self._wake.notify()
         return reqs

@@ -24,10 +24,12 @@ from .metrics import Metrics
 from ..text.chat_template import takes_tools
 from .protocol import (ApiError, ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, chat_logprobs,
                        completion_logprobs, envelope, new_id, parse, usage)
-from .tools import CallStream, call_grammar, parse_calls
+from .tools import CallStream, call_grammar, check_tools, parse_calls
 
 log = logging.getLogger(__name__)
 OPEN_PATHS = ("/health", "/metrics")
+DISCONNECT_CHECK = 0.25  # seconds between checks that the client is still there
+MAX_BODY = 32 * 2**20  # bytes of a request body (larger: 413)
 
 
 class Served:
@@ -73,6 +75,40 @@ class Served:
                            param="model", code="model_not_found")
 
 
+class Guard:
+    """ASGI middleware: the API key (401 without it), and a bug answered as a 500 in OpenAI's shape and
+    logged. An exception that left the app would have uvicorn close the client's keep-alive connection;
+    a plain ASGI middleware (not `@app.middleware`) also leaves `receive` as the server gives it, so a
+    handler sees a client's disconnect."""
+
+    def __init__(self, app, api_key: str | None):
+        self.app, self.api_key = app, api_key
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if self.api_key and scope["path"] not in OPEN_PATHS and scope["method"] != "OPTIONS":
+            scheme, _, key = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1").partition(" ")
+            if scheme.lower() != "bearer" or key.strip() != self.api_key:
+                answer = ApiError(401, "missing or wrong API key (send Authorization: Bearer KEY)",
+                                  kind="authentication_error", code="invalid_api_key")
+                return await JSONResponse(answer.body(), status_code=401)(scope, receive, send)
+        started = False
+
+        async def watched(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+        try:
+            await self.app(scope, receive, watched)
+        except Exception as e:
+            log.exception("%s %s failed", scope["method"], scope["path"])
+            if started:  # part of an answer is out: nothing to add to it
+                return
+            answer = ApiError(500, f"internal error: {type(e).__name__}: {e}", kind="server_error")
+            await JSONResponse(answer.body(), status_code=500)(scope, receive, send)
+
+
 def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), on_ready=None, **engine_options):
     """The app. `load()` returns a loaded `Model` (called on a background thread at startup); `name` is
     the model id clients send; `engine_options` go to `Model.engine` (max_queue, prefill_chunk)."""
@@ -86,10 +122,6 @@ def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), 
 
     app = FastAPI(title="wasmchord", lifespan=lifespan)
     app.state.served = served
-    if cors_origins:
-        from fastapi.middleware.cors import CORSMiddleware
-        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["*"], allow_headers=["*"])
-
     def error(e: ApiError):
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
@@ -102,24 +134,26 @@ def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), 
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
         return error(ApiError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", kind=kind))
 
-    @app.exception_handler(Exception)
-    async def on_bug(request, e: Exception):  # never a bare traceback: the shape clients parse, and a log line
-        log.exception("%s %s failed", request.method, request.url.path)
-        return error(ApiError(500, f"internal error: {type(e).__name__}: {e}", kind="server_error"))
-
-    @app.middleware("http")
-    async def authorize(request: Request, call_next):
-        if api_key and request.url.path not in OPEN_PATHS and request.method != "OPTIONS":
-            if request.headers.get("authorization", "") != f"Bearer {api_key}":
-                return error(ApiError(401, "missing or wrong API key (send Authorization: Bearer KEY)",
-                                      kind="authentication_error", code="invalid_api_key"))
-        return await call_next(request)
+    app.add_middleware(Guard, api_key=api_key)
+    if cors_origins:  # added last, so outermost: error answers (a 401 included) carry its headers too
+        from fastapi.middleware.cors import CORSMiddleware
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["*"], allow_headers=["*"])
 
     async def body(request: Request, kind):
         """The request parsed as `kind`, once the model is ready and the request names it."""
         served.ready()
+        too_big = ApiError(413, f"the request body is over {MAX_BODY // 2**20} MiB", code="request_too_large")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > MAX_BODY:
+            raise too_big
+        data, size = [], 0
+        async for part in request.stream():
+            size += len(part)
+            if size > MAX_BODY:
+                raise too_big
+            data.append(part)
         try:
-            raw = json.loads(await request.body())
+            raw = json.loads(b"".join(data))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ApiError(400, f"the request body is not valid JSON: {e}") from None
         b = parse(kind, raw)
@@ -138,23 +172,32 @@ def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), 
     @app.get("/metrics")
     async def metrics():
         if served.engine is None:
-            return PlainTextResponse("", status_code=503)
+            return PlainTextResponse("# the model is not loaded\n", status_code=503)
         return PlainTextResponse(served.metrics.render(served.engine), media_type="text/plain; version=0.0.4")
+
+    def model_card():
+        return {"id": served.name, "object": "model", "created": served.created, "owned_by": "wasmchord"}
 
     @app.get("/v1/models")
     async def models():
         served.ready()
-        return {"object": "list", "data": [{"id": served.name, "object": "model", "created": served.created,
-                                            "owned_by": "wasmchord"}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        served.ready()
+        served.check_model(model_id)
+        return model_card()
 
     @app.post("/tokenize")
     async def tokenize(request: Request):
         b = await body(request, TokenizeRequest)
         tok = served.model.tokenizer
         if b.messages is not None:
-            ids = served.model.chat_ids([{"role": m.role, "content": m.text()} for m in b.messages])
+            ids = await asyncio.to_thread(served.model.chat_ids,
+                                          [{"role": m.role, "content": m.text()} for m in b.messages])
         elif b.prompt is not None:
-            ids = tok.encode(b.prompt, add_bos=None if b.add_special_tokens else False)
+            ids = await asyncio.to_thread(tok.encode, b.prompt, add_bos=None if b.add_special_tokens else False)
         else:
             raise ApiError(400, "give prompt or messages", param="prompt")
         return {"tokens": ids, "count": len(ids), "max_model_len": served.model.transformer.max_ctx}
@@ -175,9 +218,10 @@ def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), 
         if b.tools:
             if not takes_tools(served.model.tokenizer):
                 raise ApiError(400, f"{served.name}'s chat template does not take tools", param="tools")
+            check_tools(b.tools, b.tool_choice)
             grammar = call_grammar(b.tools, b.tool_choice)
         try:
-            ids = served.model.chat_ids(messages, tools=b.tools or None)
+            ids = await asyncio.to_thread(served.model.chat_ids, messages, tools=b.tools or None)  # off the loop
         except GenerationError as e:
             raise ApiError(400, str(e), param="messages") from None
         logprobs = (b.top_logprobs or 0) if b.logprobs else None
@@ -190,21 +234,23 @@ def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), 
             constraint = {"grammar": grammar}
         names = [t.get("function", {}).get("name") for t in b.tools or []]
         return await run(request, b, ids, b.max_completion_tokens or b.max_tokens, logprobs, chat=True,
-                         constraint=constraint, calls=names if calls else None)
+                         constraint=constraint, calls=names if calls else None,
+                         one_call=b.parallel_tool_calls is False)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         b = await body(request, CompletionRequest)
         b.check_unsupported()
         try:
-            ids = served.model.prompt_ids(b.prompt)
-        except (WasmchordError, TypeError) as e:
+            ids = await asyncio.to_thread(served.model.prompt_ids, b.prompt)  # off the event loop
+        except (WasmchordError, TypeError, ValueError) as e:  # ValueError: an id outside the vocabulary
             raise ApiError(400, str(e), param="prompt") from None
         return await run(request, b, ids, b.max_tokens, b.logprobs, chat=False, constraint=b.constraint())
 
-    async def run(request, b, ids, max_tokens, logprobs, *, chat: bool, constraint: dict, calls=None):
+    async def run(request, b, ids, max_tokens, logprobs, *, chat: bool, constraint: dict, calls=None,
+                  one_call=False):
         """Submit, then answer with the whole reply or a stream; `calls` (the tools' names): tool calls in
-        the reply become `tool_calls`."""
+        the reply become `tool_calls` (only the first when `one_call`)."""
         room = served.model.transformer.max_ctx - len(ids)
         if room < 1:
             raise ApiError(400, f"the prompt has {len(ids)} tokens; the context holds "
@@ -227,21 +273,27 @@ def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), 
         rid = new_id("chatcmpl" if chat else "cmpl")
         kind = "chat.completion" if chat else "text_completion"
         if b.stream:
-            return StreamingResponse(sse(request, reqs, queue, rid, kind, b, chat, calls),
+            return StreamingResponse(sse(request, reqs, queue, rid, kind, b, chat, calls, one_call),
                                      media_type="text/event-stream")
-        return await complete(request, reqs, queue, rid, kind, chat, calls)
+        return await complete(request, reqs, queue, rid, kind, chat, calls, one_call)
 
-    async def events(request, reqs, queue):
+    async def events(request, reqs, queue, *, streaming: bool):
         """(request, chunk) as the engine produces them, until every request is done; cancels them all
-        when the client goes away or the handler is cancelled."""
-        left = set(reqs)
+        when the client goes away or the handler is cancelled. A stream's disconnect cancels its response
+        (StreamingResponse listens for it); a whole reply's is looked for every DISCONNECT_CHECK seconds,
+        whether or not chunks keep coming."""
+        left, checked = set(reqs), time.monotonic()
         try:
             while left:
                 try:
-                    req, item = await asyncio.wait_for(queue.get(), 0.5)
+                    req, item = await asyncio.wait_for(queue.get(), DISCONNECT_CHECK)
                 except asyncio.TimeoutError:
+                    req = item = None
+                if (item is None or not streaming) and time.monotonic() - checked >= DISCONNECT_CHECK:
                     if await request.is_disconnected():
                         return
+                    checked = time.monotonic()
+                if item is None:
                     continue
                 if isinstance(item, BaseException):
                     served.metrics.count("wasmchord_request_errors_total")
@@ -254,9 +306,9 @@ def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), 
                 if not r.done:
                     served.engine.cancel(r)
 
-    async def complete(request, reqs, queue, rid, kind, chat, calls):
+    async def complete(request, reqs, queue, rid, kind, chat, calls, one_call):
         chunks = {r: [] for r in reqs}
-        async for req, ch in events(request, reqs, queue):
+        async for req, ch in events(request, reqs, queue, streaming=False):
             chunks[req].append(ch)
         tok = served.model.tokenizer
         choices = []
@@ -269,6 +321,7 @@ def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), 
             body_, finish = {"role": "assistant", "content": text}, r.finish_reason
             if calls:
                 content, found = parse_calls(text, calls)
+                found = found[:1] if one_call else found
                 if found:
                     body_, finish = {"role": "assistant", "content": content, "tool_calls": found}, "tool_calls"
             choices.append({"index": i, **({"message": body_} if chat else {"text": text}), "logprobs": lp,
@@ -278,21 +331,25 @@ def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), 
     def use_of(reqs):
         return usage(len(reqs[0].prompt), sum(len(r.tokens) for r in reqs), reqs[0].stats.cached_tokens)
 
-    async def sse(request, reqs, queue, rid, kind, b, chat, calls):
+    async def sse(request, reqs, queue, rid, kind, b, chat, calls, one_call):
         chunk_kind = "chat.completion.chunk" if chat else "text_completion"
         tok = served.model.tokenizer
         split = {r: CallStream(calls) for r in reqs} if calls else {}
 
+        offset = {r: 0 for r in reqs}  # characters of each choice's text sent (completions' text_offset)
+
         def data(choices, use=None):
-            return f"data: {json.dumps(envelope(chunk_kind, rid, served.name, choices, use))}\n\n"
+            chunk = envelope(chunk_kind, rid, served.name, choices, use, null_usage=b.include_usage)
+            return f"data: {json.dumps(chunk)}\n\n"
         if chat:
             yield data([{"index": r.choice, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                          "finish_reason": None} for r in reqs])
         try:
-            async for req, ch in events(request, reqs, queue):
+            async for req, ch in events(request, reqs, queue, streaming=True):
                 lp = None
                 if req.logprobs is not None and ch.logprob is not None:
-                    lp = chat_logprobs(tok, [ch]) if chat else completion_logprobs(tok, [ch])
+                    lp = chat_logprobs(tok, [ch]) if chat else completion_logprobs(tok, [ch], offset[req])
+                offset[req] += len(ch.text)
                 text = split[req].add(ch.text) if calls else ch.text
                 if text or lp is not None:
                     part = {"delta": {"content": text}} if chat else {"text": text}
@@ -301,6 +358,7 @@ def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), 
                     finish = ch.finish_reason
                     if calls:
                         rest, found = split[req].finish()
+                        found = found[:1] if one_call else found
                         if rest:
                             yield data([{"index": req.choice, "delta": {"content": rest}, "logprobs": None,
                                          "finish_reason": None}])

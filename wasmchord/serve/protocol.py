@@ -10,7 +10,7 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-ROLES = ("system", "user", "assistant", "tool")
+ROLES = ("system", "developer", "user", "assistant", "tool")  # developer: OpenAI's newer name for system
 
 
 class ApiError(Exception):
@@ -62,7 +62,7 @@ class _Body(BaseModel):
     def check_unsupported(self):
         """Parameters this server does not implement are refused, never accepted and ignored."""
         extra = self.model_extra or {}
-        for name in ("logit_bias", "suffix", "functions", "function_call", "parallel_tool_calls"):
+        for name in ("logit_bias", "suffix", "functions", "function_call"):
             if extra.get(name) not in (None, {}, [], False):
                 raise ApiError(400, f"{name} is not supported by this server", param=name)
         if extra.get("echo"):
@@ -140,6 +140,14 @@ class ChatRequest(_Body):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    parallel_tool_calls: bool | None = None  # False: at most one call comes back
+
+    def check_unsupported(self):
+        super().check_unsupported()
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        if self.tool_choice not in (None, "auto", "none") and not self.tools:
+            raise ApiError(400, f"tool_choice = {self.tool_choice!r} needs tools", param="tool_choice")
 
     def chat_messages(self) -> list[dict]:
         out = []
@@ -147,7 +155,10 @@ class ChatRequest(_Body):
             if m.role not in ROLES:
                 raise ApiError(400, f"messages[{i}].role = {m.role!r}: expected one of {', '.join(ROLES)}",
                                param=f"messages[{i}].role")
-            out.append(m.for_template())
+            msg = m.for_template()
+            if msg["role"] == "developer":  # chat templates know it as system
+                msg["role"] = "system"
+            out.append(msg)
         return out
 
 
@@ -191,9 +202,12 @@ def usage(prompt_tokens: int, completion_tokens: int, cached: int = 0) -> dict:
             "prompt_tokens_details": {"cached_tokens": cached}}
 
 
-def envelope(kind: str, rid: str, model: str, choices: list, use: dict | None = None) -> dict:
+def envelope(kind: str, rid: str, model: str, choices: list, use: dict | None = None, *,
+             null_usage: bool = False) -> dict:
+    """A response or chunk; `null_usage`: a stream chunk before the usage chunk ("usage": null, as OpenAI
+    sends when stream_options.include_usage is set)."""
     out = {"id": rid, "object": kind, "created": int(time.time()), "model": model, "choices": choices}
-    if use is not None:
+    if use is not None or null_usage:
         out["usage"] = use
     return out
 

@@ -26,6 +26,21 @@ def function_of(tool) -> dict:
     return tool["function"]
 
 
+def check_tools(tools: list, choice):
+    """ApiError(400) for a malformed tool or tool_choice, whatever the choice (a tool the model may call
+    must be well formed even when it is not made to)."""
+    names = [function_of(t)["name"] for t in tools]
+    if choice in (None, "auto", "none", "required"):
+        return
+    fn = choice.get("function") if isinstance(choice, dict) and choice.get("type") == "function" else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+        raise ApiError(400, f'tool_choice = {choice!r}: expected "auto", "none", "required" or '
+                            '{"type": "function", "function": {"name": ...}}', param="tool_choice")
+    if fn["name"] not in names:
+        raise ApiError(400, f"tool_choice names {fn['name']!r}, which is not among the tools ({', '.join(names)})",
+                       param="tool_choice")
+
+
 def call_grammar(tools: list, choice) -> str | None:
     """A Lark grammar (llguidance) for one call of any of `tools` ("required") or of the named one;
     None when the model chooses (auto) or must not call (none)."""
