@@ -105,6 +105,11 @@ fn kth_largest(lid: u32, k: u32) -> f32 {
     return unkey(prefix);
 }
 
+fn candidate(j: u32, few: bool) -> f32 {  // the j-th value looked at: a gathered candidate, or logit j
+    if (few) { return cand_v[j]; }  // (not select(): it reads both arms, cand_v[j] out of bounds when j >= CAP)
+    return x[p.x_off + j];
+}
+
 @compute @workgroup_size(256)
 fn sample(@builtin(local_invocation_index) lid: u32) {
     // ---- a constraint: the tokens it leaves out cannot be drawn
@@ -183,7 +188,7 @@ fn sample(@builtin(local_invocation_index) lid: u32) {
             let mid = 0.5 * (a + b);
             var sm = 0.0;
             for (var j = lid; j < n; j += WG) {
-                let v = select(x[p.x_off + j], cand_v[j], few);
+                let v = candidate(j, few);
                 if (v >= mid) { sm += exp(v - mx); }
             }
             if (wg_sum(lid, WG, sm) >= p.top_p * total) { a = mid; } else { b = mid; }
@@ -195,8 +200,9 @@ fn sample(@builtin(local_invocation_index) lid: u32) {
     var best = -3.4e38;
     var bi = 0xffffffffu;
     for (var j = lid; j < n; j += WG) {
-        let v = select(x[p.x_off + j], cand_v[j], few);
-        let i = select(j, cand_i[j], few);
+        let v = candidate(j, few);
+        var i = j;
+        if (few) { i = cand_i[j]; }
         if (v >= tau) {
             let g = v / p.temperature - log(-log(uniform01(i)));
             if (g > best || (g == best && i < bi)) { best = g; bi = i; }

@@ -102,11 +102,14 @@ def test_same_seed_same_tokens_on_the_gpu(gpu_backend):
 # Gemma's vocabulary (262144) with a peaked head and a long tail: the candidates above the top-k and
 # min-p thresholds are gathered into workgroup memory (a large vocabulary once drew no token at
 # all here); then a head above a flat tail of 3000 with neither top-k nor min-p, more candidates
-# than fit, which takes the whole-vocabulary path.
+# than fit, which takes the whole-vocabulary path (at SmolLM2's vocabulary that path once crashed the
+# process: WGSL's select() read the candidates' array at every index of the vocabulary).
 @pytest.mark.parametrize("vocab,head,kw", [
     (262144, 12, dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05)),
     (262144, 12, dict(temperature=0.9, top_k=20, top_p=0.95, min_p=0.0)),
     (3000, 6, dict(temperature=1.0, top_k=0, top_p=0.9, min_p=0.0)),
+    (49152, 6, dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)),  # SmolLM2's vocabulary, no filter at all:
+    (49152, 6, dict(temperature=1.0, top_k=0, top_p=0.9, min_p=0.0)),  # once read workgroup memory out of bounds
 ])
 def test_large_vocabularies_match_cpu_sampler(gpu_backend, vocab, head, kw):
     rng = np.random.default_rng()
