@@ -200,6 +200,52 @@ def test_interleaved_streams_in_one_thread_are_refused_not_mixed(cpu):
     assert chat_b.send("Hi!", max_tokens=3, temperature=0).completion_tokens >= 1
 
 
+def test_interleaved_generations_on_the_model_itself_are_refused_not_mixed(cpu):
+    """Two generations on the model's own sequence (stream then generate, stream then stream, stream
+    then logits): the first raises rather than continue from the other's cache."""
+    want = cpu.generate("Once upon a time", max_tokens=8, temperature=0).text
+    for other in (lambda: cpu.generate("The capital of France is", max_tokens=3, temperature=0),
+                  lambda: next(cpu.stream("The capital of France is", max_tokens=3, temperature=0)),
+                  lambda: cpu.logits("The capital of France is")):
+        it = cpu.stream("Once upon a time", max_tokens=8, temperature=0)
+        first = next(it).text
+        other()
+        with pytest.raises(GenerationError, match="used by another generation meanwhile"):
+            list(it)
+        assert want.startswith(first)
+    assert cpu.generate("Once upon a time", max_tokens=8, temperature=0).text == want  # and it runs again
+
+
+def test_a_running_engine_owns_the_slots(cpu):
+    """While an engine runs on its thread, direct generations are refused (they would write its slots);
+    an engine stepped by hand finds a slot written behind its back and fails that request."""
+    eng = cpu.engine()
+    eng.start()
+    try:
+        req = eng.submit("Once upon a time", max_tokens=40, temperature=0)[0]
+        for call in (lambda: cpu.generate("Hi", max_tokens=2), lambda: cpu.logits("Hi"),
+                     lambda: cpu.generate(["Hi", "Yo"], max_tokens=2)):
+            with pytest.raises(GenerationError, match="belong to a running engine"):
+                call()
+        with pytest.raises(GenerationError, match="already runs"):
+            cpu.engine().start()
+        assert list(eng.stream(req))[-1].finish_reason == "length"
+    finally:
+        eng.stop()
+    assert cpu.generate("Hi", max_tokens=2, temperature=0).completion_tokens >= 1  # the model's again
+    manual = cpu.engine()
+    req = manual.submit("Once upon a time", max_tokens=40, temperature=0)[0]
+    manual.step()
+    manual.step()
+    assert req.slot == 0 and req.tokens  # running, in the slot the model's own sequence uses
+    cpu.generate("The capital of France is", max_tokens=3, temperature=0)
+    manual.run([req])
+    items = []
+    while (item := req.take(block=False)) is not None:
+        items.append(item)
+    assert isinstance(items[-1], GenerationError) and "used by a generation outside the engine" in str(items[-1])
+
+
 def test_context_full_ends_with_length_and_keeps_the_text():
     m = Model.load("smollm2-135m-instruct", device="cpu", context_length=24)
     ids = m.prompt_ids("Tell me a long story about dragons and")

@@ -79,17 +79,24 @@ class Completion:
         return self.completion_tokens / self.eval_s if self.eval_s > 0 else float("inf")
 
 
+INTERLEAVED = ("this generation's KV cache was used by another generation meanwhile (two streams interleaved on "
+               "one sequence, or a slot shared with a running engine): start it again, or give each its own "
+               "sequence (Model.start_chat, or sequence=)")
+
 class Sequence:
     """The tokens one sequence holds in a slot of the transformer's KV cache. `reset()` forgets them.
 
     Several sequences may share a slot; the transformer records which sequence wrote it last, and a
-    sequence that finds its slot taken over starts from scratch."""
+    sequence that finds its slot taken over starts from scratch. One sequence runs one generation at a
+    time: `live` marks the current one, and a generation that finds another began on its sequence
+    (or its slot taken over) stops with an error rather than continue from someone else's cache."""
 
     def __init__(self, transformer, slot: int = 0):
         if not 0 <= slot < transformer.slots:
             raise GenerationError(f"slot {slot} does not exist: the model has {transformer.slots} KV cache slots")
         self.transformer, self.slot = transformer, slot
         self.tokens: list[int] = []
+        self.live = None  # the generation running on this sequence (see generate_tokens)
 
     def reset(self):
         self.tokens = []
@@ -115,7 +122,7 @@ class Sequence:
         if len(ids) > self.n_ctx:
             raise GenerationError(f"{len(ids)} tokens exceed the context length {self.n_ctx}")
         self.claim()
-        self.tokens = []
+        self.tokens, self.live = [], None  # a generation running here is over
         tf = self.transformer
         out = tf.be.read(tf.forward(np.asarray(ids, np.int64), 0, all_logits=True, hidden=hidden, slot=self.slot))
         self.tokens = list(ids)
@@ -131,6 +138,7 @@ class Sequence:
             raise GenerationError(f"the prompt has {len(ids)} tokens; the context holds {self.n_ctx} "
                                   f"(raise context_length, or shorten the prompt)")
         self.claim()
+        self.live = None
         common = 0
         for a, b in zip(self.tokens, ids):
             if a != b:
@@ -142,13 +150,17 @@ class Sequence:
         self.tokens = list(ids)
         return logits, common
 
-    def step(self, token: int):
-        """Append `token` and return the logits after it (a backend handle)."""
+    def check(self, live):
+        """GenerationError unless the generation `live` still owns this sequence and its slot."""
+        if self.transformer.owners[self.slot] is not self or self.live is not live:
+            raise GenerationError(INTERLEAVED)
+
+    def step(self, token: int, live=None):
+        """Append `token` and return the logits after it (a backend handle); `live`: the generation
+        that asks (checked to still own the sequence)."""
         if len(self.tokens) >= self.n_ctx:
             raise GenerationError(f"context full ({self.n_ctx} tokens)")
-        if self.transformer.owners[self.slot] is not self:
-            raise GenerationError("this sequence's KV cache slot was used by another generation meanwhile "
-                                  "(interleaved streams on one slot): start the generation again")
+        self.check(live)
         logits = self.transformer.forward(np.asarray([token], np.int64), len(self.tokens), slot=self.slot)
         self.tokens.append(token)
         return logits
@@ -167,6 +179,7 @@ def generate_tokens(seq: Sequence, prompt_ids: list[int], params: SamplingParams
     rng = make_rng(params.seed)
     t0 = time.perf_counter()
     logits, cached = seq.prefill(prompt_ids)
+    live = seq.live = object()  # this generation's; another one on `seq` replaces it
     be, vocab = seq.transformer.be, seq.transformer.cfg.vocab_size
     stats.prompt_tokens, stats.cached_tokens = len(prompt_ids), cached
     stats.prompt_eval_s = time.perf_counter() - t0
@@ -177,7 +190,7 @@ def generate_tokens(seq: Sequence, prompt_ids: list[int], params: SamplingParams
     t1 = time.perf_counter()
     if encode_ahead:
         try:
-            yield from _generate_ahead(seq, logits, params, rng, max_tokens, stop_ids, stats, vocab)
+            yield from _generate_ahead(seq, live, logits, params, rng, max_tokens, stop_ids, stats, vocab)
         finally:
             stats.eval_s = time.perf_counter() - t1
         return
@@ -202,7 +215,7 @@ def generate_tokens(seq: Sequence, prompt_ids: list[int], params: SamplingParams
             if len(seq.tokens) >= seq.n_ctx:
                 stats.context_full = True
                 return
-            logits = seq.step(tok)
+            logits = seq.step(tok, live)
     finally:
         stats.eval_s = time.perf_counter() - t1
 
@@ -213,7 +226,7 @@ def _check_token(tok: int, vocab: int):
         raise GenerationError(NON_FINITE)
 
 
-def _generate_ahead(seq, logits, params, rng, max_tokens, stop_ids, stats, vocab):
+def _generate_ahead(seq, live, logits, params, rng, max_tokens, stop_ids, stats, vocab):
     """Encode-ahead decoding: while the device runs step t the host already encodes and submits step
     t+1, which reads its input token from the device buffer step t's argmax/sample wrote; tokens come
     back through a ring of mappable buffers. A step computed past a stop is discarded, and the sequence
@@ -228,9 +241,7 @@ def _generate_ahead(seq, logits, params, rng, max_tokens, stop_ids, stats, vocab
     pending = select(logits, 0)
     for i in range(max_tokens):
         pos = len(seq.tokens)
-        if tf.owners[seq.slot] is not seq:
-            raise GenerationError("this sequence's KV cache slot was used by another generation meanwhile "
-                                  "(interleaved streams on one slot): start the generation again")
+        seq.check(live)
         ahead = None
         if i + 1 < max_tokens and pos < seq.n_ctx:
             ahead = select(tf.decode(pos, seq.slot), i + 1)  # submitted before step i is read

@@ -86,6 +86,7 @@ class Model:
         self.load_stats = load_stats
         self.lock = ModelLock()
         self._sequence = Sequence(transformer)  # what logits/stream/generate use unless given another
+        self.serving = None  # the engine running on its own thread over this model's slots, if any
 
     @classmethod
     def load(cls, path_or_alias: str | os.PathLike, *, device: str = "auto", context_length: int | None = None,
@@ -135,8 +136,14 @@ class Model:
 
         `hidden`, when given, receives the residual stream [len(ids), d] after each layer."""
         ids = self.prompt_ids(ids)
+        self._check_not_serving()
         with self.lock:
             return self._sequence.evaluate(ids, hidden=hidden)
+
+    def _check_not_serving(self):
+        if self.serving is not None:
+            raise GenerationError("this model's KV cache slots belong to a running engine (Model.engine()."
+                                  "start()): submit to the engine, or stop it first")
 
     def prompt_ids(self, prompt) -> list[int]:
         """Token ids of a prompt given as text or as ids (checked against the vocabulary).
@@ -177,6 +184,7 @@ class Model:
         params = SamplingParams.from_options(sampling)
         stop = check_args(max_tokens, stop)
         ids = self.prompt_ids(prompt)
+        self._check_not_serving()
         with self.lock:  # held until this stream ends or is closed
             yield from stream_chunks(sequence or self._sequence, self.tokenizer, ids, params,
                                      max_tokens=max_tokens, stop=stop, stop_ids=self.tokenizer.eot_ids,
@@ -198,6 +206,7 @@ class Model:
             if (isinstance(p, str) and not p) or (not isinstance(p, str) and len(p) == 0):
                 raise GenerationError(f"prompt {i} of the batch is empty")
         from .engine import Engine
+        self._check_not_serving()
         if kw.pop("sequence", None) is not None:
             raise GenerationError("sequence= applies to one prompt, not to a batch")
         engine = Engine(self, max_queue=len(prompts) * n)

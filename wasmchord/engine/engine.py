@@ -136,6 +136,11 @@ class Engine:
             return False
         self.steps += 1
         with self.model.lock:
+            for req in [r for r in self.active if self.tf.owners[r.slot] is not self.slots[r.slot]]:
+                self._fail(req, GenerationError(  # its cache holds another generation's tokens now
+                    f"request {req.choice}: KV cache slot {req.slot} was used by a generation outside the engine "
+                    "(Model.generate, stream or logits on the same model) meanwhile: submit every request to "
+                    "the engine"))
             self._admit()
             self._prefill()
             self._decode()
@@ -306,7 +311,10 @@ class Engine:
         """Run steps on a thread of the engine's own until `stop()`."""
         if self._thread is not None:
             return
+        if self.model.serving is not None:
+            raise GenerationError("another engine already runs on this model: stop it first")
         self._stopping = False
+        self.model.serving = self  # direct generations on the model are refused until stop()
         self._thread = threading.Thread(target=self._loop, name="wasmchord-engine", daemon=True)
         self._thread.start()
 
@@ -317,6 +325,8 @@ class Engine:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+            if self.model.serving is self:
+                self.model.serving = None
 
     def _loop(self):
         while True:
