@@ -155,3 +155,26 @@ def test_f32_weights_mode_gives_the_same_logits(m):
     ref, got = f.logits(ids), m.logits(ids)
     tol = {"f32": 5e-5, "int16": 5e-4}[m.backend.activations]
     assert np.abs(got - ref).max() <= tol * np.abs(ref).max()
+
+
+def test_logprobs_are_the_models_log_softmax(m):
+    """generate/stream/chat with logprobs=k: each token's log-probability and the k most likely, equal
+    to the log-softmax of the logits of the whole text evaluated at once; the tokens those of a run
+    without logprobs (same seed)."""
+    import numpy as np
+    c = m.generate("Once upon a time", max_tokens=6, temperature=1.0, seed=4, logprobs=3)
+    assert c.tokens == m.generate("Once upon a time", max_tokens=6, temperature=1.0, seed=4).tokens
+    ids = m.prompt_ids("Once upon a time")
+    lg = m.logits(ids + c.tokens[:-1])[len(ids) - 1:].astype(np.float64)            # [6, vocab]
+    ref = lg - lg.max(1, keepdims=True)
+    ref -= np.log(np.exp(ref).sum(1, keepdims=True))
+    assert len(c.logprobs) == 6
+    for row, tok, (lp, top) in zip(ref, c.tokens, c.logprobs):
+        assert abs(lp - row[tok]) < 1e-4 * np.abs(row).max()
+        assert [t for t, _ in top] == list(np.argsort(-row, kind="stable")[:3])
+        assert np.allclose([p for _, p in top], row[[t for t, _ in top]], atol=1e-4 * np.abs(row).max())
+    chunks = list(m.stream("Once upon a time", max_tokens=6, temperature=1.0, seed=4, logprobs=3))
+    assert [ch.logprob for ch in chunks if ch.token is not None] == [lp for lp, _ in c.logprobs]
+    assert m.generate("Once upon a time", max_tokens=2).logprobs is None
+    with pytest.raises(GenerationError, match="logprobs = 21"):
+        m.generate("Hi", logprobs=21)

@@ -56,18 +56,23 @@ class Completion:
     prompt_eval_s: float
     eval_s: float
     cached_tokens: int = 0
+    # with logprobs=k: per generated token, (its log-probability, [(token id, log-probability)] of the
+    # k most likely), of the model's distribution before penalties and filters
+    logprobs: list | None = None
 
     @classmethod
     def from_chunks(cls, chunks: Iterable[Chunk]) -> "Completion":
         """Run a stream to its end and gather its text, tokens, finish reason and statistics."""
-        parts, tokens, last = [], [], None
+        parts, tokens, lps, last = [], [], [], None
         for last in chunks:
             parts.append(last.text)
             if last.token is not None:
                 tokens.append(last.token)
+                if last.logprob is not None:
+                    lps.append((last.logprob, last.top_logprobs))
         s = last.stats
         return cls("".join(parts), tokens, last.finish_reason, s.prompt_tokens, s.completion_tokens,
-                   s.prompt_eval_s, s.eval_s, s.cached_tokens)
+                   s.prompt_eval_s, s.eval_s, s.cached_tokens, lps if lps else None)
 
     @property
     def prompt_tok_per_s(self) -> float:
@@ -82,6 +87,7 @@ class Completion:
 INTERLEAVED = ("this generation's KV cache was used by another generation meanwhile (two streams interleaved on "
                "one sequence, or a slot shared with a running engine): start it again, or give each its own "
                "sequence (Model.start_chat, or sequence=)")
+
 
 class Sequence:
     """The tokens one sequence holds in a slot of the transformer's KV cache. `reset()` forgets them.

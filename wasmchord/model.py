@@ -163,7 +163,7 @@ class Model:
 
     # ------------------------------------------------------------------------------------ generation
     def stream(self, prompt, *, max_tokens: int = DEFAULT_MAX_TOKENS, stop=None, sequence: Sequence | None = None,
-               **sampling) -> Iterator[Chunk]:
+               logprobs: int | None = None, **sampling) -> Iterator[Chunk]:
         """Yield `Chunk`s of generated text; the last has `finish_reason` ("stop" or "length") and `stats`.
 
         Args:
@@ -175,6 +175,9 @@ class Model:
                 presence_penalty, frequency_penalty, penalty_last_n, seed) with their defaults, and at
                 most one constraint on the output: `json_schema` (a dict or JSON text), `regex`, or
                 `grammar` (Lark syntax; see `wasmchord.constrain`).
+            logprobs: 0-20: each chunk with a token carries its log-probability and that many of the
+                most likely alternatives (`Chunk.logprob`, `Chunk.top_logprobs`; `Completion.logprobs`).
+                The logits then come back to the host every step (the engine's path), as in a batch.
 
         Raises:
             GenerationError: bad arguments, an empty prompt, or a prompt longer than the context.
@@ -183,12 +186,36 @@ class Model:
         constraint = Constraint.from_options(self.tokenizer, sampling)
         params = SamplingParams.from_options(sampling)
         stop = check_args(max_tokens, stop)
+        if logprobs is not None:
+            if sequence is not None:
+                raise GenerationError("logprobs= and sequence= cannot be combined: log-probabilities come from "
+                                      "the engine's path, which uses the model's own slots")
+            yield from self._engine_stream(prompt, max_tokens=max_tokens, stop=stop, logprobs=logprobs, **sampling)
+            return
         ids = self.prompt_ids(prompt)
         self._check_not_serving()
         with self.lock:  # held until this stream ends or is closed
             yield from stream_chunks(sequence or self._sequence, self.tokenizer, ids, params,
                                      max_tokens=max_tokens, stop=stop, stop_ids=self.tokenizer.eot_ids,
                                      matcher=constraint.matcher() if constraint else None)
+
+    def _engine_stream(self, prompt, **kw) -> Iterator[Chunk]:
+        """One request through an engine stepped on this thread, its chunks as they come."""
+        from .engine import Engine
+        self._check_not_serving()
+        engine = Engine(self, max_queue=1)
+        req = engine.submit(prompt, **kw)[0]
+        with self.lock:
+            while True:
+                item = req.take(block=False)
+                if item is None:
+                    engine.step()
+                    continue
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
 
     def generate(self, prompt, *, n: int = 1, **kw) -> "Completion | list[Completion]":
         """Blocking generation: the whole `Completion` (text, tokens, finish_reason, timings).
