@@ -91,3 +91,42 @@ def test_the_first_compilation_of_a_cpu_kernel_is_announced_once(capsys):
     with _compile_notice(argparse.Namespace(backend="gpu")):
         kernel("matvec")(1)
     assert capsys.readouterr().err == ""
+
+
+def test_generate_reads_the_prompt_from_stdin():
+    args = ("generate", "smollm2-135m-instruct", "-n", "4", "--temperature", "0", "--backend", "cpu", "--raw")
+    piped = run(*args[:2], "-", *args[2:], input="The capital of France is")
+    given = run(*args[:2], "The capital of France is", *args[2:])
+    assert piped.returncode == given.returncode == 0, piped.stderr + given.stderr
+    assert piped.stdout == given.stdout and piped.stdout.strip()
+
+
+def test_chat_at_a_terminal_survives_an_error_and_knows_its_commands():
+    """At a terminal (stdin a pty): a turn that does not fit the context is an error line, not the end
+    of the session; an unknown /command is not sent to the model; /exit ends it with status 0."""
+    import os
+    import time
+    main, tty = os.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "wasmchord", "chat", "smollm2-135m-instruct", "--backend", "cpu",
+                             "--context-length", "48", "-n", "4", "--temperature", "0"],
+                            stdin=tty, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    os.close(tty)
+    try:
+        for line in ("word " * 60, "/frobnicate", "Hi", "/exit"):
+            os.write(main, (line + "\n").encode())
+            time.sleep(0.2)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        os.close(main)
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "the context holds 48" in err and "(/reset starts over)" in err
+    assert "unknown command /frobnicate" in err
+    assert out.strip()  # the turn after the error was answered
+    assert "Traceback" not in err
+
+
+def test_bench_checks_its_json_path_before_running(tmp_path):
+    r = run("bench", "smollm2-135m-instruct", "--backend", "cpu", "--json", str(tmp_path / "no" / "x.json"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--json" in r.stderr and "x.json" in r.stderr

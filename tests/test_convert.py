@@ -278,6 +278,12 @@ def test_cli_convert_bad_input_is_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "wasmchord", "convert", "--model", str(tmp_path), "--output",
                         str(tmp_path / "o.gguf")], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "config.json" in r.stderr
+    make_phi2(tmp_path / "hf")
+    (tmp_path / "taken").mkdir()
+    r = subprocess.run([sys.executable, "-m", "wasmchord", "convert", "--model", str(tmp_path / "hf"), "--output",
+                        str(tmp_path / "taken"), "--force"], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "taken is a directory" in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "taken"]  # nothing written beside it
 
 
 @pytest.mark.gpu

@@ -178,3 +178,20 @@ def test_logprobs_are_the_models_log_softmax(m):
     assert m.generate("Once upon a time", max_tokens=2).logprobs is None
     with pytest.raises(GenerationError, match="logprobs = 21"):
         m.generate("Hi", logprobs=21)
+
+
+def test_what_llama_cpp_python_users_write(m):
+    """max_tokens=None runs to the end of the context; OpenAI-style content parts are text; a misnamed
+    option or a prompt of floats is a TypeError that says what was meant."""
+    ids = m.prompt_ids("Once upon a time")
+    c = m.generate(ids, max_tokens=None, temperature=0, seed=1)
+    assert c.finish_reason == "length" and c.completion_tokens == 256 - len(ids)
+    parts = [{"role": "user", "content": [{"type": "text", "text": "What is "}, {"type": "text", "text": "2+2?"}]}]
+    assert m.chat(parts, max_tokens=5, temperature=0).text == \
+        m.chat([{"role": "user", "content": "What is 2+2?"}], max_tokens=5, temperature=0).text
+    with pytest.raises(GenerationError, match="content parts must be"):
+        m.chat([{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}])
+    with pytest.raises(TypeError, match="'n_ctx' .did you mean context_length"):
+        Model.load("smollm2-135m-instruct", device="cpu", n_ctx=128)
+    with pytest.raises(TypeError, match="token ids must be integers, got float"):
+        m.generate([1.0, 2.0], max_tokens=2)

@@ -194,6 +194,8 @@ def convert(model_dir, output, *, quant: str = "f16", force: bool = False, progr
         raise ConvertError(f"{d}: missing config.json")
     if not out.parent.is_dir():
         raise ConvertError(f"{out}: the output directory {out.parent} does not exist")
+    if out.is_dir():
+        raise ConvertError(f"{out} is a directory: give the output .gguf file's path")
     if out.exists() and not force:
         raise ConvertError(f"{out} exists (use --force to overwrite)")
     c = _read_json(d / "config.json")

@@ -335,9 +335,11 @@ def stream_chunks(seq: Sequence, tokenizer, prompt_ids: list[int], params: Sampl
 
 
 def check_args(max_tokens, stop) -> list[str]:
-    """Validate `max_tokens` and `stop`; returns the stop strings as a list."""
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)) or max_tokens < 1:
-        raise GenerationError(f"max_tokens = {max_tokens!r}: expected an integer >= 1")
+    """Validate `max_tokens` (None: until the context is full) and `stop`; returns the stop strings as a list."""
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer))
+                                   or max_tokens < 1):
+        raise GenerationError(f"max_tokens = {max_tokens!r}: expected an integer >= 1, or None (until the context "
+                              "is full)")
     if stop is None:
         return []
     if isinstance(stop, str):

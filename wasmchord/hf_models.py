@@ -86,7 +86,8 @@ def hf_model(c: dict, where) -> HFModel:
     mt = c.get("model_type")
     if mt not in MODEL_TYPES:
         arch = (c.get("architectures") or [None])[0]
-        raise UnsupportedError(f"{where}: model_type {mt!r} ({arch}) is not supported; supported model types: "
+        raise UnsupportedError(f"{where}: model_type {mt!r}{f' ({arch})' if arch else ''} is not supported; "
+                               "supported model types: "
                                f"{', '.join(MODEL_TYPES)}")
     return MODEL_TYPES[mt]
 

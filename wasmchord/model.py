@@ -168,7 +168,7 @@ class Model:
 
         Args:
             prompt: text, or a list of token ids.
-            max_tokens: generate at most this many tokens.
+            max_tokens: generate at most this many tokens (None: until the context is full).
             stop: a string or strings that end the text (never emitted, not even in part).
             sequence: whose cached tokens the prompt may reuse (default: the model's own).
             sampling: the fields of `SamplingParams` (temperature, top_k, top_p, min_p, repeat_penalty,
@@ -194,6 +194,8 @@ class Model:
             return
         ids = self.prompt_ids(prompt)
         self._check_not_serving()
+        if max_tokens is None:
+            max_tokens = max(self.transformer.max_ctx - len(ids), 1)
         with self.lock:  # held until this stream ends or is closed
             yield from stream_chunks(sequence or self._sequence, self.tokenizer, ids, params,
                                      max_tokens=max_tokens, stop=stop, stop_ids=self.tokenizer.eot_ids,
@@ -225,7 +227,8 @@ class Model:
         prefill (a list of n Completions). Batches use the model's KV cache slots
         (`Model.load(..., slots=N)`); prompts beyond the free slots wait for one.
         Takes the keyword arguments of `stream`."""
-        batch = isinstance(prompt, (list, tuple)) and bool(prompt) and not isinstance(prompt[0], (int, np.integer))
+        batch = isinstance(prompt, (list, tuple)) and bool(prompt) and isinstance(prompt[0], (str, list, tuple,
+                                                                                          np.ndarray))
         if not batch and n == 1:
             return Completion.from_chunks(self.stream(prompt, **kw))
         prompts = list(prompt) if batch else [prompt]

@@ -34,6 +34,7 @@ def get_backend(device="auto", **options):
     from .base import Backend
     if isinstance(device, Backend):
         return device
+    _check_options(device, options)
     if device == "auto":
         if _hardware_gpu_present():
             return _load("gpu")(**{k: v for k, v in options.items() if k not in _CPU_OPTIONS})
@@ -48,6 +49,27 @@ def get_backend(device="auto", **options):
             raise BackendError("the GPU backend is not part of this build of wasmchord; use device='cpu'") from None
         raise
     return cls(**options)
+
+
+def _check_options(device, options: dict):
+    """TypeError naming an option no backend takes (and the likely intended one), never a backend
+    class's own TypeError, nor an option dropped in silence by "auto"."""
+    unknown = set(options) - set(_CPU_OPTIONS)
+    if not unknown or device not in ("auto", "gpu"):
+        known = set(_CPU_OPTIONS)
+    else:
+        import inspect
+        try:
+            known = set(_CPU_OPTIONS) | set(inspect.signature(_load("gpu").__init__).parameters) - {"self"}
+        except ModuleNotFoundError:
+            known = set(_CPU_OPTIONS)
+    for name in sorted(set(options) - known):
+        import difflib
+        hint = {"n_ctx": "context_length", "ctx": "context_length", "n_parallel": "slots",
+                "n_gpu_layers": 'device="gpu"'}.get(name) or next(iter(difflib.get_close_matches(name, known, 1)), None)
+        raise TypeError(f"Model.load got an unexpected keyword argument {name!r}"
+                        + (f" (did you mean {hint}?)" if hint else "")
+                        + f"; the {device} backend's options are {', '.join(sorted(known))}")
 
 
 def _hardware_gpu_present() -> bool:

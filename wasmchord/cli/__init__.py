@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_commands(sub)
     serve.add_serve(sub)
     files.add_commands(sub)
+    for command in sub.choices.values():  # -v after the command too (SUPPRESS: absent, it leaves the global one)
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log progress")
     return p
 
 

@@ -74,7 +74,7 @@ def add_convert(sub):
     s = sub.add_parser("convert", help="convert a Hugging Face model directory to GGUF")
     s.add_argument("--model", dest="model_dir", required=True, help="directory with config.json, weights and tokenizer")
     s.add_argument("--output", required=True, help="output .gguf file")
-    s.add_argument("--quant", default="f16", help=f"one of {', '.join(QUANTS)}")
+    s.add_argument("--quant", default="f16", type=str.lower, help=f"one of {', '.join(QUANTS)} (default: f16)")
     s.add_argument("--force", action="store_true", help="overwrite an existing output file")
     s.set_defaults(func=cmd_convert)
 

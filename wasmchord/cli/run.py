@@ -7,8 +7,10 @@ import json
 import sys
 import time
 from dataclasses import fields
+from pathlib import Path
 
 from .. import hub
+from ..errors import WasmchordError
 from ..generate import DEFAULT_MAX_TOKENS
 from ..sampling import SamplingParams
 from .files import add_verify, resolve
@@ -96,7 +98,7 @@ def write_stream(chunks):
 def add_generate(sub):
     s = sub.add_parser("generate", help="generate text from a prompt (streams to stdout)")
     s.add_argument("model", help="model path or alias, or the prompt when only one argument is given")
-    s.add_argument("prompt", nargs="?", default=None)
+    s.add_argument("prompt", nargs="?", default=None, help="the prompt; - reads it from stdin")
     add_device_options(s)
     add_sampling_options(s)
     s.add_argument("--raw", action="store_true",
@@ -109,6 +111,8 @@ def add_generate(sub):
 def cmd_generate(a):
     if a.prompt is None:  # one positional: it is the prompt
         a.model, a.prompt = hub.DEFAULT_MODEL, a.model
+    if a.prompt == "-":  # the prompt from stdin, as a file's text is: `wasmchord generate - < prompt.txt`
+        a.prompt = sys.stdin.read()
     m = load(a)
     t0 = time.perf_counter()
     if a.raw or not m.tokenizer.chat_template:
@@ -155,7 +159,18 @@ def cmd_chat(a):
             chat.reset()
             print("[conversation reset]", file=sys.stderr)
             continue
-        write_stream(chat.send_stream(line, **sampling_options(a)))
+        if line.startswith("/") and " " not in line:  # a typo'd command is not sent to the model
+            print(f"unknown command {line}: /reset starts over, /exit quits", file=sys.stderr)
+            continue
+        if not interactive:  # a script's chat: an error ends it (one line, exit status 2)
+            write_stream(chat.send_stream(line, **sampling_options(a)))
+            continue
+        try:  # at the terminal, Ctrl-C stops the reply and an error ends the turn, not the session
+            write_stream(chat.send_stream(line, **sampling_options(a)))
+        except KeyboardInterrupt:
+            print("\n[reply interrupted: not kept in the conversation]", file=sys.stderr)
+        except WasmchordError as e:
+            print(f"wasmchord: error: {e} (/reset starts over)", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------- bench
@@ -198,6 +213,10 @@ def add_bench(sub):
 
 def cmd_bench(a):
     from .. import bench
+    if a.json:  # checked before minutes of benchmarking, not after
+        out = Path(a.json)
+        if out.is_dir() or not out.parent.is_dir():
+            raise WasmchordError(f"--json {a.json}: expected a file in an existing directory")
     path = resolve(a.model, a)
     if a.batch:
         with ProgressBar() as bar:

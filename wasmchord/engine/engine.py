@@ -80,6 +80,8 @@ class Engine:
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.tf.slots:
             raise GenerationError(f"n = {n!r}: expected an integer from 1 to the model's {self.tf.slots} slots")
         ids = self.model.prompt_ids(prompt)
+        if max_tokens is None:  # until the context is full
+            max_tokens = max(self.tf.max_ctx - len(ids), 1)
         if len(ids) >= self.tf.max_ctx:
             raise GenerationError(f"the prompt has {len(ids)} tokens; the context holds {self.tf.max_ctx} "
                                   f"(raise context_length, or shorten the prompt)")

@@ -52,6 +52,12 @@ def check_messages(messages) -> list[dict]:
         if not isinstance(m.get("role"), str):
             raise GenerationError(f"message {i} has no string 'role'")
         calls = m.get("tool_calls")
+        if isinstance(m.get("content"), (list, tuple)):  # OpenAI's content parts: text ones only
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in m["content"]):
+                raise GenerationError(f"message {i}: content parts must be {{'type': 'text', 'text': ...}} "
+                                      "(this model reads text only)")
+            m = dict(m, content="".join(p["text"] for p in m["content"]))
         if not isinstance(m.get("content"), str) and not (calls and m.get("content") is None):
             raise GenerationError(f"message {i} has no string 'content'")
         m = {k: m[k] for k in ("role", "content", "tool_calls", "tool_call_id", "name") if k in m}
