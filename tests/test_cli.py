@@ -130,3 +130,9 @@ def test_chat_at_a_terminal_survives_an_error_and_knows_its_commands():
 def test_bench_checks_its_json_path_before_running(tmp_path):
     r = run("bench", "smollm2-135m-instruct", "--backend", "cpu", "--json", str(tmp_path / "no" / "x.json"))
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--json" in r.stderr and "x.json" in r.stderr
+
+
+def test_serve_checks_its_numbers_before_loading():
+    for flag, value in (("--slots", "0"), ("--max-queue", "-1"), ("--prefill-chunk", "0"), ("--port", "70000")):
+        r = run("serve", "smollm2-135m-instruct", "--backend", "cpu", flag, value, timeout=60)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and f"{flag} {value}" in r.stderr, r.stderr

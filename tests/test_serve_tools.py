@@ -81,3 +81,16 @@ def test_automatic_call_then_the_tool_result(client):
     none = client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER], tool_choice="none",
                                           max_tokens=10, temperature=0)
     assert none.choices[0].message.tool_calls is None
+
+
+def test_tools_and_tool_choice_are_checked_whatever_the_choice():
+    from wasmchord.serve.protocol import ApiError
+    from wasmchord.serve.tools import check_tools
+    check_tools([WEATHER, TIME], "auto")
+    check_tools([WEATHER], {"type": "function", "function": {"name": "get_weather"}})
+    for tools, choice, message in (([{"type": "function"}], "auto", "each tool must be"),
+                                   ([WEATHER], "sometimes", "tool_choice = 'sometimes': expected"),
+                                   ([WEATHER], {"type": "function", "function": {"name": "get_time"}},
+                                    "names 'get_time', which is not among the tools .get_weather.")):
+        with pytest.raises(ApiError, match=message):
+            check_tools(tools, choice)
