@@ -26,8 +26,11 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
+STRICT = ConfigDict(strict=True)  # a value of the wrong JSON type is a 400 (no "0.5" for 0.5, no "yes" for true)
+
+
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="allow")  # unknown fields are ignored, as OpenAI's API does
+    model_config = ConfigDict(extra="allow", strict=True)  # unknown fields are ignored, as OpenAI's API does
 
     model: str | None = None
     stream: bool = False
@@ -99,12 +102,13 @@ class _Body(BaseModel):
 
 
 class TextPart(BaseModel):
+    model_config = STRICT
     type: Literal["text"]
     text: str
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     role: str
     content: Union[str, list[TextPart], None] = None
     tool_calls: list[dict] | None = None
@@ -168,6 +172,7 @@ class CompletionRequest(_Body):
 
 
 class TokenizeRequest(BaseModel):
+    model_config = STRICT
     model: str | None = None
     prompt: str | None = None
     messages: list[Message] | None = None
@@ -175,6 +180,7 @@ class TokenizeRequest(BaseModel):
 
 
 class DetokenizeRequest(BaseModel):
+    model_config = STRICT
     model: str | None = None
     tokens: list[int]
 
