@@ -319,7 +319,11 @@ def test_bad_requests_get_openai_errors(server, client):
                                        tool_choice="required")
     with pytest.raises(openai.BadRequestError, match="top_logprobs needs logprobs"):
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], top_logprobs=2)
-    for field, value in (("temperature", "0.5"), ("stream", "yes"), ("max_tokens", True)):  # no coercion
+    r = httpx.post(server + "/v1/completions", headers=h, json={"prompt": "Hi", "n": 5})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n" and "4 sequences at once" in r.text
+    r = httpx.post(server + "/v1/completions", headers=h, json={"prompt": "Hi", "stop": ["a", ""]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stop" and "empty" in r.text
+    for field, value in (("temperature", "0.5"), ("stream", "yes"), ("max_tokens", True), ("prompt", [True])):
         r = httpx.post(server + "/v1/completions", headers=h, json={"prompt": "Hi", field: value})
         assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
     r = httpx.post(server + "/v1/completions", content=b" " * (33 * 2**20), headers=h)

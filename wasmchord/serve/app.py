@@ -256,6 +256,9 @@ def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), 
             raise ApiError(400, f"the prompt has {len(ids)} tokens; the context holds "
                                 f"{served.model.transformer.max_ctx}", param="messages" if chat else "prompt",
                            code="context_length_exceeded")
+        if b.n > served.model.transformer.slots:
+            raise ApiError(400, f"n = {b.n}: this server runs {served.model.transformer.slots} sequences at once "
+                                "(--slots)", param="n")
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 

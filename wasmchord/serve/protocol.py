@@ -4,6 +4,7 @@ the response objects and error shape the server returns."""
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from typing import Any, Literal, Union
@@ -54,8 +55,10 @@ class _Body(BaseModel):
     @classmethod
     def _stops(cls, v):
         stops = [v] if isinstance(v, str) else (v or [])
-        if len(stops) > 8 or any(not s for s in stops):
-            raise ValueError("at most 8 non-empty stop strings")
+        if any(not s for s in stops):
+            raise ValueError("a stop string is empty")
+        if len(stops) > 8:
+            raise ValueError(f"{len(stops)} stop strings: at most 8")
         return v
 
     @property
@@ -185,6 +188,9 @@ class DetokenizeRequest(BaseModel):
     tokens: list[int]
 
 
+_BRANCH = re.compile(r"str|int|float|bool|none|dict|list\[.*\]|function-\w+\[.*\]")
+
+
 def parse(kind: type[BaseModel], raw: Any):
     """A request body, or ApiError(400) naming the first bad field."""
     if not isinstance(raw, dict):
@@ -192,8 +198,8 @@ def parse(kind: type[BaseModel], raw: Any):
     try:
         return kind.model_validate(raw)
     except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(x) for x in err["loc"])
+        err = e.errors()[0]  # its location without pydantic's union branches ("stop.str", "content.list[...]")
+        where = ".".join(str(x) for x in err["loc"] if not _BRANCH.fullmatch(str(x)))
         raise ApiError(400, f"{where}: {err['msg']}", param=where) from None
 
 
