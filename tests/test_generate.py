@@ -195,3 +195,23 @@ def test_what_llama_cpp_python_users_write(m):
         Model.load("smollm2-135m-instruct", device="cpu", n_ctx=128)
     with pytest.raises(TypeError, match="token ids must be integers, got float"):
         m.generate([1.0, 2.0], max_tokens=2)
+
+
+def test_logit_bias_bans_and_forces_tokens(m):
+    """-100 bans a token: greedy then takes the runner-up of the same logits; +100 on a token makes it
+    the greedy choice at every step; bad keys and values are named."""
+    import numpy as np
+    prompt = "The capital of France is"
+    lg = m.logits(m.prompt_ids(prompt))[-1]
+    best, second = np.argsort(-lg, kind="stable")[:2]
+    assert m.generate(prompt, max_tokens=1, temperature=0).tokens == [best]
+    assert m.generate(prompt, max_tokens=1, temperature=0, logit_bias={int(best): -100}).tokens == [second]
+    assert m.generate(prompt, max_tokens=1, temperature=0, logit_bias={str(best): -100}).tokens == [second]  # OpenAI's keys
+    forced = m.tokenizer.encode(" banana", add_bos=False)[0]
+    assert m.generate(prompt, max_tokens=3, temperature=0, logit_bias={forced: 100}).tokens == [forced] * 3
+    batch = m.generate([prompt, "Hello"], max_tokens=1, temperature=0, logit_bias={int(best): -100})
+    assert batch[0].tokens == [second]
+    for bias, message in (({10**9: 1}, "logit_bias key 1000000000"), ({"x": 1}, "logit_bias key 'x'"),
+                          ({5: 101}, r"logit_bias\[5\] = 101")):
+        with pytest.raises(GenerationError, match=message):
+            m.generate(prompt, max_tokens=1, logit_bias=bias)

@@ -163,7 +163,7 @@ class Model:
 
     # ------------------------------------------------------------------------------------ generation
     def stream(self, prompt, *, max_tokens: int = DEFAULT_MAX_TOKENS, stop=None, sequence: Sequence | None = None,
-               logprobs: int | None = None, **sampling) -> Iterator[Chunk]:
+               logprobs: int | None = None, logit_bias: dict | None = None, **sampling) -> Iterator[Chunk]:
         """Yield `Chunk`s of generated text; the last has `finish_reason` ("stop" or "length") and `stats`.
 
         Args:
@@ -178,6 +178,8 @@ class Model:
             logprobs: 0-20: each chunk with a token carries its log-probability and that many of the
                 most likely alternatives (`Chunk.logprob`, `Chunk.top_logprobs`; `Completion.logprobs`).
                 The logits then come back to the host every step (the engine's path), as in a batch.
+            logit_bias: {token id: bias from -100 to 100} added to the logits before sampling (-100
+                bans the token), as OpenAI's API takes it; also on the engine's path.
 
         Raises:
             GenerationError: bad arguments, an empty prompt, or a prompt longer than the context.
@@ -186,11 +188,12 @@ class Model:
         constraint = Constraint.from_options(self.tokenizer, sampling)
         params = SamplingParams.from_options(sampling)
         stop = check_args(max_tokens, stop)
-        if logprobs is not None:
+        if logprobs is not None or logit_bias:
             if sequence is not None:
-                raise GenerationError("logprobs= and sequence= cannot be combined: log-probabilities come from "
-                                      "the engine's path, which uses the model's own slots")
-            yield from self._engine_stream(prompt, max_tokens=max_tokens, stop=stop, logprobs=logprobs, **sampling)
+                raise GenerationError("logprobs= and logit_bias= cannot be combined with sequence=: they take the "
+                                      "engine's path, which uses the model's own slots")
+            yield from self._engine_stream(prompt, max_tokens=max_tokens, stop=stop, logprobs=logprobs,
+                                           logit_bias=logit_bias, **sampling)
             return
         ids = self.prompt_ids(prompt)
         self._check_not_serving()

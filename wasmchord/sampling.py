@@ -96,6 +96,40 @@ def apply_penalties(logits: np.ndarray, history, *, repeat: float = 1.0, presenc
     return out
 
 
+def logit_bias_of(bias, vocab: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """A logit_bias mapping ({token id (int or its decimal text): bias in [-100, 100]}, as OpenAI's API
+    takes it) as (ids, biases); a bias of -100 bans the token (-inf), any other is added to its logit.
+
+    Raises:
+        GenerationError: not a mapping, an id outside the vocabulary, a bias outside [-100, 100]."""
+    if bias is None or (isinstance(bias, dict) and not bias):
+        return None
+    if not isinstance(bias, dict):
+        raise GenerationError(f"logit_bias = {bias!r}: expected a dict of token id -> bias")
+    ids, values = [], []
+    for key, value in bias.items():
+        try:
+            i = int(key) if not isinstance(key, (bool, float)) else None
+        except ValueError:
+            i = None
+        if i is None or not 0 <= i < vocab:
+            raise GenerationError(f"logit_bias key {key!r}: expected a token id from 0 to {vocab - 1}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
+            raise GenerationError(f"logit_bias[{key!r}] = {value!r}: expected a number from -100 to 100")
+        ids.append(i)
+        values.append(-np.inf if value <= -100 else value)
+    return np.array(ids, np.int64), np.array(values, np.float32)
+
+
+def apply_logit_bias(logits: np.ndarray, bias) -> np.ndarray:
+    """`logits` [vocab] with `bias` (from logit_bias_of) added: a copy, or `logits` when there is none."""
+    if bias is None:
+        return logits
+    out = np.array(logits, np.float32)
+    np.add.at(out, bias[0], bias[1])
+    return out
+
+
 def softmax(x: np.ndarray) -> np.ndarray:
     e = np.exp(x - np.max(x))
     return e / e.sum()

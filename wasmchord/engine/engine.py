@@ -19,7 +19,7 @@ import numpy as np
 from ..constrain import Constraint, apply_mask
 from ..errors import GenerationError, WasmchordError
 from ..generate import Chunk, Sequence, TextStream, check_args
-from ..sampling import SamplingParams, sample
+from ..sampling import SamplingParams, apply_logit_bias, logit_bias_of, sample
 from .request import DONE, PREFILL, RUNNING, WAITING, Request
 
 log = logging.getLogger(__name__)
@@ -63,12 +63,13 @@ class Engine:
 
     # ------------------------------------------------------------------------------------ requests
     def submit(self, prompt, *, max_tokens: int = 256, stop=None, n: int = 1, logprobs: int | None = None,
-               notify=None, **sampling) -> list[Request]:
+               logit_bias: dict | None = None, notify=None, **sampling) -> list[Request]:
         """Queue a prompt (text or token ids) for `n` samples; returns their requests.
 
         `logprobs` (0-20): each chunk carries its token's log-probability and that many of the most
-        likely alternatives. `notify(request, chunk_or_error)` is called from the engine's thread as
-        each is produced (a server bridges it to its event loop).
+        likely alternatives. `logit_bias` ({token id: -100..100}) is added to the logits before
+        sampling (-100 bans the token). `notify(request, chunk_or_error)` is called from the engine's
+        thread as each is produced (a server bridges it to its event loop).
 
         Raises:
             GenerationError: bad arguments, an empty prompt, or one that does not fit the context.
@@ -88,8 +89,10 @@ class Engine:
         if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
                                      or not 0 <= logprobs <= 20):
             raise GenerationError(f"logprobs = {logprobs!r}: expected an integer from 0 to 20")
+        bias = logit_bias_of(logit_bias, self.tf.cfg.vocab_size)
         reqs = [Request(ids, params, max_tokens, stop, TextStream(self.model.tokenizer, stop), choice=i,
-                        logprobs=logprobs, notify=notify, matcher=constraint.matcher() if constraint else None)
+                        logprobs=logprobs, notify=notify, matcher=constraint.matcher() if constraint else None,
+                        bias=bias)
                 for i in range(n)]
         for r in reqs[1:]:
             r.leader = reqs[0]
@@ -246,7 +249,8 @@ class Engine:
 
     def _sample_and_emit(self, req: Request, logits: np.ndarray):
         try:
-            allowed = logits if req.matcher is None else apply_mask(logits, req.matcher.words())
+            allowed = apply_logit_bias(logits, req.bias)
+            allowed = allowed if req.matcher is None else apply_mask(allowed, req.matcher.words())
             tok = sample(allowed, req.params, req.rng, req.history())
             if req.matcher is not None:
                 req.matcher.consume(tok)

@@ -44,6 +44,7 @@ class Request:
     logprobs: int | None = None           # report each token's log-probability and this many alternatives
     notify: object = None                 # called with each chunk too (from the engine's thread)
     matcher: object = None                # a constrain.Matcher: the tokens its constraint allows
+    bias: tuple | None = None             # (token ids, biases) added to the logits (sampling.logit_bias_of)
     last_token_at: float | None = None
 
     def __post_init__(self):

@@ -271,7 +271,7 @@ def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), 
             served.metrics.count("wasmchord_requests_rejected_total")
             raise ApiError(503, str(e), kind="server_error", code="queue_full", headers={"Retry-After": "1"}) from None
         except (GenerationError, TypeError) as e:
-            raise ApiError(400, str(e)) from None
+            raise ApiError(400, str(e), param="logit_bias" if str(e).startswith("logit_bias") else None) from None
         served.metrics.count("wasmchord_requests_total")
         rid = new_id("chatcmpl" if chat else "cmpl")
         kind = "chat.completion" if chat else "text_completion"

@@ -50,6 +50,7 @@ class _Body(BaseModel):
     response_format: dict | None = None
     tools: list | None = None
     tool_choice: Any = None
+    logit_bias: dict[str, float] | None = None
 
     @field_validator("stop")
     @classmethod
@@ -68,7 +69,7 @@ class _Body(BaseModel):
     def check_unsupported(self):
         """Parameters this server does not implement are refused, never accepted and ignored."""
         extra = self.model_extra or {}
-        for name in ("logit_bias", "suffix", "functions", "function_call"):
+        for name in ("suffix", "functions", "function_call"):
             if extra.get(name) not in (None, {}, [], False):
                 raise ApiError(400, f"{name} is not supported by this server", param=name)
         if extra.get("echo"):
@@ -98,7 +99,7 @@ class _Body(BaseModel):
         args = {"max_tokens": max_tokens, "n": self.n,
                 "stop": [self.stop] if isinstance(self.stop, str) else self.stop}
         for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
-                     "repeat_penalty", "seed"):
+                     "repeat_penalty", "seed", "logit_bias"):
             if getattr(self, name) is not None:
                 args[name] = getattr(self, name)
         return args
