@@ -122,6 +122,7 @@ def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), 
 
     app = FastAPI(title="wasmchord", lifespan=lifespan)
     app.state.served = served
+
     def error(e: ApiError):
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
@@ -194,8 +195,8 @@ def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), 
         b = await body(request, TokenizeRequest)
         tok = served.model.tokenizer
         if b.messages is not None:
-            ids = await asyncio.to_thread(served.model.chat_ids,
-                                          [{"role": m.role, "content": m.text()} for m in b.messages])
+            ids = await asyncio.to_thread(served.model.chat_ids, [
+                {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in b.messages])
         elif b.prompt is not None:
             ids = await asyncio.to_thread(tok.encode, b.prompt, add_bos=None if b.add_special_tokens else False)
         else:
