@@ -116,11 +116,13 @@ class Sequence:
         return self.transformer.owners[self.slot] is self
 
     def claim(self):
-        """Take the slot; the tokens are forgotten if another sequence wrote it since."""
+        """Take the slot; the tokens are forgotten if another sequence wrote it since, and a generation
+        running on this sequence is over."""
         owners = self.transformer.owners
         if owners[self.slot] is not self:
             self.tokens = []
         owners[self.slot] = self
+        self.live = None
 
     def evaluate(self, ids: list[int], *, hidden: list | None = None) -> np.ndarray:
         """Logits [len(ids), vocab] (float32, on the host) of `ids` from position 0; the cache then holds
@@ -128,7 +130,7 @@ class Sequence:
         if len(ids) > self.n_ctx:
             raise GenerationError(f"{len(ids)} tokens exceed the context length {self.n_ctx}")
         self.claim()
-        self.tokens, self.live = [], None  # a generation running here is over
+        self.tokens = []
         tf = self.transformer
         out = tf.be.read(tf.forward(np.asarray(ids, np.int64), 0, all_logits=True, hidden=hidden, slot=self.slot))
         self.tokens = list(ids)
@@ -144,7 +146,6 @@ class Sequence:
             raise GenerationError(f"the prompt has {len(ids)} tokens; the context holds {self.n_ctx} "
                                   f"(raise context_length, or shorten the prompt)")
         self.claim()
-        self.live = None
         common = 0
         for a, b in zip(self.tokens, ids):
             if a != b:

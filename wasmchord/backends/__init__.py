@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib
+import inspect
 import logging
 
 from ..errors import BackendError
@@ -54,17 +56,13 @@ def get_backend(device="auto", **options):
 def _check_options(device, options: dict):
     """TypeError naming an option no backend takes (and the likely intended one), never a backend
     class's own TypeError, nor an option dropped in silence by "auto"."""
-    unknown = set(options) - set(_CPU_OPTIONS)
-    if not unknown or device not in ("auto", "gpu"):
-        known = set(_CPU_OPTIONS)
-    else:
-        import inspect
+    known = set(_CPU_OPTIONS)
+    if set(options) - known and device in ("auto", "gpu"):  # the GPU backend's options (imported only then)
         try:
-            known = set(_CPU_OPTIONS) | set(inspect.signature(_load("gpu").__init__).parameters) - {"self"}
+            known |= set(inspect.signature(_load("gpu").__init__).parameters) - {"self"}
         except ModuleNotFoundError:
-            known = set(_CPU_OPTIONS)
+            pass
     for name in sorted(set(options) - known):
-        import difflib
         hint = {"n_ctx": "context_length", "ctx": "context_length", "n_parallel": "slots",
                 "n_gpu_layers": 'device="gpu"'}.get(name) or next(iter(difflib.get_close_matches(name, known, 1)), None)
         raise TypeError(f"Model.load got an unexpected keyword argument {name!r}"
