@@ -140,7 +140,33 @@ class Model:
         with self.lock:
             return self._sequence.evaluate(ids, hidden=hidden)
 
+    def close(self):
+        """Free the weights and the KV cache now, rather than when the model is garbage-collected: a
+        running engine is stopped, a generation on another thread is waited for. Later calls (and
+        generations, `Chat`s and engines left open on it) raise `GenerationError`. Calling it again does
+        nothing; `with Model.load(...) as model:` closes on leaving the block."""
+        if self.serving is not None:
+            self.serving.stop()
+        with self.lock:
+            if self.transformer.closed:
+                return
+            self.transformer.close()
+            self.backend.release()
+            self.gguf.close()
+        log.info("closed %s", self.gguf.path.name)
+
+    @property
+    def closed(self) -> bool:
+        return self.transformer.closed
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
     def _check_not_serving(self):
+        self.transformer._check_open()
         if self.serving is not None:
             raise GenerationError("this model's KV cache slots belong to a running engine (Model.engine()."
                                   "start()): submit to the engine, or stop it first")
@@ -280,7 +306,8 @@ class Model:
         return Chat(self, system=system, parse_special=parse_special)
 
     def __repr__(self):
-        return f"Model({self.gguf.path.name!r}, arch={self.config.arch}, backend={self.backend.name})"
+        closed = ", closed" if self.closed else ""
+        return f"Model({self.gguf.path.name!r}, arch={self.config.arch}, backend={self.backend.name}{closed})"
 
 
 class Chat:

@@ -16,7 +16,7 @@ import numpy as np
 
 from .backends.base import ON_DEVICE, Backend, WeightSource
 from .config import ModelConfig
-from .errors import ConfigError, GGUFError, UnsupportedError
+from .errors import ConfigError, GenerationError, GGUFError, UnsupportedError
 from .formats.gguf import GGUFFile
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,17 @@ class Transformer:
         self.cache = backend.alloc_kv_cache(cfg.n_layers, cfg.n_kv_heads, max_ctx, cfg.head_dim, cfg.head_dim_v,
                                             slots=slots)
         self.owners: list = [None] * slots
+        self.closed = False
+
+    def close(self):
+        """Drop the weights and the KV cache (freed once nothing else refers to them); later passes raise."""
+        self.closed = True
+        self.tok_embd = self.output = self.output_b = self.output_norm = self.output_norm_b = None
+        self.layers, self._attention_args, self.cache = [], [], None
+
+    def _check_open(self):
+        if self.closed:
+            raise GenerationError("the model was closed (Model.close()): load it again to use it")
 
     # ------------------------------------------------------------------------------------ loading
     # Required tensors are present and every known tensor has the config's shape (checked in __init__).
@@ -173,6 +184,7 @@ class Transformer:
     def decode(self, pos0: int, slot: int = 0):
         """One decode step at position pos0 whose input token the last argmax/sample left on the device
         (encode-ahead): the backend may replay a captured step instead of running the graph."""
+        self._check_open()
         cache = self.cache.slot(slot)
         return self.be.decode_step(cache, pos0, lambda: self.forward(ON_DEVICE, pos0, slot=slot))
 
@@ -184,6 +196,7 @@ class Transformer:
         Returns logits [n, vocab] when all_logits, else [vocab] for the last position (backend handles).
         `hidden`, when given, receives the residual stream [n, d] after each layer (as NumPy arrays).
         """
+        self._check_open()
         if pos0 + len(ids) > self.max_ctx:
             raise ConfigError(f"context full: {pos0 + len(ids)} positions > context length {self.max_ctx}")
         cache = self.cache.slot(slot)
@@ -196,6 +209,7 @@ class Transformer:
     def forward_batch(self, ids, positions, slots):
         """One decode step of B sequences: token ids[b] at position positions[b] of the sequence in cache
         slot slots[b]; writes their K/V. Returns logits [B, vocab] (a backend handle)."""
+        self._check_open()
         if max(positions) + 1 > self.max_ctx:
             raise ConfigError(f"context full: {max(positions) + 1} positions > context length {self.max_ctx}")
 

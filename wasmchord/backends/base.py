@@ -83,6 +83,10 @@ class Backend:
         """None when this backend runs the architecture variant `spec`, else the reason it cannot."""
         return None
 
+    def release(self):
+        """Forget whatever this backend keeps that refers to a model's weights or KV cache (the GPU:
+        its recorded decode step, bind groups and scratch buffers), so that closing the model frees them."""
+
     def begin_forward(self):
         """Called at the start of each forward pass (GPU: start recording a new pass)."""
 

@@ -45,6 +45,7 @@ class Engine:
         if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
             raise GenerationError(f"max_queue = {max_queue!r}: expected an integer >= 0")
         self.model, self.tf = model, model.transformer
+        self.tf._check_open()
         self.max_queue, self.prefill_chunk = max_queue, prefill_chunk
         self.slots = [Sequence(self.tf, i) for i in range(self.tf.slots)]
         self.busy: list[Request | None] = [None] * self.tf.slots
@@ -75,6 +76,7 @@ class Engine:
             GenerationError: bad arguments, an empty prompt, or one that does not fit the context.
             QueueFull: more than `max_queue` requests would wait.
         """
+        self.tf._check_open()
         constraint = Constraint.from_options(self.model.tokenizer, sampling)
         params = SamplingParams.from_options(sampling)
         stop = check_args(max_tokens, stop)

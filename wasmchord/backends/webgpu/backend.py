@@ -141,6 +141,16 @@ class WgpuBackend(Backend):
             self.stream.capture_end(cache, out, min(self.rope_tables.positions, cache.max_ctx))
         return out
 
+    def release(self):
+        self.stream.flush()
+        self.stream.capture = None
+        self.gpu.invalidate()
+        self.programs.forget()
+        self.arena = Arena(self.gpu)
+        self.tokens.on_device = None
+        self._bias_slices.clear()
+        self._scratch = self._partials = self._seq = self._kv_scratch = self._mask = self._hist = None
+
     def enable_profiling(self, mode: str | None = "kernels"):
         """Timestamp queries (the `timestamp-query` feature) around every dispatch ("kernels", each in a
         pass of its own) or around each submitted pass ("step"); None turns them off. Results in

@@ -91,6 +91,10 @@ class Programs:
             raise BackendError(f"{src.parts[0][0]}: no binding named {name!r} "
                                f"(bindings: {', '.join(src.bindings)})") from None
 
+    def forget(self):
+        """Drop the cached bind groups (and with them the buffers their keys hold)."""
+        self._bind_groups.clear()
+
     def bind_group(self, kernel: Kernel, param_buf, offset: int, buffers: dict):
         """The bind group of `kernel` over these buffers with its parameters at `offset` of
         `param_buf`. Keyed by the buffer objects (not id()): the key keeps them alive, so a freed
