@@ -141,3 +141,13 @@ def test_gpu_sampler_applies_the_mask(gpu_backend):
     for b in batch:
         assert b.finish_reason == "stop"
         valid(b.text, SCHEMAS[2])
+
+
+def test_constraints_hold_with_logprobs_and_logit_bias(cpu):
+    # Those two take the engine's path for one prompt; the constraint must go along with them.
+    pattern = r" [XYZ]{5}"
+    for kw in (dict(logprobs=1), dict(logit_bias={cpu.tokenizer.encode(" X")[-1]: 5}), dict()):
+        c = cpu.generate("A date:", regex=pattern, max_tokens=10, temperature=0, **kw)
+        assert re.fullmatch(pattern, c.text), (kw, c.text)
+        chunks = list(cpu.stream("A date:", regex=pattern, max_tokens=10, temperature=0, **kw))
+        assert re.fullmatch(pattern, "".join(ch.text for ch in chunks)), kw

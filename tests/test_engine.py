@@ -267,3 +267,106 @@ def test_gpu_batch_equals_one_by_one_and_the_cpu(gpu_backend):
     assert alone == [c.generate(p, max_tokens=5, temperature=0).tokens for p in prompts]
     shared = g.generate(prompts[0], n=2, max_tokens=4, temperature=0)
     assert shared[0].tokens == shared[1].tokens == alone[0][:4]
+
+
+def test_extreme_sampling_values_that_are_accepted_do_not_fail_the_batch(cpu):
+    """A temperature that divides the logits past float range, a repeat penalty that overflows them:
+    accepted values, so each request gets tokens, and the others in its batch are untouched."""
+    want = cpu.generate(PROMPTS[0], max_tokens=6, temperature=0).tokens
+    eng = Engine(cpu)
+    reqs = [eng.submit(PROMPTS[0], max_tokens=6, temperature=1e-320)[0],   # below 1e-5: greedy
+            eng.submit(PROMPTS[1], max_tokens=6, temperature=1.0, repeat_penalty=1e-39, seed=1)[0],
+            eng.submit(PROMPTS[2], max_tokens=6, temperature=1e-30, repeat_penalty=1e-39, top_k=0, seed=2)[0],
+            eng.submit(PROMPTS[0], max_tokens=6, temperature=0)[0]]
+    eng.run(reqs)
+    assert [r.error for r in reqs] == [None] * 4
+    assert [r.finish_reason for r in reqs] == ["length"] * 4
+    assert reqs[0].tokens == reqs[3].tokens == want
+    with pytest.raises(GenerationError, match="presence_penalty = 3: expected a value in .-2, 2."):
+        eng.submit(PROMPTS[0], presence_penalty=3)
+
+
+def test_a_failure_in_one_requests_sampling_fails_it_alone(cpu, monkeypatch):
+    eng = Engine(cpu)
+    bad, good = eng.submit(PROMPTS[0], max_tokens=4, temperature=0) + eng.submit(PROMPTS[1], max_tokens=4,
+                                                                                 temperature=0)
+    real = bad.text.add
+
+    def broken(tok):
+        raise ValueError("a bug in this request's text")
+    monkeypatch.setattr(bad.text, "add", broken)
+    eng.run([bad, good])
+    assert isinstance(bad.error, ValueError) and good.error is None and good.finish_reason == "length"
+    assert real  # the request's own TextStream was the one replaced
+
+
+def test_a_batch_holds_the_model_from_its_first_step_to_its_last(cpu, monkeypatch):
+    """Another thread's direct call would take slot 0 between two steps of a batch and fail it; the
+    batch holds the model's lock throughout, as one generation does."""
+    owners = []
+    real = Engine.step
+
+    def step(self):
+        owners.append(cpu.lock._owner)
+        return real(self)
+    monkeypatch.setattr(Engine, "step", step)
+    cpu.generate(PROMPTS[:2], max_tokens=3, temperature=0)
+    assert owners and set(owners) == {threading.get_ident()}
+
+
+def test_stop_fails_the_requests_left_and_the_engine_starts_again(cpu):
+    eng = cpu.engine()
+    eng.start()
+    reqs = [eng.submit(p, max_tokens=120, temperature=0)[0] for p in PROMPTS]  # 5 prompts, 4 slots
+    next(eng.stream(reqs[0], timeout=120))
+    eng.stop()
+    assert (eng.running, eng.queued) == (0, 0)
+    for r in reqs:
+        with pytest.raises(GenerationError, match="engine was stopped"):
+            list(eng.stream(r, timeout=5))  # not a wait without end
+    eng.start()
+    try:
+        again = eng.submit(PROMPTS[0], max_tokens=4, temperature=0)[0]
+        assert list(eng.stream(again, timeout=120))[-1].finish_reason == "length"
+    finally:
+        eng.stop()
+
+
+def test_a_callback_that_raises_does_not_stop_the_engine(cpu):
+    eng = cpu.engine()
+    eng.start()
+    try:
+        def notify(req, item):
+            raise RuntimeError("Event loop is closed")
+        broken = eng.submit(PROMPTS[0], max_tokens=4, temperature=0, notify=notify)[0]
+        other = eng.submit(PROMPTS[1], max_tokens=4, temperature=0)[0]
+        assert list(eng.stream(broken, timeout=120))[-1].finish_reason == "length"  # its queue still has it all
+        assert list(eng.stream(other, timeout=120))[-1].finish_reason == "length"
+        later = eng.submit(PROMPTS[2], max_tokens=2, temperature=0)[0]
+        assert list(eng.stream(later, timeout=120))[-1].finish_reason == "length"
+    finally:
+        eng.stop()
+
+
+def test_a_failed_copy_of_a_prefill_loses_no_sample(cpu, monkeypatch):
+    """n = 2: the second sample copies the first's prefill; if the copy fails (a device fault), the
+    step fails the first and the second still ends, never left out of both queues."""
+    from wasmchord.errors import BackendError
+
+    def broken_copy(*a, **k):
+        raise BackendError("copying KV cache slots: device lost (simulated)")
+    monkeypatch.setattr(cpu.transformer.be, "copy_kv", broken_copy)
+    eng = cpu.engine()
+    eng.start()
+    try:
+        leader, follower = eng.submit(PROMPTS[0], n=2, max_tokens=4, temperature=0)
+        ends = []
+        for r in (leader, follower):
+            try:
+                ends.append(list(eng.stream(r, timeout=60))[-1].finish_reason)
+            except BackendError as e:
+                ends.append(type(e).__name__)
+        assert ends == ["BackendError", "length"]
+        assert (eng.running, eng.queued) == (0, 0)
+    finally:
+        eng.stop()

@@ -119,3 +119,17 @@ def test_large_vocabularies_match_cpu_sampler(gpu_backend, vocab, head, kw):
     params, n = SamplingParams(**kw), 1500
     ok, stat, crit = chi_square_ok(gpu_draws(gpu_backend, lg, params, n), expected(lg, params), n)
     assert ok, (stat, crit)
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0),
+                                dict(temperature=0.5, top_k=0, top_p=0.9, min_p=0.05)])
+def test_a_repeat_penalty_that_overflows_the_logits_still_draws(gpu_backend, kw):
+    # A positive logit divided by 1e-39 passes float32's range: capped at the largest float (not +inf,
+    # which made the top-p mass and the draw NaN), so the penalized token is the one drawn, on both.
+    lg = (LOGITS + 6).astype(np.float32)
+    params = SamplingParams(repeat_penalty=1e-39, **kw)
+    p = expected(lg, params, [3])
+    assert p[3] == 1.0
+    assert (gpu_draws(gpu_backend, lg, params, 50, [3]) == 3).all()
+    rng = make_rng(1)
+    assert all(sample(lg, params, rng, [3]) == 3 for _ in range(20))

@@ -94,3 +94,23 @@ def test_tools_and_tool_choice_are_checked_whatever_the_choice():
                                     "names 'get_time', which is not among the tools .get_weather.")):
         with pytest.raises(ApiError, match=message):
             check_tools(tools, choice)
+
+
+@pytest.mark.parametrize("reply", ['\n{"name": "get_weather", "arguments": {"city": "Paris"}}',
+                                   ' \n {"name": "get_weather", "arguments": {}}',
+                                   'Let me check.\n<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>',
+                                   '\n\nThe weather is fine.', '{"not": "a call"}'])
+def test_a_streamed_reply_splits_into_content_and_calls_as_the_whole_reply_does(reply):
+    # Streamed text comes a token at a time: a blank token of its own first must not make a bare
+    # JSON call content (models often begin with a newline).
+    from wasmchord.serve.tools import CallStream, parse_calls
+    names = ["get_weather", "get_time"]
+    whole_content, whole_calls = parse_calls(reply, names)
+    for cuts in ([1], [1, 2, 5], list(range(1, len(reply)))):
+        stream, sent = CallStream(names), []
+        for a, b in zip([0] + cuts, cuts + [len(reply)]):
+            sent.append(stream.add(reply[a:b]))
+        tail, calls = stream.finish()
+        content = "".join(sent) + tail
+        assert [c["function"] for c in calls] == [c["function"] for c in whole_calls], cuts
+        assert (content.strip() or None) == (whole_content.strip() if whole_content else None), cuts

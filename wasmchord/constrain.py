@@ -104,9 +104,16 @@ class Constraint:
 
     @classmethod
     def from_options(cls, tokenizer, options: dict) -> "Constraint | None":
-        """Pop json_schema / regex / grammar from `options`; a Constraint, or None when none was given."""
-        spec = {k: options.pop(k) for k in ("json_schema", "regex", "grammar") if k in options}
+        """Pop json_schema / regex / grammar from `options`; a Constraint, or None when none was given.
+        `constraint=` passes one built before (a server builds it off its event loop)."""
+        spec = {k: options.pop(k) for k in ("json_schema", "regex", "grammar", "constraint") if k in options}
         spec = {k: v for k, v in spec.items() if v is not None}
+        if "constraint" in spec:
+            built = spec.pop("constraint")
+            if spec or not isinstance(built, Constraint) or built.vocab != tokenizer.vocab_size:
+                raise GenerationError("constraint= takes a Constraint built for this model's tokenizer, and no "
+                                      "json_schema, regex or grammar besides")
+            return built
         return cls(tokenizer, **spec) if spec else None
 
     def matcher(self) -> "Matcher":

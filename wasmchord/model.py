@@ -211,16 +211,16 @@ class Model:
             GenerationError: bad arguments, an empty prompt, or a prompt longer than the context.
             TypeError: an unknown keyword argument.
         """
-        constraint = Constraint.from_options(self.tokenizer, sampling)
-        params = SamplingParams.from_options(sampling)
-        stop = check_args(max_tokens, stop)
-        if logprobs is not None or logit_bias:
+        if logprobs is not None or logit_bias:  # the engine checks the arguments, constraints included
             if sequence is not None:
                 raise GenerationError("logprobs= and logit_bias= cannot be combined with sequence=: they take the "
                                       "engine's path, which uses the model's own slots")
             yield from self._engine_stream(prompt, max_tokens=max_tokens, stop=stop, logprobs=logprobs,
                                            logit_bias=logit_bias, **sampling)
             return
+        constraint = Constraint.from_options(self.tokenizer, sampling)
+        params = SamplingParams.from_options(sampling)
+        stop = check_args(max_tokens, stop)
         ids = self.prompt_ids(prompt)
         self._check_not_serving()
         if max_tokens is None:
@@ -270,7 +270,8 @@ class Model:
             raise GenerationError("sequence= applies to one prompt, not to a batch")
         engine = Engine(self, max_queue=len(prompts) * n)
         reqs = [r for p in prompts for r in engine.submit(p, n=n, **kw)]
-        engine.run(reqs)
+        with self.lock:  # the batch holds the model from its first step to its last, as one generation does
+            engine.run(reqs)
         out = []
         for r in reqs:
             items = []

@@ -19,19 +19,23 @@ def _option(default, help: str, kind=None):
     return field(default=default, metadata={"help": help, "type": kind or type(default)})
 
 
+GREEDY_BELOW = 1e-5  # a temperature below this decodes greedily
+F32_MAX = np.float32(3.0e38)  # penalized logits are capped here (sample.wgsl caps them the same)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How the next token is chosen. The one definition of each sampling option: every field is a
     keyword argument of `Model.stream`/`generate`/`chat` and a flag of `wasmchord generate`/`chat`
     (`top_k` is `--top-k`), with the default and help text given here."""
 
-    temperature: float = _option(0.8, "divide the logits by this before drawing; 0 is greedy (argmax)")
+    temperature: float = _option(0.8, "divide the logits by this before drawing; 0 (below 1e-5) is greedy (argmax)")
     top_k: int = _option(40, "draw from the k most likely tokens only (0: all)")
     top_p: float = _option(0.95, "draw from the most likely tokens whose probabilities sum to top_p")
     min_p: float = _option(0.05, "drop tokens less likely than min_p times the most likely one")
     repeat_penalty: float = _option(1.0, "divide the positive logits of recent tokens by this (1: off)")
-    presence_penalty: float = _option(0.0, "subtract this from the logit of every recent token")
-    frequency_penalty: float = _option(0.0, "subtract this times its count from the logit of every recent token")
+    presence_penalty: float = _option(0.0, "subtract this (-2 to 2) from the logit of every recent token")
+    frequency_penalty: float = _option(0.0, "subtract this (-2 to 2) times its count from the logit of every recent token")
     penalty_last_n: int = _option(64, "how many recent tokens the penalties look at")
     seed: int | None = _option(None, "random seed for sampling (default: a different draw each run)", int)
 
@@ -52,6 +56,9 @@ class SamplingParams:
             bad("top_k", "an integer >= 0 (0 disables it)")
         if self.repeat_penalty <= 0:
             bad("repeat_penalty", "> 0 (1.0 disables it)")
+        for name in ("presence_penalty", "frequency_penalty"):  # OpenAI's and vLLM's range
+            if not -2 <= getattr(self, name) <= 2:
+                bad(name, "a value in [-2, 2]")
         if isinstance(self.penalty_last_n, bool) or not isinstance(self.penalty_last_n, int) or self.penalty_last_n < 0:
             bad("penalty_last_n", "an integer >= 0")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer))
@@ -60,7 +67,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """Argmax: temperature 0, or below GREEDY_BELOW, where a draw is argmax but for ties (vLLM's rule)."""
+        return self.temperature < GREEDY_BELOW
 
     @classmethod
     def from_options(cls, options: dict) -> "SamplingParams":
@@ -90,9 +98,10 @@ def apply_penalties(logits: np.ndarray, history, *, repeat: float = 1.0, presenc
     ids, counts = np.unique(recent, return_counts=True)
     out = logits.astype(np.float32, copy=True)
     v = out[ids]
-    v = np.where(v <= 0, v * repeat, v / repeat)
+    with np.errstate(over="ignore"):
+        v = np.where(v <= 0, v * repeat, v / repeat)
     v -= counts * np.float32(frequency) + np.float32(presence)
-    out[ids] = v
+    out[ids] = np.minimum(v, F32_MAX)  # a tiny repeat_penalty overflows: the largest float, not +inf
     return out
 
 
@@ -179,7 +188,8 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
     if params.greedy:
         return int(np.argmax(logits))
     idx = filter_candidates(logits, top_k=params.top_k, top_p=params.top_p, min_p=params.min_p)
-    p = softmax(logits[idx].astype(np.float64) / params.temperature)
+    z = logits[idx].astype(np.float64)
+    p = softmax((z - z[0]) / params.temperature)  # shifted first: never inf - inf, whatever the temperature
     return int(idx[rng.choice(len(idx), p=p)])
 
 

@@ -219,8 +219,8 @@ class Engine:
             if None not in self.busy:
                 return
             slot = self.busy.index(None)
+            self.tf.be.copy_kv(self.tf.cache, leader.slot, slot, len(req.prompt))  # may fail: req still waits
             self.waiting.remove(req)
-            self.tf.be.copy_kv(self.tf.cache, leader.slot, slot, len(req.prompt))
             seq = self.slots[slot]
             seq.claim()
             seq.tokens = list(req.prompt)
@@ -250,21 +250,25 @@ class Engine:
             self._sample_and_emit(r, row)
 
     def _sample_and_emit(self, req: Request, logits: np.ndarray):
+        """Draw `req`'s next token and emit it. Whatever goes wrong here fails this request alone."""
         try:
             allowed = apply_logit_bias(logits, req.bias)
             allowed = allowed if req.matcher is None else apply_mask(allowed, req.matcher.words())
             tok = sample(allowed, req.params, req.rng, req.history())
             if req.matcher is not None:
                 req.matcher.consume(tok)
+            lp = None
+            if req.logprobs is not None:  # of the model's distribution, before penalties and filters
+                z = logits - logits.max()
+                logp = z - np.log(np.exp(z).sum())
+                top = np.argsort(-logp, kind="stable")[:req.logprobs]
+                lp = (float(logp[tok]), [(int(i), float(logp[i])) for i in top])
+            self._emit(req, tok, lp)
         except WasmchordError as e:  # non-finite logits: this request fails, the others go on
-            return self._fail(req, e)
-        lp = None
-        if req.logprobs is not None:  # of the model's distribution, before penalties and filters
-            z = logits - logits.max()
-            logp = z - np.log(np.exp(z).sum())
-            top = np.argsort(-logp, kind="stable")[:req.logprobs]
-            lp = (float(logp[tok]), [(int(i), float(logp[i])) for i in top])
-        self._emit(req, tok, lp)
+            self._fail(req, e)
+        except Exception as e:  # a bug in one request's sampling, matcher or text
+            log.exception("request %d failed", req.id)
+            self._fail(req, e)
 
     def _emit(self, req: Request, tok: int, lp=None):
         """`tok` was sampled for `req`: stream its text, or finish the request."""
@@ -327,6 +331,8 @@ class Engine:
         self._thread.start()
 
     def stop(self):
+        """End the engine's thread after its current step. Requests still waiting or running fail with a
+        GenerationError, which their readers get; the engine can be started again."""
         with self._wake:
             self._stopping = True
             self._wake.notify()
@@ -335,6 +341,12 @@ class Engine:
             self._thread = None
             if self.model.serving is self:
                 self.model.serving = None
+        with self._lock:
+            left = self.active + list(self.waiting) + self._inbox
+            self.waiting.clear()
+            self._inbox.clear()
+        for req in left:
+            self._fail(req, GenerationError("the engine was stopped before this request finished"))
 
     def _loop(self):
         while True:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import queue
 import time
 from dataclasses import dataclass, field
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field
 from ..generate import Chunk, Stats, TextStream
 from ..sampling import SamplingParams, make_rng
 
+log = logging.getLogger(__name__)
 _ids = itertools.count()
 
 WAITING, PREFILL, RUNNING, DONE = "waiting", "prefill", "running", "done"
@@ -63,7 +65,10 @@ class Request:
     def push(self, item: "Chunk | BaseException"):
         self.out.put(item)
         if self.notify is not None:
-            self.notify(self, item)
+            try:
+                self.notify(self, item)
+            except Exception:  # the reader's callback (a closed event loop): the engine goes on
+                log.exception("request %d: notify(%r) failed", self.id, type(item).__name__)
 
     def take(self, block: bool, timeout: float | None = None) -> "Chunk | BaseException | None":
         """The next chunk (or this request's error), or None when none is ready."""

@@ -18,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from ..constrain import Constraint
 from ..engine import QueueFull
 from ..errors import GenerationError, WasmchordError
 from .metrics import Metrics
@@ -266,6 +267,9 @@ def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), 
         def notify(req, item):  # on the engine's thread
             loop.call_soon_threadsafe(queue.put_nowait, (req, item))
         try:
+            if constraint:  # compiled off the event loop (the first one builds the vocabulary's token table)
+                constraint = {"constraint": await asyncio.to_thread(Constraint.from_options, served.model.tokenizer,
+                                                                    dict(constraint))}
             reqs = served.engine.submit(ids, logprobs=logprobs, notify=notify, **constraint,
                                         **b.engine_args(min(max_tokens or room, room)))
         except QueueFull as e:

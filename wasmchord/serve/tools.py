@@ -119,7 +119,8 @@ class CallStream:
             content, rest = self.pending.split(OPEN, 1)
             self.in_calls, self.calls_text, self.pending = True, OPEN + rest, ""
             return content
-        if (self.sent + self.pending).lstrip().startswith(("{", "`")):  # maybe a bare call: held to the end
+        head = (self.sent + self.pending).lstrip()
+        if not head or head.startswith(("{", "`")):  # leading blanks, or maybe a bare call: held (to the end)
             return ""
         keep = stop_prefix_len(self.pending, [OPEN])
         out, self.pending = self.pending[:len(self.pending) - keep], self.pending[len(self.pending) - keep:]
