@@ -3,6 +3,7 @@ client and raw HTTP; its answers checked against the library's own."""
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -340,8 +341,26 @@ def test_bad_requests_get_openai_errors(server, client):
         assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
     r = httpx.post(server + "/v1/completions", content=b" " * (33 * 2**20), headers=h)
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    r = httpx.post(server + "/v1/completions", content="[" * 100_000 + "]" * 100_000, headers=h)
+    assert r.status_code == 400 and "nested too deeply" in r.text
+    r = httpx.post(server + "/v1/completions", headers=h, timeout=120,
+                   content='{"prompt": "Hi", "max_tokens": 1, "extra": ' + "[" * 900 + "]" * 900 + "}")
+    assert r.status_code == 200, r.text  # an unknown field, deep but within the parser's depth: ignored
+    r = httpx.delete(server + "/v1/chat/completions", headers=h)
+    assert r.status_code == 405 and "POST" in r.headers.get("allow", "") and r.json()["error"]["message"]
+    assert httpx.head(server + "/health").status_code == 200
     # the server still serves everyone after all of that
     assert client.completions.create(model=MODEL, prompt="Hi", max_tokens=2).choices[0].text is not None
+
+
+def test_null_means_the_default(server, lib):
+    # Some clients send null for every parameter they leave alone.
+    h = {"Authorization": f"Bearer {KEY}"}
+    r = httpx.post(server + "/v1/chat/completions", headers=h, timeout=120, json={
+        "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "temperature": 0, "n": None,
+        "stream": None, "logprobs": None, "top_logprobs": None, "stop": None, "seed": None})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["choices"]) == 1 and r.json()["choices"][0]["logprobs"] is None
 
 
 def test_response_format_is_enforced(client):
@@ -421,3 +440,31 @@ def test_cli_generate_applies_the_chat_template():
     raw = subprocess.run(args + ["--raw"], capture_output=True, text=True, env=env)
     assert chat.returncode == raw.returncode == 0, chat.stderr + raw.stderr
     assert chat.stdout.strip() and chat.stdout != raw.stdout
+
+
+def test_ctrl_c_waits_for_running_requests_at_most_the_shutdown_timeout(lib):
+    proc, url = start("--slots", "2", "--context-length", "1024", "--shutdown-timeout", "1", key=None)
+    ban = {str(i): -100 for i in lib.tokenizer.eot_ids}  # every request runs its 1,000 tokens: 8,000 in all
+    got = []
+
+    def ask():
+        try:
+            r = httpx.post(url + "/v1/completions", timeout=120, json={
+                "prompt": "Once upon a time", "max_tokens": 1000, "temperature": 1, "seed": 1, "logit_bias": ban})
+            got.append(r.status_code)
+        except httpx.HTTPError as e:
+            got.append(type(e).__name__)
+    clients = [threading.Thread(target=ask) for _ in range(8)]
+    for c in clients:
+        c.start()
+    while "wasmchord_requests_running 2" not in httpx.get(url + "/metrics").text:
+        time.sleep(0.2)
+    t0 = time.time()
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=60)
+    took = time.time() - t0
+    for c in clients:
+        c.join(timeout=60)
+    assert took < 15, took  # not the minute the requests would take
+    assert "shutting down: 2 requests running and 6 waiting get up to 1 s" in proc.stderr.read()
+    assert len(got) == 8 and 200 not in got, got  # cut off, none answered as if complete

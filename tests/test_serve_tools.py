@@ -114,3 +114,69 @@ def test_a_streamed_reply_splits_into_content_and_calls_as_the_whole_reply_does(
         content = "".join(sent) + tail
         assert [c["function"] for c in calls] == [c["function"] for c in whole_calls], cuts
         assert (content.strip() or None) == (whole_content.strip() if whole_content else None), cuts
+
+
+ADDRESS = {"type": "function", "function": {  # as openai.pydantic_function_tool writes a nested model
+    "name": "ship", "parameters": {
+        "type": "object", "properties": {"to": {"$ref": "#/$defs/Address"}, "express": {"type": "boolean"}},
+        "required": ["to", "express"], "additionalProperties": False,
+        "$defs": {"Address": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                                               "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
+                              "required": ["city", "zip"], "additionalProperties": False}}}}}
+
+
+def test_the_call_grammar_keeps_each_tools_definitions():
+    # $ref points at the root's $defs: each tool's call is a rule of its own with its definitions at
+    # its root, and two tools may define one name differently.
+    from wasmchord.constrain import Constraint
+    from wasmchord.serve.tools import call_grammar
+    other = {"type": "function", "function": {"name": "count", "parameters": {
+        "type": "object", "properties": {"n": {"$ref": "#/$defs/Address"}}, "required": ["n"],
+        "$defs": {"Address": {"type": "integer"}}}}}
+    c = Constraint(TOKENIZER, grammar=call_grammar([ADDRESS, other], "required"))
+
+    def accepts(text):
+        m = c.matcher()
+        for t in TOKENIZER.encode(text, add_bos=False):
+            if not m.mask()[t]:
+                return False
+            m.consume(t)
+        return m.m.is_accepting()
+    ok = '<tool_call>\n{"name": "ship", "arguments": {"to": {"city": "Paris", "zip": "75001"}, "express": true}}\n</tool_call>'
+    assert accepts(ok)
+    assert accepts('<tool_call>\n{"name": "count", "arguments": {"n": 3}}\n</tool_call>')
+    assert not accepts('<tool_call>\n{"name": "count", "arguments": {"n": "3"}}\n</tool_call>')
+    assert not accepts(ok.replace("75001", "7500"))
+
+
+def test_nested_parameters_and_bad_ones_through_the_server(client):
+    r = client.chat.completions.create(model=MODEL, tools=[ADDRESS], tool_choice="required", max_tokens=60,
+                                       temperature=0, messages=[{"role": "user", "content": "Ship it to Paris."}])
+    call = r.choices[0].message.tool_calls[0]
+    assert call.function.name == "ship" and r.choices[0].finish_reason == "tool_calls"
+    args = json.loads(call.function.arguments)
+    jsonschema.validate(args, ADDRESS["function"]["parameters"])
+    bad = {"type": "function", "function": {"name": "broken", "parameters": {"type": "frobnicate"}}}
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, tools=[WEATHER, bad], tool_choice="required", max_tokens=4,
+                                       messages=ASK)
+    err = e.value.body
+    assert err["param"] == "tools" and err["message"].startswith("tools[1] ('broken')") and "frobnicate" in \
+        err["message"] and "%json" not in err["message"], err
+    with pytest.raises(openai.BadRequestError, match="parameters must be a JSON schema object"):
+        client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=4, tools=[
+            {"type": "function", "function": {"name": "f", "parameters": "oops"}}])
+
+
+def test_tokenize_counts_what_the_chat_endpoint_evaluates(client):
+    import httpx
+    history = ASK + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather",
+                                                          "arguments": '{"city": "Paris", "unit": "celsius"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "18 degrees, sunny"}]
+    r = client.chat.completions.create(model=MODEL, messages=history, tools=[WEATHER], max_tokens=1, temperature=0)
+    url = str(client.base_url).removesuffix("/v1/")
+    t = httpx.post(url + "/tokenize", json={"messages": history, "tools": [WEATHER]}, timeout=60).json()
+    assert t["count"] == r.usage.prompt_tokens
+    plain = httpx.post(url + "/tokenize", json={"messages": history}, timeout=60).json()
+    assert plain["count"] < t["count"]  # the tools are part of the prompt

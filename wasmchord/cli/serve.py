@@ -18,6 +18,8 @@ def add_serve(sub):
     s.add_argument("--slots", type=int, default=4, help="sequences decoded at once (each takes a KV cache slot)")
     s.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 503s")
     s.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens evaluated per engine step")
+    s.add_argument("--shutdown-timeout", type=float, default=10.0,
+                   help="seconds that Ctrl-C / SIGTERM waits for running requests before ending them")
     s.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY")
     s.add_argument("--cors-origins", default="", help="comma-separated origins allowed by CORS")
     s.add_argument("--served-model-name", default=None, help="the model id clients send (default: the alias or "
@@ -36,6 +38,8 @@ def cmd_serve(a):
                                    ("--prefill-chunk", a.prefill_chunk, 1, None), ("--port", a.port, 0, 65535)):
         if value < low or high is not None and value > high:  # before loading, not as a failed /health
             raise GenerationError(f"{flag} {value}: expected an integer from {low}" + (f" to {high}" if high else " up"))
+    if not a.shutdown_timeout >= 0:
+        raise GenerationError(f"--shutdown-timeout {a.shutdown_timeout}: expected seconds >= 0")
     options = backend_options(a)
     path = resolve(a.model, a)
     name = a.served_model_name or (a.model if a.model in hub.KNOWN_MODELS else path.name)
@@ -52,4 +56,14 @@ def cmd_serve(a):
                      cors_origins=[o for o in a.cors_origins.split(",") if o], max_queue=a.max_queue,
                      prefill_chunk=a.prefill_chunk)
     print(f"wasmchord: loading {name} (GET /health answers 503 until it is ready)", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=a.host, port=a.port, log_level="warning")
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            engine = app.state.served.engine
+            if not self.should_exit and engine is not None and (engine.running or engine.queued):
+                print(f"wasmchord: shutting down: {engine.running} requests running and {engine.queued} waiting "
+                      f"get up to {a.shutdown_timeout:g} s to finish", file=sys.stderr, flush=True)
+            super().handle_exit(sig, frame)
+    config = uvicorn.Config(app, host=a.host, port=a.port, log_level="warning",
+                            timeout_graceful_shutdown=a.shutdown_timeout)
+    Server(config).run()

@@ -24,8 +24,8 @@ from ..errors import GenerationError, WasmchordError
 from .metrics import Metrics
 from ..text.chat_template import takes_tools
 from .protocol import (ApiError, ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, chat_logprobs,
-                       completion_logprobs, envelope, new_id, parse, usage)
-from .tools import CallStream, call_grammar, check_tools, parse_calls
+                       completion_logprobs, envelope, new_id, parse, template_messages, usage)
+from .tools import CallStream, call_grammar, check_tools, explain_call_grammar, parse_calls
 
 log = logging.getLogger(__name__)
 OPEN_PATHS = ("/health", "/metrics")
@@ -134,7 +134,8 @@ def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), 
     @app.exception_handler(HTTPException)
     async def on_http_error(request, e: HTTPException):
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        return error(ApiError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", kind=kind))
+        return error(ApiError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", kind=kind,
+                              headers=getattr(e, "headers", None)))  # a 405's Allow
 
     app.add_middleware(Guard, api_key=api_key)
     if cors_origins:  # added last, so outermost: error answers (a 401 included) carry its headers too
@@ -158,11 +159,16 @@ def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), 
             raw = json.loads(b"".join(data))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ApiError(400, f"the request body is not valid JSON: {e}") from None
-        b = parse(kind, raw)
+        except RecursionError:
+            raise ApiError(400, "the request body is nested too deeply") from None
+        try:
+            b = parse(kind, raw)
+        except RecursionError:
+            raise ApiError(400, "the request body is nested too deeply") from None
         served.check_model(b.model)
         return b
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         try:
             served.ready()
@@ -180,7 +186,7 @@ def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), 
     def model_card():
         return {"id": served.name, "object": "model", "created": served.created, "owned_by": "wasmchord"}
 
-    @app.get("/v1/models")
+    @app.api_route("/v1/models", methods=["GET", "HEAD"])
     async def models():
         served.ready()
         return {"object": "list", "data": [model_card()]}
@@ -195,9 +201,16 @@ def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), 
     async def tokenize(request: Request):
         b = await body(request, TokenizeRequest)
         tok = served.model.tokenizer
-        if b.messages is not None:
-            ids = await asyncio.to_thread(served.model.chat_ids, [
-                {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in b.messages])
+        if b.messages is not None:  # the prompt the chat endpoint would evaluate
+            if b.tools:
+                if not takes_tools(tok):
+                    raise ApiError(400, f"{served.name}'s chat template does not take tools", param="tools")
+                check_tools(b.tools, "auto")
+            try:
+                ids = await asyncio.to_thread(served.model.chat_ids, template_messages(b.messages),
+                                              tools=b.tools or None)
+            except GenerationError as e:
+                raise ApiError(400, str(e), param="messages") from None
         elif b.prompt is not None:
             ids = await asyncio.to_thread(tok.encode, b.prompt, add_bos=None if b.add_special_tokens else False)
         else:
@@ -237,7 +250,7 @@ def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), 
         names = [t.get("function", {}).get("name") for t in b.tools or []]
         return await run(request, b, ids, b.max_completion_tokens or b.max_tokens, logprobs, chat=True,
                          constraint=constraint, calls=names if calls else None,
-                         one_call=b.parallel_tool_calls is False)
+                         one_call=b.parallel_tool_calls is False, tools=(b.tools, b.tool_choice) if grammar else None)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -250,9 +263,10 @@ def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), 
         return await run(request, b, ids, b.max_tokens, b.logprobs, chat=False, constraint=b.constraint())
 
     async def run(request, b, ids, max_tokens, logprobs, *, chat: bool, constraint: dict, calls=None,
-                  one_call=False):
+                  one_call=False, tools=None):
         """Submit, then answer with the whole reply or a stream; `calls` (the tools' names): tool calls in
-        the reply become `tool_calls` (only the first when `one_call`)."""
+        the reply become `tool_calls` (only the first when `one_call`); `tools`: (tools, tool_choice)
+        when the constraint is a tool call's grammar, else it is the response_format's."""
         room = served.model.transformer.max_ctx - len(ids)
         if room < 1:
             raise ApiError(400, f"the prompt has {len(ids)} tokens; the context holds "
@@ -266,10 +280,16 @@ def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), 
 
         def notify(req, item):  # on the engine's thread
             loop.call_soon_threadsafe(queue.put_nowait, (req, item))
-        try:
-            if constraint:  # compiled off the event loop (the first one builds the vocabulary's token table)
+        if constraint:  # compiled off the event loop (the first one builds the vocabulary's token table)
+            try:
                 constraint = {"constraint": await asyncio.to_thread(Constraint.from_options, served.model.tokenizer,
                                                                     dict(constraint))}
+            except GenerationError as e:
+                if tools is None:
+                    raise ApiError(400, str(e), param="response_format") from None
+                why = await asyncio.to_thread(explain_call_grammar, served.model.tokenizer, *tools, e)
+                raise ApiError(400, why, param="tools") from None
+        try:
             reqs = served.engine.submit(ids, logprobs=logprobs, notify=notify, **constraint,
                                         **b.engine_args(min(max_tokens or room, room)))
         except QueueFull as e:

@@ -52,6 +52,11 @@ class _Body(BaseModel):
     tool_choice: Any = None
     logit_bias: dict[str, float] | None = None
 
+    @field_validator("stream", "n", mode="before")
+    @classmethod
+    def _null_is_the_default(cls, v, info):  # clients send null for a parameter left at its default
+        return cls.model_fields[info.field_name].default if v is None else v
+
     @field_validator("stop")
     @classmethod
     def _stops(cls, v):
@@ -130,6 +135,8 @@ class Message(BaseModel):
             calls = []
             for c in self.tool_calls:
                 fn = dict(c.get("function") or {})
+                if fn.get("arguments") == "":  # a call without arguments
+                    fn["arguments"] = {}
                 if isinstance(fn.get("arguments"), str):
                     try:
                         fn["arguments"] = json.loads(fn["arguments"])
@@ -150,6 +157,11 @@ class ChatRequest(_Body):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     parallel_tool_calls: bool | None = None  # False: at most one call comes back
 
+    @field_validator("logprobs", mode="before")
+    @classmethod
+    def _null_is_false(cls, v):
+        return False if v is None else v
+
     def check_unsupported(self):
         super().check_unsupported()
         if self.top_logprobs is not None and not self.logprobs:
@@ -158,16 +170,21 @@ class ChatRequest(_Body):
             raise ApiError(400, f"tool_choice = {self.tool_choice!r} needs tools", param="tool_choice")
 
     def chat_messages(self) -> list[dict]:
-        out = []
-        for i, m in enumerate(self.messages):
-            if m.role not in ROLES:
-                raise ApiError(400, f"messages[{i}].role = {m.role!r}: expected one of {', '.join(ROLES)}",
-                               param=f"messages[{i}].role")
-            msg = m.for_template()
-            if msg["role"] == "developer":  # chat templates know it as system
-                msg["role"] = "system"
-            out.append(msg)
-        return out
+        return template_messages(self.messages)
+
+
+def template_messages(messages: list[Message]) -> list[dict]:
+    """Messages as the chat template takes them (the assistant's tool calls, arguments as objects)."""
+    out = []
+    for i, m in enumerate(messages):
+        if m.role not in ROLES:
+            raise ApiError(400, f"messages[{i}].role = {m.role!r}: expected one of {', '.join(ROLES)}",
+                           param=f"messages[{i}].role")
+        msg = m.for_template()
+        if msg["role"] == "developer":  # chat templates know it as system
+            msg["role"] = "system"
+        out.append(msg)
+    return out
 
 
 class CompletionRequest(_Body):
@@ -180,6 +197,7 @@ class TokenizeRequest(BaseModel):
     model: str | None = None
     prompt: str | None = None
     messages: list[Message] | None = None
+    tools: list | None = None             # with messages: counted as the chat endpoint renders them
     add_special_tokens: bool = True
 
 

@@ -11,6 +11,7 @@ import json
 import uuid
 
 from ..constrain import JSON_STYLE
+from ..errors import GenerationError
 from ..generate import stop_prefix_len
 from .protocol import ApiError
 
@@ -23,6 +24,9 @@ def function_of(tool) -> dict:
             or not isinstance(fn.get("name"), str):
         raise ApiError(400, 'each tool must be {"type": "function", "function": {"name": ..., "parameters": {...}}}',
                        param="tools")
+    if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
+        raise ApiError(400, f"tool {fn['name']!r}: parameters must be a JSON schema object, got "
+                            f"{type(fn['parameters']).__name__}", param="tools")
     return tool["function"]
 
 
@@ -52,11 +56,32 @@ def call_grammar(tools: list, choice) -> str | None:
         functions = [f for f in functions if f["name"] == name]
         if not functions:
             raise ApiError(400, f"tool_choice names {name!r}, which is not among the tools", param="tool_choice")
-    variants = [{"type": "object", "properties": {"name": {"const": f["name"]},
-                                                 "arguments": f.get("parameters") or {"type": "object"}},
-                 "required": ["name", "arguments"], "additionalProperties": False} for f in functions]
-    schema = dict(variants[0] if len(variants) == 1 else {"anyOf": variants}, **{"x-guidance": JSON_STYLE})
-    return f'start: "{OPEN}\\n" call "\\n{CLOSE}"\ncall: %json {json.dumps(schema)}'
+    rules = [f"call{i}: %json {json.dumps(call_schema(f))}" for i, f in enumerate(functions)]
+    return "\n".join([f'start: "{OPEN}\\n" call "\\n{CLOSE}"',
+                      "call: " + " | ".join(f"call{i}" for i in range(len(functions)))] + rules)
+
+
+def explain_call_grammar(tokenizer, tools: list, choice, error: Exception) -> str:
+    """Why the grammar of `call_grammar(tools, choice)` did not compile, naming the tool whose
+    parameters fail on their own (the grammar's text is ours, not the user's)."""
+    from ..constrain import Constraint
+    for i, tool in enumerate(tools):
+        f = function_of(tool)
+        try:
+            Constraint(tokenizer, json_schema=call_schema(f))
+        except GenerationError as e:
+            return f"tools[{i}] ({f['name']!r}): its parameters schema: {str(e).removeprefix('json_schema: ')}"
+    return str(error)
+
+
+def call_schema(function: dict) -> dict:
+    """The JSON schema of one call {"name": ..., "arguments": {...}} of `function`. The parameters'
+    `$defs` / `definitions` move to the root, where their `$ref`s point (each function's call is a
+    grammar rule of its own, so two functions' definitions of one name do not meet)."""
+    params = dict(function.get("parameters") or {"type": "object"})
+    defs = {k: params.pop(k) for k in ("$defs", "definitions") if k in params}
+    return {"type": "object", "properties": {"name": {"const": function["name"]}, "arguments": params},
+            "required": ["name", "arguments"], "additionalProperties": False, **defs, "x-guidance": JSON_STYLE}
 
 
 def new_call(name: str, arguments: str) -> dict:
