@@ -4,6 +4,7 @@ import pytest
 
 from wasmchord import Model
 from wasmchord.errors import BackendError, GenerationError
+from wasmchord.sampling import recent_tokens
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +186,8 @@ def test_what_llama_cpp_python_users_write(m):
     option or a prompt of floats is a TypeError that says what was meant."""
     ids = m.prompt_ids("Once upon a time")
     c = m.generate(ids, max_tokens=None, temperature=0, seed=1)
-    assert c.finish_reason == "length" and c.completion_tokens == 256 - len(ids)
+    assert c.finish_reason == "length" and c.completion_tokens == 256 - len(ids) + 1  # the last needs no slot
+    assert c.tokens == m.generate(ids, max_tokens=10**6, temperature=0, seed=1).tokens
     parts = [{"role": "user", "content": [{"type": "text", "text": "What is "}, {"type": "text", "text": "2+2?"}]}]
     assert m.chat(parts, max_tokens=5, temperature=0).text == \
         m.chat([{"role": "user", "content": "What is 2+2?"}], max_tokens=5, temperature=0).text
@@ -215,3 +217,39 @@ def test_logit_bias_bans_and_forces_tokens(m):
                           ({5: 101}, r"logit_bias\[5\] = 101")):
         with pytest.raises(GenerationError, match=message):
             m.generate(prompt, max_tokens=1, logit_bias=bias)
+
+
+def test_the_edges_a_user_found(m):
+    """A Chat takes logprobs= and logit_bias= (its next turn is still right); a stopped engine refuses
+    submissions, and a request read to its end reads as ended; a batch's bad prompt is named by its
+    index; max_tokens=None equals a large max_tokens; penalty_last_n=-1 is the whole context;
+    logit_bias banning every token a constraint allows says so (not "corrupt weights"); a grammar
+    without a finite sentence fails with one line."""
+    chat = m.start_chat()
+    first = chat.send("My name is Ada.", max_tokens=6, temperature=0, logprobs=2)
+    assert len(first.logprobs) == first.completion_tokens > 0
+    second = chat.send("What is my name?", max_tokens=6, temperature=0)
+    assert second.text == m.chat(chat.messages[:-1], max_tokens=6, temperature=0).text
+    engine = m.engine()
+    engine.start()
+    req = engine.submit("Hi", max_tokens=2, temperature=0)[0]
+    assert list(engine.stream(req, timeout=60))[-1].finish_reason == "length"
+    assert list(engine.stream(req, timeout=1)) == []  # read to its end: nothing more, no wait
+    engine.stop()
+    with pytest.raises(GenerationError, match="engine was stopped: start"):
+        engine.submit("Hi", max_tokens=2)
+    with pytest.raises(TypeError, match="prompt 1 of the batch is a int"):
+        m.generate(["Hi", 5], max_tokens=2)
+    with pytest.raises(GenerationError, match="prompt 1 of the batch: the prompt has 300 tokens"):
+        m.generate(["Hi", [1] * 300], max_tokens=2)
+    assert recent_tokens(list(range(100)), -1) == list(range(100))
+    assert recent_tokens(list(range(10)), 12) == list(range(10)) and recent_tokens(list(range(10)), 3) == [7, 8, 9]
+    penalized = [m.generate("Once upon a time", max_tokens=12, temperature=0, repeat_penalty=1.5, penalty_last_n=n,
+                            logprobs=0 if path else None).tokens for n in (-1, 256) for path in (0, 1)]
+    assert penalized[0] == penalized[1] == penalized[2] == penalized[3]
+    q = m.tokenizer.encode("q", add_bos=False)[-1]
+    with pytest.raises(GenerationError, match="no token is allowed at this step"):
+        m.generate("Say q:", grammar='start: "q"', logit_bias={q: -100}, max_tokens=3, temperature=0)
+    with pytest.raises(GenerationError) as e:
+        m.generate("Hi", grammar='start: "a" start', max_tokens=4, temperature=0)
+    assert "\n" not in str(e.value)

@@ -140,7 +140,7 @@ class Matcher:
         self.c = c
         self.m = llg.LLMatcher(c.table, c.source, log_level=0)
         if self.m.is_error():
-            raise GenerationError(f"{c.kind}: {self.m.get_error()}")
+            raise GenerationError(f"{c.kind}: {self.m.get_error().split(chr(10), 1)[0]}")
         self.bitmask = llg.numpy.allocate_token_bitmask(1, c.table.vocab_size)
         self._filled = False  # the bitmask is the current state's
 
@@ -160,7 +160,8 @@ class Matcher:
     def consume(self, tok: int):
         self._filled = False
         if not self.m.consume_token(int(tok)):
-            raise GenerationError(f"{self.c.kind}: token {tok} does not fit the constraint: {self.m.get_error()}")
+            why = self.m.get_error().split("\n", 1)[0]  # the first line: the rest is llguidance's parser state
+            raise GenerationError(f"{self.c.kind}: token {tok} does not fit the constraint: {why}")
 
     @property
     def done(self) -> bool:

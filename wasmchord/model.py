@@ -224,7 +224,7 @@ class Model:
         ids = self.prompt_ids(prompt)
         self._check_not_serving()
         if max_tokens is None:
-            max_tokens = max(self.transformer.max_ctx - len(ids), 1)
+            max_tokens = max(self.transformer.max_ctx - len(ids) + 1, 1)  # the last token needs no cache slot
         with self.lock:  # held until this stream ends or is closed
             yield from stream_chunks(sequence or self._sequence, self.tokenizer, ids, params,
                                      max_tokens=max_tokens, stop=stop, stop_ids=self.tokenizer.eot_ids,
@@ -262,14 +262,23 @@ class Model:
             return Completion.from_chunks(self.stream(prompt, **kw))
         prompts = list(prompt) if batch else [prompt]
         for i, p in enumerate(prompts):
-            if (isinstance(p, str) and not p) or (not isinstance(p, str) and len(p) == 0):
+            if not isinstance(p, (str, list, tuple, np.ndarray)):
+                raise TypeError(f"prompt {i} of the batch is a {type(p).__name__}: expected text or a list of token ids")
+            if len(p) == 0:
                 raise GenerationError(f"prompt {i} of the batch is empty")
         from .engine import Engine
         self._check_not_serving()
         if kw.pop("sequence", None) is not None:
             raise GenerationError("sequence= applies to one prompt, not to a batch")
         engine = Engine(self, max_queue=len(prompts) * n)
-        reqs = [r for p in prompts for r in engine.submit(p, n=n, **kw)]
+        reqs = []
+        for i, p in enumerate(prompts):
+            try:
+                reqs += engine.submit(p, n=n, **kw)
+            except GenerationError as e:
+                if not batch:
+                    raise
+                raise GenerationError(f"prompt {i} of the batch: {e}") from None
         with self.lock:  # the batch holds the model from its first step to its last, as one generation does
             engine.run(reqs)
         out = []
@@ -333,7 +342,10 @@ class Chat:
         reply = []
         try:
             ids = self.model.chat_ids(self.messages, parse_special=self.parse_special)
-            for ch in self.model.stream(ids, sequence=self.sequence, **kw):
+            # logprobs / logit_bias run through the engine, on a slot of its own choosing: the
+            # conversation's cache is then evaluated again on the next turn
+            engine_path = kw.get("logprobs") is not None or bool(kw.get("logit_bias"))
+            for ch in self.model.stream(ids, sequence=None if engine_path else self.sequence, **kw):
                 reply.append(ch.text)
                 yield ch
         except BaseException:

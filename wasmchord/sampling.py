@@ -36,7 +36,7 @@ class SamplingParams:
     repeat_penalty: float = _option(1.0, "divide the positive logits of recent tokens by this (1: off)")
     presence_penalty: float = _option(0.0, "subtract this (-2 to 2) from the logit of every recent token")
     frequency_penalty: float = _option(0.0, "subtract this (-2 to 2) times its count from the logit of every recent token")
-    penalty_last_n: int = _option(64, "how many recent tokens the penalties look at")
+    penalty_last_n: int = _option(64, "how many recent tokens the penalties look at (-1: all of them)")
     seed: int | None = _option(None, "random seed for sampling (default: a different draw each run)", int)
 
     def __post_init__(self):
@@ -59,8 +59,8 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):  # OpenAI's and vLLM's range
             if not -2 <= getattr(self, name) <= 2:
                 bad(name, "a value in [-2, 2]")
-        if isinstance(self.penalty_last_n, bool) or not isinstance(self.penalty_last_n, int) or self.penalty_last_n < 0:
-            bad("penalty_last_n", "an integer >= 0")
+        if isinstance(self.penalty_last_n, bool) or not isinstance(self.penalty_last_n, int) or self.penalty_last_n < -1:
+            bad("penalty_last_n", "an integer >= 0, or -1 for the whole context")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer))
                                       or self.seed < 0):
             bad("seed", "an integer >= 0, or None")
@@ -88,13 +88,18 @@ class SamplingParams:
 OPTIONS = [f.name for f in fields(SamplingParams)]
 
 
+def recent_tokens(history, last_n: int):
+    """The last `last_n` tokens of `history` (-1: all of it, as llama.cpp's penalty_last_n)."""
+    return history if last_n < 0 else history[max(len(history) - last_n, 0):] if last_n else history[:0]
+
+
 def apply_penalties(logits: np.ndarray, history, *, repeat: float = 1.0, presence: float = 0.0,
                     frequency: float = 0.0, last_n: int = 64) -> np.ndarray:
     """llama.cpp `llama_sampler_penalties_apply`: over the last `last_n` tokens of `history`, divide
     positive logits (multiply negative ones) by `repeat`, subtract count*frequency + presence."""
     if (repeat == 1.0 and presence == 0.0 and frequency == 0.0) or last_n == 0 or len(history) == 0:
         return logits
-    recent = np.asarray(history[-last_n:], dtype=np.int64)
+    recent = np.asarray(recent_tokens(history, last_n), dtype=np.int64)
     ids, counts = np.unique(recent, return_counts=True)
     out = logits.astype(np.float32, copy=True)
     v = out[ids]
@@ -169,10 +174,17 @@ NON_FINITE = ("the model produced non-finite logits (NaN or infinity): its weigh
               "rope.freq_base = 0 or a negative RMS epsilon) are likely corrupt")
 
 
+NOTHING_ALLOWED = ("no token is allowed at this step: the constraint (json_schema, regex or grammar) and "
+                   "logit_bias's bans leave none")
+
+
 def check_finite(logits: np.ndarray):
     """Raise GenerationError when `logits` hold a NaN or +infinity (-infinity marks a token a constraint
     leaves out)."""
-    if not np.isfinite(np.max(logits)):  # one pass: the max is nan with any nan, inf with any +inf, -inf with all -inf
+    top = np.max(logits)  # one pass: the max is nan with any nan, inf with any +inf, -inf with all -inf
+    if top == -np.inf:
+        raise GenerationError(NOTHING_ALLOWED)
+    if not np.isfinite(top):
         raise GenerationError(NON_FINITE)
 
 

@@ -56,6 +56,7 @@ class Engine:
         self._wake = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._stopped = False  # stop() ended its thread: submissions would wait for no one
         self.steps = 0
         self.evaluated_tokens = 0  # prompt tokens evaluated (not found in a slot's cache)
         self.generated_tokens = 0
@@ -77,6 +78,8 @@ class Engine:
             QueueFull: more than `max_queue` requests would wait.
         """
         self.tf._check_open()
+        if self._stopped:
+            raise GenerationError("the engine was stopped: start() it again before submitting")
         constraint = Constraint.from_options(self.model.tokenizer, sampling)
         params = SamplingParams.from_options(sampling)
         stop = check_args(max_tokens, stop)
@@ -84,7 +87,7 @@ class Engine:
             raise GenerationError(f"n = {n!r}: expected an integer from 1 to the model's {self.tf.slots} slots")
         ids = self.model.prompt_ids(prompt)
         if max_tokens is None:  # until the context is full
-            max_tokens = max(self.tf.max_ctx - len(ids), 1)
+            max_tokens = max(self.tf.max_ctx - len(ids) + 1, 1)  # the last token needs no cache slot
         if len(ids) >= self.tf.max_ctx:
             raise GenerationError(f"the prompt has {len(ids)} tokens; the context holds {self.tf.max_ctx} "
                                   f"(raise context_length, or shorten the prompt)")
@@ -325,7 +328,7 @@ class Engine:
             return
         if self.model.serving is not None:
             raise GenerationError("another engine already runs on this model: stop it first")
-        self._stopping = False
+        self._stopping = self._stopped = False
         self.model.serving = self  # direct generations on the model are refused until stop()
         self._thread = threading.Thread(target=self._loop, name="wasmchord-engine", daemon=True)
         self._thread.start()
@@ -338,7 +341,7 @@ class Engine:
             self._wake.notify()
         if self._thread is not None:
             self._thread.join()
-            self._thread = None
+            self._thread, self._stopped = None, True
             if self.model.serving is self:
                 self.model.serving = None
         with self._lock:
@@ -364,8 +367,13 @@ class Engine:
 
     def stream(self, req: Request, timeout: float | None = None):
         """Yield `req`'s chunks as the engine thread produces them (after `start`); the last has
-        finish_reason. Raises the request's error, if it failed."""
+        finish_reason. Raises the request's error, if it failed. A request read to its end before
+        yields nothing more (or raises its error again)."""
         while True:
+            if req.drained:
+                if req.error is not None:
+                    raise req.error
+                return
             item = req.take(block=True, timeout=timeout)
             if item is None:
                 raise GenerationError(f"no output from the engine within {timeout} s")

@@ -48,6 +48,7 @@ class Request:
     matcher: object = None                # a constrain.Matcher: the tokens its constraint allows
     bias: tuple | None = None             # (token ids, biases) added to the logits (sampling.logit_bias_of)
     last_token_at: float | None = None
+    drained: bool = False                 # its last chunk (or its error) has been taken
 
     def __post_init__(self):
         seed = self.params.seed
@@ -73,6 +74,9 @@ class Request:
     def take(self, block: bool, timeout: float | None = None) -> "Chunk | BaseException | None":
         """The next chunk (or this request's error), or None when none is ready."""
         try:
-            return self.out.get(block, timeout)
+            item = self.out.get(block, timeout)
         except queue.Empty:
             return None
+        if isinstance(item, BaseException) or item.finish_reason is not None:
+            self.drained = True
+        return item

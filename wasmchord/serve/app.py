@@ -267,8 +267,8 @@ def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), 
         """Submit, then answer with the whole reply or a stream; `calls` (the tools' names): tool calls in
         the reply become `tool_calls` (only the first when `one_call`); `tools`: (tools, tool_choice)
         when the constraint is a tool call's grammar, else it is the response_format's."""
-        room = served.model.transformer.max_ctx - len(ids)
-        if room < 1:
+        room = served.model.transformer.max_ctx - len(ids) + 1  # tokens it can have: the last needs no cache slot
+        if room < 2:
             raise ApiError(400, f"the prompt has {len(ids)} tokens; the context holds "
                                 f"{served.model.transformer.max_ctx}", param="messages" if chat else "prompt",
                            code="context_length_exceeded")

@@ -12,6 +12,7 @@ import math
 import numpy as np
 
 from ...errors import BackendError, UnsupportedError
+from ...sampling import recent_tokens
 from ..base import Backend, OnDevice
 from .device import Gpu
 from .memory import Arena, GTensor, KVCacheGPU, RopeTables, TokenRing
@@ -519,7 +520,7 @@ class WgpuBackend(Backend):
             params = type(params)(**{**params.__dict__, "temperature": 1e-6, "top_k": 1})
         count = logits.cols if len(logits.shape) > 1 else logits.shape[0]
         penalize = params.repeat_penalty != 1.0 or params.presence_penalty or params.frequency_penalty
-        hist = np.asarray(history[-params.penalty_last_n:] if penalize and params.penalty_last_n else [], np.uint32)
+        hist = np.asarray(recent_tokens(history, params.penalty_last_n) if penalize else [], np.uint32)
         if self._hist is None or self._hist.size < max(16, hist.nbytes):
             self._hist = self.gpu.buffer(max(256, hist.nbytes))
             self.gpu.invalidate()
