@@ -131,7 +131,7 @@ fn sample(@builtin(local_invocation_index) lid: u32) {
                 n++;
             }
         }
-        if (first && t < p.count) {
+        if (first && t < p.count && x[p.x_off + t] > -3.0e38) {  // a masked-out token stays out
             var v = x[p.x_off + t];
             v = select(v / p.repeat, v * p.repeat, v <= 0.0);
             x[p.x_off + t] = min(v - f32(n) * p.frequency - p.presence, 3.0e38);  // a tiny repeat overflows

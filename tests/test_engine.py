@@ -290,14 +290,12 @@ def test_a_failure_in_one_requests_sampling_fails_it_alone(cpu, monkeypatch):
     eng = Engine(cpu)
     bad, good = eng.submit(PROMPTS[0], max_tokens=4, temperature=0) + eng.submit(PROMPTS[1], max_tokens=4,
                                                                                  temperature=0)
-    real = bad.text.add
 
     def broken(tok):
         raise ValueError("a bug in this request's text")
-    monkeypatch.setattr(bad.text, "add", broken)
+    monkeypatch.setattr(bad.text, "add", broken)  # this request's own TextStream
     eng.run([bad, good])
     assert isinstance(bad.error, ValueError) and good.error is None and good.finish_reason == "length"
-    assert real  # the request's own TextStream was the one replaced
 
 
 def test_a_batch_holds_the_model_from_its_first_step_to_its_last(cpu, monkeypatch):
@@ -370,3 +368,19 @@ def test_a_failed_copy_of_a_prefill_loses_no_sample(cpu, monkeypatch):
         assert (eng.running, eng.queued) == (0, 0)
     finally:
         eng.stop()
+
+
+def test_a_submission_that_meets_a_stop_midway_is_refused(cpu, monkeypatch):
+    """stop() between submit's first check and the queueing (while the prompt is tokenized): the
+    request must not wait in an engine that has no thread left."""
+    eng = cpu.engine()
+    eng.start()
+    real = cpu.prompt_ids
+
+    def stop_meanwhile(prompt):
+        eng.stop()
+        return real(prompt)
+    monkeypatch.setattr(cpu, "prompt_ids", stop_meanwhile)
+    with pytest.raises(GenerationError, match="engine was stopped"):
+        eng.submit("Hi", max_tokens=2)
+    assert eng.queued == 0

@@ -232,10 +232,12 @@ def test_the_edges_a_user_found(m):
     assert second.text == m.chat(chat.messages[:-1], max_tokens=6, temperature=0).text
     engine = m.engine()
     engine.start()
-    req = engine.submit("Hi", max_tokens=2, temperature=0)[0]
-    assert list(engine.stream(req, timeout=60))[-1].finish_reason == "length"
-    assert list(engine.stream(req, timeout=1)) == []  # read to its end: nothing more, no wait
-    engine.stop()
+    try:
+        req = engine.submit("Hi", max_tokens=2, temperature=0)[0]
+        assert list(engine.stream(req, timeout=60))[-1].finish_reason == "length"
+        assert list(engine.stream(req, timeout=1)) == []  # read to its end: nothing more, no wait
+    finally:
+        engine.stop()
     with pytest.raises(GenerationError, match="engine was stopped: start"):
         engine.submit("Hi", max_tokens=2)
     with pytest.raises(TypeError, match="prompt 1 of the batch is a int"):

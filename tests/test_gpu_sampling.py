@@ -133,3 +133,26 @@ def test_a_repeat_penalty_that_overflows_the_logits_still_draws(gpu_backend, kw)
     assert (gpu_draws(gpu_backend, lg, params, 50, [3]) == 3).all()
     rng = make_rng(1)
     assert all(sample(lg, params, rng, [3]) == 3 for _ in range(20))
+
+
+def test_a_tiny_temperature_is_argmax_on_the_gpu(gpu_backend):
+    # f32(1e-40) is a subnormal or zero: dividing by it in the kernel gave inf and NaN.
+    rng = np.random.default_rng()
+    for _ in range(5):
+        lg = rng.standard_normal(49152).astype(np.float32) * 5
+        got = gpu_draws(gpu_backend, lg, SamplingParams(temperature=1e-40, top_k=0, top_p=1.0, min_p=0.0), 3)
+        assert (got == int(np.argmax(lg))).all()
+
+
+def test_a_penalty_never_brings_back_a_masked_token(gpu_backend):
+    # A masked token sits at -3.4e38; a repeat penalty of 1e-39 would have made it about -0.34, above
+    # every allowed logit here.
+    lg = np.full(64, -50.0, np.float32)
+    lg[7] = 3.0                                   # the best token, masked out and in the history
+    words = np.full(2, -1, np.int32)
+    words[0] &= ~np.int32(1 << 7)
+    params = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repeat_penalty=1e-39)
+    rng = make_rng(0)
+    for step in range(20):
+        gpu_backend.begin_forward()
+        assert gpu_backend.sample(upload(gpu_backend, lg), params, rng, [7], step, mask=words) != 7

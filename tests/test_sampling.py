@@ -69,6 +69,15 @@ def test_bad_parameters_are_named(kw):
         SamplingParams(**kw)
 
 
+def test_a_temperature_below_1e5_is_greedy_and_a_huge_repeat_penalty_is_refused():
+    assert SamplingParams(temperature=9.9e-6).greedy and SamplingParams(temperature=0).greedy
+    assert not SamplingParams(temperature=1e-5).greedy
+    with pytest.raises(GenerationError, match=r"repeat_penalty = 1e\+39: expected a value in \(0, 1e30\]"):
+        SamplingParams(repeat_penalty=1e39)
+    lg = np.array([-1.0, -2.0, 0.0], np.float32)  # a zero logit times the largest penalty stays finite
+    assert sample(lg, SamplingParams(temperature=0.5, repeat_penalty=1e30), np.random.default_rng(0), [0, 1, 2]) == 2
+
+
 @pytest.mark.parametrize("bad", ["nan", "inf", "all -inf"])
 def test_non_finite_logits_are_an_error_and_masked_ones_are_not(bad):
     """A nan or a +inf anywhere, or nothing above -inf, fails the draw with GenerationError; -inf on

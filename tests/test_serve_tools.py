@@ -180,3 +180,12 @@ def test_tokenize_counts_what_the_chat_endpoint_evaluates(client):
     assert t["count"] == r.usage.prompt_tokens
     plain = httpx.post(url + "/tokenize", json={"messages": history}, timeout=60).json()
     assert plain["count"] < t["count"]  # the tools are part of the prompt
+
+
+def test_a_schema_error_names_the_tool_the_choice_compiles():
+    from wasmchord.serve.tools import explain_call_grammar
+    broken = [{"type": "function", "function": {"name": name, "parameters": {"type": kind}}}
+              for name, kind in (("first", "frobnicate"), ("second", "wobble"))]
+    named = {"type": "function", "function": {"name": "second"}}
+    assert explain_call_grammar(TOKENIZER, broken, named, ValueError("x")).startswith("tools[1] ('second')")
+    assert explain_call_grammar(TOKENIZER, broken, "required", ValueError("x")).startswith("tools[0] ('first')")

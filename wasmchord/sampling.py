@@ -54,8 +54,8 @@ class SamplingParams:
             bad("min_p", "a value in [0, 1]")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, np.integer)) or self.top_k < 0:
             bad("top_k", "an integer >= 0 (0 disables it)")
-        if self.repeat_penalty <= 0:
-            bad("repeat_penalty", "> 0 (1.0 disables it)")
+        if not 0 < self.repeat_penalty <= 1e30:  # within float32: a zero logit times inf would be NaN
+            bad("repeat_penalty", "a value in (0, 1e30] (1.0 disables it)")
         for name in ("presence_penalty", "frequency_penalty"):  # OpenAI's and vLLM's range
             if not -2 <= getattr(self, name) <= 2:
                 bad(name, "a value in [-2, 2]")
@@ -103,7 +103,7 @@ def apply_penalties(logits: np.ndarray, history, *, repeat: float = 1.0, presenc
     ids, counts = np.unique(recent, return_counts=True)
     out = logits.astype(np.float32, copy=True)
     v = out[ids]
-    with np.errstate(over="ignore"):
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):  # the branch np.where drops may
         v = np.where(v <= 0, v * repeat, v / repeat)
     v -= counts * np.float32(frequency) + np.float32(presence)
     out[ids] = np.minimum(v, F32_MAX)  # a tiny repeat_penalty overflows: the largest float, not +inf
@@ -174,8 +174,8 @@ NON_FINITE = ("the model produced non-finite logits (NaN or infinity): its weigh
               "rope.freq_base = 0 or a negative RMS epsilon) are likely corrupt")
 
 
-NOTHING_ALLOWED = ("no token is allowed at this step: the constraint (json_schema, regex or grammar) and "
-                   "logit_bias's bans leave none")
+NOTHING_ALLOWED = ("no token is allowed at this step (every logit is -inf): a constraint (json_schema, regex or "
+                   "grammar) and logit_bias's bans leave none, or the model's weights are corrupt")
 
 
 def check_finite(logits: np.ndarray):

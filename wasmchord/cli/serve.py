@@ -59,11 +59,14 @@ def cmd_serve(a):
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):
-            engine = app.state.served.engine
-            if not self.should_exit and engine is not None and (engine.running or engine.queued):
-                print(f"wasmchord: shutting down: {engine.running} requests running and {engine.queued} waiting "
-                      f"get up to {a.shutdown_timeout:g} s to finish", file=sys.stderr, flush=True)
-            super().handle_exit(sig, frame)
+            first, engine = not self.should_exit, app.state.served.engine
+            super().handle_exit(sig, frame)  # first: a failed print must not lose the signal
+            if first and engine is not None and (engine.running or engine.queued):
+                try:
+                    print(f"wasmchord: shutting down: {engine.running} requests running and {engine.queued} "
+                          f"waiting get up to {a.shutdown_timeout:g} s to finish", file=sys.stderr, flush=True)
+                except RuntimeError:  # the signal came while the main thread wrote to stderr
+                    pass
     config = uvicorn.Config(app, host=a.host, port=a.port, log_level="warning",
                             timeout_graceful_shutdown=a.shutdown_timeout)
     Server(config).run()

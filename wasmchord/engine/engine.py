@@ -102,6 +102,9 @@ class Engine:
         for r in reqs[1:]:
             r.leader = reqs[0]
         with self._wake:
+            if self._stopped:  # again: stop() may have ended the thread while this request was built
+                raise GenerationError("the engine was stopped: start() it again before submitting")
+            self.tf._check_open()
             # requests that would find no free slot at the next step: the ones queued, these, less free slots
             waiting = len(self.waiting) + len(self._inbox) - self.busy.count(None)
             if waiting + n > self.max_queue:
@@ -244,7 +247,10 @@ class Engine:
         self.tf.be.flush()
         for r in batch:  # the constrained rows' masks, while the device runs the step
             if r.matcher is not None:
-                r.matcher.words()
+                try:
+                    r.matcher.words()
+                except Exception:  # raised again when the row samples: it fails that request alone
+                    pass
         host = np.asarray(self.tf.be.read(logits), np.float32).reshape(len(batch), -1)      # [B, vocab]
         dt = (time.perf_counter() - t0) / len(batch)
         for r, row in zip(batch, host):
@@ -326,6 +332,7 @@ class Engine:
         """Run steps on a thread of the engine's own until `stop()`."""
         if self._thread is not None:
             return
+        self.tf._check_open()
         if self.model.serving is not None:
             raise GenerationError("another engine already runs on this model: stop it first")
         self._stopping = self._stopped = False
@@ -339,12 +346,14 @@ class Engine:
         with self._wake:
             self._stopping = True
             self._wake.notify()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread, self._stopped = None, True
+        thread = self._thread
+        if thread is not None:
+            thread.join()
+            self._thread = None
             if self.model.serving is self:
                 self.model.serving = None
         with self._lock:
+            self._stopped = self._stopped or thread is not None
             left = self.active + list(self.waiting) + self._inbox
             self.waiting.clear()
             self._inbox.clear()

@@ -62,11 +62,14 @@ def call_grammar(tools: list, choice) -> str | None:
 
 
 def explain_call_grammar(tokenizer, tools: list, choice, error: Exception) -> str:
-    """Why the grammar of `call_grammar(tools, choice)` did not compile, naming the tool whose
-    parameters fail on their own (the grammar's text is ours, not the user's)."""
+    """Why the grammar of `call_grammar(tools, choice)` did not compile, naming the tool (of those it
+    holds) whose parameters fail on their own (the grammar's text is ours, not the user's)."""
     from ..constrain import Constraint
+    named = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
     for i, tool in enumerate(tools):
         f = function_of(tool)
+        if named is not None and f["name"] != named:
+            continue
         try:
             Constraint(tokenizer, json_schema=call_schema(f))
         except GenerationError as e:
