@@ -131,8 +131,8 @@ def test_the_call_grammar_keeps_each_tools_definitions():
     from wasmchord.constrain import Constraint
     from wasmchord.serve.tools import call_grammar
     other = {"type": "function", "function": {"name": "count", "parameters": {
-        "type": "object", "properties": {"n": {"$ref": "#/$defs/Address"}}, "required": ["n"],
-        "$defs": {"Address": {"type": "integer"}}}}}
+        "type": "object", "properties": {"n": {"$ref": "#/$defs/Address"}, "m": {"$ref": "#/properties/n"}},
+        "required": ["n", "m"], "$defs": {"Address": {"type": "integer"}}, "default": {"$ref": "#/data"}}}}
     c = Constraint(TOKENIZER, grammar=call_grammar([ADDRESS, other], "required"))
 
     def accepts(text):
@@ -144,8 +144,9 @@ def test_the_call_grammar_keeps_each_tools_definitions():
         return m.m.is_accepting()
     ok = '<tool_call>\n{"name": "ship", "arguments": {"to": {"city": "Paris", "zip": "75001"}, "express": true}}\n</tool_call>'
     assert accepts(ok)
-    assert accepts('<tool_call>\n{"name": "count", "arguments": {"n": 3}}\n</tool_call>')
-    assert not accepts('<tool_call>\n{"name": "count", "arguments": {"n": "3"}}\n</tool_call>')
+    assert accepts('<tool_call>\n{"name": "count", "arguments": {"n": 3, "m": 4}}\n</tool_call>')
+    assert not accepts('<tool_call>\n{"name": "count", "arguments": {"n": "3", "m": 4}}\n</tool_call>')
+    assert not accepts('<tool_call>\n{"name": "count", "arguments": {"n": 3, "m": "4"}}\n</tool_call>')
     assert not accepts(ok.replace("75001", "7500"))
 
 

@@ -78,13 +78,32 @@ def explain_call_grammar(tokenizer, tools: list, choice, error: Exception) -> st
 
 
 def call_schema(function: dict) -> dict:
-    """The JSON schema of one call {"name": ..., "arguments": {...}} of `function`. The parameters'
-    `$defs` / `definitions` move to the root, where their `$ref`s point (each function's call is a
-    grammar rule of its own, so two functions' definitions of one name do not meet)."""
-    params = dict(function.get("parameters") or {"type": "object"})
-    defs = {k: params.pop(k) for k in ("$defs", "definitions") if k in params}
+    """The JSON schema of one call {"name": ..., "arguments": {...}} of `function`. The parameters sit
+    under /properties/arguments, so their local `$ref`s ("#/$defs/X", "#/properties/a", "#") are
+    rebased there (each function's call is a grammar rule of its own: two functions' definitions of
+    one name do not meet)."""
+    params = _rebase_refs(function.get("parameters") or {"type": "object"}, "#/properties/arguments")
     return {"type": "object", "properties": {"name": {"const": function["name"]}, "arguments": params},
-            "required": ["name", "arguments"], "additionalProperties": False, **defs, "x-guidance": JSON_STYLE}
+            "required": ["name", "arguments"], "additionalProperties": False, "x-guidance": JSON_STYLE}
+
+
+_DATA = ("const", "enum", "default", "examples")  # values, not schemas: a "$ref" key there is data
+
+
+def _rebase_refs(node, base: str):
+    if isinstance(node, list):
+        return [_rebase_refs(x, base) for x in node]
+    if not isinstance(node, dict):
+        return node
+    out = {}
+    for k, v in node.items():
+        if k == "$ref" and isinstance(v, str) and (v == "#" or v.startswith("#/")):
+            out[k] = base + v[1:]
+        elif k in _DATA:
+            out[k] = v
+        else:
+            out[k] = _rebase_refs(v, base)
+    return out
 
 
 def new_call(name: str, arguments: str) -> dict:
