@@ -72,6 +72,12 @@ class ModelLock:
         self.release()
 
 
+def on_engine_path(logprobs, logit_bias) -> bool:
+    """logprobs= and logit_bias= need the logits on the host every step: one stream then runs through
+    an engine stepped on the caller's thread, in a slot of the engine's choosing."""
+    return logprobs is not None or bool(logit_bias)
+
+
 class Model:
     """A loaded model. Build with `Model.load(path_or_alias, device=...)`.
 
@@ -211,7 +217,7 @@ class Model:
             GenerationError: bad arguments, an empty prompt, or a prompt longer than the context.
             TypeError: an unknown keyword argument.
         """
-        if logprobs is not None or logit_bias:  # the engine checks the arguments, constraints included
+        if on_engine_path(logprobs, logit_bias):  # the engine checks the arguments, constraints included
             if sequence is not None:
                 raise GenerationError("logprobs= and logit_bias= cannot be combined with sequence=: they take the "
                                       "engine's path, which uses the model's own slots")
@@ -344,7 +350,7 @@ class Chat:
             ids = self.model.chat_ids(self.messages, parse_special=self.parse_special)
             # logprobs / logit_bias run through the engine, on a slot of its own choosing: the
             # conversation's cache is then evaluated again on the next turn
-            engine_path = kw.get("logprobs") is not None or bool(kw.get("logit_bias"))
+            engine_path = on_engine_path(kw.get("logprobs"), kw.get("logit_bias"))
             for ch in self.model.stream(ids, sequence=None if engine_path else self.sequence, **kw):
                 reply.append(ch.text)
                 yield ch

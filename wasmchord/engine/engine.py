@@ -77,9 +77,6 @@ class Engine:
             GenerationError: bad arguments, an empty prompt, or one that does not fit the context.
             QueueFull: more than `max_queue` requests would wait.
         """
-        self.tf._check_open()
-        if self._stopped:
-            raise GenerationError("the engine was stopped: start() it again before submitting")
         constraint = Constraint.from_options(self.model.tokenizer, sampling)
         params = SamplingParams.from_options(sampling)
         stop = check_args(max_tokens, stop)
@@ -102,7 +99,7 @@ class Engine:
         for r in reqs[1:]:
             r.leader = reqs[0]
         with self._wake:
-            if self._stopped:  # again: stop() may have ended the thread while this request was built
+            if self._stopped:  # checked under the lock stop() takes: no request lands in a stopped engine
                 raise GenerationError("the engine was stopped: start() it again before submitting")
             self.tf._check_open()
             # requests that would find no free slot at the next step: the ones queued, these, less free slots

@@ -156,14 +156,10 @@ def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), 
                 raise too_big
             data.append(part)
         try:
-            raw = json.loads(b"".join(data))
+            b = parse(kind, json.loads(b"".join(data)))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ApiError(400, f"the request body is not valid JSON: {e}") from None
-        except RecursionError:
-            raise ApiError(400, "the request body is nested too deeply") from None
-        try:
-            b = parse(kind, raw)
-        except RecursionError:
+        except RecursionError:  # in the JSON parser or in validation
             raise ApiError(400, "the request body is nested too deeply") from None
         served.check_model(b.model)
         return b
@@ -197,15 +193,18 @@ def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), 
         served.check_model(model_id)
         return model_card()
 
+    def check_request_tools(tools, choice):
+        if not takes_tools(served.model.tokenizer):
+            raise ApiError(400, f"{served.name}'s chat template does not take tools", param="tools")
+        check_tools(tools, choice)
+
     @app.post("/tokenize")
     async def tokenize(request: Request):
         b = await body(request, TokenizeRequest)
         tok = served.model.tokenizer
         if b.messages is not None:  # the prompt the chat endpoint would evaluate
             if b.tools:
-                if not takes_tools(tok):
-                    raise ApiError(400, f"{served.name}'s chat template does not take tools", param="tools")
-                check_tools(b.tools, "auto")
+                check_request_tools(b.tools, "auto")
             try:
                 ids = await asyncio.to_thread(served.model.chat_ids, template_messages(b.messages),
                                               tools=b.tools or None)
@@ -231,9 +230,7 @@ def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), 
         b.check_unsupported()
         messages, grammar = b.chat_messages(), None
         if b.tools:
-            if not takes_tools(served.model.tokenizer):
-                raise ApiError(400, f"{served.name}'s chat template does not take tools", param="tools")
-            check_tools(b.tools, b.tool_choice)
+            check_request_tools(b.tools, b.tool_choice)
             grammar = call_grammar(b.tools, b.tool_choice)
         try:
             ids = await asyncio.to_thread(served.model.chat_ids, messages, tools=b.tools or None)  # off the loop

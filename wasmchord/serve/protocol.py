@@ -52,7 +52,7 @@ class _Body(BaseModel):
     tool_choice: Any = None
     logit_bias: dict[str, float] | None = None
 
-    @field_validator("stream", "n", mode="before")
+    @field_validator("stream", "n", "logprobs", mode="before", check_fields=False)  # logprobs: the chat's bool
     @classmethod
     def _null_is_the_default(cls, v, info):  # clients send null for a parameter left at its default
         return cls.model_fields[info.field_name].default if v is None else v
@@ -156,11 +156,6 @@ class ChatRequest(_Body):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     parallel_tool_calls: bool | None = None  # False: at most one call comes back
-
-    @field_validator("logprobs", mode="before")
-    @classmethod
-    def _null_is_false(cls, v):
-        return False if v is None else v
 
     def check_unsupported(self):
         super().check_unsupported()

@@ -50,26 +50,30 @@ def call_grammar(tools: list, choice) -> str | None:
     None when the model chooses (auto) or must not call (none)."""
     if choice in (None, "auto", "none"):
         return None
-    functions = [function_of(t) for t in tools]
-    if choice != "required":
-        name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
-        functions = [f for f in functions if f["name"] == name]
-        if not functions:
-            raise ApiError(400, f"tool_choice names {name!r}, which is not among the tools", param="tool_choice")
+    functions = [f for _, f in callable_functions(tools, choice)]
     rules = [f"call{i}: %json {json.dumps(call_schema(f))}" for i, f in enumerate(functions)]
     return "\n".join([f'start: "{OPEN}\\n" call "\\n{CLOSE}"',
                       "call: " + " | ".join(f"call{i}" for i in range(len(functions)))] + rules)
+
+
+def callable_functions(tools: list, choice) -> list[tuple[int, dict]]:
+    """(index in tools, function) of the functions a forced `choice` lets the model call: all of them
+    ("required"), or the named one."""
+    functions = [(i, function_of(t)) for i, t in enumerate(tools)]
+    if choice == "required":
+        return functions
+    name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+    functions = [(i, f) for i, f in functions if f["name"] == name]
+    if not functions:
+        raise ApiError(400, f"tool_choice names {name!r}, which is not among the tools", param="tool_choice")
+    return functions
 
 
 def explain_call_grammar(tokenizer, tools: list, choice, error: Exception) -> str:
     """Why the grammar of `call_grammar(tools, choice)` did not compile, naming the tool (of those it
     holds) whose parameters fail on their own (the grammar's text is ours, not the user's)."""
     from ..constrain import Constraint
-    named = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
-    for i, tool in enumerate(tools):
-        f = function_of(tool)
-        if named is not None and f["name"] != named:
-            continue
+    for i, f in callable_functions(tools, choice):
         try:
             Constraint(tokenizer, json_schema=call_schema(f))
         except GenerationError as e:
