@@ -118,6 +118,19 @@ def test_bad_constraints_are_named(cpu):
         cpu.generate("x", grammar="start: foo")
     with pytest.raises(GenerationError, match="give one of json_schema, regex, grammar"):
         Constraint(cpu.tokenizer, regex="a", grammar='start: "a"')
+    with pytest.raises(GenerationError, match=r"an object or true \(false admits no value\)"):
+        cpu.generate("x", json_schema=False)
+    with pytest.raises(GenerationError, match="an object or true, got list"):
+        cpu.generate("x", json_schema="[1]")
+
+
+def test_the_boolean_schema_true_takes_any_json_value(cpu):
+    texts = [cpu.chat(PROMPT, json_schema=spec, max_tokens=60, temperature=1.0, seed=seed)
+             for spec in (True, "true", {"type": "object", "properties": {"a": True}}) for seed in (1, 2)]
+    assert any(c.finish_reason == "stop" for c in texts)
+    for c in texts:
+        if c.finish_reason == "stop":
+            json.loads(c.text)
 
 
 def test_the_mask_allows_end_of_text_only_where_the_grammar_accepts(cpu):

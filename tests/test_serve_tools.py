@@ -62,6 +62,43 @@ def test_streamed_tool_call_deltas(client):
     assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "tool_calls"
 
 
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_a_forced_call_cut_by_max_tokens_is_a_call_with_the_arguments_so_far(client, choice):
+    # As OpenAI answers: finish_reason "length", the call with its arguments cut where the tokens ran
+    # out; the grammar's own text (`<tool_call>`, the name's key) is never content.
+    args = dict(model=MODEL, messages=ASK, tools=[WEATHER, TIME], tool_choice=choice, temperature=0)
+    full = client.chat.completions.create(max_tokens=80, **args).choices[0].message.tool_calls[0].function
+    for max_tokens in (3, 17):
+        c = client.chat.completions.create(max_tokens=max_tokens, **args).choices[0]
+        assert c.finish_reason == "length" and c.message.content is None
+        chunks = list(client.chat.completions.create(max_tokens=max_tokens, stream=True, **args))
+        deltas = [ch.choices[0].delta for ch in chunks if ch.choices]
+        assert not "".join(d.content or "" for d in deltas) and deltas[-1].model_dump()["content"] is None
+        assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length"
+        streamed = [tc for d in deltas for tc in (d.tool_calls or [])]
+        if max_tokens == 3 and choice == "required":  # `<tool_call>\n{"`: which function is not known yet
+            assert c.message.tool_calls is None and not streamed
+            continue
+        call = c.message.tool_calls[0].function
+        assert call.name == full.name == "get_weather" and streamed[0].function.name == call.name
+        assert full.arguments.startswith(call.arguments) and len(call.arguments) < len(full.arguments)
+        assert "".join(tc.function.arguments or "" for tc in streamed) == call.arguments
+        assert call.arguments if max_tokens == 17 else not call.arguments
+
+
+def test_cut_call_reads_the_name_and_the_arguments_written_so_far():
+    from wasmchord.serve.tools import cut_call
+    head = '<tool_call>\n{"name": "get_time", "arguments": '
+    for text, one, two in (('<tool_', ("get_time", ""), None), (head[:20], ("get_time", ""), None),
+                           (head[:-14], ("get_time", ""), ("get_time", "")),
+                           (head + '{"zone": "Europe/Pa', *[("get_time", '{"zone": "Europe/Pa')] * 2),
+                           (head + '{"zone": "UTC"}}\n</tool', *[("get_time", '{"zone": "UTC"}')] * 2),
+                           (head.replace("get_time", "other"), None, None)):
+        for names, want in ((["get_time"], one), (["get_weather", "get_time"], two)):
+            got = [(c["function"]["name"], c["function"]["arguments"]) for c in cut_call(text, names)]
+            assert got == ([want] if want else []), (text, names)
+
+
 def test_automatic_call_then_the_tool_result(client):
     r = client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER], max_tokens=80, temperature=0)
     msg = r.choices[0].message

@@ -81,8 +81,11 @@ class Constraint:
             if self.kind == "json_schema":
                 if isinstance(spec, str):
                     spec = json.loads(spec)
+                if spec is True:  # the boolean schema true: any JSON value
+                    spec = {}
                 if not isinstance(spec, dict):
-                    raise ValueError("a JSON schema must be an object")
+                    raise ValueError("a JSON schema must be an object or true" + (
+                        " (false admits no value)" if spec is False else f", got {type(spec).__name__}"))
                 # one form of whitespace (as OpenAI's structured outputs write JSON): at temperature 1
                 # a model may otherwise pad the value with whitespace until max_tokens
                 self.source = llg.LLMatcher.grammar_from_json_schema(spec, defaults=JSON_STYLE)

@@ -25,7 +25,8 @@ from .metrics import Metrics
 from ..text.chat_template import takes_tools
 from .protocol import (ApiError, ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, chat_logprobs,
                        completion_logprobs, envelope, new_id, parse, template_messages, usage)
-from .tools import CallStream, call_grammar, check_tools, explain_call_grammar, parse_calls
+from .tools import (CallStream, call_grammar, callable_functions, check_tools, cut_call, explain_call_grammar,
+                    parse_calls)
 
 log = logging.getLogger(__name__)
 OPEN_PATHS = ("/health", "/metrics")
@@ -297,10 +298,11 @@ def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), 
         served.metrics.count("wasmchord_requests_total")
         rid = new_id("chatcmpl" if chat else "cmpl")
         kind = "chat.completion" if chat else "text_completion"
+        forced = [f["name"] for _, f in callable_functions(*tools)] if tools else None
         if b.stream:
-            return StreamingResponse(sse(request, reqs, queue, rid, kind, b, chat, calls, one_call),
+            return StreamingResponse(sse(request, reqs, queue, rid, kind, b, chat, calls, one_call, forced),
                                      media_type="text/event-stream")
-        return await complete(request, reqs, queue, rid, kind, chat, calls, one_call)
+        return await complete(request, reqs, queue, rid, kind, chat, calls, one_call, forced)
 
     async def events(request, reqs, queue, *, streaming: bool):
         """(request, chunk) as the engine produces them, until every request is done; cancels them all
@@ -331,7 +333,12 @@ def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), 
                 if not r.done:
                     served.engine.cancel(r)
 
-    async def complete(request, reqs, queue, rid, kind, chat, calls, one_call):
+    def cut_short(text, finish, forced):
+        """The call a forced reply cut by max_tokens was writing (finish_reason stays "length"; [] while its
+        function is unknown); None when the reply is not a forced one cut short."""
+        return cut_call(text, forced) if forced and finish == "length" else None
+
+    async def complete(request, reqs, queue, rid, kind, chat, calls, one_call, forced):
         chunks = {r: [] for r in reqs}
         async for req, ch in events(request, reqs, queue, streaming=False):
             chunks[req].append(ch)
@@ -349,6 +356,8 @@ def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), 
                 found = found[:1] if one_call else found
                 if found:
                     body_, finish = {"role": "assistant", "content": content, "tool_calls": found}, "tool_calls"
+                elif (cut := cut_short(text, finish, forced)) is not None:  # the grammar's text is not content
+                    body_ = {"role": "assistant", "content": None, **({"tool_calls": cut} if cut else {})}
             choices.append({"index": i, **({"message": body_} if chat else {"text": text}), "logprobs": lp,
                             "finish_reason": finish})
         return envelope(kind, rid, served.name, choices, use_of(reqs))
@@ -356,7 +365,7 @@ def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), 
     def use_of(reqs):
         return usage(len(reqs[0].prompt), sum(len(r.tokens) for r in reqs), reqs[0].stats.cached_tokens)
 
-    async def sse(request, reqs, queue, rid, kind, b, chat, calls, one_call):
+    async def sse(request, reqs, queue, rid, kind, b, chat, calls, one_call, forced):
         chunk_kind = "chat.completion.chunk" if chat else "text_completion"
         tok = served.model.tokenizer
         split = {r: CallStream(calls) for r in reqs} if calls else {}
@@ -384,6 +393,9 @@ def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), 
                     if calls:
                         rest, found = split[req].finish()
                         found = found[:1] if one_call else found
+                        finish = "tool_calls" if found else finish
+                        if not found and (cut := cut_short(split[req].text, finish, forced)) is not None:
+                            rest, found = "", cut
                         if rest:
                             yield data([{"index": req.choice, "delta": {"content": rest}, "logprobs": None,
                                          "finish_reason": None}])
@@ -393,7 +405,6 @@ def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), 
                             for delta in (head, {"index": k, "function": {"arguments": call["function"]["arguments"]}}):
                                 yield data([{"index": req.choice, "delta": {"tool_calls": [delta]}, "logprobs": None,
                                              "finish_reason": None}])
-                        finish = "tool_calls" if found else finish
                     part = {"delta": {}} if chat else {"text": ""}
                     yield data([{"index": req.choice, **part, "logprobs": None, "finish_reason": finish}])
         except ApiError as e:

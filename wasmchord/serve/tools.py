@@ -8,6 +8,7 @@ Tool calls are written as the Hermes/Qwen2.5 templates ask: `<tool_call>\n{"name
 from __future__ import annotations
 
 import json
+import re
 import uuid
 
 from ..constrain import JSON_STYLE
@@ -137,6 +138,30 @@ def parse_calls(text: str, names=None) -> tuple[str | None, list[dict]]:
     return (content.strip() or None), calls
 
 
+_CALL_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")(\s*,\s*"arguments"\s*:\s*)?')
+
+
+def cut_call(text: str, names: list[str]) -> list[dict]:
+    """The call a forced reply (`names`: the functions it may call) was writing when max_tokens cut it:
+    [call] with the arguments written so far, as OpenAI answers a call cut by length (finish_reason
+    "length"); [] while its function is not known (several to choose from, the name unfinished)."""
+    body = text.split(OPEN, 1)[1] if OPEN in text else ""
+    m = _CALL_HEAD.match(body)
+    if m:
+        name, args = json.loads(m.group(1)), (body[m.end():] if m.group(2) else "")
+    elif len(names) == 1:
+        name, args = names[0], ""
+    else:
+        return []
+    if name not in names:
+        return []
+    try:  # arguments complete, the object or the block's end cut
+        args = args[:json.JSONDecoder().raw_decode(args)[1]]
+    except ValueError:
+        pass
+    return [new_call(name, args.rstrip())]
+
+
 def _bare_call(text: str, names) -> list[dict]:
     body = text.strip()
     if body.startswith("```"):
@@ -159,9 +184,11 @@ class CallStream:
     def __init__(self, names=()):
         self.pending, self.calls_text, self.in_calls, self.names = "", "", False, names
         self.sent = ""  # content already streamed
+        self.text = ""  # all of the reply so far
 
     def add(self, text: str) -> str:
         """The content that can be sent now."""
+        self.text += text
         if self.in_calls:
             self.calls_text += text
             return ""
