@@ -387,6 +387,11 @@ def test_tokenize_round_trip(server, lib):
     d = httpx.post(server + "/detokenize", json={"tokens": t["tokens"]}, headers=h).json()
     assert d["prompt"] == "Hello world"
     assert httpx.post(server + "/detokenize", json={"tokens": [10**9]}, headers=h).status_code == 400
+    for bad, param, needle in (({"prompt": "a", "messages": [{"role": "user", "content": "a"}]}, "prompt", "not both"),
+                               ({"prompt": "a", "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools",
+                                "with messages"), ({}, "prompt", "give prompt or messages")):
+        r = httpx.post(server + "/tokenize", json=bad, headers=h)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param and needle in r.json()["error"]["message"]
 
 
 def test_a_full_queue_answers_503_with_retry_after():

@@ -203,6 +203,11 @@ def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), 
     async def tokenize(request: Request):
         b = await body(request, TokenizeRequest)
         tok = served.model.tokenizer
+        if b.messages is not None and b.prompt is not None:
+            raise ApiError(400, "give prompt or messages, not both", param="prompt")
+        if b.tools and b.messages is None:
+            raise ApiError(400, "tools are counted with messages (as the chat endpoint renders them), not with a "
+                                "prompt", param="tools")
         if b.messages is not None:  # the prompt the chat endpoint would evaluate
             if b.tools:
                 check_request_tools(b.tools, "auto")
