@@ -91,6 +91,36 @@ def test_chunked_prefill_equals_one_shot(cpu):
     assert np.abs(one - chunks[-1]).max() <= tol * np.abs(one).max()
 
 
+def test_prompt_logprobs_score_every_prompt_token(cpu):
+    """prompt_logprobs: each prompt token's log-probability under the logits of the position before it
+    (log-softmax of Model.logits), whatever the chunking, with a cached prefix not reused; n samples
+    share the scores; max_tokens = 0 scores and generates nothing."""
+    long = "In the beginning the universe was created. This has made a lot of people very angry."
+    ids = cpu.prompt_ids(long)
+    z = cpu.logits(ids).astype(np.float64)                                                 # [n, vocab]
+    logp = z - z.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    eng = Engine(cpu, prefill_chunk=7)
+    warm = eng.submit(ids[:10], max_tokens=1, temperature=0)[0]  # a slot caching the prompt's head
+    eng.run([warm])
+    a, b = eng.submit(ids, max_tokens=4, temperature=0, n=2, prompt_logprobs=3)
+    scored = eng.submit(ids, max_tokens=0, prompt_logprobs=0)[0]
+    eng.run([a, b, scored])
+    assert a.stats.cached_tokens == 0 and a.tokens == b.tokens == cpu.generate(ids, max_tokens=4, temperature=0).tokens
+    assert b.prompt_logprobs == a.prompt_logprobs and scored.tokens == [] and scored.finish_reason == "length"
+    for r, k in ((a, 3), (scored, 0)):
+        assert [t for t, _, _ in r.prompt_logprobs] == ids and r.prompt_logprobs[0][1:] == (None, None)
+        got = np.array([lp for _, lp, _ in r.prompt_logprobs[1:]])
+        assert np.abs(got - logp[np.arange(len(ids) - 1), ids[1:]]).max() < 1e-3
+        for i, (_, _, top) in enumerate(r.prompt_logprobs[1:]):  # the k most likely (up to rounding's ties)
+            assert len(top) == k and all(abs(lp - logp[i, t]) < 1e-3 for t, lp in top)
+            assert k == 0 or min(lp for _, lp in top) >= np.sort(logp[i])[-k] - 1e-3
+    with pytest.raises(GenerationError, match="max_tokens = 0"):
+        eng.submit(ids, max_tokens=0)
+    with pytest.raises(GenerationError, match="prompt_logprobs = 21"):
+        eng.submit(ids, prompt_logprobs=21)
+
+
 def test_cancellation_frees_the_slot(cpu):
     eng = Engine(cpu)
     reqs = eng.submit(PROMPTS[0], max_tokens=50, temperature=0) + eng.submit(PROMPTS[1], max_tokens=3,

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from wasmchord import Model
@@ -118,6 +119,41 @@ def test_logprobs(client, lib):
     lp = c.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
     assert all(len(t) == 2 for t in lp.top_logprobs)
+
+
+def test_echo_scores_the_prompt(client, lib):
+    """echo with logprobs (as lm-eval-harness and perplexity scripts call it): the prompt's text and its
+    tokens' log-probabilities (null for the first) equal log-softmax of the library's logits for every
+    position, then the completion's; max_tokens = 0 scores the prompt alone. Streamed: the same."""
+    prompt = "The capital of France is Paris, and the capital of Italy is"
+    ids = lib.tokenizer.encode(prompt)
+    z = lib.logits(ids).astype(np.float64)                                                  # [n, vocab]
+    logp = z - z.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    want = [logp[i, ids[i + 1]] for i in range(len(ids) - 1)]
+    for max_tokens in (0, 3):
+        r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0, echo=True,
+                                      logprobs=2)
+        c = r.choices[0]
+        lp = c.logprobs
+        gen = lib.generate(prompt, max_tokens=3, temperature=0).text if max_tokens else ""
+        assert c.text == prompt + gen and r.usage.completion_tokens == max_tokens
+        assert len(lp.tokens) == len(ids) + max_tokens and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        assert np.allclose(lp.token_logprobs[1:len(ids)], want, atol=1e-4)
+        assert all(len(t) == 2 and max(t.values()) >= p - 1e-6
+                   for t, p in zip(lp.top_logprobs[1:], lp.token_logprobs[1:]))
+        assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[len(ids):] == [
+            len(prompt) + o for o in np.cumsum([0] + [len(t) for t in lp.tokens[len(ids):-1]])][:max_tokens]
+        chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                                echo=True, logprobs=2, stream=True))
+        assert "".join(ch.choices[0].text for ch in chunks) == c.text
+        streamed = [x for ch in chunks if ch.choices[0].logprobs for x in ch.choices[0].logprobs.token_logprobs]
+        assert streamed == lp.token_logprobs
+    plain = client.completions.create(model=MODEL, prompt=ids, max_tokens=2, temperature=0, echo=True)
+    assert plain.choices[0].text == lib.tokenizer.decode(ids) + lib.generate(ids, max_tokens=2, temperature=0).text
+    r = httpx.post(client.base_url.join("completions").__str__(), json={"prompt": "a", "max_tokens": 0},
+                   headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
 
 
 def test_logit_bias(client, lib):

@@ -25,6 +25,15 @@ from .request import DONE, PREFILL, RUNNING, WAITING, Request
 log = logging.getLogger(__name__)
 
 
+def token_logprobs(logits: np.ndarray, tok: int, k: int) -> tuple[float, list]:
+    """(log-probability of `tok`, [(token id, log-probability)] of the `k` most likely) under the
+    model's distribution `logits` [vocab] (before penalties and filters)."""
+    z = logits - logits.max()
+    logp = z - np.log(np.exp(z).sum())
+    top = np.argsort(-logp, kind="stable")[:k]
+    return float(logp[tok]), [(int(i), float(logp[i])) for i in top]
+
+
 class QueueFull(GenerationError):
     """The engine's waiting queue is full."""
 
@@ -65,11 +74,15 @@ class Engine:
 
     # ------------------------------------------------------------------------------------ requests
     def submit(self, prompt, *, max_tokens: int = 256, stop=None, n: int = 1, logprobs: int | None = None,
-               logit_bias: dict | None = None, notify=None, **sampling) -> list[Request]:
+               prompt_logprobs: int | None = None, logit_bias: dict | None = None, notify=None,
+               **sampling) -> list[Request]:
         """Queue a prompt (text or token ids) for `n` samples; returns their requests.
 
         `logprobs` (0-20): each chunk carries its token's log-probability and that many of the most
-        likely alternatives. `logit_bias` ({token id: -100..100}) is added to the logits before
+        likely alternatives. `prompt_logprobs` (0-20): the same for each prompt token after the first
+        (`Request.prompt_logprobs`: [(token id, log-probability, alternatives)], None for the first), the
+        whole prompt evaluated (its cached prefix is not reused); with it `max_tokens` may be 0 (score
+        the prompt, generate nothing). `logit_bias` ({token id: -100..100}) is added to the logits before
         sampling (-100 bans the token). `notify(request, chunk_or_error)` is called from the engine's
         thread as each is produced (a server bridges it to its event loop).
 
@@ -79,7 +92,8 @@ class Engine:
         """
         constraint = Constraint.from_options(self.model.tokenizer, sampling)
         params = SamplingParams.from_options(sampling)
-        stop = check_args(max_tokens, stop)
+        scoring = prompt_logprobs is not None and max_tokens == 0  # the prompt's logprobs, nothing generated
+        stop = check_args(None if scoring else max_tokens, stop)
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.tf.slots:
             raise GenerationError(f"n = {n!r}: expected an integer from 1 to the model's {self.tf.slots} slots")
         ids = self.model.prompt_ids(prompt)
@@ -88,13 +102,13 @@ class Engine:
         if len(ids) >= self.tf.max_ctx:
             raise GenerationError(f"the prompt has {len(ids)} tokens; the context holds {self.tf.max_ctx} "
                                   f"(raise context_length, or shorten the prompt)")
-        if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
-                                     or not 0 <= logprobs <= 20):
-            raise GenerationError(f"logprobs = {logprobs!r}: expected an integer from 0 to 20")
+        for name, k in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
+            if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= 20):
+                raise GenerationError(f"{name} = {k!r}: expected an integer from 0 to 20")
         bias = logit_bias_of(logit_bias, self.tf.cfg.vocab_size)
         reqs = [Request(ids, params, max_tokens, stop, TextStream(self.model.tokenizer, stop), choice=i,
                         logprobs=logprobs, notify=notify, matcher=constraint.matcher() if constraint else None,
-                        bias=bias)
+                        bias=bias, prompt_logprobs_k=prompt_logprobs)
                 for i in range(n)]
         for r in reqs[1:]:
             r.leader = reqs[0]
@@ -172,6 +186,8 @@ class Engine:
             seq = self.slots[slot]
             seq.claim()
             req.evaluated = min(shared[slot], len(req.prompt) - 1)  # the last prompt token gives the logits
+            if req.prompt_logprobs_k is not None:  # every prompt position's logits are needed
+                req.evaluated = 0
             req.stats.cached_tokens = req.evaluated
             seq.tokens = seq.tokens[:req.evaluated]
             req.slot, req.state = slot, PREFILL
@@ -198,9 +214,12 @@ class Engine:
             seq = self.slots[req.slot]
             t0 = time.perf_counter()
             c = min(budget, len(req.prompt) - req.evaluated)
+            scoring = req.prompt_logprobs_k is not None
             try:
                 logits = self.tf.forward(np.asarray(req.prompt[req.evaluated:req.evaluated + c], np.int64),
-                                         req.evaluated, slot=req.slot)
+                                         req.evaluated, slot=req.slot, all_logits=scoring)
+                if scoring:
+                    logits = self._score_prompt(req, np.asarray(self.tf.be.read(logits), np.float32), req.evaluated)
             except WasmchordError as e:
                 self._fail(req, e)
                 continue
@@ -211,9 +230,24 @@ class Engine:
             req.stats.prompt_eval_s += time.perf_counter() - t0
             if req.evaluated == len(req.prompt):
                 req.state = RUNNING
-                host = np.asarray(self.tf.be.read(logits), np.float32)
-                self._sample_and_emit(req, host)
+                host = np.asarray(self.tf.be.read(logits) if not scoring else logits, np.float32)
+                if req.max_tokens == 0:
+                    self._finish(req, "length")
+                else:
+                    self._sample_and_emit(req, host)
                 self._fork(req, host)
+
+    def _score_prompt(self, req: Request, logits: np.ndarray, pos0: int) -> np.ndarray:
+        """Append the log-probabilities of prompt tokens pos0 + 1 .. pos0 + len(logits) (those the
+        chunk's logits [c, vocab] predict) to `req.prompt_logprobs`; returns the last row."""
+        if pos0 == 0:
+            req.prompt_logprobs = [(req.prompt[0], None, None)]
+        for i, row in enumerate(logits):
+            if pos0 + i + 1 < len(req.prompt):
+                tok = req.prompt[pos0 + i + 1]
+                lp = token_logprobs(row, tok, req.prompt_logprobs_k)
+                req.prompt_logprobs.append((tok, *lp))
+        return logits[-1]
 
     def _fork(self, leader: Request, logits: np.ndarray):
         """Further samples of `leader`'s prompt into free slots: its cache copied, their first token
@@ -228,10 +262,14 @@ class Engine:
             seq.claim()
             seq.tokens = list(req.prompt)
             req.slot, req.state, req.evaluated = slot, RUNNING, len(req.prompt)
+            req.prompt_logprobs = leader.prompt_logprobs
             req.stats.cached_tokens = len(req.prompt)
             self.busy[slot] = req
             self.active.append(req)
-            self._sample_and_emit(req, logits)
+            if req.max_tokens == 0:
+                self._finish(req, "length")
+            else:
+                self._sample_and_emit(req, logits)
 
     def _decode(self):
         """One batched decode over the running sequences whose last token is not yet in their cache."""
@@ -263,12 +301,7 @@ class Engine:
             tok = sample(allowed, req.params, req.rng, req.history())
             if req.matcher is not None:
                 req.matcher.consume(tok)
-            lp = None
-            if req.logprobs is not None:  # of the model's distribution, before penalties and filters
-                z = logits - logits.max()
-                logp = z - np.log(np.exp(z).sum())
-                top = np.argsort(-logp, kind="stable")[:req.logprobs]
-                lp = (float(logp[tok]), [(int(i), float(logp[i])) for i in top])
+            lp = None if req.logprobs is None else token_logprobs(logits, tok, req.logprobs)
             self._emit(req, tok, lp)
         except WasmchordError as e:  # non-finite logits: this request fails, the others go on
             self._fail(req, e)

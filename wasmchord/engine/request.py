@@ -49,6 +49,8 @@ class Request:
     bias: tuple | None = None             # (token ids, biases) added to the logits (sampling.logit_bias_of)
     last_token_at: float | None = None
     drained: bool = False                 # its last chunk (or its error) has been taken
+    prompt_logprobs_k: int | None = None  # score the prompt: each token's log-probability, this many alternatives
+    prompt_logprobs: list | None = None   # [(token id, log-probability, [(id, log-probability)])]; None for the first
 
     def __post_init__(self):
         seed = self.params.seed

@@ -24,7 +24,7 @@ from ..errors import GenerationError, WasmchordError
 from .metrics import Metrics
 from ..text.chat_template import takes_tools
 from .protocol import (ApiError, ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, chat_logprobs,
-                       completion_logprobs, envelope, new_id, parse, template_messages, usage)
+                       completion_logprobs, envelope, new_id, parse, prompt_chunks, template_messages, usage)
 from .tools import (CallStream, call_grammar, callable_functions, check_tools, cut_call, explain_call_grammar,
                     parse_calls)
 
@@ -263,13 +263,18 @@ def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), 
             ids = await asyncio.to_thread(served.model.prompt_ids, b.prompt)  # off the event loop
         except (WasmchordError, TypeError, ValueError) as e:  # ValueError: an id outside the vocabulary
             raise ApiError(400, str(e), param="prompt") from None
-        return await run(request, b, ids, b.max_tokens, b.logprobs, chat=False, constraint=b.constraint())
+        echo = None
+        if b.echo:  # the prompt's text and, with logprobs, its tokens' (max_tokens = 0: only those)
+            echo = b.prompt if isinstance(b.prompt, str) else None
+        return await run(request, b, ids, b.max_tokens, b.logprobs, chat=False, constraint=b.constraint(),
+                         echo=echo if b.echo else False)
 
     async def run(request, b, ids, max_tokens, logprobs, *, chat: bool, constraint: dict, calls=None,
-                  one_call=False, tools=None):
+                  one_call=False, tools=None, echo: str | None | bool = False):
         """Submit, then answer with the whole reply or a stream; `calls` (the tools' names): tool calls in
         the reply become `tool_calls` (only the first when `one_call`); `tools`: (tools, tool_choice)
-        when the constraint is a tool call's grammar, else it is the response_format's."""
+        when the constraint is a tool call's grammar, else it is the response_format's; `echo` (False,
+        or the prompt's text, None for token ids): the completion follows its prompt."""
         room = served.model.transformer.max_ctx - len(ids) + 1  # tokens it can have: the last needs no cache slot
         if room < 2:
             raise ApiError(400, f"the prompt has {len(ids)} tokens; the context holds "
@@ -293,8 +298,11 @@ def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), 
                 why = await asyncio.to_thread(explain_call_grammar, served.model.tokenizer, *tools, e)
                 raise ApiError(400, why, param="tools") from None
         try:
-            reqs = served.engine.submit(ids, logprobs=logprobs, notify=notify, **constraint,
-                                        **b.engine_args(min(max_tokens or room, room)))
+            scored = {}
+            if echo is not False and (logprobs is not None or max_tokens == 0):
+                scored = {"prompt_logprobs": logprobs or 0}
+            reqs = served.engine.submit(ids, logprobs=logprobs, notify=notify, **constraint, **scored,
+                                        **b.engine_args(min(room if max_tokens is None else max_tokens, room)))
         except QueueFull as e:
             served.metrics.count("wasmchord_requests_rejected_total")
             raise ApiError(503, str(e), kind="server_error", code="queue_full", headers={"Retry-After": "1"}) from None
@@ -305,9 +313,9 @@ def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), 
         kind = "chat.completion" if chat else "text_completion"
         forced = [f["name"] for _, f in callable_functions(*tools)] if tools else None
         if b.stream:
-            return StreamingResponse(sse(request, reqs, queue, rid, kind, b, chat, calls, one_call, forced),
+            return StreamingResponse(sse(request, reqs, queue, rid, kind, b, chat, calls, one_call, forced, echo),
                                      media_type="text/event-stream")
-        return await complete(request, reqs, queue, rid, kind, chat, calls, one_call, forced)
+        return await complete(request, reqs, queue, rid, kind, chat, calls, one_call, forced, echo)
 
     async def events(request, reqs, queue, *, streaming: bool):
         """(request, chunk) as the engine produces them, until every request is done; cancels them all
@@ -343,7 +351,12 @@ def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), 
         function is unknown); None when the reply is not a forced one cut short."""
         return cut_call(text, forced) if forced and finish == "length" else None
 
-    async def complete(request, reqs, queue, rid, kind, chat, calls, one_call, forced):
+    def echoed(req, echo):
+        """(the prompt's text, its chunks) of an echoing completion."""
+        pieces = prompt_chunks(served.model.tokenizer, req.prompt_logprobs, req.prompt)
+        return ("".join(c.text for c in pieces) if echo is None else echo), pieces
+
+    async def complete(request, reqs, queue, rid, kind, chat, calls, one_call, forced, echo):
         chunks = {r: [] for r in reqs}
         async for req, ch in events(request, reqs, queue, streaming=False):
             chunks[req].append(ch)
@@ -355,6 +368,13 @@ def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), 
             lp = None
             if r.logprobs is not None:
                 lp = chat_logprobs(tok, cs) if chat else completion_logprobs(tok, cs)
+            if echo is not False:
+                head, pieces = echoed(r, echo)
+                if lp is not None:
+                    lp = completion_logprobs(tok, pieces + cs)
+                    lp["text_offset"][len(pieces):] = [len(head) + o for o in
+                                                       completion_logprobs(tok, cs)["text_offset"]]
+                text = head + text
             body_, finish = {"role": "assistant", "content": text}, r.finish_reason
             if calls:
                 content, found = parse_calls(text, calls)
@@ -370,12 +390,13 @@ def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), 
     def use_of(reqs):
         return usage(len(reqs[0].prompt), sum(len(r.tokens) for r in reqs), reqs[0].stats.cached_tokens)
 
-    async def sse(request, reqs, queue, rid, kind, b, chat, calls, one_call, forced):
+    async def sse(request, reqs, queue, rid, kind, b, chat, calls, one_call, forced, echo):
         chunk_kind = "chat.completion.chunk" if chat else "text_completion"
         tok = served.model.tokenizer
         split = {r: CallStream(calls) for r in reqs} if calls else {}
 
         offset = {r: 0 for r in reqs}  # characters of each choice's text sent (completions' text_offset)
+        heads = set()  # the choices whose echoed prompt was sent
 
         def data(choices, use=None):
             chunk = envelope(chunk_kind, rid, served.name, choices, use, null_usage=b.include_usage)
@@ -385,6 +406,12 @@ def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), 
                          "finish_reason": None} for r in reqs])
         try:
             async for req, ch in events(request, reqs, queue, streaming=True):
+                if echo is not False and req not in heads:  # the prompt first
+                    head, pieces = echoed(req, echo)
+                    heads.add(req)
+                    offset[req] = len(head)
+                    plp = completion_logprobs(tok, pieces) if req.logprobs is not None else None
+                    yield data([{"index": req.choice, "text": head, "logprobs": plp, "finish_reason": None}])
                 lp = None
                 if req.logprobs is not None and ch.logprob is not None:
                     lp = chat_logprobs(tok, [ch]) if chat else completion_logprobs(tok, [ch], offset[req])

@@ -11,6 +11,8 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from ..generate import Chunk, TextStream
+
 ROLES = ("system", "developer", "user", "assistant", "tool")  # developer: OpenAI's newer name for system
 
 
@@ -52,7 +54,7 @@ class _Body(BaseModel):
     tool_choice: Any = None
     logit_bias: dict[str, float] | None = None
 
-    @field_validator("stream", "n", "logprobs", mode="before", check_fields=False)  # logprobs: the chat's bool
+    @field_validator("stream", "n", "logprobs", "echo", mode="before", check_fields=False)  # logprobs: the chat's bool
     @classmethod
     def _null_is_the_default(cls, v, info):  # clients send null for a parameter left at its default
         return cls.model_fields[info.field_name].default if v is None else v
@@ -185,6 +187,14 @@ def template_messages(messages: list[Message]) -> list[dict]:
 class CompletionRequest(_Body):
     prompt: Union[str, list[int]]
     logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool = False  # the prompt before the completion (with logprobs: the prompt's too)
+    max_tokens: int | None = Field(None, ge=0)  # 0 with echo: score the prompt, generate nothing
+
+    def check_unsupported(self):
+        super().check_unsupported()
+        if self.max_tokens == 0 and not self.echo:
+            raise ApiError(400, "max_tokens = 0 generates nothing: it goes with echo (to score the prompt)",
+                           param="max_tokens")
 
 
 class TokenizeRequest(BaseModel):
@@ -247,16 +257,29 @@ def chat_logprobs(tokenizer, chunks) -> dict:
                         for c in chunks if c.token is not None and c.logprob is not None]}
 
 
+def prompt_chunks(tokenizer, scored: list | None, ids: list[int]) -> list[Chunk]:
+    """An echoed prompt as chunks: each token's text piece and, when `scored` (the engine's
+    `Request.prompt_logprobs`), its log-probability and alternatives."""
+    stream, out = TextStream(tokenizer, []), []
+    for k, tok in enumerate(ids):
+        _, lp, top = scored[k] if scored else (tok, None, None)
+        out.append(Chunk(stream.add(tok)[0], tok, logprob=lp, top_logprobs=top))
+    if out:
+        out[-1].text += stream.finish()[0]
+    return out
+
+
 def completion_logprobs(tokenizer, chunks, offset: int = 0) -> dict:
     """OpenAI's (legacy) completions `logprobs`: tokens, token_logprobs, top_logprobs, text_offset."""
     toks, lps, tops, offs = [], [], [], []
     for c in chunks:
-        if c.token is None or c.logprob is None:
+        if c.token is None:
             continue
         text = tokenizer.token_bytes(c.token, skip_special=False).decode("utf-8", "replace")
         toks.append(text)
-        lps.append(c.logprob)
-        tops.append({tokenizer.token_bytes(t, skip_special=False).decode("utf-8", "replace"): p
+        lps.append(c.logprob)  # None for an echoed prompt's first token (nothing predicts it)
+        tops.append(None if c.logprob is None else
+                    {tokenizer.token_bytes(t, skip_special=False).decode("utf-8", "replace"): p
                      for t, p in c.top_logprobs or []})
         offs.append(offset)
         offset += len(c.text)
