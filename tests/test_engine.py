@@ -2,7 +2,9 @@
 greedy, prefix reuse evaluates only the new tokens, chunked prefill equals one-shot prefill, seeded
 sampling does not depend on what shares the batch, cancellation frees the slot; bad input; threads."""
 
+import re
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -119,6 +121,54 @@ def test_prompt_logprobs_score_every_prompt_token(cpu):
         eng.submit(ids, max_tokens=0)
     with pytest.raises(GenerationError, match="prompt_logprobs = 21"):
         eng.submit(ids, prompt_logprobs=21)
+
+
+def test_start_is_refused_while_a_generation_holds_the_model(cpu):
+    """Its thread would wait for the model's lock for good (and stop(), close() with it)."""
+    it = cpu.stream("Once upon a time", max_tokens=20, temperature=0)
+    next(it)
+    eng = Engine(cpu)
+    with pytest.raises(GenerationError, match="a generation holds this model"):
+        eng.start()
+    it.close()
+    eng.start()
+    try:
+        r = eng.submit("Once", max_tokens=3, temperature=0)[0]
+        assert "".join(c.text for c in eng.stream(r, timeout=60)) == cpu.tokenizer.decode(r.tokens)
+    finally:
+        eng.stop()
+
+
+def test_closing_a_stream_early_cancels_its_request(cpu):
+    eng = Engine(cpu)
+    eng.start()
+    try:
+        r = eng.submit("Once upon a time", max_tokens=100, temperature=0)[0]
+        for i, _ in enumerate(eng.stream(r, timeout=60)):
+            if i == 1:
+                break
+        deadline = time.time() + 30
+        while not r.done and time.time() < deadline:
+            time.sleep(0.05)
+        assert r.finish_reason == "cancelled" and len(r.tokens) < 100 and eng.running == 0
+    finally:
+        eng.stop()
+
+
+def test_numpy_scalars_are_numbers_and_n_is_checked_first(cpu):
+    kw = dict(max_tokens=3, temperature=0.7, top_p=0.9, top_k=20, penalty_last_n=4, seed=3, logit_bias={42: 5.0})
+    as_numpy = {k: (np.float32(v) if isinstance(v, float) else np.int64(v)) for k, v in kw.items() if k != "logit_bias"}
+    want = cpu.generate("Hi", **kw).tokens
+    assert cpu.generate("Hi", **as_numpy, logit_bias={42: np.float32(5)}).tokens == want
+    assert len(cpu.generate("Hi", n=np.int64(2), max_tokens=2)) == 2 and cpu.generate("Hi", n=None, max_tokens=1).tokens
+    for n in (2.0, "2", -1, True, 5):
+        for prompt in ("Hi", ["Hi", "Ho"]):
+            with pytest.raises(GenerationError, match=rf"^n = {re.escape(repr(n))}: expected an integer from 1 to the model's 4"):
+                cpu.generate(prompt, n=n, max_tokens=2)
+    with pytest.raises(GenerationError, match="prompt 1 of the batch: token id 1000000 is out of range"):
+        cpu.generate(["Hi", [10**6]], max_tokens=2)
+    with pytest.raises(TypeError, match=r"1-D, got an array of shape \(2, 2\)"):
+        cpu.logits(np.array([[1, 2], [3, 4]]))
 
 
 def test_cancellation_frees_the_slot(cpu):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from wasmchord import Model
-from wasmchord.errors import GenerationError
+from wasmchord.errors import GenerationError, GGUFError
 from wasmchord.formats.gguf import GGUFFile
 
 
@@ -80,4 +80,6 @@ def test_close_frees_the_weights_and_the_cache_and_later_use_says_so(smollm2_pat
                 lambda: m.generate(["a", "b"], max_tokens=2), lambda: m.engine()):
         with pytest.raises(GenerationError, match="closed"):
             use()
+    with pytest.raises(GGUFError, match="output_norm.weight'. the file was closed"):
+        m.gguf.dequantize("output_norm.weight")
     m.close()  # again: nothing happens

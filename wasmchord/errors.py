@@ -3,6 +3,8 @@
 The CLI turns any `WasmchordError` into one line on stderr and exit code 2.
 """
 
+import numbers
+
 
 class WasmchordError(Exception):
     """Base class of every error wasmchord raises on purpose."""
@@ -43,3 +45,13 @@ class BackendError(WasmchordError, RuntimeError):
 
 class GenerationError(WasmchordError, ValueError):
     """Bad generation arguments, or the context is full."""
+
+
+def is_integer(v) -> bool:
+    """An integer argument: int or a NumPy integer, not a bool."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def is_number(v) -> bool:
+    """A real-number argument: int, float or a NumPy scalar of either, not a bool."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)

@@ -70,6 +70,8 @@ class Completion:
                 tokens.append(last.token)
                 if last.logprob is not None:
                     lps.append((last.logprob, last.top_logprobs))
+        if last is None or last.stats is None:
+            raise GenerationError("the stream ended before its last chunk (the one with finish_reason and stats)")
         s = last.stats
         return cls("".join(parts), tokens, last.finish_reason, s.prompt_tokens, s.completion_tokens,
                    s.prompt_eval_s, s.eval_s, s.cached_tokens, lps if lps else None)

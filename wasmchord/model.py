@@ -14,7 +14,7 @@ import numpy as np
 from .backends import get_backend
 from .config import ModelConfig
 from .constrain import Constraint
-from .errors import GenerationError, TokenizerError
+from .errors import GenerationError, TokenizerError, WasmchordError, is_integer
 from .formats.gguf import GGUFFile
 from .generate import DEFAULT_MAX_TOKENS, Chunk, Completion, Sequence, check_args, stream_chunks
 from .hub import resolve_model
@@ -47,15 +47,19 @@ class ModelLock:
         self._owner: int | None = None
         self._depth = 0
 
-    def acquire(self):
+    def acquire(self, blocking: bool = True) -> bool:
+        """Take the lock (again, on the thread that holds it); `blocking=False`: only when no thread, this
+        one included, holds it (False otherwise)."""
         me = threading.get_ident()
         with self._guard:
-            if self._owner == me:
+            if self._owner == me and blocking:
                 self._depth += 1
-                return
-        self._lock.acquire()
+                return True
+        if not self._lock.acquire(blocking):
+            return False
         with self._guard:
             self._owner, self._depth = me, 1
+        return True
 
     def release(self):
         with self._guard:
@@ -123,11 +127,12 @@ class Model:
         if context_length is None:
             ctx = min(cfg.context_length, 4096)
         else:
-            if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length < 2:
+            if not is_integer(context_length) or context_length < 2:
                 raise GenerationError(f"context_length = {context_length!r}: expected an integer >= 2")
-            ctx = min(context_length, cfg.context_length)
-        if isinstance(slots, bool) or not isinstance(slots, int) or not 1 <= slots <= 256:
+            ctx = min(int(context_length), cfg.context_length)
+        if not is_integer(slots) or not 1 <= slots <= 256:
             raise GenerationError(f"slots = {slots!r}: expected an integer from 1 to 256")
+        slots = int(slots)
         backend = get_backend(device, **backend_options)
         tf = Transformer(gf, cfg, backend, ctx, progress=progress, slots=slots)
         kv = 4 * cfg.n_layers * cfg.n_kv_heads * (cfg.head_dim + cfg.head_dim_v) * ctx * slots
@@ -186,6 +191,8 @@ class Model:
         if isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt)
         elif isinstance(prompt, (list, tuple, np.ndarray)):
+            if isinstance(prompt, np.ndarray) and prompt.ndim != 1:
+                raise TypeError(f"prompt token ids must be 1-D, got an array of shape {prompt.shape}")
             ids = [self.tokenizer.check_id(i) for i in prompt]
         else:
             raise TypeError(f"prompt must be a str or a list of token ids, got {type(prompt).__name__}")
@@ -264,6 +271,8 @@ class Model:
         Takes the keyword arguments of `stream`."""
         batch = isinstance(prompt, (list, tuple)) and bool(prompt) and isinstance(prompt[0], (str, list, tuple,
                                                                                           np.ndarray))
+        from .engine.engine import Engine, check_n
+        n = check_n(n, self.transformer.slots)
         if not batch and n == 1:
             return Completion.from_chunks(self.stream(prompt, **kw))
         prompts = list(prompt) if batch else [prompt]
@@ -272,7 +281,6 @@ class Model:
                 raise TypeError(f"prompt {i} of the batch is a {type(p).__name__}: expected text or a list of token ids")
             if len(p) == 0:
                 raise GenerationError(f"prompt {i} of the batch is empty")
-        from .engine import Engine
         self._check_not_serving()
         if kw.pop("sequence", None) is not None:
             raise GenerationError("sequence= applies to one prompt, not to a batch")
@@ -281,10 +289,10 @@ class Model:
         for i, p in enumerate(prompts):
             try:
                 reqs += engine.submit(p, n=n, **kw)
-            except GenerationError as e:
+            except (WasmchordError, TypeError) as e:
                 if not batch:
                     raise
-                raise GenerationError(f"prompt {i} of the batch: {e}") from None
+                raise (TypeError if isinstance(e, TypeError) else GenerationError)(f"prompt {i} of the batch: {e}") from None
         with self.lock:  # the batch holds the model from its first step to its last, as one generation does
             engine.run(reqs)
         out = []

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 
-from .errors import GenerationError
+from .errors import GenerationError, is_integer, is_number
 
 
 def _option(default, help: str, kind=None):
@@ -44,26 +44,29 @@ class SamplingParams:
             raise GenerationError(f"{name} = {getattr(self, name)!r}: expected {want}")
         for name in ("temperature", "top_p", "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v):
+            if not is_number(v) or not np.isfinite(v):
                 bad(name, "a finite number")
+            object.__setattr__(self, name, float(v))  # a NumPy scalar taken as the Python number
         if self.temperature < 0:
             bad("temperature", ">= 0 (0 is greedy)")
         if not 0 < self.top_p <= 1:
             bad("top_p", "a value in (0, 1]")
         if not 0 <= self.min_p <= 1:
             bad("min_p", "a value in [0, 1]")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, np.integer)) or self.top_k < 0:
+        if not is_integer(self.top_k) or self.top_k < 0:
             bad("top_k", "an integer >= 0 (0 disables it)")
         if not 0 < self.repeat_penalty <= 1e30:  # within float32: a zero logit times inf would be NaN
             bad("repeat_penalty", "a value in (0, 1e30] (1.0 disables it)")
         for name in ("presence_penalty", "frequency_penalty"):  # OpenAI's and vLLM's range
             if not -2 <= getattr(self, name) <= 2:
                 bad(name, "a value in [-2, 2]")
-        if isinstance(self.penalty_last_n, bool) or not isinstance(self.penalty_last_n, int) or self.penalty_last_n < -1:
+        if not is_integer(self.penalty_last_n) or self.penalty_last_n < -1:
             bad("penalty_last_n", "an integer >= 0, or -1 for the whole context")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer))
-                                      or self.seed < 0):
+        if self.seed is not None and (not is_integer(self.seed) or self.seed < 0):
             bad("seed", "an integer >= 0, or None")
+        for name in ("top_k", "penalty_last_n", "seed"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, int(getattr(self, name)))
 
     @property
     def greedy(self) -> bool:
@@ -128,7 +131,7 @@ def logit_bias_of(bias, vocab: int) -> tuple[np.ndarray, np.ndarray] | None:
             i = None
         if i is None or not 0 <= i < vocab:
             raise GenerationError(f"logit_bias key {key!r}: expected a token id from 0 to {vocab - 1}")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
+        if not is_number(value) or not -100 <= value <= 100:
             raise GenerationError(f"logit_bias[{key!r}] = {value!r}: expected a number from -100 to 100")
         ids.append(i)
         values.append(-np.inf if value <= -100 else value)

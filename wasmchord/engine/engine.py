@@ -17,12 +17,21 @@ import time
 import numpy as np
 
 from ..constrain import Constraint, apply_mask
-from ..errors import GenerationError, WasmchordError
+from ..errors import GenerationError, WasmchordError, is_integer
 from ..generate import Chunk, Sequence, TextStream, check_args
 from ..sampling import SamplingParams, apply_logit_bias, logit_bias_of, sample
 from .request import DONE, PREFILL, RUNNING, WAITING, Request
 
 log = logging.getLogger(__name__)
+
+
+def check_n(n, slots: int) -> int:
+    """`n` (samples of one prompt; None: 1) as an int, or GenerationError."""
+    if n is None:
+        return 1
+    if not is_integer(n) or not 1 <= n <= slots:
+        raise GenerationError(f"n = {n!r}: expected an integer from 1 to the model's {slots} slots")
+    return int(n)
 
 
 def token_logprobs(logits: np.ndarray, tok: int, k: int) -> tuple[float, list]:
@@ -49,13 +58,13 @@ class Engine:
     """
 
     def __init__(self, model, *, max_queue: int = 64, prefill_chunk: int = 512):
-        if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1:
+        if not is_integer(prefill_chunk) or prefill_chunk < 1:
             raise GenerationError(f"prefill_chunk = {prefill_chunk!r}: expected an integer >= 1")
-        if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
+        if not is_integer(max_queue) or max_queue < 0:
             raise GenerationError(f"max_queue = {max_queue!r}: expected an integer >= 0")
         self.model, self.tf = model, model.transformer
         self.tf._check_open()
-        self.max_queue, self.prefill_chunk = max_queue, prefill_chunk
+        self.max_queue, self.prefill_chunk = int(max_queue), int(prefill_chunk)
         self.slots = [Sequence(self.tf, i) for i in range(self.tf.slots)]
         self.busy: list[Request | None] = [None] * self.tf.slots
         self.waiting: collections.deque[Request] = collections.deque()
@@ -94,8 +103,7 @@ class Engine:
         params = SamplingParams.from_options(sampling)
         scoring = prompt_logprobs is not None and max_tokens == 0  # the prompt's logprobs, nothing generated
         stop = check_args(None if scoring else max_tokens, stop)
-        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.tf.slots:
-            raise GenerationError(f"n = {n!r}: expected an integer from 1 to the model's {self.tf.slots} slots")
+        n = check_n(n, self.tf.slots)
         ids = self.model.prompt_ids(prompt)
         if max_tokens is None:  # until the context is full
             max_tokens = max(self.tf.max_ctx - len(ids) + 1, 1)  # the last token needs no cache slot
@@ -103,8 +111,9 @@ class Engine:
             raise GenerationError(f"the prompt has {len(ids)} tokens; the context holds {self.tf.max_ctx} "
                                   f"(raise context_length, or shorten the prompt)")
         for name, k in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
-            if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= 20):
+            if k is not None and (not is_integer(k) or not 0 <= k <= 20):
                 raise GenerationError(f"{name} = {k!r}: expected an integer from 0 to 20")
+        logprobs, prompt_logprobs = (None if k is None else int(k) for k in (logprobs, prompt_logprobs))
         bias = logit_bias_of(logit_bias, self.tf.cfg.vocab_size)
         reqs = [Request(ids, params, max_tokens, stop, TextStream(self.model.tokenizer, stop), choice=i,
                         logprobs=logprobs, notify=notify, matcher=constraint.matcher() if constraint else None,
@@ -365,8 +374,16 @@ class Engine:
         self.tf._check_open()
         if self.model.serving is not None:
             raise GenerationError("another engine already runs on this model: stop it first")
+        if not self.model.lock.acquire(blocking=False):  # its thread would wait for the model for good
+            raise GenerationError("a generation holds this model (an open stream or Chat turn, or a call on another "
+                                  "thread): finish or close it before starting the engine")
+        try:
+            if self.model.serving is not None:
+                raise GenerationError("another engine already runs on this model: stop it first")
+            self.model.serving = self  # direct generations on the model are refused until stop()
+        finally:
+            self.model.lock.release()
         self._stopping = self._stopped = False
-        self.model.serving = self  # direct generations on the model are refused until stop()
         self._thread = threading.Thread(target=self._loop, name="wasmchord-engine", daemon=True)
         self._thread.start()
 
@@ -407,7 +424,16 @@ class Engine:
     def stream(self, req: Request, timeout: float | None = None):
         """Yield `req`'s chunks as the engine thread produces them (after `start`); the last has
         finish_reason. Raises the request's error, if it failed. A request read to its end before
-        yields nothing more (or raises its error again)."""
+        yields nothing more (or raises its error again). Closing the generator before the end (a `break`
+        out of the loop) cancels the request."""
+        try:
+            yield from self._chunks(req, timeout)
+        except GeneratorExit:
+            if not req.done:
+                self.cancel(req)
+            raise
+
+    def _chunks(self, req: Request, timeout: float | None):
         while True:
             if req.drained:
                 if req.error is not None:

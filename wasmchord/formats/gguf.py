@@ -269,6 +269,8 @@ class GGUFFile:
     def tensor_bytes(self, name: str) -> np.ndarray:
         """The raw bytes of a tensor as a read-only uint8 view of the memory map (no copy)."""
         ti = self.tensor(name)
+        if self._mmap is None:
+            raise GGUFError(self.path, f"tensor {name!r}: the file was closed (GGUFFile.close, Model.close)")
         return np.frombuffer(self._mmap, dtype=np.uint8, count=ti.n_bytes, offset=ti.offset)
 
     def release(self, name: str | None = None):

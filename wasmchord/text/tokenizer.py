@@ -217,20 +217,20 @@ class Tokenizer:
         return self.tokens[self.check_id(token_id)]
 
     def is_special(self, token_id: int) -> bool:
-        return self.types[token_id] in (CONTROL, UNKNOWN, UNUSED)
+        return self.types[self.check_id(token_id)] in (CONTROL, UNKNOWN, UNUSED)
 
     def check_id(self, token_id) -> int:
         """`token_id` as an int.
 
         Raises:
             TypeError: not an integer.
-            ValueError: not an id of this vocabulary (the message names it).
+            TokenizerError (a ValueError): not an id of this vocabulary (the message names it).
         """
         if isinstance(token_id, bool) or not isinstance(token_id, (int,)) and not hasattr(token_id, "__index__"):
             raise TypeError(f"token ids must be integers, got {type(token_id).__name__}")
         i = int(token_id)
         if not 0 <= i < len(self.tokens):
-            raise ValueError(f"token id {i} is out of range: the vocabulary has ids 0..{len(self.tokens) - 1}")
+            raise TokenizerError(f"token id {i} is out of range: the vocabulary has ids 0..{len(self.tokens) - 1}")
         return i
 
     # ------------------------------------------------------------------------------------ encode
