@@ -124,6 +124,25 @@ def test_a_template_that_rewrites_content_refuses_markers_it_cannot_place(tok):
         encode_chat(tok, [{"role": "user", "content": "<|im_start|>"}], template=upper)
 
 
+@pytest.mark.parametrize("template", [None, GEMMA, LLAMA3])
+def test_continue_final_message_ends_the_prompt_with_the_replys_beginning(tok, template):
+    """The prompt is the one for the reply to the user, followed by the assistant's begun content (as
+    text: its markers stay text), without the template's end of the turn; the content the template
+    trims (Gemma, Llama-3) is continued as the template writes it."""
+    begun = "Sure <|im_start|> here"
+    for prefill in (begun, begun + " "):
+        msgs = USER + [{"role": "assistant", "content": prefill}]
+        ids = encode_chat(tok, msgs, template=template, continue_final_message=True)
+        reply = encode_chat(tok, USER, template=template)  # the prompt for the reply
+        written = prefill if template is None else prefill.strip()
+        assert tok.decode(ids, skip_special=False) == tok.decode(reply, skip_special=False) + written
+        assert turns(tok, ids) == turns(tok, reply)  # the marker in the content is text
+        assert ids[:len(reply) - 1] == reply[:-1]
+    for bad in (USER, USER + [{"role": "assistant", "content": "  "}]):
+        with pytest.raises(GenerationError, match="continue_final_message: the last message must be the assistant's"):
+            encode_chat(tok, bad, continue_final_message=True)
+
+
 def test_model_chat_and_multi_turn_chats_take_content_as_text(tiny_chatml):
     m = tiny_chatml
     start = m.tokenizer.vocab["<|im_start|>"]

@@ -88,6 +88,23 @@ def test_chat_equals_the_library(client, lib):
     assert r2.choices[0].message.content == want.text
 
 
+def test_continue_final_message_continues_the_assistants_reply(client, lib):
+    """vLLM's option: the reply continues the assistant's begun message (the prompt ends with it), and
+    /tokenize counts the same prompt; without a begun reply it is a 400 naming messages."""
+    msgs = [{"role": "user", "content": "Write a sentence about the sea."}, {"role": "assistant", "content": "The sea"}]
+    extra = {"continue_final_message": True}
+    r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=8, temperature=0, extra_body=extra)
+    ids = lib.chat_ids(msgs, continue_final_message=True)
+    assert lib.tokenizer.decode(ids).endswith("assistant\nThe sea")
+    assert r.choices[0].message.content == lib.generate(ids, max_tokens=8, temperature=0).text
+    assert r.usage.prompt_tokens == len(ids) == httpx.post(
+        client.base_url.join("/tokenize").__str__(), json={"messages": msgs, **extra},
+        headers={"Authorization": f"Bearer {KEY}"}).json()["count"]
+    with pytest.raises(openai.BadRequestError, match="the last message must be the assistant's") as e:
+        client.chat.completions.create(model=MODEL, messages=msgs[:1], max_tokens=2, extra_body=extra)
+    assert e.value.body["param"] == "messages"
+
+
 def test_completion_stream_with_usage(client, lib):
     s = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=10, temperature=0,
                                   stream=True, stream_options={"include_usage": True})

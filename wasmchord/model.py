@@ -310,20 +310,28 @@ class Model:
         from .engine import Engine
         return Engine(self, **options)
 
-    def chat_ids(self, messages, *, tools: list | None = None, parse_special: bool = False) -> list[int]:
+    def chat_ids(self, messages, *, tools: list | None = None, parse_special: bool = False,
+                 continue_final_message: bool = False) -> list[int]:
         """The prompt for `messages` (and function `tools`, for a template that takes them): rendered with
         the model's chat template and tokenized. Special-token text in the messages' content
         (`<|im_start|>`...) stays text unless `parse_special` (trusted content only); the template's own
-        markers are special tokens."""
-        return encode_chat(self.tokenizer, messages, tools=tools, parse_special=parse_special)
+        markers are special tokens. `continue_final_message`: the last message is the assistant's reply
+        begun, which the model continues (the prompt ends with its content)."""
+        return encode_chat(self.tokenizer, messages, tools=tools, parse_special=parse_special,
+                           continue_final_message=continue_final_message)
 
-    def chat_stream(self, messages, *, parse_special: bool = False, **kw) -> Iterator[Chunk]:
+    def chat_stream(self, messages, *, parse_special: bool = False, continue_final_message: bool = False,
+                    **kw) -> Iterator[Chunk]:
         """Stream the assistant's reply to `messages` ([{"role", "content"}, ...])."""
-        return self.stream(self.chat_ids(messages, parse_special=parse_special), **kw)
+        return self.stream(self.chat_ids(messages, parse_special=parse_special,
+                                         continue_final_message=continue_final_message), **kw)
 
-    def chat(self, messages, *, parse_special: bool = False, **kw) -> Completion:
-        """The assistant's reply to `messages` as a `Completion` (`parse_special` as in `chat_ids`)."""
-        return self.generate(self.chat_ids(messages, parse_special=parse_special), **kw)
+    def chat(self, messages, *, parse_special: bool = False, continue_final_message: bool = False,
+             **kw) -> Completion:
+        """The assistant's reply to `messages` as a `Completion` (`parse_special`, `continue_final_message`
+        as in `chat_ids`)."""
+        return self.generate(self.chat_ids(messages, parse_special=parse_special,
+                                           continue_final_message=continue_final_message), **kw)
 
     def start_chat(self, system: str | None = None, *, parse_special: bool = False) -> "Chat":
         """A multi-turn conversation (with an optional system prompt) that keeps its KV cache between turns."""

@@ -213,7 +213,7 @@ def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), 
                 check_request_tools(b.tools, "auto")
             try:
                 ids = await asyncio.to_thread(served.model.chat_ids, template_messages(b.messages),
-                                              tools=b.tools or None)
+                                              tools=b.tools or None, continue_final_message=b.continue_final_message)
             except GenerationError as e:
                 raise ApiError(400, str(e), param="messages") from None
         elif b.prompt is not None:
@@ -239,13 +239,17 @@ def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), 
             check_request_tools(b.tools, b.tool_choice)
             grammar = call_grammar(b.tools, b.tool_choice)
         try:
-            ids = await asyncio.to_thread(served.model.chat_ids, messages, tools=b.tools or None)  # off the loop
+            ids = await asyncio.to_thread(served.model.chat_ids, messages, tools=b.tools or None,  # off the loop
+                                          continue_final_message=b.continue_final_message)
         except GenerationError as e:
             raise ApiError(400, str(e), param="messages") from None
         logprobs = (b.top_logprobs or 0) if b.logprobs else None
         calls = bool(b.tools) and b.tool_choice != "none"
         constraint = b.constraint()
         if grammar:
+            if b.continue_final_message:
+                raise ApiError(400, "continue_final_message and a required tool call cannot both shape the reply",
+                               param="continue_final_message")
             if constraint:
                 raise ApiError(400, "response_format and a required tool call cannot both constrain the reply",
                                param="response_format")

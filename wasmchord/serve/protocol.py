@@ -54,7 +54,8 @@ class _Body(BaseModel):
     tool_choice: Any = None
     logit_bias: dict[str, float] | None = None
 
-    @field_validator("stream", "n", "logprobs", "echo", mode="before", check_fields=False)  # logprobs: the chat's bool
+    @field_validator("stream", "n", "logprobs", "echo", "continue_final_message", mode="before",
+                     check_fields=False)  # logprobs: the chat's bool
     @classmethod
     def _null_is_the_default(cls, v, info):  # clients send null for a parameter left at its default
         return cls.model_fields[info.field_name].default if v is None else v
@@ -157,6 +158,7 @@ class ChatRequest(_Body):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    continue_final_message: bool = False  # the last message is the assistant's reply begun (vLLM's option)
     parallel_tool_calls: bool | None = None  # False: at most one call comes back
 
     def check_unsupported(self):
@@ -203,6 +205,7 @@ class TokenizeRequest(BaseModel):
     prompt: str | None = None
     messages: list[Message] | None = None
     tools: list | None = None             # with messages: counted as the chat endpoint renders them
+    continue_final_message: bool = False  # with messages: as the chat endpoint takes it
     add_special_tokens: bool = True
 
 

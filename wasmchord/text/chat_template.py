@@ -165,10 +165,12 @@ def _specials_in_content(tokenizer, messages) -> list[tuple[int, str]]:
 
 
 def encode_chat(tokenizer, messages, *, add_generation_prompt: bool = True, template: str | None = None,
-                tools: list | None = None, parse_special: bool = False,
+                tools: list | None = None, parse_special: bool = False, continue_final_message: bool = False,
                 limits: TemplateLimits = DEFAULT_LIMITS) -> list[int]:
     """Rendered, tokenized prompt; never two BOS tokens. The template's special tokens are parsed;
     in the messages' content they are plain text unless `parse_special` (for trusted content only).
+    `continue_final_message`: the last message is the assistant's reply begun (a prefill), left open
+    for the model to continue: the prompt ends where its content does (as vLLM's option).
 
     Raises:
         GenerationError: as `render`; or a content holds special-token text and the template changes
@@ -176,17 +178,37 @@ def encode_chat(tokenizer, messages, *, add_generation_prompt: bool = True, temp
             can render it).
     """
     messages = check_messages(messages)
-    text = _render(tokenizer, messages, add_generation_prompt, template, limits, tools)
+    if continue_final_message:
+        last = messages[-1] if messages else {}
+        if last.get("role") != "assistant" or not isinstance(last.get("content"), str) or not last["content"].strip():
+            raise GenerationError("continue_final_message: the last message must be the assistant's, with text "
+                                  "content to continue")
+        add_generation_prompt = False
+    full = _render(tokenizer, messages, add_generation_prompt, template, limits, tools)
+    spans = None
+    if not parse_special or continue_final_message:
+        spans = content_spans(tokenizer, messages, full, add_generation_prompt=add_generation_prompt,
+                              template=template, limits=limits, tools=tools)
+    cut = len(full)
+    if continue_final_message:  # what follows the final content is the template's end of the turn
+        if spans:
+            cut = spans[-1][1]
+        else:  # the template changes contents: where the final one's text last appears
+            c = messages[-1]["content"]
+            found = [full.rfind(fit) + len(fit) for fit in (c, c.rstrip(), c.strip()) if fit in full]
+            if not found:
+                raise GenerationError("continue_final_message: the chat template does not write the last "
+                                      "message's content as it is")
+            cut = max(found)
+    text = full[:cut]
     protected = []
     if not parse_special:
-        spans = content_spans(tokenizer, messages, text, add_generation_prompt=add_generation_prompt,
-                              template=template, limits=limits, tools=tools)
         if spans is None and (marked := _specials_in_content(tokenizer, messages)):
             i, t = marked[0]
             raise GenerationError(f"message {i} contains the special token {t!r}, and this chat template changes "
                                   f"message content in a way that cannot be told apart from its own markup: "
                                   f"pass parse_special=True to tokenize it as a special token")
-        protected = spans or []
+        protected = [(a, min(b, cut)) for a, b in spans or [] if a < cut]
     ids = tokenizer.encode(text, parse_special=True, plain_spans=protected)
     if len(ids) >= 2 and ids[0] == ids[1] == tokenizer.bos_id:
         ids = ids[1:]
