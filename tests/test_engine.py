@@ -95,8 +95,9 @@ def test_chunked_prefill_equals_one_shot(cpu):
 
 def test_prompt_logprobs_score_every_prompt_token(cpu):
     """prompt_logprobs: each prompt token's log-probability under the logits of the position before it
-    (log-softmax of Model.logits), whatever the chunking, with a cached prefix not reused; n samples
-    share the scores; max_tokens = 0 scores and generates nothing."""
+    (log-softmax of Model.logits), whatever the chunking, with a cached prefix not reused; a second
+    sample of the prompt that finds no free slot scores it itself, the same; max_tokens = 0 scores and
+    generates nothing."""
     long = "In the beginning the universe was created. This has made a lot of people very angry."
     ids = cpu.prompt_ids(long)
     z = cpu.logits(ids).astype(np.float64)                                                 # [n, vocab]
@@ -105,22 +106,39 @@ def test_prompt_logprobs_score_every_prompt_token(cpu):
     eng = Engine(cpu, prefill_chunk=7)
     warm = eng.submit(ids[:10], max_tokens=1, temperature=0)[0]  # a slot caching the prompt's head
     eng.run([warm])
+    busy = [eng.submit(p, max_tokens=40, temperature=0)[0] for p in PROMPTS[:2]]  # 2 of the 4 slots
     a, b = eng.submit(ids, max_tokens=4, temperature=0, n=2, prompt_logprobs=3)
     scored = eng.submit(ids, max_tokens=0, prompt_logprobs=0)[0]
-    eng.run([a, b, scored])
+    eng.run([a, b, scored, *busy])
+    assert b.stats.cached_tokens == 0 and b.prompt_logprobs is not a.prompt_logprobs  # it found no slot to fork to
     assert a.stats.cached_tokens == 0 and a.tokens == b.tokens == cpu.generate(ids, max_tokens=4, temperature=0).tokens
-    assert b.prompt_logprobs == a.prompt_logprobs and scored.tokens == [] and scored.finish_reason == "length"
-    for r, k in ((a, 3), (scored, 0)):
+    assert scored.tokens == [] and scored.finish_reason == "length"
+    for r, k in ((a, 3), (b, 3), (scored, 0)):
         assert [t for t, _, _ in r.prompt_logprobs] == ids and r.prompt_logprobs[0][1:] == (None, None)
         got = np.array([lp for _, lp, _ in r.prompt_logprobs[1:]])
         assert np.abs(got - logp[np.arange(len(ids) - 1), ids[1:]]).max() < 1e-3
         for i, (_, _, top) in enumerate(r.prompt_logprobs[1:]):  # the k most likely (up to rounding's ties)
             assert len(top) == k and all(abs(lp - logp[i, t]) < 1e-3 for t, lp in top)
             assert k == 0 or min(lp for _, lp in top) >= np.sort(logp[i])[-k] - 1e-3
-    with pytest.raises(GenerationError, match="max_tokens = 0"):
-        eng.submit(ids, max_tokens=0)
+            assert [lp for _, lp in top] == sorted((lp for _, lp in top), reverse=True)
     with pytest.raises(GenerationError, match="prompt_logprobs = 21"):
         eng.submit(ids, prompt_logprobs=21)
+    for bad in (False, 0.0):
+        with pytest.raises(GenerationError, match="max_tokens = "):
+            eng.submit(ids, max_tokens=bad, prompt_logprobs=0)
+
+
+def test_max_tokens_0_evaluates_the_prompt_into_a_cache_even_one_that_fills_the_context(cpu):
+    eng = Engine(cpu)
+    full = (cpu.prompt_ids("The rain in Spain stays mainly in the plain. ") * 40)[:cpu.transformer.max_ctx]
+    scored, warm = eng.submit(full, max_tokens=0, prompt_logprobs=1)[0], eng.submit(PROMPTS[3], max_tokens=0)[0]
+    eng.run([scored, warm])
+    assert len(scored.prompt_logprobs) == len(full) and scored.finish_reason == warm.finish_reason == "length"
+    again = eng.submit(PROMPTS[3] + " 100 degrees", max_tokens=2, temperature=0)[0]
+    eng.run([again])
+    assert again.stats.cached_tokens == len(warm.prompt) and again.slot == warm.slot
+    with pytest.raises(GenerationError, match="the prompt has 160 tokens; the context holds 160"):
+        eng.submit(full, max_tokens=1)
 
 
 def test_start_is_refused_while_a_generation_holds_the_model(cpu):

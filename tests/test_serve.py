@@ -138,16 +138,21 @@ def test_logprobs(client, lib):
     assert all(len(t) == 2 for t in lp.top_logprobs)
 
 
+def lib_logprobs(lib, ids):
+    """Each token's log-probability after the ones before it: log-softmax of the library's logits."""
+    z = lib.logits(ids).astype(np.float64)                                                  # [n, vocab]
+    logp = z - z.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    return [logp[i, ids[i + 1]] for i in range(len(ids) - 1)]
+
+
 def test_echo_scores_the_prompt(client, lib):
     """echo with logprobs (as lm-eval-harness and perplexity scripts call it): the prompt's text and its
     tokens' log-probabilities (null for the first) equal log-softmax of the library's logits for every
     position, then the completion's; max_tokens = 0 scores the prompt alone. Streamed: the same."""
     prompt = "The capital of France is Paris, and the capital of Italy is"
     ids = lib.tokenizer.encode(prompt)
-    z = lib.logits(ids).astype(np.float64)                                                  # [n, vocab]
-    logp = z - z.max(-1, keepdims=True)
-    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
-    want = [logp[i, ids[i + 1]] for i in range(len(ids) - 1)]
+    want = lib_logprobs(lib, ids)
     for max_tokens in (0, 3):
         r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0, echo=True,
                                       logprobs=2)
@@ -168,6 +173,42 @@ def test_echo_scores_the_prompt(client, lib):
         assert streamed == lp.token_logprobs
     plain = client.completions.create(model=MODEL, prompt=ids, max_tokens=2, temperature=0, echo=True)
     assert plain.choices[0].text == lib.tokenizer.decode(ids) + lib.generate(ids, max_tokens=2, temperature=0).text
+    full = (ids * 30)[:256]  # a prompt that fills the server's context can be scored (and only scored)
+    assert client.completions.create(model=MODEL, prompt=full, max_tokens=0, echo=True, logprobs=0).choices[
+        0].logprobs.token_logprobs[1:] == pytest.approx(lib_logprobs(lib, full), abs=1e-3)
+    with pytest.raises(openai.BadRequestError, match="the prompt has 256 tokens; the context holds 256"):
+        client.completions.create(model=MODEL, prompt=full, max_tokens=1, echo=True)
+    chat_ids = lib.chat_ids([{"role": "user", "content": "Hi"}])  # its control tokens are echoed as text too
+    echoed = client.completions.create(model=MODEL, prompt=chat_ids, max_tokens=0, echo=True).choices[0].text
+    assert echoed == lib.tokenizer.decode(chat_ids, skip_special=False) and echoed.startswith("<|im_start|>")
+
+
+def test_a_batch_of_prompts_numbers_its_choices_across_them(client, lib):
+    """OpenAI's prompt lists (of texts or of token ids, as lm-evaluation-harness sends `[[ids]]`): a
+    choice per prompt and sample, numbered prompt by prompt, each equal to the prompt alone; usage
+    counts each prompt once."""
+    texts = ["The capital of France is", "Water boils at", "Once upon a time"]
+    want = [lib.generate(t, max_tokens=3, temperature=0).text for t in texts]
+    for prompt in (texts, [lib.tokenizer.encode(t) for t in texts]):
+        r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, temperature=0, n=2)
+        assert [c.index for c in r.choices] == list(range(6))
+        assert [c.text for c in r.choices] == [w for w in want for _ in range(2)]
+        assert r.usage.prompt_tokens == sum(len(lib.tokenizer.encode(t)) for t in texts)
+        chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, temperature=0, n=2,
+                                                stream=True))
+        streamed = {}
+        for ch in chunks:
+            for c in ch.choices:
+                streamed[c.index] = streamed.get(c.index, "") + c.text
+        assert [streamed[i] for i in range(6)] == [w for w in want for _ in range(2)]
+    ids = lib.tokenizer.encode(texts[0])
+    r = client.completions.create(model=MODEL, prompt=[ids], max_tokens=1, temperature=0, echo=True, logprobs=1)
+    assert r.choices[0].logprobs.token_logprobs[0] is None and len(r.choices[0].logprobs.tokens) == len(ids) + 1
+    for bad, needle in (([[1, 2], [10**9]], "prompt 1: token id 1000000000 is out of range"), ([], "empty"),
+                        ([texts[0], [1]], "prompt")):
+        e = httpx.post(client.base_url.join("completions").__str__(), json={"prompt": bad, "max_tokens": 1},
+                       headers={"Authorization": f"Bearer {KEY}"})
+        assert e.status_code == 400 and needle in e.json()["error"]["message"]
     r = httpx.post(client.base_url.join("completions").__str__(), json={"prompt": "a", "max_tokens": 0},
                    headers={"Authorization": f"Bearer {KEY}"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"

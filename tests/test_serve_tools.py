@@ -67,7 +67,11 @@ def test_a_forced_call_cut_by_max_tokens_is_a_call_with_the_arguments_so_far(cli
     # As OpenAI answers: finish_reason "length", the call with its arguments cut where the tokens ran
     # out; the grammar's own text (`<tool_call>`, the name's key) is never content.
     args = dict(model=MODEL, messages=ASK, tools=[WEATHER, TIME], tool_choice=choice, temperature=0)
-    full = client.chat.completions.create(max_tokens=80, **args).choices[0].message.tool_calls[0].function
+    whole = client.chat.completions.create(max_tokens=80, **args)
+    full, n = whole.choices[0].message.tool_calls[0].function, whole.usage.completion_tokens
+    for max_tokens in (n - 1, n - 2):  # the arguments written, the block's end not: still "length"
+        c = client.chat.completions.create(max_tokens=max_tokens, **args).choices[0]
+        assert c.finish_reason == "length" and full.arguments.startswith(c.message.tool_calls[0].function.arguments)
     for max_tokens in (3, 17):
         c = client.chat.completions.create(max_tokens=max_tokens, **args).choices[0]
         assert c.finish_reason == "length" and c.message.content is None

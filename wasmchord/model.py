@@ -149,6 +149,7 @@ class Model:
         ids = self.prompt_ids(ids)
         self._check_not_serving()
         with self.lock:
+            self._check_not_serving()  # again under the lock: an engine may have started meanwhile
             return self._sequence.evaluate(ids, hidden=hidden)
 
     def close(self):
@@ -239,6 +240,7 @@ class Model:
         if max_tokens is None:
             max_tokens = max(self.transformer.max_ctx - len(ids) + 1, 1)  # the last token needs no cache slot
         with self.lock:  # held until this stream ends or is closed
+            self._check_not_serving()  # again under the lock: an engine may have started meanwhile
             yield from stream_chunks(sequence or self._sequence, self.tokenizer, ids, params,
                                      max_tokens=max_tokens, stop=stop, stop_ids=self.tokenizer.eot_ids,
                                      matcher=constraint.matcher() if constraint else None)
@@ -250,6 +252,7 @@ class Model:
         engine = Engine(self, max_queue=1)
         req = engine.submit(prompt, **kw)[0]
         with self.lock:
+            self._check_not_serving()  # again under the lock: an engine may have started meanwhile
             while True:
                 item = req.take(block=False)
                 if item is None:
@@ -294,6 +297,7 @@ class Model:
                     raise
                 raise (TypeError if isinstance(e, TypeError) else GenerationError)(f"prompt {i} of the batch: {e}") from None
         with self.lock:  # the batch holds the model from its first step to its last, as one generation does
+            self._check_not_serving()  # again under the lock: an engine may have started meanwhile
             engine.run(reqs)
         out = []
         for r in reqs:

@@ -34,13 +34,21 @@ def check_n(n, slots: int) -> int:
     return int(n)
 
 
-def token_logprobs(logits: np.ndarray, tok: int, k: int) -> tuple[float, list]:
-    """(log-probability of `tok`, [(token id, log-probability)] of the `k` most likely) under the
-    model's distribution `logits` [vocab] (before penalties and filters)."""
-    z = logits - logits.max()
-    logp = z - np.log(np.exp(z).sum())
-    top = np.argsort(-logp, kind="stable")[:k]
-    return float(logp[tok]), [(int(i), float(logp[i])) for i in top]
+def token_logprobs(logits: np.ndarray, toks, k: int) -> list[tuple[float, list]]:
+    """For each row of `logits` [n, vocab] (the model's distribution, before penalties and filters) and
+    its token in `toks` [n]: (the token's log-probability, [(token id, log-probability)] of the `k` most
+    likely, most likely first)."""
+    z = logits - logits.max(-1, keepdims=True)                                             # [n, vocab]
+    logz = np.log(np.exp(z).sum(-1))                                                       # [n]
+    rows = np.arange(len(z))
+    chosen = z[rows, np.asarray(toks)] - logz                                              # [n]
+    if k == 0:
+        return [(float(c), []) for c in chosen]
+    top = np.argpartition(-z, k - 1, axis=-1)[:, :k]                                       # [n, k], unordered
+    top_z = np.take_along_axis(z, top, -1)
+    order = np.lexsort((top, -top_z))  # by log-probability, then id (as a stable sort of the row)
+    top, top_z = np.take_along_axis(top, order, -1), np.take_along_axis(top_z, order, -1) - logz[:, None]
+    return [(float(c), [(int(i), float(v)) for i, v in zip(ti, tv)]) for c, ti, tv in zip(chosen, top, top_z)]
 
 
 class QueueFull(GenerationError):
@@ -90,8 +98,8 @@ class Engine:
         `logprobs` (0-20): each chunk carries its token's log-probability and that many of the most
         likely alternatives. `prompt_logprobs` (0-20): the same for each prompt token after the first
         (`Request.prompt_logprobs`: [(token id, log-probability, alternatives)], None for the first), the
-        whole prompt evaluated (its cached prefix is not reused); with it `max_tokens` may be 0 (score
-        the prompt, generate nothing). `logit_bias` ({token id: -100..100}) is added to the logits before
+        whole prompt evaluated (its cached prefix is not reused). `max_tokens=0` evaluates the prompt into
+        a slot's cache (to score it, or for later prompts that share its prefix) and generates nothing. `logit_bias` ({token id: -100..100}) is added to the logits before
         sampling (-100 bans the token). `notify(request, chunk_or_error)` is called from the engine's
         thread as each is produced (a server bridges it to its event loop).
 
@@ -101,13 +109,13 @@ class Engine:
         """
         constraint = Constraint.from_options(self.model.tokenizer, sampling)
         params = SamplingParams.from_options(sampling)
-        scoring = prompt_logprobs is not None and max_tokens == 0  # the prompt's logprobs, nothing generated
-        stop = check_args(None if scoring else max_tokens, stop)
+        prefill_only = is_integer(max_tokens) and max_tokens == 0  # the prompt evaluated, nothing generated
+        stop = check_args(None if prefill_only else max_tokens, stop)
         n = check_n(n, self.tf.slots)
         ids = self.model.prompt_ids(prompt)
         if max_tokens is None:  # until the context is full
             max_tokens = max(self.tf.max_ctx - len(ids) + 1, 1)  # the last token needs no cache slot
-        if len(ids) >= self.tf.max_ctx:
+        if len(ids) > self.tf.max_ctx or len(ids) == self.tf.max_ctx and not prefill_only:
             raise GenerationError(f"the prompt has {len(ids)} tokens; the context holds {self.tf.max_ctx} "
                                   f"(raise context_length, or shorten the prompt)")
         for name, k in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
@@ -251,11 +259,9 @@ class Engine:
         chunk's logits [c, vocab] predict) to `req.prompt_logprobs`; returns the last row."""
         if pos0 == 0:
             req.prompt_logprobs = [(req.prompt[0], None, None)]
-        for i, row in enumerate(logits):
-            if pos0 + i + 1 < len(req.prompt):
-                tok = req.prompt[pos0 + i + 1]
-                lp = token_logprobs(row, tok, req.prompt_logprobs_k)
-                req.prompt_logprobs.append((tok, *lp))
+        toks = req.prompt[pos0 + 1:pos0 + 1 + len(logits)]  # the last row predicts no prompt token
+        scored = token_logprobs(logits[:len(toks)], toks, req.prompt_logprobs_k) if toks else []
+        req.prompt_logprobs += [(t, lp, top) for t, (lp, top) in zip(toks, scored)]
         return logits[-1]
 
     def _fork(self, leader: Request, logits: np.ndarray):
@@ -310,7 +316,7 @@ class Engine:
             tok = sample(allowed, req.params, req.rng, req.history())
             if req.matcher is not None:
                 req.matcher.consume(tok)
-            lp = None if req.logprobs is None else token_logprobs(logits, tok, req.logprobs)
+            lp = None if req.logprobs is None else token_logprobs(logits[None], [tok], req.logprobs)[0]
             self._emit(req, tok, lp)
         except WasmchordError as e:  # non-finite logits: this request fails, the others go on
             self._fail(req, e)

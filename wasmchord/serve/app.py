@@ -255,7 +255,7 @@ def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), 
                                param="response_format")
             constraint = {"grammar": grammar}
         names = [t.get("function", {}).get("name") for t in b.tools or []]
-        return await run(request, b, ids, b.max_completion_tokens or b.max_tokens, logprobs, chat=True,
+        return await run(request, b, [ids], b.max_completion_tokens or b.max_tokens, logprobs, chat=True,
                          constraint=constraint, calls=names if calls else None,
                          one_call=b.parallel_tool_calls is False, tools=(b.tools, b.tool_choice) if grammar else None)
 
@@ -263,27 +263,31 @@ def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), 
     async def completions(request: Request):
         b = await body(request, CompletionRequest)
         b.check_unsupported()
-        try:
-            ids = await asyncio.to_thread(served.model.prompt_ids, b.prompt)  # off the event loop
-        except (WasmchordError, TypeError, ValueError) as e:  # ValueError: an id outside the vocabulary
-            raise ApiError(400, str(e), param="prompt") from None
-        echo = None
-        if b.echo:  # the prompt's text and, with logprobs, its tokens' (max_tokens = 0: only those)
-            echo = b.prompt if isinstance(b.prompt, str) else None
-        return await run(request, b, ids, b.max_tokens, b.logprobs, chat=False, constraint=b.constraint(),
-                         echo=echo if b.echo else False)
+        prompts = b.prompts()
+        batch = []
+        for i, p in enumerate(prompts):
+            try:
+                batch.append(await asyncio.to_thread(served.model.prompt_ids, p))  # off the event loop
+            except (WasmchordError, TypeError, ValueError) as e:  # ValueError: an id outside the vocabulary
+                raise ApiError(400, (f"prompt {i}: " if len(prompts) > 1 else "") + str(e), param="prompt") from None
+        echo = [p if isinstance(p, str) else None for p in prompts] if b.echo else None  # the texts to echo
+        return await run(request, b, batch, b.max_tokens, b.logprobs, chat=False, constraint=b.constraint(),
+                         echo=echo)
 
-    async def run(request, b, ids, max_tokens, logprobs, *, chat: bool, constraint: dict, calls=None,
-                  one_call=False, tools=None, echo: str | None | bool = False):
-        """Submit, then answer with the whole reply or a stream; `calls` (the tools' names): tool calls in
-        the reply become `tool_calls` (only the first when `one_call`); `tools`: (tools, tool_choice)
-        when the constraint is a tool call's grammar, else it is the response_format's; `echo` (False,
-        or the prompt's text, None for token ids): the completion follows its prompt."""
-        room = served.model.transformer.max_ctx - len(ids) + 1  # tokens it can have: the last needs no cache slot
-        if room < 2:
-            raise ApiError(400, f"the prompt has {len(ids)} tokens; the context holds "
-                                f"{served.model.transformer.max_ctx}", param="messages" if chat else "prompt",
-                           code="context_length_exceeded")
+    async def run(request, b, prompts, max_tokens, logprobs, *, chat: bool, constraint: dict, calls=None,
+                  one_call=False, tools=None, echo: list | None = None):
+        """Submit each of `prompts` (token ids; n samples of each, the choices numbered across them), then
+        answer with the whole reply or a stream; `calls` (the tools' names): tool calls in the reply
+        become `tool_calls` (only the first when `one_call`); `tools`: (tools, tool_choice) when the
+        constraint is a tool call's grammar, else it is the response_format's; `echo` (each prompt's
+        text, None for token ids): each completion follows its prompt."""
+        ctx = served.model.transformer.max_ctx
+        rooms = [ctx - len(ids) + 1 for ids in prompts]  # tokens each can have: the last needs no cache slot
+        for i, (ids, room) in enumerate(zip(prompts, rooms)):
+            if room < 2 and not (max_tokens == 0 and len(ids) <= ctx):  # max_tokens 0: the prompt alone
+                raise ApiError(400, (f"prompt {i}: " if len(prompts) > 1 else "") + f"the prompt has {len(ids)} "
+                               f"tokens; the context holds {ctx}", param="messages" if chat else "prompt",
+                               code="context_length_exceeded")
         if b.n > served.model.transformer.slots:
             raise ApiError(400, f"n = {b.n}: this server runs {served.model.transformer.slots} sequences at once "
                                 "(--slots)", param="n")
@@ -301,25 +305,31 @@ def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), 
                     raise ApiError(400, str(e), param="response_format") from None
                 why = await asyncio.to_thread(explain_call_grammar, served.model.tokenizer, *tools, e)
                 raise ApiError(400, why, param="tools") from None
+        scored = {"prompt_logprobs": logprobs} if echo is not None and logprobs is not None else {}
+        reqs, echoes = [], {}
         try:
-            scored = {}
-            if echo is not False and (logprobs is not None or max_tokens == 0):
-                scored = {"prompt_logprobs": logprobs or 0}
-            reqs = served.engine.submit(ids, logprobs=logprobs, notify=notify, **constraint, **scored,
-                                        **b.engine_args(min(room if max_tokens is None else max_tokens, room)))
+            for i, (ids, room) in enumerate(zip(prompts, rooms)):
+                new = served.engine.submit(ids, logprobs=logprobs, notify=notify, **constraint, **scored,
+                                           **b.engine_args(min(room if max_tokens is None else max_tokens, room)))
+                reqs += new
+                echoes.update({r: echo[i] for r in new} if echo is not None else {})
         except QueueFull as e:
+            for r in reqs:
+                served.engine.cancel(r)
             served.metrics.count("wasmchord_requests_rejected_total")
             raise ApiError(503, str(e), kind="server_error", code="queue_full", headers={"Retry-After": "1"}) from None
         except (GenerationError, TypeError) as e:
+            for r in reqs:
+                served.engine.cancel(r)
             raise ApiError(400, str(e), param="logit_bias" if str(e).startswith("logit_bias") else None) from None
         served.metrics.count("wasmchord_requests_total")
         rid = new_id("chatcmpl" if chat else "cmpl")
         kind = "chat.completion" if chat else "text_completion"
         forced = [f["name"] for _, f in callable_functions(*tools)] if tools else None
         if b.stream:
-            return StreamingResponse(sse(request, reqs, queue, rid, kind, b, chat, calls, one_call, forced, echo),
+            return StreamingResponse(sse(request, reqs, queue, rid, kind, b, chat, calls, one_call, forced, echoes),
                                      media_type="text/event-stream")
-        return await complete(request, reqs, queue, rid, kind, chat, calls, one_call, forced, echo)
+        return await complete(request, reqs, queue, rid, kind, chat, calls, one_call, forced, echoes)
 
     async def events(request, reqs, queue, *, streaming: bool):
         """(request, chunk) as the engine produces them, until every request is done; cancels them all
@@ -356,11 +366,12 @@ def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), 
         return cut_call(text, forced) if forced and finish == "length" else None
 
     def echoed(req, echo):
-        """(the prompt's text, its chunks) of an echoing completion."""
+        """(the prompt's text, its chunks) of an echoing completion (`echo`: the prompt's text, None for
+        token ids: their text, special tokens included)."""
         pieces = prompt_chunks(served.model.tokenizer, req.prompt_logprobs, req.prompt)
         return ("".join(c.text for c in pieces) if echo is None else echo), pieces
 
-    async def complete(request, reqs, queue, rid, kind, chat, calls, one_call, forced, echo):
+    async def complete(request, reqs, queue, rid, kind, chat, calls, one_call, forced, echoes):
         chunks = {r: [] for r in reqs}
         async for req, ch in events(request, reqs, queue, streaming=False):
             chunks[req].append(ch)
@@ -372,8 +383,8 @@ def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), 
             lp = None
             if r.logprobs is not None:
                 lp = chat_logprobs(tok, cs) if chat else completion_logprobs(tok, cs)
-            if echo is not False:
-                head, pieces = echoed(r, echo)
+            if r in echoes:
+                head, pieces = echoed(r, echoes[r])
                 if lp is not None:
                     lp = completion_logprobs(tok, pieces + cs)
                     lp["text_offset"][len(pieces):] = [len(head) + o for o in
@@ -383,8 +394,9 @@ def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), 
             if calls:
                 content, found = parse_calls(text, calls)
                 found = found[:1] if one_call else found
-                if found:
-                    body_, finish = {"role": "assistant", "content": content, "tool_calls": found}, "tool_calls"
+                if found:  # a forced call cut after its arguments, before its block's end, still says "length"
+                    finish = "length" if forced and finish == "length" else "tool_calls"
+                    body_ = {"role": "assistant", "content": content, "tool_calls": found}
                 elif (cut := cut_short(text, finish, forced)) is not None:  # the grammar's text is not content
                     body_ = {"role": "assistant", "content": None, **({"tool_calls": cut} if cut else {})}
             choices.append({"index": i, **({"message": body_} if chat else {"text": text}), "logprobs": lp,
@@ -392,30 +404,33 @@ def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), 
         return envelope(kind, rid, served.name, choices, use_of(reqs))
 
     def use_of(reqs):
-        return usage(len(reqs[0].prompt), sum(len(r.tokens) for r in reqs), reqs[0].stats.cached_tokens)
+        firsts = [r for r in reqs if r.choice == 0]  # each prompt counts once, whatever n
+        return usage(sum(len(r.prompt) for r in firsts), sum(len(r.tokens) for r in reqs),
+                     sum(r.stats.cached_tokens for r in firsts))
 
-    async def sse(request, reqs, queue, rid, kind, b, chat, calls, one_call, forced, echo):
+    async def sse(request, reqs, queue, rid, kind, b, chat, calls, one_call, forced, echoes):
         chunk_kind = "chat.completion.chunk" if chat else "text_completion"
         tok = served.model.tokenizer
         split = {r: CallStream(calls) for r in reqs} if calls else {}
 
         offset = {r: 0 for r in reqs}  # characters of each choice's text sent (completions' text_offset)
         heads = set()  # the choices whose echoed prompt was sent
+        index = {r: i for i, r in enumerate(reqs)}  # choices numbered across the prompts
 
         def data(choices, use=None):
             chunk = envelope(chunk_kind, rid, served.name, choices, use, null_usage=b.include_usage)
             return f"data: {json.dumps(chunk)}\n\n"
         if chat:
-            yield data([{"index": r.choice, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+            yield data([{"index": index[r], "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                          "finish_reason": None} for r in reqs])
         try:
             async for req, ch in events(request, reqs, queue, streaming=True):
-                if echo is not False and req not in heads:  # the prompt first
-                    head, pieces = echoed(req, echo)
+                if req in echoes and req not in heads:  # the prompt first
+                    head, pieces = echoed(req, echoes[req])
                     heads.add(req)
                     offset[req] = len(head)
                     plp = completion_logprobs(tok, pieces) if req.logprobs is not None else None
-                    yield data([{"index": req.choice, "text": head, "logprobs": plp, "finish_reason": None}])
+                    yield data([{"index": index[req], "text": head, "logprobs": plp, "finish_reason": None}])
                 lp = None
                 if req.logprobs is not None and ch.logprob is not None:
                     lp = chat_logprobs(tok, [ch]) if chat else completion_logprobs(tok, [ch], offset[req])
@@ -423,26 +438,27 @@ def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), 
                 text = split[req].add(ch.text) if calls else ch.text
                 if text or lp is not None:
                     part = {"delta": {"content": text}} if chat else {"text": text}
-                    yield data([{"index": req.choice, **part, "logprobs": lp, "finish_reason": None}])
+                    yield data([{"index": index[req], **part, "logprobs": lp, "finish_reason": None}])
                 if ch.finish_reason is not None:
                     finish = ch.finish_reason
                     if calls:
                         rest, found = split[req].finish()
                         found = found[:1] if one_call else found
-                        finish = "tool_calls" if found else finish
+                        if found and not (forced and finish == "length"):
+                            finish = "tool_calls"
                         if not found and (cut := cut_short(split[req].text, finish, forced)) is not None:
                             rest, found = "", cut
                         if rest:
-                            yield data([{"index": req.choice, "delta": {"content": rest}, "logprobs": None,
+                            yield data([{"index": index[req], "delta": {"content": rest}, "logprobs": None,
                                          "finish_reason": None}])
                         for k, call in enumerate(found):  # each call: its id and name, then its arguments
                             head = {"index": k, "id": call["id"], "type": "function",
                                     "function": {"name": call["function"]["name"], "arguments": ""}}
                             for delta in (head, {"index": k, "function": {"arguments": call["function"]["arguments"]}}):
-                                yield data([{"index": req.choice, "delta": {"tool_calls": [delta]}, "logprobs": None,
+                                yield data([{"index": index[req], "delta": {"tool_calls": [delta]}, "logprobs": None,
                                              "finish_reason": None}])
                     part = {"delta": {}} if chat else {"text": ""}
-                    yield data([{"index": req.choice, **part, "logprobs": None, "finish_reason": finish}])
+                    yield data([{"index": index[req], **part, "logprobs": None, "finish_reason": finish}])
         except ApiError as e:
             yield f"data: {json.dumps(e.body())}\n\n"
             return

@@ -11,7 +11,7 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ..generate import Chunk, TextStream
+from ..generate import Chunk
 
 ROLES = ("system", "developer", "user", "assistant", "tool")  # developer: OpenAI's newer name for system
 
@@ -187,10 +187,21 @@ def template_messages(messages: list[Message]) -> list[dict]:
 
 
 class CompletionRequest(_Body):
-    prompt: Union[str, list[int]]
+    prompt: Union[str, list[int], list[str], list[list[int]]]  # one prompt, or a batch (a choice per prompt x n)
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False  # the prompt before the completion (with logprobs: the prompt's too)
     max_tokens: int | None = Field(None, ge=0)  # 0 with echo: score the prompt, generate nothing
+
+    def prompts(self) -> list:
+        """The prompts: texts or lists of token ids."""
+        p = self.prompt
+        if isinstance(p, str) or p and isinstance(p[0], int):
+            return [p]
+        if not p:
+            raise ApiError(400, "prompt is empty", param="prompt")
+        if len(p) > 64:
+            raise ApiError(400, f"prompt: {len(p)} prompts in one request, at most 64", param="prompt")
+        return list(p)
 
     def check_unsupported(self):
         super().check_unsupported()
@@ -263,12 +274,12 @@ def chat_logprobs(tokenizer, chunks) -> dict:
 def prompt_chunks(tokenizer, scored: list | None, ids: list[int]) -> list[Chunk]:
     """An echoed prompt as chunks: each token's text piece and, when `scored` (the engine's
     `Request.prompt_logprobs`), its log-probability and alternatives."""
-    stream, out = TextStream(tokenizer, []), []
+    stream, out = tokenizer.stream(skip_special=False), []  # the prompt's text, its control tokens too
     for k, tok in enumerate(ids):
         _, lp, top = scored[k] if scored else (tok, None, None)
-        out.append(Chunk(stream.add(tok)[0], tok, logprob=lp, top_logprobs=top))
+        out.append(Chunk(stream.add_token(tok), tok, logprob=lp, top_logprobs=top))
     if out:
-        out[-1].text += stream.finish()[0]
+        out[-1].text += stream.flush()
     return out
 
 
