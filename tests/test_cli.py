@@ -1,5 +1,6 @@
 """The command line: info output, and bad input as one line on stderr with exit code 2."""
 
+import socket
 import subprocess
 import sys
 
@@ -133,6 +134,27 @@ def test_bench_checks_its_json_path_before_running(tmp_path):
 
 
 def test_serve_checks_its_numbers_before_loading():
-    for flag, value in (("--slots", "0"), ("--max-queue", "-1"), ("--prefill-chunk", "0"), ("--port", "70000")):
+    for flag, value in (("--slots", "0"), ("--max-queue", "-1"), ("--prefill-chunk", "0"), ("--port", "70000"),
+                        ("--context-length", "1")):
         r = run("serve", "smollm2-135m-instruct", "--backend", "cpu", flag, value, timeout=60)
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and f"{flag} {value}" in r.stderr, r.stderr
+
+
+def test_serve_that_cannot_listen_or_load_says_why_in_a_line_and_exits_2(tmp_path, smollm2_path):
+    """Not a traceback and a server answering 500 for ever (a load that fails), nor uvicorn's exit 3
+    (an address in use, a host that does not resolve)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = run("serve", "smollm2-135m-instruct", "--backend", "cpu", "--port", str(port), timeout=60)
+        assert r.returncode == 2 and r.stderr == f"wasmchord: error: cannot listen on 127.0.0.1:{port}: " \
+                                                 "Address already in use\n", r.stderr
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(smollm2_path.read_bytes()[:5_000_000])
+    for model, needle in ((str(tmp_path / "none.gguf"), "none.gguf: no such file"),
+                          (str(cut), "extends past the end of the file")):
+        r = run("serve", model, "--backend", "cpu", "--port", "0", timeout=120)
+        lines = r.stderr.splitlines()
+        assert r.returncode == 2 and lines[-1].startswith("wasmchord: error: ") and needle in lines[-1], r.stderr
+        assert all(line.startswith("wasmchord: ") for line in lines), r.stderr  # no traceback, no log records

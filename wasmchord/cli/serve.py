@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import sys
 
 from .. import hub
@@ -32,16 +33,21 @@ def cmd_serve(a):
     require()
     import uvicorn
 
-    from ..errors import GenerationError
+    from ..errors import GenerationError, GGUFError, WasmchordError
     from ..model import Model
     for flag, value, low, high in (("--slots", a.slots, 1, 256), ("--max-queue", a.max_queue, 0, None),
                                    ("--prefill-chunk", a.prefill_chunk, 1, None), ("--port", a.port, 0, 65535)):
         if value < low or high is not None and value > high:  # before loading, not as a failed /health
             raise GenerationError(f"{flag} {value}: expected an integer from {low}" + (f" to {high}" if high else " up"))
+    if a.context_length is not None and a.context_length < 2:
+        raise GenerationError(f"--context-length {a.context_length}: expected an integer >= 2")
     if not a.shutdown_timeout >= 0:
         raise GenerationError(f"--shutdown-timeout {a.shutdown_timeout}: expected seconds >= 0")
+    check_listen(a.host, a.port)
     options = backend_options(a)
     path = resolve(a.model, a)
+    if not path.is_file():  # before the "loading" line and the server's start
+        raise GGUFError(path, "no such file" if not path.exists() else "not a file")
     name = a.served_model_name or (a.model if a.model in hub.KNOWN_MODELS else path.name)
 
     def load():
@@ -52,7 +58,14 @@ def cmd_serve(a):
         print(f"wasmchord: serving {name} on {m.backend.name} ({m.load_stats.slots} slots x "
               f"{m.load_stats.context_length} positions) at http://{a.host}:{a.port}/v1", flush=True)
 
-    app = create_app(load, name=name, api_key=a.api_key, on_ready=ready,
+    failed, server = [], None
+
+    def load_failed(e):  # on the load's thread: the server ends, and the command says why
+        failed.append(e)
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(load, name=name, api_key=a.api_key, on_ready=ready, on_error=load_failed,
                      cors_origins=[o for o in a.cors_origins.split(",") if o], max_queue=a.max_queue,
                      prefill_chunk=a.prefill_chunk)
     print(f"wasmchord: loading {name} (GET /health answers 503 until it is ready)", file=sys.stderr, flush=True)
@@ -69,4 +82,27 @@ def cmd_serve(a):
                     pass
     config = uvicorn.Config(app, host=a.host, port=a.port, log_level="warning",
                             timeout_graceful_shutdown=a.shutdown_timeout)
-    Server(config).run()
+    server = Server(config)
+    if failed:  # the load ended before the server existed
+        server.should_exit = True
+    server.run()
+    if failed:
+        e = failed[0]
+        raise e if isinstance(e, WasmchordError) else WasmchordError(f"loading {name} failed: "
+                                                                      f"{type(e).__name__}: {e}")
+
+
+def check_listen(host: str, port: int):
+    """OSError naming the address when the server could not listen there (checked before the model
+    loads, as one line, rather than by uvicorn after it)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise OSError(f"--host {host}: {e.strerror}") from None
+    family, kind, proto, _, addr = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            s.bind(addr)
+        except OSError as e:
+            raise OSError(f"cannot listen on {host}:{port}: {e.strerror}") from None

@@ -37,8 +37,9 @@ MAX_BODY = 32 * 2**20  # bytes of a request body (larger: 413)
 class Served:
     """The model behind the app: loading, ready (model and engine) or failed."""
 
-    def __init__(self, load, name: str, engine_options: dict, on_ready=None):
+    def __init__(self, load, name: str, engine_options: dict, on_ready=None, on_error=None):
         self.load, self.name, self.engine_options, self.on_ready = load, name, engine_options, on_ready
+        self.on_error = on_error
         self.model = self.engine = self.error = None
         self.metrics = Metrics()
         self.created = int(time.time())
@@ -61,9 +62,14 @@ class Served:
             self.model, self.engine = model, engine
             if self.on_ready:
                 self.on_ready(self)
-        except Exception as e:  # reported by /health and every request
-            log.exception("loading the model failed")
+        except Exception as e:  # reported by /health and every request, or to on_error (a CLI ends)
             self.error = e
+            if self.on_error:
+                self.on_error(e)
+            elif isinstance(e, WasmchordError):
+                log.error("loading the model failed: %s", e)
+            else:
+                log.exception("loading the model failed")
 
     def ready(self):
         if self.error is not None:
@@ -111,10 +117,12 @@ class Guard:
             await JSONResponse(answer.body(), status_code=500)(scope, receive, send)
 
 
-def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), on_ready=None, **engine_options):
+def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), on_ready=None, on_error=None,
+               **engine_options):
     """The app. `load()` returns a loaded `Model` (called on a background thread at startup); `name` is
-    the model id clients send; `engine_options` go to `Model.engine` (max_queue, prefill_chunk)."""
-    served = Served(load, name, engine_options, on_ready)
+    the model id clients send; `engine_options` go to `Model.engine` (max_queue, prefill_chunk);
+    `on_ready(served)` / `on_error(exception)` are called when the load ends (on its thread)."""
+    served = Served(load, name, engine_options, on_ready, on_error)
 
     async def lifespan(app):
         served.start()
