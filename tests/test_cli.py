@@ -131,6 +131,9 @@ def test_chat_at_a_terminal_survives_an_error_and_knows_its_commands():
 def test_bench_checks_its_json_path_before_running(tmp_path):
     r = run("bench", "smollm2-135m-instruct", "--backend", "cpu", "--json", str(tmp_path / "no" / "x.json"))
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--json" in r.stderr and "x.json" in r.stderr
+    r = run("bench", "smollm2-135m-instruct", "--backend", "cpu", "--json", "/proc/x.json")  # not writable
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "'/proc/x.json'" in r.stderr, r.stderr
+    assert ".partial" not in r.stderr  # our temporary is not the user's business
 
 
 def test_serve_checks_its_numbers_before_loading():

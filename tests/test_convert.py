@@ -258,6 +258,49 @@ def test_unknown_quant_missing_dir_and_existing_output(tmp_path, hf_dir):
     assert validate(tmp_path / "o.gguf").ok
 
 
+def test_broken_checkpoint_files_are_named(tmp_path, hf_dir):
+    """Each is a ConvertError or TokenizerError naming the file and what is wrong, no output left."""
+    from wasmchord.errors import TokenizerError
+    st = next(hf_dir.glob("*.safetensors"))
+    whole = st.read_bytes()
+    cases = [
+        (lambda: st.write_bytes(whole[:len(whole) * 2 // 3]), ConvertError, "extends past the end of the file"),
+        (lambda: _edit_tensors(hf_dir, lambda t: t["model.layers.0.mlp.down_proj.weight"].__setitem__((1, 2), np.nan)),
+         ConvertError, "'model.layers.0.mlp.down_proj.weight' holds 1 NaN or Inf values"),
+        (lambda: (hf_dir / "config.json").write_text("[1, 2]"), ConvertError, "config.json: expected a JSON object"),
+        (lambda: (hf_dir / "tokenizer.json").write_text('{"model": 5}'), TokenizerError,
+         'tokenizer.json: expected an object with a "model" object'),
+    ]
+    for spoil, kind, needle in cases:
+        saved = {f: f.read_bytes() for f in hf_dir.iterdir()}
+        spoil()
+        with pytest.raises(kind, match=needle):
+            convert(hf_dir, tmp_path / "o.gguf", quant="q8_0")
+        assert _no_output(tmp_path)
+        for f, b in saved.items():
+            f.write_bytes(b)
+    sp = tmp_path / "sp"
+    make_llama(sp, tokenizer="spm")
+    (sp / "tokenizer.model").write_text("not a model")
+    with pytest.raises(TokenizerError, match="tokenizer.model: not a SentencePiece model"):
+        convert(sp, tmp_path / "o.gguf")
+
+
+def test_an_output_that_is_not_a_regular_file_is_never_replaced(tmp_path, hf_dir):
+    """--force replaces a file; a device or a pipe there is refused (as root, /dev/null would go); a
+    symbolic link is written through, to the file it points to."""
+    import os
+    fifo = tmp_path / "pipe.gguf"
+    os.mkfifo(fifo)
+    with pytest.raises(ConvertError, match="pipe.gguf exists and is not a regular file"):
+        convert(hf_dir, fifo, force=True)
+    assert fifo.is_fifo()
+    link = tmp_path / "link.gguf"
+    link.symlink_to(tmp_path / "real.gguf")
+    convert(hf_dir, link, force=True)
+    assert link.is_symlink() and validate(tmp_path / "real.gguf").ok
+
+
 def test_failure_while_writing_leaves_no_partial_file(tmp_path, hf_dir, monkeypatch):
     import wasmchord.convert as cv
     calls = {"n": 0}

@@ -83,14 +83,44 @@ def remove_stale(path: Path) -> list[Path]:
     return removed
 
 
+def target(path: str | os.PathLike) -> Path:
+    """Where writing `path` puts the content: the file a symbolic link points to (the link stays).
+
+    Raises:
+        FileExistsError: it exists and is not a regular file (a device, a pipe, a socket, a directory),
+            which a write must not replace, whatever --force says."""
+    path = Path(path)
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
+    if path.exists() and not path.is_file():
+        raise FileExistsError(f"{path} exists and is not a regular file: it is not replaced")
+    return path
+
+
+def _open_temp(path: Path) -> tuple[int, Path]:
+    tmp = temp_path(path)
+    try:
+        return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), tmp
+    except OSError as e:  # named for the file asked for, not our temporary
+        raise OSError(e.errno, f"cannot write there: {e.strerror}", str(path)) from None
+
+
+def check_writable(path: str | os.PathLike):
+    """Raise the OSError (naming `path`) that writing it would meet: checked before long work, not after."""
+    path = target(path)
+    fd, tmp = _open_temp(path)
+    os.close(fd)
+    tmp.unlink()
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike):
-    """Yield a binary file to write `path`'s content into; it replaces `path` when the block ends
-    without an exception, and is removed otherwise. Stale temporaries of `path` are removed first."""
-    path = Path(path)
+    """Yield a binary file to write `path`'s content into; it replaces `path` (or the file a link at
+    `path` points to) when the block ends without an exception, and is removed otherwise. Stale
+    temporaries of `path` are removed first. An OSError names `path`, never the temporary."""
+    path = target(path)
     remove_stale(path)
-    tmp = temp_path(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    fd, tmp = _open_temp(path)
     try:
         _lock_fd(fd, blocking=True)
         f = os.fdopen(fd, "wb")
@@ -106,6 +136,12 @@ def atomic_write(path: str | os.PathLike):
                 os.replace(tmp, path)
         if fcntl is None:
             os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if e.filename in (None, str(tmp)):  # a write or the rename (a full disk): say which file
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        raise
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()

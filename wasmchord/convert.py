@@ -15,6 +15,7 @@ from typing import Callable
 
 import numpy as np
 
+from . import atomic
 from .config import ModelConfig
 from .errors import ConvertError, UnsupportedError, WasmchordError
 from .formats.gguf_writer import GGUFWriter
@@ -28,14 +29,17 @@ FILE_TYPE = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7}  # llama_ftype
 
 # ---------------------------------------------------------------------------- reading checkpoints
 
-def _read_json(path: Path, default=None):
-    """A JSON file of the checkpoint (`default` when it is absent and a default is given)."""
+def _read_json(path: Path, default=None) -> dict:
+    """A JSON object file of the checkpoint (`default` when it is absent and a default is given)."""
     if default is not None and not path.exists():
         return default
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        obj = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConvertError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise ConvertError(f"{path}: expected a JSON object, got a {type(obj).__name__}")
+    return obj
 
 
 _ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": "bf16", "F64": np.float64, "I64": np.int64}
@@ -54,8 +58,25 @@ class _SafeTensors:
                 self.header = json.loads(f.read(n))
             except (json.JSONDecodeError, UnicodeDecodeError):
                 raise ConvertError(f"{path}: corrupt safetensors header") from None
+        if not isinstance(self.header, dict):
+            raise ConvertError(f"{path}: corrupt safetensors header")
         self.header.pop("__metadata__", None)
         self.base = 8 + n
+        size = path.stat().st_size
+        for name, h in self.header.items():  # each tensor's bytes within the file, of its shape's size
+            try:
+                a, b = h["data_offsets"]
+                dt = _ST_DTYPES.get(h["dtype"])
+                width = 2 if dt == "bf16" else np.dtype(dt).itemsize if dt is not None else None
+                count = int(np.prod(h["shape"], dtype=np.int64))
+            except (KeyError, TypeError, ValueError):
+                raise ConvertError(f"{path}: tensor {name!r}: corrupt header entry") from None
+            if not 0 <= a <= b or self.base + b > size:
+                raise ConvertError(f"{path}: tensor {name!r} data (bytes {a}..{b}) extends past the end of the file "
+                                   f"({size - self.base} data bytes): the file is truncated")
+            if width is not None and b - a != count * width:
+                raise ConvertError(f"{path}: tensor {name!r} holds {b - a} bytes, its shape {h['shape']} of "
+                                   f"{h['dtype']} needs {count * width}")
         self.mm = np.memmap(path, dtype=np.uint8, mode="r")
 
     def shape(self, name):
@@ -196,8 +217,13 @@ def convert(model_dir, output, *, quant: str = "f16", force: bool = False, progr
         raise ConvertError(f"{out}: the output directory {out.parent} does not exist")
     if out.is_dir():
         raise ConvertError(f"{out} is a directory: give the output .gguf file's path")
-    if out.exists() and not force:
-        raise ConvertError(f"{out} exists (use --force to overwrite)")
+    try:
+        atomic.target(out)  # a device, a pipe or a socket there is refused, whatever `force` says
+        if out.exists() and not force:
+            raise ConvertError(f"{out} exists (use --force to overwrite)")
+        atomic.check_writable(out)  # before the conversion, not after
+    except OSError as e:
+        raise ConvertError(str(e)) from None
     c = _read_json(d / "config.json")
     m = hf_model(c, d / "config.json")
     arch, names = m.arch, m.names
@@ -242,8 +268,10 @@ def convert(model_dir, output, *, quant: str = "f16", force: bool = False, progr
         if not m.permute_qk:
             perm = None
 
-        def data(load=load, perm=perm):
+        def data(load=load, perm=perm, src=src):
             a = load()
+            if not np.isfinite(a).all():  # written, it would only fail later, as NaN logits
+                raise ConvertError(f"{d}: tensor {src!r} holds {int((~np.isfinite(a)).sum())} NaN or Inf values")
             return permute_qk(a, perm) if perm else a
         w.add_tensor(dst, data, qtype=qtype, shape=shape)
     for name, a in extra_t.items():

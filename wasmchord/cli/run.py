@@ -10,6 +10,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from .. import hub
+from ..atomic import atomic_write, check_writable
 from ..errors import WasmchordError
 from ..generate import DEFAULT_MAX_TOKENS
 from ..sampling import SamplingParams
@@ -217,6 +218,7 @@ def cmd_bench(a):
         out = Path(a.json)
         if out.is_dir() or not out.parent.is_dir():
             raise WasmchordError(f"--json {a.json}: expected a file in an existing directory")
+        check_writable(out)
     path = resolve(a.model, a)
     if a.batch:
         with ProgressBar() as bar:
@@ -230,8 +232,8 @@ def cmd_bench(a):
                             timestamp_period_ns=a.timestamp_period, **backend_options(a))
         print(bench.format_result(res))
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(res, f, indent=2, default=str)
+        with atomic_write(a.json) as f:  # whole or not at all
+            f.write(json.dumps(res, indent=2, default=str).encode())
 
 
 def add_commands(sub):

@@ -18,7 +18,10 @@ def sentencepiece_metadata(model_file: str | os.PathLike, *, add_bos: bool = Tru
                            add_space_prefix: bool = True) -> dict:
     """`tokenizer.ggml.*` keys for a SentencePiece model (the `llama` tokenizer)."""
     import sentencepiece as spm
-    sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    except (RuntimeError, OSError) as e:
+        raise TokenizerError(f"{model_file}: not a SentencePiece model ({str(e).splitlines()[0]})") from None
     n = sp.get_piece_size()
     tokens, scores, types = [], np.zeros(n, np.float32), np.zeros(n, np.int32)
     for i in range(n):
@@ -39,8 +42,13 @@ def sentencepiece_metadata(model_file: str | os.PathLike, *, add_bos: bool = Tru
 def bpe_metadata(tokenizer_json: str | os.PathLike, *, pre: str = "gpt-2", add_bos: bool = False) -> dict:
     """`tokenizer.ggml.*` keys for a byte-level BPE `tokenizer.json` (the `gpt2` tokenizer)."""
     with open(tokenizer_json, encoding="utf-8") as f:
-        tj = json.load(f)
-    model = tj.get("model", {})
+        try:
+            tj = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise TokenizerError(f"{tokenizer_json}: not valid JSON ({e})") from None
+    model = tj.get("model") if isinstance(tj, dict) else None
+    if not isinstance(model, dict) or not isinstance(model.get("vocab"), dict):
+        raise TokenizerError(f"{tokenizer_json}: expected an object with a \"model\" object holding a \"vocab\"")
     if model.get("type") != "BPE":
         raise TokenizerError(f"{tokenizer_json}: model.type is {model.get('type')!r}, expected 'BPE'")
     vocab: dict[str, int] = dict(model["vocab"])
