@@ -1,5 +1,6 @@
 """The command line: info output, and bad input as one line on stderr with exit code 2."""
 
+import json
 import socket
 import subprocess
 import sys
@@ -25,6 +26,14 @@ def test_info_tensors_lists_every_tensor(gemma_path):
     assert r.returncode == 0, r.stderr
     assert "token_embd.weight" in r.stdout and "blk.17.ffn_down.weight" in r.stdout
     assert r.stdout.count("blk.") == 18 * 13  # 13 tensors per gemma3 block
+    j = run("info", str(gemma_path), "--tensors", "--metadata", "--json")
+    d = json.loads(j.stdout)
+    assert len(d["tensors"]) == d["tensor_count"] == 2 + 18 * 13  # and output_norm, token_embd
+    assert {"token_embd.weight", "blk.17.ffn_down.weight"} <= {t["name"] for t in d["tensors"]}
+    assert d["metadata"]["general.architecture"] == "gemma3"
+    assert d["metadata"]["tokenizer.ggml.scores"]["items"] == d["vocab_size"]
+    text = run("info", str(gemma_path), "--metadata").stdout
+    assert "np.float32" not in text and "np.int32" not in text  # plain numbers, as JSON writes them
 
 
 def test_bad_path_is_one_line_on_stderr_exit_2(tmp_path):
@@ -134,6 +143,28 @@ def test_bench_checks_its_json_path_before_running(tmp_path):
     r = run("bench", "smollm2-135m-instruct", "--backend", "cpu", "--json", "/proc/x.json")  # not writable
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "'/proc/x.json'" in r.stderr, r.stderr
     assert ".partial" not in r.stderr  # our temporary is not the user's business
+
+
+def test_a_bad_sampling_flag_is_named_as_the_flag_before_loading():
+    for flags, said in ((["-n", "0"], "-n/--max-tokens 0: expected an integer >= 1"),
+                        (["--seed", "-1"], "--seed -1: expected an integer >= 0"),
+                        (["--top-p", "2"], "--top-p 2.0: expected a value in (0, 1]"),
+                        (["--stop", ""], "--stop '': expected a non-empty string")):
+        for command in ("generate", "chat"):
+            r = run(command, "/nonexistent.gguf", *(["hi"] if command == "generate" else []), "--backend", "cpu",
+                    *flags, timeout=60, input="")
+            assert r.returncode == 2 and r.stderr == f"wasmchord: error: {said}\n", (command, r.stderr)
+
+
+def test_generate_with_only_a_model_asks_for_the_prompt(smollm2_path):
+    for model in ("smollm2-135m-instruct", str(smollm2_path)):
+        r = run("generate", model, "--backend", "cpu", timeout=60)
+        assert r.returncode == 2 and "is a model: give the prompt too" in r.stderr and r.stdout == ""
+
+
+def test_bench_refuses_a_context_length_it_would_not_use():
+    r = run("bench", "smollm2-135m-instruct", "--backend", "cpu", "--context-length", "8", timeout=60)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--prompt-lengths" in r.stderr
 
 
 def test_serve_checks_its_numbers_before_loading():

@@ -11,8 +11,19 @@ from .errors import WasmchordError
 from .formats.gguf import GGUFFile
 
 
-def summarize(gf: GGUFFile) -> dict:
-    """Architecture, sizes, tokenizer and tensor statistics of an opened GGUF file, as a dict."""
+def plain(v, items: int | None = None):
+    """A metadata value as JSON takes it (arrays: their first `items`, all when None)."""
+    if isinstance(v, np.ndarray):
+        v = v[:items].tolist()
+    elif isinstance(v, list):
+        v = [plain(x) for x in v[:items]]
+    return v.item() if isinstance(v, np.generic) else v
+
+
+def summarize(gf: GGUFFile, *, tensors: bool = False, metadata: bool = False) -> dict:
+    """Architecture, sizes, tokenizer and tensor statistics of an opened GGUF file, as a dict; with
+    `tensors`, each tensor's name, type, shape, bytes and offset; with `metadata`, every key (arrays
+    as their length and first 16 items)."""
     md = gf.metadata
     counts, nbytes = Counter(), Counter()
     params = 0
@@ -36,6 +47,12 @@ def summarize(gf: GGUFFile) -> dict:
         out["kv_bytes_per_token"] = 4 * cfg.n_layers * cfg.n_kv_heads * (cfg.head_dim + cfg.head_dim_v)
     except WasmchordError as e:
         out["config_error"] = str(e)
+    if metadata:
+        out["metadata"] = {k: ({"items": len(v), "head": plain(v, 16)} if isinstance(v, (list, np.ndarray))
+                               else plain(v)) for k, v in md.items()}
+    if tensors:
+        out["tensors"] = [{"name": ti.name, "type": ti.ggml_type.name, "shape": list(ti.shape), "bytes": ti.n_bytes,
+                           "offset": ti.offset} for ti in gf.tensors.values()]
     return out
 
 
@@ -78,7 +95,7 @@ def format_summary(gf: GGUFFile, *, tensors: bool = False, metadata: bool = Fals
         lines.append("metadata:")
         for k, v in gf.metadata.items():
             if isinstance(v, (list, np.ndarray)):
-                head = list(v[:4])
+                head = [x.item() if isinstance(x, np.generic) else x for x in v[:4]]  # 0.0, not np.float32(0.0)
                 lines.append(f"  {k:<44} [{len(v)} items] {head}{' ...' if len(v) > 4 else ''}")
             else:
                 sv = repr(v)

@@ -46,7 +46,6 @@ class SamplingParams:
             v = getattr(self, name)
             if not is_number(v) or not np.isfinite(v):
                 bad(name, "a finite number")
-            object.__setattr__(self, name, float(v))  # a NumPy scalar taken as the Python number
         if self.temperature < 0:
             bad("temperature", ">= 0 (0 is greedy)")
         if not 0 < self.top_p <= 1:
@@ -64,6 +63,8 @@ class SamplingParams:
             bad("penalty_last_n", "an integer >= 0, or -1 for the whole context")
         if self.seed is not None and (not is_integer(self.seed) or self.seed < 0):
             bad("seed", "an integer >= 0, or None")
+        for name in ("temperature", "top_p", "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty"):
+            object.__setattr__(self, name, float(getattr(self, name)))  # a NumPy scalar as the Python number
         for name in ("top_k", "penalty_last_n", "seed"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, int(getattr(self, name)))

@@ -46,8 +46,8 @@ def main(argv=None) -> int:
             return args.func(args) or 0
     except BrokenPipeError:
         return 0
-    except (WasmchordError, OSError) as e:
-        print(f"wasmchord: error: {e}", file=sys.stderr)
+    except (WasmchordError, OSError) as e:  # the library's words for what a flag sets, as the flag
+        print(f"wasmchord: error: {e}".replace("raise context_length", "raise --context-length"), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("wasmchord: interrupted", file=sys.stderr)

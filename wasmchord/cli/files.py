@@ -63,7 +63,7 @@ def cmd_info(a):
     from ..info import format_summary, summarize
     gf = GGUFFile(resolve(a.model or hub.DEFAULT_MODEL, a))
     if a.json:
-        print(json.dumps(summarize(gf), indent=2, default=str))
+        print(json.dumps(summarize(gf, tensors=a.tensors, metadata=a.metadata), indent=2, default=str))
     else:
         print(format_summary(gf, tensors=a.tensors, metadata=a.metadata))
 

@@ -49,8 +49,24 @@ def add_sampling_options(s):
 
 
 def sampling_options(a) -> dict:
-    """The keyword arguments of `Model.stream` from parsed flags."""
-    return dict(max_tokens=a.max_tokens, stop=a.stop or None, **{f.name: getattr(a, f.name) for f in fields(SamplingParams)})
+    """The keyword arguments of `Model.stream` from parsed flags, checked: an error names the flag."""
+    from ..errors import GenerationError
+    from ..generate import check_args
+    params = {f.name: getattr(a, f.name) for f in fields(SamplingParams)}
+    if a.max_tokens < 1:
+        raise GenerationError(f"-n/--max-tokens {a.max_tokens}: expected an integer >= 1")
+    for s in a.stop:
+        if not s:
+            raise GenerationError("--stop '': expected a non-empty string")
+    try:
+        check_args(a.max_tokens, a.stop)
+        SamplingParams(**params)
+    except GenerationError as e:  # "top_p = 2.0: expected ..." -> "--top-p 2.0: expected ..."
+        name, _, rest = str(e).partition(" = ")
+        value, _, want = rest.partition(": expected ")
+        raise GenerationError(f"--{name.replace('_', '-')} {value}: expected {want.removesuffix(', or None')}"
+                              if name in params and want else str(e)) from None
+    return dict(max_tokens=a.max_tokens, stop=a.stop or None, **params)
 
 
 def backend_options(a) -> dict:
@@ -98,7 +114,8 @@ def write_stream(chunks):
 
 def add_generate(sub):
     s = sub.add_parser("generate", help="generate text from a prompt (streams to stdout)")
-    s.add_argument("model", help="model path or alias, or the prompt when only one argument is given")
+    s.add_argument("model", help="model path or alias, or the prompt when only one argument is given (and it "
+                   "names no model)")
     s.add_argument("prompt", nargs="?", default=None, help="the prompt; - reads it from stdin")
     add_device_options(s)
     add_sampling_options(s)
@@ -110,16 +127,19 @@ def add_generate(sub):
 
 
 def cmd_generate(a):
-    if a.prompt is None:  # one positional: it is the prompt
+    if a.prompt is None:  # one positional: it is the prompt, unless it names a model (the prompt forgotten)
+        if a.model in hub.KNOWN_MODELS or a.model.endswith(".gguf") and Path(a.model).is_file():
+            raise WasmchordError(f"{a.model} is a model: give the prompt too (wasmchord generate {a.model} PROMPT)")
         a.model, a.prompt = hub.DEFAULT_MODEL, a.model
     if a.prompt == "-":  # the prompt from stdin, as a file's text is: `wasmchord generate - < prompt.txt`
         a.prompt = sys.stdin.read()
+    options = sampling_options(a)  # before the model loads
     m = load(a)
     t0 = time.perf_counter()
     if a.raw or not m.tokenizer.chat_template:
-        chunks = m.stream(a.prompt, **sampling_options(a))
+        chunks = m.stream(a.prompt, **options)
     else:  # as llama-cli and mlx_lm.generate do: an instruct model answers a user turn, not raw text
-        chunks = m.chat_stream([{"role": "user", "content": a.prompt}], **sampling_options(a))
+        chunks = m.chat_stream([{"role": "user", "content": a.prompt}], **options)
     s = write_stream(chunks).stats
     if a.stats:
         print(f"[{s.prompt_tokens} prompt tokens in {s.prompt_eval_s:.2f} s, {s.completion_tokens} tokens at "
@@ -139,6 +159,7 @@ def add_chat(sub):
 
 
 def cmd_chat(a):
+    options = sampling_options(a)  # before the model loads
     m = load(a)
     chat = m.start_chat(system=a.system)
     interactive = sys.stdin.isatty()
@@ -164,10 +185,10 @@ def cmd_chat(a):
             print(f"unknown command {line}: /reset starts over, /exit quits", file=sys.stderr)
             continue
         if not interactive:  # a script's chat: an error ends it (one line, exit status 2)
-            write_stream(chat.send_stream(line, **sampling_options(a)))
+            write_stream(chat.send_stream(line, **options))
             continue
         try:  # at the terminal, Ctrl-C stops the reply and an error ends the turn, not the session
-            write_stream(chat.send_stream(line, **sampling_options(a)))
+            write_stream(chat.send_stream(line, **options))
         except KeyboardInterrupt:
             print("\n[reply interrupted: not kept in the conversation]", file=sys.stderr)
         except WasmchordError as e:
@@ -214,6 +235,8 @@ def add_bench(sub):
 
 def cmd_bench(a):
     from .. import bench
+    if a.context_length is not None:
+        raise WasmchordError("--context-length: bench sizes the context from --prompt-lengths and --gen-tokens")
     if a.json:  # checked before minutes of benchmarking, not after
         out = Path(a.json)
         if out.is_dir() or not out.parent.is_dir():
