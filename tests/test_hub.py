@@ -1,6 +1,7 @@
 """Model pull: idempotent, verified, nothing partial left behind on failure."""
 
 import hashlib
+import logging
 import os
 import time
 import zipfile
@@ -136,12 +137,15 @@ def test_pull_rehashes_and_repairs_a_corrupt_copy_of_the_same_size_and_mtime(fak
     assert p.read_bytes() == data
 
 
-def test_loading_rehashes_a_copy_whose_mtime_changed_and_repairs_it(fake_model):
+def test_loading_rehashes_a_copy_whose_mtime_changed_and_repairs_it(fake_model, caplog):
     m, data, calls, cache = fake_model
     p = hub.pull("fake", cache_dir=cache)
     _corrupt(p, keep_mtime=False)
-    assert hub.resolve_model("fake", cache_dir=cache) == p and len(calls) == 4
+    with caplog.at_level(logging.WARNING, logger="wasmchord.hub"):
+        assert hub.resolve_model("fake", cache_dir=cache) == p and len(calls) == 4
     assert p.read_bytes() == data
+    assert [r.getMessage() for r in caplog.records].count(f"the cached {p} is corrupt (sha256 "
+                                                           f"{caplog.records[0].args[1]}, expected {m.sha256})") == 1
 
 
 def test_loading_trusts_the_stamp_until_asked_to_verify(fake_model):

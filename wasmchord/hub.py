@@ -98,6 +98,15 @@ def _write_stamp(path: Path, m: KnownModel):
     os.utime(stamp, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
+def _fingerprint(path: Path):
+    """(size, mtime) of a file, or None when there is none: whether it changed since it was checked."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
 def _is_verified(path: Path, m: KnownModel, *, rehash: bool, progress: Progress | None = None) -> bool:
     """Does `path` hold model `m`? Its size must match; its content is hashed again when `rehash`, or
     when its mtime differs from the stamp left by the last hash (then the stamp is renewed)."""
@@ -142,15 +151,19 @@ def pull(alias: str, *, cache_dir: str | os.PathLike | None = None, progress: Pr
     """
     m = _known(alias)
     dest = cached_path(alias, cache_dir)
-    if not (force or verify) and _is_verified(dest, m, rehash=False, progress=progress):
-        log.info("%s is cached at %s", alias, dest)  # no lock: a read-only cache works
-        return dest
+    checked = None  # the copy found bad without the lock: not hashed (and reported) again unless it changed
+    if not (force or verify):
+        if _is_verified(dest, m, rehash=False, progress=progress):
+            log.info("%s is cached at %s", alias, dest)  # no lock: a read-only cache works
+            return dest
+        checked = _fingerprint(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     locks = dest.parent.parent / "locks"  # beside models/, so that models/ holds only models and stamps
     locks.mkdir(exist_ok=True)
     with file_lock(locks / f"{dest.name}.lock", waiting=f"waiting for another process pulling {alias}"):
         _remove_stale_downloads(dest)
-        if not force and _is_verified(dest, m, rehash=verify, progress=progress):
+        if not force and (checked is None or _fingerprint(dest) != checked) and \
+                _is_verified(dest, m, rehash=verify, progress=progress):
             log.info("%s is cached at %s", alias, dest)
             return dest
         _download(m, dest, progress)
