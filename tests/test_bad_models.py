@@ -120,6 +120,13 @@ def test_a_block_count_the_file_does_not_have_is_named_at_once(tiny, tmp_path):
     assert time.perf_counter() - t < 5
 
 
+def test_a_bad_metadata_value_is_named_with_its_file(tiny, tmp_path):
+    from wasmchord.errors import ConfigError
+    p = rewrite(tiny, tmp_path / "zero.gguf", {"llama.attention.head_count": Typed(0, "uint32")})
+    with pytest.raises(ConfigError, match=r"zero\.gguf: .*llama\.attention\.head_count"):
+        load(p)
+
+
 # ---------------------------------------------------------------------------- arguments
 
 def test_bad_arguments_are_generation_errors(tiny):

@@ -181,6 +181,11 @@ def test_a_hostile_template_in_a_model_file_is_one_line_in_the_cli(tiny_chatml, 
     r = subprocess.run([sys.executable, "-m", "wasmchord", "chat", str(p), "--backend", "cpu", "-n", "2"],
                        input="hello\n", capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "would make a value" in r.stderr, r.stderr
+    assert "hostile.gguf: chat template" in r.stderr  # whose template
+    r = subprocess.run([sys.executable, "-m", "wasmchord", "generate", str(p), "hello", "--backend", "cpu", "-n", "2"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.rstrip().endswith(
+        "(--raw sends the prompt without the template)"), r.stderr
 
 
 def test_a_template_that_checks_content_still_renders_plain_content(tok):

@@ -14,7 +14,7 @@ import numpy as np
 from .backends import get_backend
 from .config import ModelConfig
 from .constrain import Constraint
-from .errors import GenerationError, TokenizerError, WasmchordError, is_integer
+from .errors import ConfigError, GenerationError, TokenizerError, UnsupportedError, WasmchordError, is_integer
 from .formats.gguf import GGUFFile
 from .generate import DEFAULT_MAX_TOKENS, Chunk, Completion, Sequence, check_args, stream_chunks
 from .hub import resolve_model
@@ -119,7 +119,10 @@ class Model:
         """
         t0 = time.perf_counter()
         gf = GGUFFile(resolve_model(path_or_alias, progress=progress))
-        cfg = ModelConfig.from_gguf(gf.metadata)
+        try:
+            cfg = ModelConfig.from_gguf(gf.metadata)
+        except (ConfigError, UnsupportedError) as e:  # the key is named; the file too
+            raise type(e)(f"{gf.path}: {e}") from None
         tok = Tokenizer(gf.metadata, source=str(gf.path))
         if tok.vocab_size != cfg.vocab_size:  # llama.cpp: the embedding has a row per token, no more, no less
             raise TokenizerError(f"{gf.path}: tokenizer.ggml.tokens has {tok.vocab_size} tokens, but the model's "
@@ -321,8 +324,13 @@ class Model:
         (`<|im_start|>`...) stays text unless `parse_special` (trusted content only); the template's own
         markers are special tokens. `continue_final_message`: the last message is the assistant's reply
         begun, which the model continues (the prompt ends with its content)."""
-        return encode_chat(self.tokenizer, messages, tools=tools, parse_special=parse_special,
-                           continue_final_message=continue_final_message)
+        try:
+            return encode_chat(self.tokenizer, messages, tools=tools, parse_special=parse_special,
+                               continue_final_message=continue_final_message)
+        except GenerationError as e:  # the template is the file's: say which
+            if str(e).startswith("chat template"):
+                raise GenerationError(f"{self.gguf.path.name}: {e}") from None
+            raise
 
     def chat_stream(self, messages, *, parse_special: bool = False, continue_final_message: bool = False,
                     **kw) -> Iterator[Chunk]:

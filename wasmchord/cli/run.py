@@ -139,7 +139,12 @@ def cmd_generate(a):
     if a.raw or not m.tokenizer.chat_template:
         chunks = m.stream(a.prompt, **options)
     else:  # as llama-cli and mlx_lm.generate do: an instruct model answers a user turn, not raw text
-        chunks = m.chat_stream([{"role": "user", "content": a.prompt}], **options)
+        try:
+            chunks = m.chat_stream([{"role": "user", "content": a.prompt}], **options)
+        except WasmchordError as e:
+            if "chat template" not in str(e):
+                raise
+            raise WasmchordError(f"{e} (--raw sends the prompt without the template)") from None
     s = write_stream(chunks).stats
     if a.stats:
         print(f"[{s.prompt_tokens} prompt tokens in {s.prompt_eval_s:.2f} s, {s.completion_tokens} tokens at "
