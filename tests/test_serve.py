@@ -16,7 +16,7 @@ import httpx
 import numpy as np
 import pytest
 
-from wasmchord import Model
+from wasmchord import Model, Tokenizer
 
 openai = pytest.importorskip("openai") if not os.environ.get("CI") else __import__("openai")
 ROOT = Path(__file__).resolve().parent.parent
@@ -181,6 +181,22 @@ def test_echo_scores_the_prompt(client, lib):
     chat_ids = lib.chat_ids([{"role": "user", "content": "Hi"}])  # its control tokens are echoed as text too
     echoed = client.completions.create(model=MODEL, prompt=chat_ids, max_tokens=0, echo=True).choices[0].text
     assert echoed == lib.tokenizer.decode(chat_ids, skip_special=False) and echoed.startswith("<|im_start|>")
+
+
+def test_an_echoed_prompts_offsets_index_its_text():
+    """A text prompt's BOS (Gemma's tokenizer adds one) has no text, so every token's text_offset points
+    into the echoed text; token ids are echoed with their control tokens' text."""
+    from wasmchord.serve.protocol import completion_logprobs, prompt_chunks
+    tok = Tokenizer.from_gguf("gemma3-270m")
+    ids = tok.encode("Hello world, again")
+    assert ids[0] == tok.bos_id
+    for skip in (True, False):
+        pieces = prompt_chunks(tok, None, ids, skip_special=skip)
+        text = "".join(p.text for p in pieces)
+        lp = completion_logprobs(tok, pieces)
+        assert text == ("" if skip else "<bos>") + "Hello world, again"
+        assert [text[o:o + len(p.text)] for o, p in zip(lp["text_offset"], pieces)] == [p.text for p in pieces]
+        assert lp["tokens"][0] == "<bos>" and lp["token_logprobs"] == [None] * len(ids)
 
 
 def test_a_batch_of_prompts_numbers_its_choices_across_them(client, lib):

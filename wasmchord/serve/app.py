@@ -376,7 +376,7 @@ def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), 
     def echoed(req, echo):
         """(the prompt's text, its chunks) of an echoing completion (`echo`: the prompt's text, None for
         token ids: their text, special tokens included)."""
-        pieces = prompt_chunks(served.model.tokenizer, req.prompt_logprobs, req.prompt)
+        pieces = prompt_chunks(served.model.tokenizer, req.prompt_logprobs, req.prompt, skip_special=echo is not None)
         return ("".join(c.text for c in pieces) if echo is None else echo), pieces
 
     async def complete(request, reqs, queue, rid, kind, chat, calls, one_call, forced, echoes):

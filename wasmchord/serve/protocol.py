@@ -271,10 +271,11 @@ def chat_logprobs(tokenizer, chunks) -> dict:
                         for c in chunks if c.token is not None and c.logprob is not None]}
 
 
-def prompt_chunks(tokenizer, scored: list | None, ids: list[int]) -> list[Chunk]:
+def prompt_chunks(tokenizer, scored: list | None, ids: list[int], *, skip_special: bool) -> list[Chunk]:
     """An echoed prompt as chunks: each token's text piece and, when `scored` (the engine's
-    `Request.prompt_logprobs`), its log-probability and alternatives."""
-    stream, out = tokenizer.stream(skip_special=False), []  # the prompt's text, its control tokens too
+    `Request.prompt_logprobs`), its log-probability and alternatives. `skip_special`: control tokens
+    (a BOS the tokenizer added to a text prompt) have no text; else theirs."""
+    stream, out = tokenizer.stream(skip_special=skip_special), []
     for k, tok in enumerate(ids):
         _, lp, top = scored[k] if scored else (tok, None, None)
         out.append(Chunk(stream.add_token(tok), tok, logprob=lp, top_logprobs=top))
