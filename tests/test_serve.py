@@ -103,6 +103,12 @@ def test_continue_final_message_continues_the_assistants_reply(client, lib):
     with pytest.raises(openai.BadRequestError, match="the last message must be the assistant's") as e:
         client.chat.completions.create(model=MODEL, messages=msgs[:1], max_tokens=2, extra_body=extra)
     assert e.value.body["param"] == "messages"
+    with pytest.raises(openai.BadRequestError, match="continue_final_message and response_format cannot"):
+        client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=2, extra_body=extra,
+                                       response_format={"type": "json_object"})
+    r = httpx.post(client.base_url.join("/tokenize").__str__(), json={"prompt": "hi", **extra},
+                   headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "continue_final_message"
 
 
 def test_completion_stream_with_usage(client, lib):
@@ -136,6 +142,8 @@ def test_logprobs(client, lib):
     lp = c.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
     assert all(len(t) == 2 for t in lp.top_logprobs)
+    zero = client.completions.create(model=MODEL, prompt="Hello", max_tokens=2, temperature=0, logprobs=0).choices[0]
+    assert [list(t) for t in zero.logprobs.top_logprobs] == [[tok] for tok in zero.logprobs.tokens]  # the token itself
 
 
 def lib_logprobs(lib, ids):
@@ -162,8 +170,8 @@ def test_echo_scores_the_prompt(client, lib):
         assert c.text == prompt + gen and r.usage.completion_tokens == max_tokens
         assert len(lp.tokens) == len(ids) + max_tokens and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
         assert np.allclose(lp.token_logprobs[1:len(ids)], want, atol=1e-4)
-        assert all(len(t) == 2 and max(t.values()) >= p - 1e-6
-                   for t, p in zip(lp.top_logprobs[1:], lp.token_logprobs[1:]))
+        for tok, t, p in zip(lp.tokens[1:], lp.top_logprobs[1:], lp.token_logprobs[1:]):  # top 2 and the token
+            assert t[tok] == p and len(t) == (2 if p >= sorted(t.values())[-2] else 3) and max(t.values()) >= p
         assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[len(ids):] == [
             len(prompt) + o for o in np.cumsum([0] + [len(t) for t in lp.tokens[len(ids):-1]])][:max_tokens]
         chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0,
@@ -176,7 +184,7 @@ def test_echo_scores_the_prompt(client, lib):
     full = (ids * 30)[:256]  # a prompt that fills the server's context can be scored (and only scored)
     assert client.completions.create(model=MODEL, prompt=full, max_tokens=0, echo=True, logprobs=0).choices[
         0].logprobs.token_logprobs[1:] == pytest.approx(lib_logprobs(lib, full), abs=1e-3)
-    with pytest.raises(openai.BadRequestError, match="the prompt has 256 tokens; the context holds 256"):
+    with pytest.raises(openai.BadRequestError, match="the prompt has 256 tokens; the context holds 256 and no room"):
         client.completions.create(model=MODEL, prompt=full, max_tokens=1, echo=True)
     chat_ids = lib.chat_ids([{"role": "user", "content": "Hi"}])  # its control tokens are echoed as text too
     echoed = client.completions.create(model=MODEL, prompt=chat_ids, max_tokens=0, echo=True).choices[0].text
@@ -228,6 +236,9 @@ def test_a_batch_of_prompts_numbers_its_choices_across_them(client, lib):
     r = httpx.post(client.base_url.join("completions").__str__(), json={"prompt": "a", "max_tokens": 0},
                    headers={"Authorization": f"Bearer {KEY}"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+    r = httpx.post(client.base_url.join("completions").__str__(), json={"prompt": ["a"] * 40, "n": 2, "max_tokens": 1},
+                   headers={"Authorization": f"Bearer {KEY}"})  # 80 sequences > 4 slots + 32 waiting: never fits
+    assert r.status_code == 400 and "make 80 sequences; this server holds at most 36" in r.json()["error"]["message"]
 
 
 def test_logit_bias(client, lib):

@@ -216,6 +216,9 @@ def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), 
         if b.tools and b.messages is None:
             raise ApiError(400, "tools are counted with messages (as the chat endpoint renders them), not with a "
                                 "prompt", param="tools")
+        if b.continue_final_message and b.messages is None:
+            raise ApiError(400, "continue_final_message goes with messages, not with a prompt",
+                           param="continue_final_message")
         if b.messages is not None:  # the prompt the chat endpoint would evaluate
             if b.tools:
                 check_request_tools(b.tools, "auto")
@@ -254,10 +257,11 @@ def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), 
         logprobs = (b.top_logprobs or 0) if b.logprobs else None
         calls = bool(b.tools) and b.tool_choice != "none"
         constraint = b.constraint()
+        if b.continue_final_message and (grammar or b.response_format and b.response_format.get("type") != "text"):
+            raise ApiError(400, "continue_final_message and " + ("a required tool call" if grammar else "response_format")
+                           + " cannot both shape the reply (the constraint would start after the begun text)",
+                           param="continue_final_message")
         if grammar:
-            if b.continue_final_message:
-                raise ApiError(400, "continue_final_message and a required tool call cannot both shape the reply",
-                               param="continue_final_message")
             if constraint:
                 raise ApiError(400, "response_format and a required tool call cannot both constrain the reply",
                                param="response_format")
@@ -293,12 +297,18 @@ def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), 
         rooms = [ctx - len(ids) + 1 for ids in prompts]  # tokens each can have: the last needs no cache slot
         for i, (ids, room) in enumerate(zip(prompts, rooms)):
             if room < 2 and not (max_tokens == 0 and len(ids) <= ctx):  # max_tokens 0: the prompt alone
+                full = " and no room for a completion token (echo with max_tokens 0 scores it)" \
+                    if len(ids) == ctx and not chat else ""
                 raise ApiError(400, (f"prompt {i}: " if len(prompts) > 1 else "") + f"the prompt has {len(ids)} "
-                               f"tokens; the context holds {ctx}", param="messages" if chat else "prompt",
+                               f"tokens; the context holds {ctx}{full}", param="messages" if chat else "prompt",
                                code="context_length_exceeded")
-        if b.n > served.model.transformer.slots:
-            raise ApiError(400, f"n = {b.n}: this server runs {served.model.transformer.slots} sequences at once "
-                                "(--slots)", param="n")
+        slots = served.model.transformer.slots
+        if b.n > slots:
+            raise ApiError(400, f"n = {b.n}: this server runs {slots} sequences at once (--slots)", param="n")
+        if len(prompts) * b.n > slots + served.engine.max_queue:  # would never fit: not a 503 to retry
+            raise ApiError(400, f"{len(prompts)} prompts x n = {b.n} make {len(prompts) * b.n} sequences; this server "
+                                f"holds at most {slots + served.engine.max_queue} ({slots} running, "
+                                f"{served.engine.max_queue} waiting)", param="prompt")
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 

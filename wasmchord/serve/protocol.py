@@ -293,9 +293,12 @@ def completion_logprobs(tokenizer, chunks, offset: int = 0) -> dict:
         text = tokenizer.token_bytes(c.token, skip_special=False).decode("utf-8", "replace")
         toks.append(text)
         lps.append(c.logprob)  # None for an echoed prompt's first token (nothing predicts it)
-        tops.append(None if c.logprob is None else
-                    {tokenizer.token_bytes(t, skip_special=False).decode("utf-8", "replace"): p
-                     for t, p in c.top_logprobs or []})
+        top = None  # the most likely tokens and the token itself (OpenAI's "up to logprobs + 1")
+        if c.logprob is not None:
+            top = {tokenizer.token_bytes(t, skip_special=False).decode("utf-8", "replace"): p
+                   for t, p in c.top_logprobs or []}
+            top.setdefault(text, c.logprob)
+        tops.append(top)
         offs.append(offset)
         offset += len(c.text)
     return {"tokens": toks, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offs}
