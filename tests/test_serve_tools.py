@@ -57,8 +57,14 @@ def test_streamed_tool_call_deltas(client):
                                                  max_tokens=80, temperature=0, stream=True))
     deltas = [tc for ch in chunks if ch.choices for tc in (ch.choices[0].delta.tool_calls or [])]
     assert deltas[0].id and deltas[0].function.name == "get_weather"
+    assert all(d.id is None and d.function.name is None for d in deltas[1:])
     args = "".join(d.function.arguments or "" for d in deltas)
     jsonschema.validate(json.loads(args), WEATHER["function"]["parameters"])
+    # a forced call streams its arguments as they are written (as OpenAI's and vLLM's do), not at the end
+    assert len([d for d in deltas if d.function.arguments]) > 3
+    whole = client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER], tool_choice="required",
+                                           max_tokens=80, temperature=0).choices[0].message.tool_calls[0]
+    assert args == whole.function.arguments
     assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "tool_calls"
 
 

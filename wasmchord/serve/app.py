@@ -434,10 +434,28 @@ def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), 
         offset = {r: 0 for r in reqs}  # characters of each choice's text sent (completions' text_offset)
         heads = set()  # the choices whose echoed prompt was sent
         index = {r: i for i, r in enumerate(reqs)}  # choices numbered across the prompts
+        live = {}  # a forced call's arguments sent so far, per choice (sent as they are written)
 
         def data(choices, use=None):
             chunk = envelope(chunk_kind, rid, served.name, choices, use, null_usage=b.include_usage)
             return f"data: {json.dumps(chunk)}\n\n"
+
+        def call_deltas(req, calls_now):
+            """The tool-call deltas that bring what was sent of a forced call up to `calls_now` (the
+            call as far as it is written): its id and name once the function is known, then the new
+            text of its arguments."""
+            if not calls_now:
+                return []
+            call, out = calls_now[0], []
+            if req not in live:
+                live[req] = ""
+                out.append({"index": 0, "id": call["id"], "type": "function",
+                            "function": {"name": call["function"]["name"], "arguments": ""}})
+            args, sent = call["function"]["arguments"], live[req]
+            if args.startswith(sent) and len(args) > len(sent):
+                out.append({"index": 0, "function": {"arguments": args[len(sent):]}})
+                live[req] = args
+            return out
         if chat:
             yield data([{"index": index[r], "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                          "finish_reason": None} for r in reqs])
@@ -457,6 +475,10 @@ def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), 
                 if text or lp is not None:
                     part = {"delta": {"content": text}} if chat else {"text": text}
                     yield data([{"index": index[req], **part, "logprobs": lp, "finish_reason": None}])
+                if forced and ch.finish_reason is None:  # a forced call streams as it is written
+                    for delta in call_deltas(req, cut_call(split[req].text, forced)):
+                        yield data([{"index": index[req], "delta": {"tool_calls": [delta]}, "logprobs": None,
+                                     "finish_reason": None}])
                 if ch.finish_reason is not None:
                     finish = ch.finish_reason
                     if calls:
@@ -464,8 +486,12 @@ def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), 
                         found = found[:1] if one_call else found
                         if found and not (forced and finish == "length"):
                             finish = "tool_calls"
-                        if not found and (cut := cut_short(split[req].text, finish, forced)) is not None:
-                            rest, found = "", cut
+                        if forced:  # the rest of the call streamed so far (the grammar's text is not content)
+                            final = found[:1] or cut_short(split[req].text, finish, forced) or []
+                            rest, found = "", []
+                            for delta in call_deltas(req, final):
+                                yield data([{"index": index[req], "delta": {"tool_calls": [delta]},
+                                             "logprobs": None, "finish_reason": None}])
                         if rest:
                             yield data([{"index": index[req], "delta": {"content": rest}, "logprobs": None,
                                          "finish_reason": None}])

@@ -132,7 +132,7 @@ def parse_calls(text: str, names=None) -> tuple[str | None, list[dict]]:
             name, args = obj["name"], obj.get("arguments", {})
         except (json.JSONDecodeError, KeyError, TypeError):
             continue  # not a well-formed call: left out of tool_calls (the text stays below)
-        calls.append(new_call(str(name), args if isinstance(args, str) else json.dumps(args)))
+        calls.append(new_call(str(name), args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)))
     if not calls:
         return text, []
     return (content.strip() or None), calls
@@ -174,7 +174,7 @@ def _bare_call(text: str, names) -> list[dict]:
     if not (isinstance(obj, dict) and set(obj) <= {"name", "arguments"} and obj.get("name") in (names or ())
             and isinstance(obj.get("arguments", {}), dict)):
         return []
-    return [new_call(obj["name"], json.dumps(obj.get("arguments", {})))]
+    return [new_call(obj["name"], json.dumps(obj.get("arguments", {}), ensure_ascii=False))]
 
 
 class CallStream:
