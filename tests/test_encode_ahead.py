@@ -85,8 +85,8 @@ def test_replayed_steps_equal_the_graph(gpu_backend):
     for a, b in zip(replayed, graph):
         assert np.array_equal(a, b)
     be.replay_steps = True
-    a, sa = run(m, ids, SamplingParams(temperature=0.8, seed=11), 8, ahead=True)
-    b, sb = run(m, ids, SamplingParams(temperature=0.8, seed=11), 8, ahead=False)
+    a, sa = run(m, ids, SamplingParams(temperature=0.8, seed=11), 5, ahead=True)  # across 64 too
+    b, sb = run(m, ids, SamplingParams(temperature=0.8, seed=11), 5, ahead=False)
     assert a == b and sa == sb
 
 

@@ -116,7 +116,7 @@ def test_large_vocabularies_match_cpu_sampler(gpu_backend, vocab, head, kw):
     lg = (rng.standard_normal(vocab) * 0.5 - 4).astype(np.float32)
     top = rng.choice(vocab, head, replace=False)
     lg[top] = np.linspace(3.0, 1.0, head) + rng.standard_normal(head).astype(np.float32) * 0.1
-    params, n = SamplingParams(**kw), 1500
+    params, n = SamplingParams(**kw), 1000  # cells of the head expect >= 5 draws (the test's own rule)
     ok, stat, crit = chi_square_ok(gpu_draws(gpu_backend, lg, params, n), expected(lg, params), n)
     assert ok, (stat, crit)
 
