@@ -99,7 +99,8 @@ class Engine:
         likely alternatives. `prompt_logprobs` (0-20): the same for each prompt token after the first
         (`Request.prompt_logprobs`: [(token id, log-probability, alternatives)], None for the first), the
         whole prompt evaluated (its cached prefix is not reused). `max_tokens=0` evaluates the prompt into
-        a slot's cache (to score it, or for later prompts that share its prefix) and generates nothing. `logit_bias` ({token id: -100..100}) is added to the logits before
+        a slot's cache (to score it, or for later prompts that share its prefix) and generates nothing.
+        `logit_bias` ({token id: -100..100}) is added to the logits before
         sampling (-100 bans the token). `notify(request, chunk_or_error)` is called from the engine's
         thread as each is produced (a server bridges it to its event loop).
 
@@ -248,10 +249,7 @@ class Engine:
             if req.evaluated == len(req.prompt):
                 req.state = RUNNING
                 host = np.asarray(self.tf.be.read(logits) if not scoring else logits, np.float32)
-                if req.max_tokens == 0:
-                    self._finish(req, "length")
-                else:
-                    self._sample_and_emit(req, host)
+                self._first_token(req, host)
                 self._fork(req, host)
 
     def _score_prompt(self, req: Request, logits: np.ndarray, pos0: int) -> np.ndarray:
@@ -281,10 +279,7 @@ class Engine:
             req.stats.cached_tokens = len(req.prompt)
             self.busy[slot] = req
             self.active.append(req)
-            if req.max_tokens == 0:
-                self._finish(req, "length")
-            else:
-                self._sample_and_emit(req, logits)
+            self._first_token(req, logits)
 
     def _decode(self):
         """One batched decode over the running sequences whose last token is not yet in their cache."""
@@ -307,6 +302,13 @@ class Engine:
             self.slots[r.slot].tokens.append(r.tokens[-1])
             r.stats.eval_s += dt
             self._sample_and_emit(r, row)
+
+    def _first_token(self, req: Request, logits: np.ndarray):
+        """`req`'s prompt is in its cache: its first token, or its end when it generates nothing."""
+        if req.max_tokens == 0:
+            self._finish(req, "length")
+        else:
+            self._sample_and_emit(req, logits)
 
     def _sample_and_emit(self, req: Request, logits: np.ndarray):
         """Draw `req`'s next token and emit it. Whatever goes wrong here fails this request alone."""

@@ -398,16 +398,13 @@ def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), 
         for i, r in enumerate(reqs):
             cs = chunks[r]
             text = "".join(c.text for c in cs)
+            head, pieces = echoed(r, echoes[r]) if r in echoes else ("", [])
             lp = None
             if r.logprobs is not None:
-                lp = chat_logprobs(tok, cs) if chat else completion_logprobs(tok, cs)
-            if r in echoes:
-                head, pieces = echoed(r, echoes[r])
-                if lp is not None:
-                    lp = completion_logprobs(tok, pieces + cs)
-                    lp["text_offset"][len(pieces):] = [len(head) + o for o in
-                                                       completion_logprobs(tok, cs)["text_offset"]]
-                text = head + text
+                lp = chat_logprobs(tok, cs) if chat else completion_logprobs(tok, cs, len(head))
+                if pieces:  # the echoed prompt's tokens first
+                    lp = {k: v + lp[k] for k, v in completion_logprobs(tok, pieces).items()}
+            text = head + text
             body_, finish = {"role": "assistant", "content": text}, r.finish_reason
             if calls:
                 content, found = parse_calls(text, calls)
