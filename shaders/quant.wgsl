@@ -6,10 +6,11 @@
 //
 // Bindings (group 0):
 //   2 storage q    vec4<u32> packed quants, read    (vec4s per block: see FMT)
-//   3 storage s    f32 block scales, read           (1 per block; 2 per block for FMT 6)
-//   4 storage m    u32 per block, read              (FMT 3: the minimum as f32 bits; FMT 4: bit 4 of the 32 values)
+//   3 storage s    f32 block scales, read           (1 per block; 2 per block for FMT 6 and 7)
+//   4 storage m    u32 per block, read              (FMT 3: the minimum as f32 bits; FMT 4, 7: bit 4 of the 32 values)
 // Override FMT: 0 F32 (8 vec4s) | 1 F16 (4) | 2 Q4 sym, Q4_0 (1) | 3 Q4 with min, Q4_1 and Q4_K (1)
-//               | 4 Q5 sym, Q5_0 (1) | 5 Q8, Q8_0 (2) | 6 Q8 with a scale per 16, Q6_K repacked (2).
+//               | 4 Q5 sym, Q5_0 (1) | 5 Q8, Q8_0 (2) | 6 Q8 with a scale per 16, Q6_K and Q3_K
+//               repacked (2) | 7 Q5 with min, Q5_1 and Q5_K (1; s holds scale, minimum per block).
 // 4-bit words follow GGUF's byte order: in word w of a block, byte i holds element 4w+i (low nibble)
 // and element 16+4w+i (high nibble).
 
@@ -57,7 +58,7 @@ fn i8x4(v: u32) -> vec4<f32> {  // four signed bytes, low byte first
 
 fn f16x4(a: u32, b: u32) -> vec4<f32> { return vec4<f32>(unpack2x16float(a), unpack2x16float(b)); }
 
-// Block gb's 32 raw values: nibbles 0..15 (Q4), 0..31 (Q5) or signed bytes (Q8) before the block
+// Block gb's 32 raw values: nibbles 0..15 (Q4), 0..31 (Q5) or signed bytes (Q8, Q3_K) before the block
 // scale; the values themselves for F32/F16.
 fn block_raw(gb: u32) -> X8 {
     switch FMT {
@@ -80,7 +81,7 @@ fn block_raw(gb: u32) -> X8 {
             return X8(nib4(w.x), nib4(w.y), nib4(w.z), nib4(w.w),
                       nib4(w.x >> 4u), nib4(w.y >> 4u), nib4(w.z >> 4u), nib4(w.w >> 4u));
         }
-        case 4u: {
+        case 4u, 7u: {
             let w = q[gb];
             let h = m[gb];
             return X8(nib4(w.x) + hi4(h, 0u), nib4(w.y) + hi4(h, 4u), nib4(w.z) + hi4(h, 8u),
@@ -108,6 +109,7 @@ fn scaled_dot(gb: u32, v: X8, xs: X8, sx: f32) -> f32 {
         case 2u: { return s[gb] * (x8_dot(v, xs) - 8.0 * sx); }
         case 3u: { return s[gb] * x8_dot(v, xs) + bitcast<f32>(m[gb]) * sx; }
         case 4u: { return s[gb] * (x8_dot(v, xs) - 16.0 * sx); }
+        case 7u: { return s[gb * 2u] * x8_dot(v, xs) + s[gb * 2u + 1u] * sx; }
         case 6u: {
             let d0 = dot(v.v0, xs.v0) + dot(v.v1, xs.v1) + dot(v.v2, xs.v2) + dot(v.v3, xs.v3);
             let d1 = dot(v.v4, xs.v4) + dot(v.v5, xs.v5) + dot(v.v6, xs.v6) + dot(v.v7, xs.v7);
@@ -139,6 +141,12 @@ fn block_values(gb: u32) -> X8 {
             let o = vec4<f32>(16.0);
             return X8(d * (v.v0 - o), d * (v.v1 - o), d * (v.v2 - o), d * (v.v3 - o),
                       d * (v.v4 - o), d * (v.v5 - o), d * (v.v6 - o), d * (v.v7 - o));
+        }
+        case 7u: {
+            let d = s[gb * 2u];
+            let mn = vec4<f32>(s[gb * 2u + 1u]);
+            return X8(d * v.v0 + mn, d * v.v1 + mn, d * v.v2 + mn, d * v.v3 + mn,
+                      d * v.v4 + mn, d * v.v5 + mn, d * v.v6 + mn, d * v.v7 + mn);
         }
         case 6u: {
             let d0 = s[gb * 2u];

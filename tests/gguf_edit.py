@@ -12,8 +12,8 @@ DROP = object()  # a value that removes the key (or tensor)
 
 
 def rewrite(src, dst, metadata=None, tensors=None):
-    """Write `dst`: `src` with `metadata` {key: value or DROP} and `tensors` {name: (array, qtype) or DROP}
-    changed. Unchanged values keep their GGUF value type; unchanged tensors their raw blocks."""
+    """Write `dst`: `src` with `metadata` {key: value or DROP} and `tensors` {name: (array, qtype) or
+    (raw uint8 blocks, qtype, NumPy shape) or DROP} changed. Unchanged values keep their GGUF value type; unchanged tensors their raw blocks."""
     gf = GGUFFile(src)
     metadata, tensors = metadata or {}, tensors or {}
     w = GGUFWriter(None)
@@ -29,7 +29,7 @@ def rewrite(src, dst, metadata=None, tensors=None):
             w.add_tensor(name, np.array(gf.tensor_bytes(name)), qtype=ti.ggml_type, shape=ti.shape)
     for name, v in tensors.items():
         if v is not DROP:
-            data, qtype = v
-            w.add_tensor(name, data, qtype=qtype)
+            data, qtype, *shape = v
+            w.add_tensor(name, data, qtype=qtype, shape=shape[0] if shape else None)
     w.write(dst)
     return dst

@@ -13,7 +13,7 @@ from wasmchord.backends.webgpu import GTensor
 from wasmchord.formats.quants import ggml_type, quantize
 
 pytestmark = pytest.mark.gpu
-GPU_TYPES = ["F32", "F16", "Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q6_K"]
+GPU_TYPES = ["F32", "F16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 CPU = NumpyBackend(weights="f32")  # the exact float32 reference
 
 
@@ -83,15 +83,16 @@ def test_matmul_of_stacked_mixed_types_and_split_bindings(gpu_backend):
     """Q/K/V-style stacking with different types, and rows split across bindings by a small limit."""
     from wasmchord.backends.webgpu import WgpuBackend
     g, rng = WgpuBackend(max_binding_size=4096), np.random.default_rng()
-    parts = [weight("Q4_1", 40, 256, rng), weight("Q8_0", 24, 256, rng), weight("Q6_K", 9, 256, rng)]
+    parts = [weight("Q4_1", 40, 256, rng), weight("Q8_0", 24, 256, rng), weight("Q6_K", 9, 256, rng),
+             weight("Q3_K", 7, 256, rng), weight("Q5_K", 11, 256, rng)]
     W = g.load_matrix(parts)
-    assert len(W.pieces) > 3  # split beyond one piece per part
+    assert len(W.pieces) > 5  # split beyond one piece per part (Q6_K and Q3_K share a GPU format)
     for n in (1, 5):
         x = rng.standard_normal((n, 256)).astype(np.float32)
         close(run_twice(g, lambda: g.matmul(upload(g, x), W)), CPU.matmul(x, CPU.load_matrix(parts)))
 
 
-@pytest.mark.parametrize("name", ["Q8_0", "Q4_K", "Q6_K", "F16"])
+@pytest.mark.parametrize("name", ["Q8_0", "Q4_K", "Q5_K", "Q6_K", "F16"])
 def test_embedding_lookup_from_quantized_table_split_across_bindings(gpu_backend, name):
     from wasmchord.backends.webgpu import WgpuBackend
     g, rng = WgpuBackend(max_binding_size=8192), np.random.default_rng()
@@ -321,7 +322,7 @@ def test_matvec_rows_and_lanes_per_group(gpu_backend, name, rt, lanes):
 # each weight block once for 2-8 rows; more rows take qmatrix.wgsl's tiles) and attend_batch, each row
 # at its own position in its own cache slot, against one-sequence NumPy attention per row.
 @pytest.mark.parametrize("B", [2, 3, 8, 17])
-@pytest.mark.parametrize("name", ["F16", "Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q6_K"])
+@pytest.mark.parametrize("name", ["F16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
 def test_batched_matmul(gpu_backend, name, B):
     g, rng = gpu_backend, np.random.default_rng()
     k = 512

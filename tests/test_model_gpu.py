@@ -275,3 +275,38 @@ def test_the_cli_says_which_adapter_it_chose_and_takes_a_requirement(gpu_backend
     r = subprocess.run([sys.executable, "-m", "wasmchord", "info", "--gpu", "--gpu-backend", "metal"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "no WebGPU adapter on the Metal backend" in r.stderr
+
+
+# Every GGUF weight type the loader decodes also runs on the GPU: Q5_1 and Q5_K in their own format
+# (scale, minimum and high bits per 32), Q3_K repacked as signed bytes with a scale per 16, Q2_K as
+# float32. A tiny Llama converted from transformers, its matrices replaced by random blocks of these
+# types: GPU logits and greedy tokens against the NumPy backend on the same blocks.
+MIXED = {"token_embd": "Q5_K", "attn_q": "Q5_K", "attn_k": "Q3_K", "attn_v": "Q2_K", "attn_output": "Q5_1",
+         "ffn_gate": "Q3_K", "ffn_up": "Q5_1", "ffn_down": "Q5_K", "output": "Q2_K"}
+
+
+def test_every_weight_type_runs_on_the_gpu(gpu_backend, tmp_path, caplog):
+    from gguf_edit import rewrite
+    from test_quants import random_raw
+    from tiny_hf import make_llama
+    from wasmchord.convert import convert
+    from wasmchord.formats.gguf import GGUFFile
+    from wasmchord.formats.quants import ggml_type
+    rng = np.random.default_rng()
+    make_llama(tmp_path / "hf", tokenizer="bytes", hidden=256, ffn=512, heads=4, kv_heads=2)
+    f32 = convert(tmp_path / "hf", tmp_path / "f32.gguf", quant="f32")
+    tensors = {}
+    for name, ti in GGUFFile(f32).tensors.items():
+        kind = name.split(".")[-2]
+        if kind in MIXED:
+            t, shape = ggml_type(MIXED[kind]), tuple(int(n) for n in ti.shape)  # NumPy order
+            tensors[name] = (random_raw(t, shape, rng), t, shape)
+    assert {n.split(".")[-2] for n in tensors} == set(MIXED)
+    path = rewrite(f32, tmp_path / "mixed.gguf", tensors=tensors)
+    g = Model.load(path, device="gpu", context_length=64)
+    c = Model.load(path, device="cpu", weights="f32", context_length=64)
+    assert "no Q2_K GPU format" in caplog.text  # said, not silent
+    ids = c.tokenizer.encode("The quick brown fox jumps over")
+    lg, lc = g.logits(ids), c.logits(ids)
+    assert np.abs(lg - lc).max() < 1e-4 * np.abs(lc).max()
+    assert g.generate(ids, max_tokens=8, temperature=0).tokens == c.generate(ids, max_tokens=8, temperature=0).tokens

@@ -125,7 +125,9 @@ def _deq_q2_k(b, out):  # scales[16], qs[64], d:f16, dmin:f16
     return _scale(dl, q.reshape(n, 16, 16), out.reshape(n, 16, 16), ml, sub=True)
 
 
-def _deq_q3_k(b, out):  # hmask[32], qs[64], scales[12], d:f16
+def q3_k_values(b):
+    """Q3_K blocks -> (signed 3-bit values as int8 [n, 16, 16] in element order, scales d*sc [n, 16, 1]).
+    Shared by the NumPy decoder and the GPU repacker."""
     n = b.shape[0]
     hmask, qs, sc, d = b[:, 0:32], b[:, 32:96], b[:, 96:108], _f16(b[:, 108:110])
     # 16 6-bit scales: low 4 bits from bytes 0..7 (low then high nibble), high 2 bits from bytes 8..11.
@@ -136,8 +138,12 @@ def _deq_q3_k(b, out):  # hmask[32], qs[64], scales[12], d:f16
     ql = (qs.reshape(n, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)).reshape(n, 16, 16) & 3
     qh = (hmask.reshape(n, 1, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 1, 8, 1)).reshape(n, 16, 16) & 1
     # A clear high bit means "subtract 4" (ggml dequantize_row_q3_K).
-    q = ql.astype(np.int8) - ((qh ^ 1) << 2).astype(np.int8)
-    return _scale(dl, q, out.reshape(n, 16, 16))
+    return ql.astype(np.int8) - ((qh ^ 1) << 2).astype(np.int8), dl
+
+
+def _deq_q3_k(b, out):  # hmask[32], qs[64], scales[12], d:f16
+    q, dl = q3_k_values(b)
+    return _scale(dl, q, out.reshape(b.shape[0], 16, 16))
 
 
 def k_scale_min(sc: np.ndarray):
@@ -168,14 +174,21 @@ def _deq_q4_k(b, out):  # d:f16, dmin:f16, scales[12], qs[128]
     return _scale(dl, k4_nibbles(b[:, 16:144]), out.reshape(n, 8, 32), ml, sub=True)
 
 
+def k5_values(b):
+    """Q5_K blocks -> (n, 8, 32) uint8 5-bit values: nibbles as Q4_K's, bit 4 of sub-block j's element l
+    in bit j of qh[l]. Shared by the NumPy decoder and the GPU repacker."""
+    n = b.shape[0]
+    q = k4_nibbles(b[:, 48:176])
+    q |= ((b[:, 16:48].reshape(n, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & 1) << np.uint8(4)
+    return q
+
+
 def _deq_q5_k(b, out):  # d:f16, dmin:f16, scales[12], qh[32], qs[128]
     n = b.shape[0]
     d, dmin = _f16(b[:, 0:2]), _f16(b[:, 2:4])
     sc, m = k_scale_min(b[:, 4:16])
     dl, ml = (d * sc).reshape(n, 8, 1), (dmin * m).reshape(n, 8, 1)
-    q = k4_nibbles(b[:, 48:176])
-    q |= ((b[:, 16:48].reshape(n, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & 1) << np.uint8(4)
-    return _scale(dl, q, out.reshape(n, 8, 32), ml, sub=True)
+    return _scale(dl, k5_values(b), out.reshape(n, 8, 32), ml, sub=True)
 
 
 def q6_k_values(b):

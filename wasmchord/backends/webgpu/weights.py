@@ -4,16 +4,21 @@ binding would exceed the device's limit."""
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from ...errors import UnsupportedError
-from ...formats.quants import k4_nibbles, k_scale_min, q6_k_values
+from ...formats.quants import dequantize, k4_nibbles, k5_values, k_scale_min, q3_k_values, q6_k_values
 from ..base import WeightSource
 
-# GPU formats: 0 F32, 1 F16, 2 Q4 sym, 3 Q4 + min, 4 Q5 sym, 5 Q8, 6 Q8 with a scale per 16
-WORDS = {0: 32, 1: 16, 2: 4, 3: 4, 4: 4, 5: 8, 6: 8}   # u32 words per 32-element block (a multiple of 4)
-FMT_NAMES = {0: "f32", 1: "f16", 2: "q4", 3: "q4m", 4: "q5", 5: "q8", 6: "q8/16"}
-SCALES_PER_BLOCK = {6: 2}
+log = logging.getLogger(__name__)
+
+# GPU formats: 0 F32, 1 F16, 2 Q4 sym, 3 Q4 + min, 4 Q5 sym, 5 Q8, 6 Q8 with a scale per 16, 7 Q5 + min
+WORDS = {0: 32, 1: 16, 2: 4, 3: 4, 4: 4, 5: 8, 6: 8, 7: 4}   # u32 words per 32-element block (a multiple of 4)
+FMT_NAMES = {0: "f32", 1: "f16", 2: "q4", 3: "q4m", 4: "q5", 5: "q8", 6: "q8/16", 7: "q5m"}
+SCALES_PER_BLOCK = {6: 2, 7: 2}
+SUPPORTED = "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K (as float32), Q3_K, Q4_K, Q5_K, Q6_K"
 
 
 class Piece:
@@ -45,6 +50,16 @@ def _pack_q4(v):
     return _u32((v[:, :16] | (v[:, 16:] << 4)).astype(np.uint8))
 
 
+def _hi_bits(v):
+    """(n, 32) values 0..31 -> (n,) u32 whose bit e is bit 4 of element e."""
+    return _u32(np.packbits((v >> 4) & 1, axis=-1, bitorder="little")).reshape(-1)
+
+
+def _interleave(a, b):
+    """Two (n,) f32 arrays -> (2n,) a0 b0 a1 b1 ... (a scale and a minimum per block)."""
+    return np.stack([a.reshape(-1), b.reshape(-1)], axis=-1).astype(np.float32).reshape(-1)
+
+
 def repack(src: WeightSource):
     """A GGUF tensor -> (fmt, quant words [blocks, words], scales, mins) for qmatrix.wgsl."""
     t, raw = src.qtype.name, src.raw
@@ -62,6 +77,8 @@ def repack(src: WeightSource):
         return 3, _u32(b[:, 4:20]), _f16col(b, 0), _f16col(b, 2)
     if t == "Q5_0":  # the 32 high bits (one u32 per block) go where the minimums go
         return 4, _u32(b[:, 6:22]), _f16col(b, 0), _u32(b[:, 2:6]).reshape(-1)
+    if t == "Q5_1":  # scale and minimum interleaved in s, the 32 high bits in m
+        return 7, _u32(b[:, 8:24]), _interleave(_f16col(b, 0), _f16col(b, 2)), _u32(b[:, 4:8]).reshape(-1)
     if t == "Q8_0":
         return 5, _u32(b[:, 2:34]), _f16col(b, 0), None
     if t == "Q4_K":  # 8 sub-blocks of 32 with scale d*sc and min dmin*m (exact in f32)
@@ -70,11 +87,22 @@ def repack(src: WeightSource):
         sc, mn = k_scale_min(b[:, 4:16])
         v = k4_nibbles(b[:, 16:144]).reshape(n * 8, 32)
         return 3, _pack_q4(v), (d * sc).reshape(-1), (-(dmin * mn)).reshape(-1)
+    if t == "Q5_K":  # Q4_K's sub-blocks with the high bits in m
+        n = b.shape[0]
+        d, dmin = _f16col(b, 0)[:, None], _f16col(b, 2)[:, None]
+        sc, mn = k_scale_min(b[:, 4:16])
+        v = k5_values(b).reshape(n * 8, 32)
+        return 7, _pack_q4(v & 15), _interleave(d * sc, -(dmin * mn)), _hi_bits(v)
     if t == "Q6_K":  # int8 values q-32 in element order, a scale d*sc per 16
         q, dl = q6_k_values(b)
         return 6, _u32(q.reshape(-1, 32)), dl.reshape(-1), None
-    raise UnsupportedError(f"{src.name}: the GPU backend does not support {t} weights "
-                           f"(supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K)")
+    if t == "Q3_K":  # int8 values -4..3 in element order, a scale d*sc per 16 (8 bits per weight)
+        q, dl = q3_k_values(b)
+        return 6, _u32(q.reshape(-1, 32)), dl.reshape(-1), None
+    if t == "Q2_K":  # a scale and a minimum per 16: no GPU format of ours has both; float32
+        log.warning("%s: no Q2_K GPU format; dequantized to float32 at load (4 bytes per weight)", src.name)
+        return 0, _u32(dequantize(raw, src.qtype, src.shape, what=src.name)).reshape(-1, 32), None, None
+    raise UnsupportedError(f"{src.name}: the GPU backend does not support {t} weights (supported: {SUPPORTED})")
 
 
 def upload_matrix(gpu, parts: list[WeightSource], dummy) -> GMatrix:
