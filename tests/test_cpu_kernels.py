@@ -102,7 +102,7 @@ def test_dequantized_rows_are_bit_identical_to_numpy(name):
     np.testing.assert_array_equal(QuantMatrix(parts).rows(ids), reference(parts)[ids])
 
 
-@pytest.mark.parametrize("name", ["Q2_K", "Q3_K"])
+@pytest.mark.parametrize("name", ["Q2_K"])
 def test_types_without_a_kernel_are_dequantized_at_load(name, caplog):
     rng = np.random.default_rng()
     parts = [source(name, 9, 256, rng, label="blk.0.ffn_up.weight")]
@@ -111,6 +111,23 @@ def test_types_without_a_kernel_are_dequantized_at_load(name, caplog):
     assert f"no {name} kernel" in caplog.text and "blk.0.ffn_up.weight" in caplog.text
     x = rng.standard_normal((2, 256)).astype(np.float32)
     close(W.matmul(x, np.empty(256, np.float32)), x @ reference(parts).T)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 40])
+def test_q3_k_runs_as_q6_k_blocks_with_the_same_values(n, caplog):
+    """Q3_K has no kernel of its own: its blocks become Q6_K blocks of the same values at load (no
+    float32 copy, no warning), in one run with a neighbouring Q6_K part; rows and products as NumPy's
+    decoding of the Q3_K bytes gives them."""
+    rng = np.random.default_rng()
+    parts = [source("Q3_K", 70, 512, rng), source("Q6_K", 9, 512, rng)]
+    with caplog.at_level(logging.WARNING):
+        W = QuantMatrix(parts)
+    assert "kernel" not in caplog.text
+    assert [(r.qtype, r.rows, r.f32) for r in W.runs] == [("Q6_K", 79, None)]
+    ids = np.array([69, 0, 7, 3])
+    np.testing.assert_array_equal(QuantMatrix(parts[:1]).rows(ids), reference(parts)[ids])  # an embedding table
+    x = rng.standard_normal((n, 512)).astype(np.float32)
+    close(W.matmul(x, np.empty(K.R * 512, np.float32)), x @ reference(parts).T)
 
 
 def test_type_without_a_decoder_is_a_clear_error():

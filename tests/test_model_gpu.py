@@ -279,13 +279,14 @@ def test_the_cli_says_which_adapter_it_chose_and_takes_a_requirement(gpu_backend
 
 # Every GGUF weight type the loader decodes also runs on the GPU: Q5_1 and Q5_K in their own format
 # (scale, minimum and high bits per 32), Q3_K repacked as signed bytes with a scale per 16, Q2_K as
-# float32. A tiny Llama converted from transformers, its matrices replaced by random blocks of these
-# types: GPU logits and greedy tokens against the NumPy backend on the same blocks.
+# float32; on the CPU's kernels Q3_K runs as Q6_K blocks. A tiny Llama converted from transformers, its
+# matrices replaced by random blocks of these types: GPU logits and greedy tokens, and the CPU kernels'
+# logits, against the exact NumPy backend on the same blocks.
 MIXED = {"token_embd": "Q5_K", "attn_q": "Q5_K", "attn_k": "Q3_K", "attn_v": "Q2_K", "attn_output": "Q5_1",
          "ffn_gate": "Q3_K", "ffn_up": "Q5_1", "ffn_down": "Q5_K", "output": "Q2_K"}
 
 
-def test_every_weight_type_runs_on_the_gpu(gpu_backend, tmp_path, caplog):
+def test_every_weight_type_runs_on_both_backends(gpu_backend, tmp_path, caplog):
     from gguf_edit import rewrite
     from test_quants import random_raw
     from tiny_hf import make_llama
@@ -303,10 +304,12 @@ def test_every_weight_type_runs_on_the_gpu(gpu_backend, tmp_path, caplog):
             tensors[name] = (random_raw(t, shape, rng), t, shape)
     assert {n.split(".")[-2] for n in tensors} == set(MIXED)
     path = rewrite(f32, tmp_path / "mixed.gguf", tensors=tensors)
+    ref = Model.load(path, device="cpu", weights="f32", context_length=64)
     g = Model.load(path, device="gpu", context_length=64)
-    c = Model.load(path, device="cpu", weights="f32", context_length=64)
     assert "no Q2_K GPU format" in caplog.text  # said, not silent
-    ids = c.tokenizer.encode("The quick brown fox jumps over")
-    lg, lc = g.logits(ids), c.logits(ids)
-    assert np.abs(lg - lc).max() < 1e-4 * np.abs(lc).max()
-    assert g.generate(ids, max_tokens=8, temperature=0).tokens == c.generate(ids, max_tokens=8, temperature=0).tokens
+    k = Model.load(path, device="cpu", activations="f32", context_length=64)
+    ids = ref.tokenizer.encode("The quick brown fox jumps over")
+    want = ref.logits(ids)
+    for m in (g, k):
+        assert np.abs(m.logits(ids) - want).max() < 1e-4 * np.abs(want).max()
+    assert g.generate(ids, max_tokens=8, temperature=0).tokens == ref.generate(ids, max_tokens=8, temperature=0).tokens

@@ -155,3 +155,14 @@ def test_every_tensor_of_real_model_matches_gguf(model, request):
         b = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
         assert a.shape == b.shape, t.name
         assert np.array_equal(a.view(np.uint32), b.view(np.uint32)), t.name
+
+
+def test_q3_k_as_q6_k_blocks_decode_to_the_same_values():
+    """The CPU backend runs Q3_K as Q6_K blocks: the transcoding is exact, block by block."""
+    from wasmchord.formats.quants import q3_k_as_q6_k
+    rng = np.random.default_rng()
+    q3, q6 = ggml_type("Q3_K"), ggml_type("Q6_K")
+    raw = random_raw(q3, (6, 768), rng)
+    got = q3_k_as_q6_k(raw)
+    assert got.size == 6 * 3 * q6.type_size
+    np.testing.assert_array_equal(dequantize(got, q6, (6, 768)), dequantize(raw, q3, (6, 768)))

@@ -9,8 +9,8 @@ CPUs with AVX-512 VNNI, the integer kernel (`activations`: "int16", two int8 pla
 logits within a few 1e-4 of float32; "int8", one plane, as llama.cpp). One or two rows take the one-token
 integer kernel for its types (VNNI's, or AVX2's for Q4_K and Q6_K). `prefill = "sgemm"` instead
 decodes tiles of rows into a reused float32 buffer and multiplies them with BLAS sgemm. F32 runs and
-types without a kernel (Q2_K, Q3_K: dequantized at load, with a warning) are float32 arrays
-multiplied by BLAS. Embedding lookups decode their rows from the file's own blocks.
+types without a kernel (Q2_K: dequantized at load, with a warning) are float32 arrays multiplied by
+BLAS; Q3_K is rewritten at load as the same values in Q6_K blocks. Embedding lookups decode their rows from the file's own blocks.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..formats.quants import dequantize, dequantize_rows
+from ..formats.quants import dequantize, dequantize_rows, ggml_type, q3_k_as_q6_k
 from .base import WeightSource
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,15 @@ def _release(raw: np.ndarray):
     base.madvise(mmap.MADV_DONTNEED, first, start + raw.size - first)
 
 
+def _with_kernel(p: WeightSource) -> WeightSource:
+    """Q3_K, which has no kernel, as the same values in Q6_K blocks (6.6 bits per weight, not float32's 32)."""
+    if p.qtype.name != "Q3_K":
+        return p
+    q6 = WeightSource(p.name, q3_k_as_q6_k(p.raw), ggml_type("Q6_K"), p.shape)
+    _release(p.raw)
+    return q6
+
+
 class QuantMatrix:
     """A weight matrix [rows, k]: `parts` stacked by rows, kept in their blocks (see the module docstring)."""
 
@@ -114,8 +123,9 @@ class QuantMatrix:
         K = _kernels()
         k = parts[0].shape[1]
         self.shape = (sum(p.shape[0] for p in parts), k)
+        self.parts = parts  # the file's blocks, for rows()
+        parts = [_with_kernel(p) for p in parts]
         self.nbytes = sum(p.raw.size for p in parts)
-        self.parts = parts
         self.runs: list[_Run] = []
         i = c0 = 0
         while i < len(parts):
