@@ -22,7 +22,7 @@ from wasmchord.backends.quantized import QuantMatrix
 from wasmchord.errors import UnsupportedError
 from wasmchord.formats.quants import dequantize, ggml_type
 
-KERNEL_TYPES = ["F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]
+KERNEL_TYPES = ["F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS"]
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -114,16 +114,19 @@ def test_types_without_a_kernel_are_dequantized_at_load(name, caplog):
 
 
 @pytest.mark.parametrize("n", [1, 2, 5, 40])
-def test_q3_k_runs_as_q6_k_blocks_with_the_same_values(n, caplog):
-    """Q3_K has no kernel of its own: its blocks become Q6_K blocks of the same values at load (no
-    float32 copy, no warning), in one run with a neighbouring Q6_K part; rows and products as NumPy's
-    decoding of the Q3_K bytes gives them."""
+@pytest.mark.parametrize("name,kernel_type", [("Q3_K", "Q6_K"), ("IQ4_NL", "Q8_0")])
+def test_types_held_exactly_by_another_kernel_type_run_as_it(name, kernel_type, n, caplog):
+    """Q3_K and IQ4_NL have no kernels of their own: their blocks become Q6_K and Q8_0 blocks of the
+    same values at load (no float32 copy, no warning), in one run with a neighbouring part of that
+    type; rows and products as NumPy's decoding of the file's bytes gives them."""
     rng = np.random.default_rng()
-    parts = [source("Q3_K", 70, 512, rng), source("Q6_K", 9, 512, rng)]
+    parts = [source(name, 70, 512, rng), source(kernel_type, 9, 512, rng)]
     with caplog.at_level(logging.WARNING):
         W = QuantMatrix(parts)
     assert "kernel" not in caplog.text
-    assert [(r.qtype, r.rows, r.f32) for r in W.runs] == [("Q6_K", 79, None)]
+    assert [(r.qtype, r.rows, r.f32) for r in W.runs] == [(kernel_type, 79, None)]
+    kt = ggml_type(kernel_type)
+    assert W.nbytes == 79 * 512 // kt.block_size * kt.type_size  # what the products read
     ids = np.array([69, 0, 7, 3])
     np.testing.assert_array_equal(QuantMatrix(parts[:1]).rows(ids), reference(parts)[ids])  # an embedding table
     x = rng.standard_normal((n, 512)).astype(np.float32)
@@ -502,3 +505,25 @@ def test_kernel_benchmark_times_another_checkout_alternately(tmp_path):
         assert b"wasmchord_against" not in f.read_bytes(), f
     r = subprocess.run(tool + ["--against", str(tmp_path / "none")], capture_output=True, text=True, timeout=600)
     assert r.returncode != 0 and "no wasmchord/__init__.py" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("lookup", ["_iq4_gather", "_iq4_pshufb"])
+def test_iq4_table_lookups_give_the_table_values(lookup):
+    """IQ4_XS's lookup of both nibbles of R bytes: vpshufb where AVX2 is (the kernel's path here), and
+    the plain indexed fallback of other CPUs, each against the table indexed by NumPy."""
+    from numba import njit
+    if lookup == "_iq4_pshufb" and not K.HAS_AVX2:
+        pytest.skip("vpshufb needs AVX2")
+    f = getattr(K, lookup)
+
+    @njit
+    def run(src, si, lo, hi):
+        f(src, si, lo, hi)
+
+    rng = np.random.default_rng()
+    src = rng.integers(0, 256, 3 * K.R, dtype=np.uint8)
+    lo, hi = np.full(K.R, np.nan, np.float32), np.full(K.R, np.nan, np.float32)
+    run(src, K.R, lo, hi)
+    byte = src[K.R:2 * K.R]
+    np.testing.assert_array_equal(lo, K._IQ4[byte & 15])
+    np.testing.assert_array_equal(hi, K._IQ4[byte >> 4])

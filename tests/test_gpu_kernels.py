@@ -13,7 +13,8 @@ from wasmchord.backends.webgpu import GTensor
 from wasmchord.formats.quants import ggml_type, quantize
 
 pytestmark = pytest.mark.gpu
-GPU_TYPES = ["F32", "F16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+GPU_TYPES = ["F32", "F16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL",
+             "IQ4_XS"]
 CPU = NumpyBackend(weights="f32")  # the exact float32 reference
 
 
@@ -66,8 +67,8 @@ def test_matmul_every_type(gpu_backend, name, n, rows, k, sums):
         pytest.skip("the device has no usable subgroups") if not os.environ.get("CI") else \
             pytest.fail("CI runs on lavapipe, whose subgroups the matvec uses")
     saved, g.subgroup_size = g.subgroup_size, (g.subgroup_size if sums == "subgroup" else None)
-    if name.endswith("_K"):
-        k = -(-k // 256) * 256  # K-quant blocks span 256 values
+    if ggml_type(name).block_size == 256:
+        k = -(-k // 256) * 256  # K-quant and IQ4_XS blocks span 256 values
     src = weight(name, rows, k, rng)
     x = rng.standard_normal((n, k)).astype(np.float32)
     bias = rng.standard_normal(rows).astype(np.float32)
@@ -92,7 +93,7 @@ def test_matmul_of_stacked_mixed_types_and_split_bindings(gpu_backend):
         close(run_twice(g, lambda: g.matmul(upload(g, x), W)), CPU.matmul(x, CPU.load_matrix(parts)))
 
 
-@pytest.mark.parametrize("name", ["Q8_0", "Q4_K", "Q5_K", "Q6_K", "F16"])
+@pytest.mark.parametrize("name", ["Q8_0", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS", "F16"])
 def test_embedding_lookup_from_quantized_table_split_across_bindings(gpu_backend, name):
     from wasmchord.backends.webgpu import WgpuBackend
     g, rng = WgpuBackend(max_binding_size=8192), np.random.default_rng()
@@ -322,7 +323,8 @@ def test_matvec_rows_and_lanes_per_group(gpu_backend, name, rt, lanes):
 # each weight block once for 2-8 rows; more rows take qmatrix.wgsl's tiles) and attend_batch, each row
 # at its own position in its own cache slot, against one-sequence NumPy attention per row.
 @pytest.mark.parametrize("B", [2, 3, 8, 17])
-@pytest.mark.parametrize("name", ["F16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("name", ["F16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
+                                  "IQ4_NL", "IQ4_XS"])
 def test_batched_matmul(gpu_backend, name, B):
     g, rng = gpu_backend, np.random.default_rng()
     k = 512

@@ -8,14 +8,16 @@ from wasmchord.formats.gguf import GGUFFile
 from wasmchord.formats.quants import GGML_TYPES, dequantize, dequantize_rows, ggml_type, quantize
 from wasmchord.errors import UnsupportedError
 
-DEQ_TYPES = ["F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+DEQ_TYPES = ["F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
+             "IQ4_NL", "IQ4_XS"]
 QUANT_TYPES = ["F16", "Q4_0", "Q4_1", "Q8_0"]
 SHAPES = [(1, 256), (3, 512), (7, 768), (2, 3, 256)]
 
 # Byte offsets of the f16 scales inside each block (ggml-common.h): kept finite so that random bytes
 # never encode NaN/Inf scales (whose NaN payloads are not part of the format).
 F16_FIELDS = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0],
-              "Q2_K": [80, 82], "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
+              "Q2_K": [80, 82], "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208],
+              "IQ4_NL": [0], "IQ4_XS": [0]}
 
 
 def random_raw(t, shape, rng):

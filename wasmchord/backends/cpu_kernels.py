@@ -608,6 +608,70 @@ def _q6_k_bytes(tg, k, sink):
                 _interleave_six(blk, (64 * h + l) * R, (128 + 32 * h + l) * R, wq, (256 * b + 128 * h + l) * R)
 
 
+_IQ4 = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.float32)  # kvalues_iq4nl
+
+
+@intrinsic
+def _iq4_pshufb(typingctx, src, si, lo, hi):
+    """lo[r], hi[r] = kvalues[low nibble], kvalues[high nibble] of byte src[si + r], r < R, as float32:
+    the 16-entry table looked up by vpshufb (AVX2, 32 bytes per instruction), where indexing a table
+    compiles to gathers (5x Q4_K's matvec time)."""
+    def codegen(context, builder, sig, args):
+        i8, i32 = ir.IntType(8), ir.IntType(32)
+        v32, idx = ir.VectorType(i8, 32), ir.VectorType(i32, 32)
+        table = ir.Constant(v32, [int(v) & 0xFF for v in _IQ4.astype(np.int8)] * 2)
+        fn = builder.module.declare_intrinsic("llvm.x86.avx2.pshuf.b", (), ir.FunctionType(v32, [v32, v32]))
+        v = builder.load(_pointer(context, builder, sig.args[0], args[0], args[1], ir.VectorType(i8, R)), align=1)
+        for nib, out, ai in ((builder.and_(v, ir.Constant(v.type, [15] * R)), lo, 2),
+                             (builder.lshr(v, ir.Constant(v.type, [4] * R)), hi, 3)):
+            parts = [builder.call(fn, [table, builder.shuffle_vector(nib, nib, ir.Constant(idx, list(range(h, h + 32))))])
+                     for h in range(0, R, 32)]
+            vals = parts[0] if R == 32 else builder.shuffle_vector(parts[0], parts[1], ir.Constant(
+                ir.VectorType(i32, R), list(range(R))))
+            f = builder.sitofp(builder.sext(vals, ir.VectorType(i32, R)), ir.VectorType(ir.FloatType(), R))
+            builder.store(f, _pointer(context, builder, sig.args[ai], args[ai], ir.Constant(ir.IntType(64), 0),
+                                      f.type), align=4)
+        return context.get_dummy_value()
+    return types.void(src, si, lo, hi), codegen
+
+
+@njit(inline="always")
+def _iq4_gather(src, si, lo, hi):
+    """`_iq4_pshufb` without AVX2: the table indexed value by value."""
+    for r in range(R):
+        lo[r] = _IQ4[src[si + r] & 15]
+        hi[r] = _IQ4[src[si + r] >> 4]
+
+
+_iq4_lookup = _iq4_pshufb if _target_has("avx2") else _iq4_gather
+
+
+def _iq4_xs_values(tg, k, sink):
+    """IQ4_XS (d, scales_h:u16, scales_l[4], qs[128]): value i of sub-block j of 32 is
+    d * (ls_j - 32) * kvalues[n], n the low (i < 16) or high nibble of qs[16j + i % 16]; ls_j's low 4
+    bits are nibble j % 2 of scales_l[j // 2], its high 2 bits 2j, 2j + 1 of scales_h (ggml
+    dequantize_row_iq4_xs). The table's values take no offset or minimum: into a dot product or a tile
+    alike, the table's values for a byte's two nibbles at once, the scale once per sub-block."""
+    d, a = carray(_vector(), R), carray(_vector(), R)
+    lo, hi = carray(_vector(), R), carray(_vector(), R)
+    for b in range(k // 256):
+        blk = tg[b * 136 * R:(b + 1) * 136 * R]
+        _halves(blk, 0, d)
+        for j in range(8):
+            sl, sh = _field(blk, 4 + j // 2), _field(blk, 2 + j // 4)
+            for r in range(R):
+                a[r] = d[r] * _bits(sl[r], 4 * (j % 2), sh[r], 2 * (j % 4), 3, np.float32(-32))
+            c = 256 * b + 32 * j
+            for i in range(16):
+                _prefetch(blk, (8 + 16 * j + i) * R + AHEAD)
+                _iq4_lookup(blk, (8 + 16 * j + i) * R, lo, hi)
+                for r in range(R):
+                    _put(sink, c + i, r, lo[r], a, None)
+                for r in range(R):
+                    _put(sink, c + 16 + i, r, hi[r], a, None)
+            _scale(sink, c, 32, a, None)
+
+
 # The table: marker name -> (its decoder into a dot product, into float32 values, into the integer
 # kernel's bytes; the constant arguments, of which each decoder takes the first it names). Types not
 # here are dequantized at load by the caller.
@@ -622,6 +686,7 @@ _DECODERS = {
     "q4_k": (_k4_dot, _k4_values, _q4_k_bytes, (144, False)),
     "q5_k": (_k4_dot, _k4_values, _k4_values, (176, True)),
     "q6_k": (_q6_k_dot, _q6_k_values, _q6_k_bytes, ()),
+    "iq4_xs": (_iq4_xs_values, _iq4_xs_values, None, ()),  # not an integer-kernel type (INT_TYPES)
 }
 KERNEL_TYPES = frozenset(name.upper() for name in _DECODERS)
 
@@ -659,7 +724,7 @@ def _chunk_cols(marker):
 
 @overload(_chunk_cols, inline="always")
 def _chunk_cols_typed(marker):
-    cols = CHUNK if next(iter(marker.dtype.fields)).endswith("_k") else SMALL_CHUNK
+    cols = CHUNK if next(iter(marker.dtype.fields)) in ("q4_k", "q5_k", "q6_k", "iq4_xs") else SMALL_CHUNK
     return lambda marker: cols
 
 

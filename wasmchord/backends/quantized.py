@@ -9,8 +9,8 @@ CPUs with AVX-512 VNNI, the integer kernel (`activations`: "int16", two int8 pla
 logits within a few 1e-4 of float32; "int8", one plane, as llama.cpp). One or two rows take the one-token
 integer kernel for its types (VNNI's, or AVX2's for Q4_K and Q6_K). `prefill = "sgemm"` instead
 decodes tiles of rows into a reused float32 buffer and multiplies them with BLAS sgemm. F32 runs and
-types without a kernel (Q2_K: dequantized at load, with a warning) are float32 arrays multiplied by
-BLAS; Q3_K is rewritten at load as the same values in Q6_K blocks. Embedding lookups decode their rows from the file's own blocks.
+types without a kernel (Q2_K: dequantized at load, with a warning) are float32 arrays
+multiplied by BLAS; Q3_K and IQ4_NL are rewritten at load as the same values in Q6_K and Q8_0 blocks. Embedding lookups decode their rows from the file's own blocks.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..formats.quants import dequantize, dequantize_rows, ggml_type, q3_k_as_q6_k
+from ..formats.quants import dequantize, dequantize_rows, ggml_type, iq4_nl_as_q8_0, q3_k_as_q6_k
 from .base import WeightSource
 
 log = logging.getLogger(__name__)
@@ -102,13 +102,18 @@ def _release(raw: np.ndarray):
     base.madvise(mmap.MADV_DONTNEED, first, start + raw.size - first)
 
 
+TRANSCODE = {"Q3_K": ("Q6_K", q3_k_as_q6_k), "IQ4_NL": ("Q8_0", iq4_nl_as_q8_0)}
+
+
 def _with_kernel(p: WeightSource) -> WeightSource:
-    """Q3_K, which has no kernel, as the same values in Q6_K blocks (6.6 bits per weight, not float32's 32)."""
-    if p.qtype.name != "Q3_K":
+    """A type without a kernel whose values another type's blocks hold exactly, as those blocks (Q3_K as
+    Q6_K: 6.6 bits per weight; IQ4_NL as Q8_0: 8.5), rather than float32's 32."""
+    if p.qtype.name not in TRANSCODE:
         return p
-    q6 = WeightSource(p.name, q3_k_as_q6_k(p.raw), ggml_type("Q6_K"), p.shape)
+    name, transcode = TRANSCODE[p.qtype.name]
+    out = WeightSource(p.name, transcode(p.raw), ggml_type(name), p.shape)
     _release(p.raw)
-    return q6
+    return out
 
 
 class QuantMatrix:

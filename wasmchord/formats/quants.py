@@ -232,6 +232,48 @@ def _deq_q6_k(b, out):  # ql[128], qh[64], scales:int8[16], d:f16
     return _scale(dl, q, out.reshape(b.shape[0], 16, 16))
 
 
+# ---------------------------------------------------------------------------- non-linear 4-bit (IQ4)
+
+IQ4_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int8)  # kvalues_iq4nl
+
+
+def iq4_nl_values(b):
+    """IQ4_NL blocks (d:f16, qs[16]) -> (int8 table values [n, 32] in element order, d [n, 1])."""
+    return IQ4_VALUES[_nibbles(b[:, 2:18])], _f16(b[:, 0:2])
+
+
+def iq4_xs_values(b):
+    """IQ4_XS blocks (d:f16, scales_h:u16, scales_l[4], qs[128]) -> (int8 table values [n, 8, 32] in
+    element order, scales d * (ls - 32) [n, 8, 1]); sub-block j's 6-bit ls: low 4 bits from nibble j of
+    scales_l, high 2 from bits 2j, 2j+1 of scales_h."""
+    n = b.shape[0]
+    lo = (b[:, 4:8].reshape(n, 4, 1) >> np.array([0, 4], np.uint8).reshape(1, 1, 2)).reshape(n, 8) & 0xF
+    h = np.ascontiguousarray(b[:, 2:4]).view(np.uint16) >> (2 * np.arange(8, dtype=np.uint16)).reshape(1, 8)
+    ls = (lo | ((h & 3).astype(np.uint8) << 4)).astype(np.int8) - np.int8(32)
+    dl = (_f16(b[:, 0:2]) * ls.astype(np.float32)).reshape(n, 8, 1)
+    return IQ4_VALUES[_nibbles(b[:, 8:136].reshape(n * 8, 16))].reshape(n, 8, 32), dl
+
+
+def _deq_iq4_nl(b, out):
+    q, d = iq4_nl_values(b)
+    return _scale(d, q, out)
+
+
+def _deq_iq4_xs(b, out):
+    q, dl = iq4_xs_values(b)
+    return _scale(dl, q, out.reshape(b.shape[0], 8, 32))
+
+
+def iq4_nl_as_q8_0(raw: np.ndarray) -> np.ndarray:
+    """IQ4_NL blocks -> the same values as Q8_0 blocks, exactly (d kept, the table's values as int8):
+    34 bytes per 32 values instead of 18, read by the Q8_0 kernels."""
+    b = raw.reshape(-1, 18)
+    out = np.empty((b.shape[0], 34), np.uint8)
+    out[:, 0:2] = b[:, 0:2]
+    out[:, 2:34] = iq4_nl_values(b)[0].view(np.uint8)
+    return out.reshape(-1)
+
+
 # ---------------------------------------------------------------------------- quantizers (converter)
 
 def _pack_nibbles(q: np.ndarray) -> np.ndarray:
@@ -295,8 +337,8 @@ _TABLE = [
     (14, "Q6_K", 256, 210, _deq_q6_k, None), (15, "Q8_K", 256, 292, None, None),
     (16, "IQ2_XXS", 256, 66, None, None), (17, "IQ2_XS", 256, 74, None, None),
     (18, "IQ3_XXS", 256, 98, None, None), (19, "IQ1_S", 256, 50, None, None),
-    (20, "IQ4_NL", 32, 18, None, None), (21, "IQ3_S", 256, 110, None, None),
-    (22, "IQ2_S", 256, 82, None, None), (23, "IQ4_XS", 256, 136, None, None),
+    (20, "IQ4_NL", 32, 18, _deq_iq4_nl, None), (21, "IQ3_S", 256, 110, None, None),
+    (22, "IQ2_S", 256, 82, None, None), (23, "IQ4_XS", 256, 136, _deq_iq4_xs, None),
     (24, "I8", 1, 1, None, None), (25, "I16", 1, 2, None, None), (26, "I32", 1, 4, None, None),
     (27, "I64", 1, 8, None, None), (28, "F64", 1, 8, None, None), (29, "IQ1_M", 256, 56, None, None),
     (30, "BF16", 1, 2, _deq_bf16, None), (34, "TQ1_0", 256, 54, None, None),

@@ -9,7 +9,8 @@ import logging
 import numpy as np
 
 from ...errors import UnsupportedError
-from ...formats.quants import dequantize, k4_nibbles, k5_values, k_scale_min, q3_k_values, q6_k_values
+from ...formats.quants import (dequantize, iq4_nl_values, iq4_xs_values, k4_nibbles, k5_values, k_scale_min,
+                               q3_k_values, q6_k_values)
 from ..base import WeightSource
 
 log = logging.getLogger(__name__)
@@ -18,7 +19,7 @@ log = logging.getLogger(__name__)
 WORDS = {0: 32, 1: 16, 2: 4, 3: 4, 4: 4, 5: 8, 6: 8, 7: 4}   # u32 words per 32-element block (a multiple of 4)
 FMT_NAMES = {0: "f32", 1: "f16", 2: "q4", 3: "q4m", 4: "q5", 5: "q8", 6: "q8/16", 7: "q5m"}
 SCALES_PER_BLOCK = {6: 2, 7: 2}
-SUPPORTED = "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K (as float32), Q3_K, Q4_K, Q5_K, Q6_K"
+SUPPORTED = "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K (as float32), Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS"
 
 
 class Piece:
@@ -99,6 +100,12 @@ def repack(src: WeightSource):
     if t == "Q3_K":  # int8 values -4..3 in element order, a scale d*sc per 16 (8 bits per weight)
         q, dl = q3_k_values(b)
         return 6, _u32(q.reshape(-1, 32)), dl.reshape(-1), None
+    if t == "IQ4_NL":  # the table's values as signed bytes, d per 32
+        q, d = iq4_nl_values(b)
+        return 5, _u32(q), d.reshape(-1), None
+    if t == "IQ4_XS":  # the same, with a scale d * (ls - 32) per 32
+        q, dl = iq4_xs_values(b)
+        return 5, _u32(q.reshape(-1, 32)), dl.reshape(-1), None
     if t == "Q2_K":  # a scale and a minimum per 16: no GPU format of ours has both; float32
         log.warning("%s: no Q2_K GPU format; dequantized to float32 at load (4 bytes per weight)", src.name)
         return 0, _u32(dequantize(raw, src.qtype, src.shape, what=src.name)).reshape(-1, 32), None, None
