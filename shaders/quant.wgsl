@@ -6,11 +6,12 @@
 //
 // Bindings (group 0):
 //   2 storage q    vec4<u32> packed quants, read    (vec4s per block: see FMT)
-//   3 storage s    f32 block scales, read           (1 per block; 2 per block for FMT 6 and 7)
+//   3 storage s    f32 block scales, read           (1 per block; 2 for FMT 6 and 7; 4 for FMT 8)
 //   4 storage m    u32 per block, read              (FMT 3: the minimum as f32 bits; FMT 4, 7: bit 4 of the 32 values)
 // Override FMT: 0 F32 (8 vec4s) | 1 F16 (4) | 2 Q4 sym, Q4_0 (1) | 3 Q4 with min, Q4_1 and Q4_K (1)
 //               | 4 Q5 sym, Q5_0 (1) | 5 Q8, Q8_0 (2) | 6 Q8 with a scale per 16, Q6_K and Q3_K
-//               repacked (2) | 7 Q5 with min, Q5_1 and Q5_K (1; s holds scale, minimum per block).
+//               repacked (2) | 7 Q5 with min, Q5_1 and Q5_K (1; s holds scale, minimum per block)
+//               | 8 Q4 with a scale and a minimum per 16, Q2_K repacked (1; s: scale, minimum, scale, minimum).
 // 4-bit words follow GGUF's byte order: in word w of a block, byte i holds element 4w+i (low nibble)
 // and element 16+4w+i (high nibble).
 
@@ -76,7 +77,7 @@ fn block_raw(gb: u32) -> X8 {
             return X8(f16x4(a.x, a.y), f16x4(a.z, a.w), f16x4(b.x, b.y), f16x4(b.z, b.w),
                       f16x4(c.x, c.y), f16x4(c.z, c.w), f16x4(d.x, d.y), f16x4(d.z, d.w));
         }
-        case 2u, 3u: {
+        case 2u, 3u, 8u: {
             let w = q[gb];
             return X8(nib4(w.x), nib4(w.y), nib4(w.z), nib4(w.w),
                       nib4(w.x >> 4u), nib4(w.y >> 4u), nib4(w.z >> 4u), nib4(w.w >> 4u));
@@ -110,6 +111,13 @@ fn scaled_dot(gb: u32, v: X8, xs: X8, sx: f32) -> f32 {
         case 3u: { return s[gb] * x8_dot(v, xs) + bitcast<f32>(m[gb]) * sx; }
         case 4u: { return s[gb] * (x8_dot(v, xs) - 16.0 * sx); }
         case 7u: { return s[gb * 2u] * x8_dot(v, xs) + s[gb * 2u + 1u] * sx; }
+        case 8u: {
+            let d0 = dot(v.v0, xs.v0) + dot(v.v1, xs.v1) + dot(v.v2, xs.v2) + dot(v.v3, xs.v3);
+            let d1 = dot(v.v4, xs.v4) + dot(v.v5, xs.v5) + dot(v.v6, xs.v6) + dot(v.v7, xs.v7);
+            let h = xs.v0 + xs.v1 + xs.v2 + xs.v3;
+            let sx0 = h.x + h.y + h.z + h.w;
+            return s[gb * 4u] * d0 + s[gb * 4u + 1u] * sx0 + s[gb * 4u + 2u] * d1 + s[gb * 4u + 3u] * (sx - sx0);
+        }
         case 6u: {
             let d0 = dot(v.v0, xs.v0) + dot(v.v1, xs.v1) + dot(v.v2, xs.v2) + dot(v.v3, xs.v3);
             let d1 = dot(v.v4, xs.v4) + dot(v.v5, xs.v5) + dot(v.v6, xs.v6) + dot(v.v7, xs.v7);
@@ -141,6 +149,14 @@ fn block_values(gb: u32) -> X8 {
             let o = vec4<f32>(16.0);
             return X8(d * (v.v0 - o), d * (v.v1 - o), d * (v.v2 - o), d * (v.v3 - o),
                       d * (v.v4 - o), d * (v.v5 - o), d * (v.v6 - o), d * (v.v7 - o));
+        }
+        case 8u: {
+            let d0 = s[gb * 4u];
+            let m0 = vec4<f32>(s[gb * 4u + 1u]);
+            let d1 = s[gb * 4u + 2u];
+            let m1 = vec4<f32>(s[gb * 4u + 3u]);
+            return X8(d0 * v.v0 + m0, d0 * v.v1 + m0, d0 * v.v2 + m0, d0 * v.v3 + m0,
+                      d1 * v.v4 + m1, d1 * v.v5 + m1, d1 * v.v6 + m1, d1 * v.v7 + m1);
         }
         case 7u: {
             let d = s[gb * 2u];

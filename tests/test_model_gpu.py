@@ -278,16 +278,16 @@ def test_the_cli_says_which_adapter_it_chose_and_takes_a_requirement(gpu_backend
 
 
 # Every GGUF weight type the loader decodes also runs on the GPU: Q5_1 and Q5_K in their own format
-# (scale, minimum and high bits per 32), Q3_K repacked as signed bytes with a scale per 16, IQ4_NL and
-# IQ4_XS as signed bytes with a scale per 32, Q2_K as float32; on the CPU's kernels Q3_K runs as Q6_K
-# blocks and IQ4_NL as Q8_0. A tiny Llama converted from transformers, its
+# (scale, minimum and high bits per 32), Q2_K as 4-bit words with a scale and a minimum per 16, Q3_K
+# repacked as signed bytes with a scale per 16, IQ4_NL and IQ4_XS as signed bytes with a scale per 32;
+# on the CPU Q2_K and IQ4_XS have kernels, Q3_K runs as Q6_K blocks and IQ4_NL as Q8_0. A tiny Llama converted from transformers, its
 # matrices replaced by random blocks of these types: GPU logits and greedy tokens, and the CPU kernels'
 # logits, against the exact NumPy backend on the same blocks.
 MIXED = {"token_embd": "Q5_K", "attn_q": "Q5_K", "attn_k": "Q3_K", "attn_v": "Q2_K", "attn_output": "Q5_1",
          "ffn_gate": "IQ4_NL", "ffn_up": "IQ4_XS", "ffn_down": "Q3_K", "output": "Q2_K"}
 
 
-def test_every_weight_type_runs_on_both_backends(gpu_backend, tmp_path, caplog):
+def test_every_weight_type_runs_on_both_backends(gpu_backend, tmp_path):
     from gguf_edit import rewrite
     from test_quants import random_raw
     from tiny_hf import make_llama
@@ -307,7 +307,6 @@ def test_every_weight_type_runs_on_both_backends(gpu_backend, tmp_path, caplog):
     path = rewrite(f32, tmp_path / "mixed.gguf", tensors=tensors)
     ref = Model.load(path, device="cpu", weights="f32", context_length=64)
     g = Model.load(path, device="gpu", context_length=64)
-    assert "no Q2_K GPU format" in caplog.text  # said, not silent
     k = Model.load(path, device="cpu", activations="f32", context_length=64)
     ids = ref.tokenizer.encode("The quick brown fox jumps over")
     want = ref.logits(ids)

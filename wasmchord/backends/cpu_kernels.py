@@ -608,6 +608,34 @@ def _q6_k_bytes(tg, k, sink):
                 _interleave_six(blk, (64 * h + l) * R, (128 + 32 * h + l) * R, wq, (256 * b + 128 * h + l) * R)
 
 
+def _q2_k_values(tg, k, sink):
+    """Q2_K (scales[16], qs[64], d, dmin): value l of group s of half h (l < 32) is bits 2s, 2s + 1 of
+    qs[32h + l]; its sub-block of 16 is 8h + 2s + l // 16, whose byte of scales holds the scale (low
+    nibble, times d) and the minimum (high nibble, times dmin, subtracted) (ggml dequantize_row_q2_K).
+    `_bits` gives the 2-bit value as its high field, 16 q, so the scale is taken / 16 (exact)."""
+    d, dmin = carray(_vector(), R), carray(_vector(), R)
+    a, m = carray(_vector(), R), carray(_vector(), R)
+    zero, z8, sixteenth = np.float32(0), np.uint8(0), np.float32(1 / 16)
+    for b in range(k // 256):
+        blk = tg[b * 84 * R:(b + 1) * 84 * R]
+        _halves(blk, 80, d)
+        _halves(blk, 82, dmin)
+        for h in range(2):
+            for s in range(4):
+                for l0 in range(0, 32, 16):
+                    sc = _field(blk, 8 * h + 2 * s + l0 // 16)
+                    for r in range(R):
+                        a[r] = d[r] * _bits(sc[r], 0, sc[r], 0, 0, zero) * sixteenth
+                        m[r] = -(dmin[r] * _bits(sc[r], 4, sc[r], 0, 0, zero))
+                    c = 256 * b + 128 * h + 32 * s + l0
+                    for i in range(16):
+                        _prefetch(blk, (16 + 32 * h + l0 + i) * R + AHEAD)
+                        q = _field(blk, 16 + 32 * h + l0 + i)
+                        for r in range(R):
+                            _put(sink, c + i, r, _bits(z8, 0, q[r], 2 * s, 3, zero), a, m)
+                    _scale(sink, c, 16, a, m)
+
+
 _IQ4 = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.float32)  # kvalues_iq4nl
 
 
@@ -686,7 +714,8 @@ _DECODERS = {
     "q4_k": (_k4_dot, _k4_values, _q4_k_bytes, (144, False)),
     "q5_k": (_k4_dot, _k4_values, _k4_values, (176, True)),
     "q6_k": (_q6_k_dot, _q6_k_values, _q6_k_bytes, ()),
-    "iq4_xs": (_iq4_xs_values, _iq4_xs_values, None, ()),  # not an integer-kernel type (INT_TYPES)
+    "q2_k": (_q2_k_values, _q2_k_values, None, ()),      # these two are not integer-kernel types (INT_TYPES)
+    "iq4_xs": (_iq4_xs_values, _iq4_xs_values, None, ()),
 }
 KERNEL_TYPES = frozenset(name.upper() for name in _DECODERS)
 
@@ -724,7 +753,7 @@ def _chunk_cols(marker):
 
 @overload(_chunk_cols, inline="always")
 def _chunk_cols_typed(marker):
-    cols = CHUNK if next(iter(marker.dtype.fields)) in ("q4_k", "q5_k", "q6_k", "iq4_xs") else SMALL_CHUNK
+    cols = CHUNK if next(iter(marker.dtype.fields)) in ("q2_k", "q4_k", "q5_k", "q6_k", "iq4_xs") else SMALL_CHUNK
     return lambda marker: cols
 
 

@@ -114,7 +114,9 @@ def _deq_q8_0(b, out):  # d:f16, qs:int8[32]
 
 # ---------------------------------------------------------------------------- K-quants (256-element)
 
-def _deq_q2_k(b, out):  # scales[16], qs[64], d:f16, dmin:f16
+def q2_k_values(b):
+    """Q2_K blocks -> (2-bit values uint8 [n, 16, 16] in element order, scales d*sc and minimums dmin*m
+    [n, 16, 1] per 16). Shared by the NumPy decoder and the GPU repacker."""
     n = b.shape[0]
     scales = b[:, 0:16]
     d, dmin = _f16(b[:, 80:82]), _f16(b[:, 82:84])
@@ -122,7 +124,12 @@ def _deq_q2_k(b, out):  # scales[16], qs[64], d:f16, dmin:f16
     ml = (dmin * (scales >> 4).astype(np.float32)).reshape(n, 16, 1)
     # qs: 2 halves of 32 bytes; each byte holds 4 2-bit values for 4 groups of 32 elements.
     q = (b[:, 16:80].reshape(n, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)) & 3
-    return _scale(dl, q.reshape(n, 16, 16), out.reshape(n, 16, 16), ml, sub=True)
+    return q.reshape(n, 16, 16), dl, ml
+
+
+def _deq_q2_k(b, out):  # scales[16], qs[64], d:f16, dmin:f16
+    q, dl, ml = q2_k_values(b)
+    return _scale(dl, q, out.reshape(b.shape[0], 16, 16), ml, sub=True)
 
 
 def _q3_k_scales(b):

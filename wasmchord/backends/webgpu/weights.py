@@ -4,22 +4,19 @@ binding would exceed the device's limit."""
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 
 from ...errors import UnsupportedError
-from ...formats.quants import (dequantize, iq4_nl_values, iq4_xs_values, k4_nibbles, k5_values, k_scale_min,
+from ...formats.quants import (iq4_nl_values, iq4_xs_values, k4_nibbles, k5_values, k_scale_min, q2_k_values,
                                q3_k_values, q6_k_values)
 from ..base import WeightSource
 
-log = logging.getLogger(__name__)
-
-# GPU formats: 0 F32, 1 F16, 2 Q4 sym, 3 Q4 + min, 4 Q5 sym, 5 Q8, 6 Q8 with a scale per 16, 7 Q5 + min
-WORDS = {0: 32, 1: 16, 2: 4, 3: 4, 4: 4, 5: 8, 6: 8, 7: 4}   # u32 words per 32-element block (a multiple of 4)
-FMT_NAMES = {0: "f32", 1: "f16", 2: "q4", 3: "q4m", 4: "q5", 5: "q8", 6: "q8/16", 7: "q5m"}
-SCALES_PER_BLOCK = {6: 2, 7: 2}
-SUPPORTED = "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K (as float32), Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS"
+# GPU formats: 0 F32, 1 F16, 2 Q4 sym, 3 Q4 + min, 4 Q5 sym, 5 Q8, 6 Q8 with a scale per 16, 7 Q5 + min,
+# 8 Q4 with a scale and a minimum per 16
+WORDS = {0: 32, 1: 16, 2: 4, 3: 4, 4: 4, 5: 8, 6: 8, 7: 4, 8: 4}   # u32 words per 32-element block (a multiple of 4)
+FMT_NAMES = {0: "f32", 1: "f16", 2: "q4", 3: "q4m", 4: "q5", 5: "q8", 6: "q8/16", 7: "q5m", 8: "q4m/16"}
+SCALES_PER_BLOCK = {6: 2, 7: 2, 8: 4}
+SUPPORTED = "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS"
 
 
 class Piece:
@@ -106,9 +103,10 @@ def repack(src: WeightSource):
     if t == "IQ4_XS":  # the same, with a scale d * (ls - 32) per 32
         q, dl = iq4_xs_values(b)
         return 5, _u32(q.reshape(-1, 32)), dl.reshape(-1), None
-    if t == "Q2_K":  # a scale and a minimum per 16: no GPU format of ours has both; float32
-        log.warning("%s: no Q2_K GPU format; dequantized to float32 at load (4 bytes per weight)", src.name)
-        return 0, _u32(dequantize(raw, src.qtype, src.shape, what=src.name)).reshape(-1, 32), None, None
+    if t == "Q2_K":  # 2-bit values in 4-bit words; scale, minimum, scale, minimum per 32 (8 bits per weight)
+        q, dl, ml = q2_k_values(b)
+        s = np.stack([dl[:, 0::2], -ml[:, 0::2], dl[:, 1::2], -ml[:, 1::2]], axis=-1).reshape(-1)
+        return 8, _pack_q4(q.reshape(-1, 32)), s.astype(np.float32), None
     raise UnsupportedError(f"{src.name}: the GPU backend does not support {t} weights (supported: {SUPPORTED})")
 
 
