@@ -94,7 +94,7 @@ def repack(src: WeightSource):
     if t == "Q6_K":  # int8 values q-32 in element order, a scale d*sc per 16
         q, dl = q6_k_values(b)
         return 6, _u32(q.reshape(-1, 32)), dl.reshape(-1), None
-    if t == "Q3_K":  # int8 values -4..3 in element order, a scale d*sc per 16 (8 bits per weight)
+    if t == "Q3_K":  # int8 values -4..3 in element order, a scale d*sc per 16 (10 bits per weight)
         q, dl = q3_k_values(b)
         return 6, _u32(q.reshape(-1, 32)), dl.reshape(-1), None
     if t == "IQ4_NL":  # the table's values as signed bytes, d per 32
