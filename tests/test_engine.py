@@ -231,6 +231,28 @@ def test_the_queue_holds_what_the_free_slots_do_not_take(cpu):
         none.submit("b", max_tokens=1)
 
 
+def test_a_cancelled_request_leaves_its_place_at_once(cpu):
+    """A client that disconnects and retries at once finds the place its cancelled request held, in
+    the queue or in a slot, though that request leaves only at the next step."""
+    eng = Engine(cpu, max_queue=0)
+    held = eng.submit("a", max_tokens=50, n=4)
+    eng.step()                                      # admitted: all four slots busy
+    assert all(r.slot is not None for r in held)
+    with pytest.raises(QueueFull):
+        eng.submit("b", max_tokens=1)
+    eng.cancel(held[2])
+    (b,) = eng.submit("b", max_tokens=1)            # takes held[2]'s slot at the next step
+    with pytest.raises(QueueFull):
+        eng.submit("c", max_tokens=1)
+    eng.cancel(b)                                   # cancelled while still queued
+    eng.submit("c", max_tokens=1)
+    eng.step()
+    assert held[2].finish_reason == "cancelled" and b.finish_reason == "cancelled"
+    for r in held:
+        eng.cancel(r)
+    eng.step()
+
+
 def test_a_request_that_fails_does_not_stop_the_others(cpu, monkeypatch):
     """Non-finite logits in one row: that request fails with a GenerationError naming the cause, the
     rest of the batch completes."""

@@ -135,7 +135,9 @@ class Engine:
                 raise GenerationError("the engine was stopped: start() it again before submitting")
             self.tf._check_open()
             # requests that would find no free slot at the next step: the ones queued, these, less free slots
-            waiting = len(self.waiting) + len(self._inbox) - self.busy.count(None)
+            # (a cancelled request leaves its place in the queue or its slot at that step: it counts as gone)
+            free = sum(r is None or r.cancelled for r in self.busy)
+            waiting = sum(not r.cancelled for r in self.waiting) + sum(not r.cancelled for r in self._inbox) - free
             if waiting + n > self.max_queue:
                 raise QueueFull(f"the engine's queue is full ({max(waiting, 0)} requests waiting for a slot, "
                                 f"max_queue {self.max_queue})")
