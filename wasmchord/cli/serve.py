@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import socket
 import sys
+import threading
 
 from .. import hub
 from .files import resolve
 from .run import add_device_options, backend_options
+
+STOP_GRACE = 2.0  # s past --shutdown-timeout for the requests the engine then fails to get their errors out
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
 
 
 def add_serve(sub):
@@ -75,13 +82,17 @@ def cmd_serve(a):
             first, engine = not self.should_exit, app.state.served.engine
             super().handle_exit(sig, frame)  # first: a failed print must not lose the signal
             if first and engine is not None and (engine.running or engine.queued):
+                # At the timeout the engine fails what is left (EngineStopped): each client gets a 503 or
+                # an error event, written within uvicorn's own timeout, which comes STOP_GRACE s later.
+                threading.Timer(a.shutdown_timeout, engine.stop).start()
                 try:
-                    print(f"wasmchord: shutting down: {engine.running} requests running and {engine.queued} "
-                          f"waiting get up to {a.shutdown_timeout:g} s to finish", file=sys.stderr, flush=True)
+                    print(f"wasmchord: shutting down: {plural(engine.running, 'request')} running and "
+                          f"{engine.queued} waiting get up to {a.shutdown_timeout:g} s to finish",
+                          file=sys.stderr, flush=True)
                 except RuntimeError:  # the signal came while the main thread wrote to stderr
                     pass
     config = uvicorn.Config(app, host=a.host, port=a.port, log_level="warning",
-                            timeout_graceful_shutdown=a.shutdown_timeout)
+                            timeout_graceful_shutdown=a.shutdown_timeout + STOP_GRACE)
     server = Server(config)
     if failed:  # the load ended before the server existed
         server.should_exit = True

@@ -55,6 +55,10 @@ class QueueFull(GenerationError):
     """The engine's waiting queue is full."""
 
 
+class EngineStopped(GenerationError):
+    """The engine was stopped before the request finished (a server shutting down)."""
+
+
 class Engine:
     """Continuous batching over the model's KV cache slots (`Model.load(..., slots=N)`).
 
@@ -80,6 +84,7 @@ class Engine:
         self._inbox: list[Request] = []
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
+        self._stop_lock = threading.Lock()  # one stop() at a time: a second finds nothing left to fail
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._stopped = False  # stop() ended its thread: submissions would wait for no one
@@ -398,24 +403,26 @@ class Engine:
         self._thread.start()
 
     def stop(self):
-        """End the engine's thread after its current step. Requests still waiting or running fail with a
-        GenerationError, which their readers get; the engine can be started again."""
-        with self._wake:
-            self._stopping = True
-            self._wake.notify()
-        thread = self._thread
-        if thread is not None:
-            thread.join()
-            self._thread = None
-            if self.model.serving is self:
-                self.model.serving = None
-        with self._lock:
-            self._stopped = self._stopped or thread is not None
-            left = self.active + list(self.waiting) + self._inbox
-            self.waiting.clear()
-            self._inbox.clear()
-        for req in left:
-            self._fail(req, GenerationError("the engine was stopped before this request finished"))
+        """End the engine's thread after its current step. Requests still waiting or running fail with
+        EngineStopped (a GenerationError), which their readers get; the engine can be started again.
+        Safe to call from any thread, and more than once."""
+        with self._stop_lock:
+            with self._wake:
+                self._stopping = True
+                self._wake.notify()
+            thread = self._thread
+            if thread is not None:
+                thread.join()
+                self._thread = None
+                if self.model.serving is self:
+                    self.model.serving = None
+            with self._lock:
+                self._stopped = self._stopped or thread is not None
+                left = self.active + list(self.waiting) + self._inbox
+                self.waiting.clear()
+                self._inbox.clear()
+            for req in left:
+                self._fail(req, EngineStopped("the engine was stopped before this request finished"))
 
     def _loop(self):
         while True:

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from ..constrain import Constraint
-from ..engine import QueueFull
+from ..engine import EngineStopped, QueueFull
 from ..errors import GenerationError, WasmchordError
 from .metrics import Metrics
 from ..text.chat_template import takes_tools
@@ -367,6 +367,9 @@ def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), 
                     checked = time.monotonic()
                 if item is None:
                     continue
+                if isinstance(item, EngineStopped):  # the server's shutdown timeout ran out
+                    raise ApiError(503, "the server shut down before this request finished", kind="server_error",
+                                   code="shutting_down")
                 if isinstance(item, BaseException):
                     served.metrics.count("wasmchord_request_errors_total")
                     raise ApiError(500, f"generation failed: {item}", kind="server_error")
