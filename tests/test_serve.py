@@ -460,6 +460,12 @@ def test_bad_requests_get_openai_errors(server, client):
     for field, value in (("temperature", "0.5"), ("stream", "yes"), ("max_tokens", True), ("prompt", [True])):
         r = httpx.post(server + "/v1/completions", headers=h, json={"prompt": "Hi", field: value})
         assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+    for field, value in (("temperature", "NaN"), ("repeat_penalty", "Infinity"), ("top_p", "-Infinity")):
+        r = httpx.post(server + "/v1/completions", headers=h, content=f'{{"prompt": "Hi", "{field}": {value}}}')
+        assert r.status_code == 400 and r.json()["error"]["param"] == field and "finite" in r.text, r.text
+    r = httpx.post(server + "/v1/chat/completions", headers=h, json={"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": "data:,"}}]}]})
+    assert r.status_code == 400 and "type 'image_url'" in r.text and "text parts only" in r.text, r.text
     r = httpx.post(server + "/v1/completions", content=b" " * (33 * 2**20), headers=h)
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
     r = httpx.post(server + "/v1/completions", content="[" * 100_000 + "]" * 100_000, headers=h)
@@ -472,6 +478,15 @@ def test_bad_requests_get_openai_errors(server, client):
     assert httpx.head(server + "/health").status_code == 200
     # the server still serves everyone after all of that
     assert client.completions.create(model=MODEL, prompt="Hi", max_tokens=2).choices[0].text is not None
+
+
+def test_top_k_minus_one_means_off(client):
+    """vLLM's and llama.cpp's clients send top_k = -1 for "no top-k": the same draws as top_k = 0."""
+    kw = dict(model=MODEL, prompt="Once upon a time", max_tokens=6, temperature=1, seed=7)
+    off = [client.completions.create(**kw, extra_body={"top_k": k}).choices[0].text for k in (-1, 0)]
+    assert off[0] == off[1]
+    with pytest.raises(openai.BadRequestError, match="top_k"):
+        client.completions.create(**kw, extra_body={"top_k": -2})
 
 
 def test_null_means_the_default(server, lib):

@@ -33,7 +33,8 @@ STRICT = ConfigDict(strict=True)  # a value of the wrong JSON type is a 400 (no 
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)  # unknown fields are ignored, as OpenAI's API does
+    # unknown fields are ignored, as OpenAI's API does; NaN and infinities are never a parameter's value
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
 
     model: str | None = None
     stream: bool = False
@@ -41,7 +42,7 @@ class _Body(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)
+    top_k: int | None = Field(None, ge=-1)  # -1 or 0: off (vLLM's and llama.cpp's -1)
     min_p: float | None = Field(None, ge=0, le=1)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
@@ -110,6 +111,8 @@ class _Body(BaseModel):
                      "repeat_penalty", "seed", "logit_bias"):
             if getattr(self, name) is not None:
                 args[name] = getattr(self, name)
+        if args.get("top_k") == -1:
+            args["top_k"] = 0
         return args
 
 
@@ -125,6 +128,15 @@ class Message(BaseModel):
     content: Union[str, list[TextPart], None] = None
     tool_calls: list[dict] | None = None
     tool_call_id: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, v):
+        for part in v if isinstance(v, list) else ():
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind not in (None, "text"):
+                raise ValueError(f"a content part of type {kind!r}: this server reads text parts only")
+        return v
 
     def text(self) -> str:
         if isinstance(self.content, list):
