@@ -67,6 +67,36 @@ def test_prefix_reuse_evaluates_only_the_new_tokens(cpu):
     assert second.tokens == cpu.generate(second.prompt, max_tokens=4, temperature=0).tokens
 
 
+def test_a_prefix_held_by_a_busy_slot_is_copied_not_evaluated(cpu):
+    """A request admitted while another one runs on a prompt with the same head (a shared system prompt;
+    a further sample of the prompt that found no free slot when its first was prefilled) copies that
+    slot's cache and evaluates only the rest; its tokens are the ones it gets alone."""
+    system = "You are a helpful assistant who answers briefly and precisely, in plain words. "
+    ban = {t: -100 for t in cpu.tokenizer.eot_ids}  # nothing ends early: slots free when cancelled
+    eng = Engine(cpu)
+    busy = [eng.submit(p, max_tokens=60, temperature=0, logit_bias=ban)[0] for p in PROMPTS[:2]]
+    first = eng.submit(system + "What is the boiling point of water?", max_tokens=60, temperature=0,
+                       logit_bias=ban)[0]
+    other = eng.submit(PROMPTS[2], max_tokens=60, temperature=0, logit_bias=ban)[0]
+    eng.step()                                      # all four slots busy
+    leader, follower = eng.submit(system + "Name a prime number.", max_tokens=4, temperature=0, n=2,
+                                  logit_bias=ban)
+    eng.cancel(busy[0])
+    eng.step()                                      # the leader takes that slot, copying `first`'s head
+    shared = len(cpu.tokenizer.encode(system)) - 1
+    assert leader.stats.cached_tokens >= shared and leader.slot != first.slot
+    assert follower.slot is None                    # no free slot to fork the leader's prefill to
+    eng.cancel(busy[1])
+    eng.step()                                      # the follower copies the leader's running slot
+    assert follower.stats.cached_tokens == len(follower.prompt) - 1 and not leader.done
+    eng.run([leader, follower])
+    alone = cpu.generate(leader.prompt, max_tokens=4, temperature=0, logit_bias=ban).tokens
+    assert leader.tokens == follower.tokens == alone
+    for r in (first, other):
+        eng.cancel(r)
+    eng.step()
+
+
 def test_chunked_prefill_equals_one_shot(cpu):
     """A prompt evaluated 7 tokens per step, while another sequence decodes, gives the tokens it gives
     evaluated at once, and its last position's logits agree to the precision of the path: float32

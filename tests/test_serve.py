@@ -475,7 +475,8 @@ def test_bad_requests_get_openai_errors(server, client):
     assert r.status_code == 200, r.text  # an unknown field, deep but within the parser's depth: ignored
     r = httpx.delete(server + "/v1/chat/completions", headers=h)
     assert r.status_code == 405 and "POST" in r.headers.get("allow", "") and r.json()["error"]["message"]
-    assert httpx.head(server + "/health").status_code == 200
+    for path in ("/health", "/metrics", "/v1/models", f"/v1/models/{MODEL}"):  # as load balancers probe
+        assert httpx.head(server + path, headers=h).status_code == 200, path
     # the server still serves everyone after all of that
     assert client.completions.create(model=MODEL, prompt="Hi", max_tokens=2).choices[0].text is not None
 

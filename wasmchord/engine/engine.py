@@ -51,6 +51,9 @@ def token_logprobs(logits: np.ndarray, toks, k: int) -> list[tuple[float, list]]
     return [(float(c), [(int(i), float(v)) for i, v in zip(ti, tv)]) for c, ti, tv in zip(chosen, top, top_z)]
 
 
+COPY_GAIN = 8  # prompt tokens another slot's cache must save before it is copied rather than evaluated
+
+
 class QueueFull(GenerationError):
     """The engine's waiting queue is full."""
 
@@ -197,8 +200,9 @@ class Engine:
 
     def _admit(self):
         """Waiting requests into free slots, in arrival order: each takes the free slot whose cached
-        tokens share the longest prefix with its prompt. A further sample of a prompt (n > 1) waits
-        while its first sample is prefilling: it then copies that prefill (`_fork`)."""
+        tokens share the longest prefix with its prompt, or copies a longer one from a busy slot
+        (`_copy_prefix`). A further sample of a prompt (n > 1) waits while its first sample is
+        prefilling: it then copies that prefill (`_fork`)."""
         for req in list(self.waiting):
             if None not in self.busy:
                 return
@@ -210,14 +214,35 @@ class Engine:
             slot = max(free, key=lambda i: (shared[i], -i))
             seq = self.slots[slot]
             seq.claim()
-            req.evaluated = min(shared[slot], len(req.prompt) - 1)  # the last prompt token gives the logits
-            if req.prompt_logprobs_k is not None:  # every prompt position's logits are needed
-                req.evaluated = 0
+            have = shared[slot] if req.prompt_logprobs_k is None else 0  # scoring needs every position's logits
+            if req.prompt_logprobs_k is None:
+                have = self._copy_prefix(req.prompt, slot, have)
+            req.evaluated = min(have, len(req.prompt) - 1)  # the last prompt token gives the logits
             req.stats.cached_tokens = req.evaluated
             seq.tokens = seq.tokens[:req.evaluated]
             req.slot, req.state = slot, PREFILL
             self.busy[slot] = req
             self.active.append(req)
+
+    def _copy_prefix(self, prompt: list[int], slot: int, have: int) -> int:
+        """When a busy slot holds at least COPY_GAIN more tokens of `prompt` than the `have` that `slot`
+        holds (another sample of the prompt, admitted after its first had begun decoding; a system prompt
+        that a running request shares), its cache is copied into `slot`. Returns the prompt tokens `slot`
+        then holds."""
+        best, src = have, None
+        for i, r in enumerate(self.busy):
+            if r is not None and i != slot and (n := self._shared(self.slots[i], prompt)) > best:
+                best, src = n, i
+        if src is None or best - have < COPY_GAIN:
+            return have
+        try:
+            self.tf.be.copy_kv(self.tf.cache, src, slot, best)
+        except Exception:  # the slot may hold part of the copy: it evaluates the whole prompt
+            log.warning("copying a cached prefix from slot %d to slot %d failed", src, slot, exc_info=True)
+            self.slots[slot].tokens = []
+            return 0
+        self.slots[slot].tokens = list(prompt[:best])
+        return best
 
     def _shared(self, seq: Sequence, ids: list[int]) -> int:
         if not seq.holds_cache():

@@ -182,7 +182,7 @@ def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), 
                                 status_code=e.status, headers=e.headers)
         return {"status": "ok", "model": served.name}
 
-    @app.get("/metrics")
+    @app.api_route("/metrics", methods=["GET", "HEAD"])
     async def metrics():
         if served.engine is None:
             return PlainTextResponse("# the model is not loaded\n", status_code=503)
@@ -196,7 +196,7 @@ def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), 
         served.ready()
         return {"object": "list", "data": [model_card()]}
 
-    @app.get("/v1/models/{model_id:path}")
+    @app.api_route("/v1/models/{model_id:path}", methods=["GET", "HEAD"])
     async def model(model_id: str):
         served.ready()
         served.check_model(model_id)
