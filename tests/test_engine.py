@@ -417,6 +417,17 @@ def test_gpu_batch_equals_one_by_one_and_the_cpu(gpu_backend):
     assert alone == [c.generate(p, max_tokens=5, temperature=0).tokens for p in prompts]
     shared = g.generate(prompts[0], n=2, max_tokens=4, temperature=0)
     assert shared[0].tokens == shared[1].tokens == alone[0][:4]
+    # a prefix copied from a busy slot on the device (copy_kv), then the rest evaluated
+    head = "The long history of the printing press, as historians tell it, begins in"
+    eng = Engine(g)
+    first = eng.submit(head + " China", max_tokens=12, temperature=0,
+                       logit_bias={t: -100 for t in g.tokenizer.eot_ids})[0]
+    eng.step()
+    second = eng.submit(head + " Europe", max_tokens=5, temperature=0)[0]
+    eng.run([second])
+    assert second.stats.cached_tokens >= len(g.tokenizer.encode(head)) - 1 and not first.done
+    assert second.tokens == g.generate(head + " Europe", max_tokens=5, temperature=0).tokens
+    eng.run([first])
 
 
 def test_extreme_sampling_values_that_are_accepted_do_not_fail_the_batch(cpu):
