@@ -629,6 +629,24 @@ def test_shutdown_waits_at_most_its_timeout_then_answers_what_is_left(lib, sig):
     assert sorted(got, key=str) == [("stream", "shutting_down")] * 4 + [(503, "shutting_down")] * 4, got
 
 
+def test_requests_that_finish_within_the_shutdown_timeout_complete_and_the_server_ends_then(lib):
+    proc, url = start("--shutdown-timeout", "60", key=None)
+    ban = {str(i): -100 for i in lib.tokenizer.eot_ids}
+    got = []
+    client = threading.Thread(target=lambda: got.append(httpx.post(url + "/v1/completions", timeout=120, json={
+        "prompt": "Once upon a time", "max_tokens": 60, "temperature": 0, "logit_bias": ban})))
+    client.start()
+    deadline = time.time() + 60
+    while "wasmchord_requests_running 1" not in httpx.get(url + "/metrics").text and time.time() < deadline:
+        time.sleep(0.05)
+    t0 = time.time()
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=90)
+    client.join(timeout=60)
+    assert time.time() - t0 < 30  # the request's own time, not the 60 s timeout
+    assert got[0].status_code == 200 and got[0].json()["usage"]["completion_tokens"] == 60
+
+
 def test_a_tool_call_without_arguments_in_the_history_reads_as_an_empty_object():
     from wasmchord.serve.protocol import Message
     m = Message(role="assistant", content=None,

@@ -84,7 +84,9 @@ def cmd_serve(a):
             if first and engine is not None and (engine.running or engine.queued):
                 # At the timeout the engine fails what is left (EngineStopped): each client gets a 503 or
                 # an error event, written within uvicorn's own timeout, which comes STOP_GRACE s later.
-                threading.Timer(a.shutdown_timeout, engine.stop).start()
+                timer = threading.Timer(a.shutdown_timeout, engine.stop)
+                timer.daemon = True  # requests done sooner: nothing waits for it
+                timer.start()
                 try:
                     print(f"wasmchord: shutting down: {plural(engine.running, 'request')} running and "
                           f"{engine.queued} waiting get up to {a.shutdown_timeout:g} s to finish",
