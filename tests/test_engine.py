@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from wasmchord import Model
-from wasmchord.engine import Engine, QueueFull
+from wasmchord.engine import Engine, EngineStopped, QueueFull
 from wasmchord.errors import GenerationError
 
 PROMPTS = ["The capital of France is", "Once upon a time", "def fibonacci(n):", "Water boils at",
@@ -505,6 +505,36 @@ def test_a_callback_that_raises_does_not_stop_the_engine(cpu):
         assert list(eng.stream(later, timeout=120))[-1].finish_reason == "length"
     finally:
         eng.stop()
+
+
+def test_abort_ends_every_request_without_waiting_for_the_step(cpu, monkeypatch):
+    """A shutdown whose time is up: abort() gives each running and waiting request EngineStopped at once,
+    though the engine's step in progress takes seconds; nothing more is accepted; stop() then joins."""
+    real, entered = cpu.transformer.forward_batch, threading.Event()
+
+    def slow(*a, **k):
+        entered.set()
+        time.sleep(3)
+        return real(*a, **k)
+    eng = Engine(cpu, max_queue=8)
+    reqs = [eng.submit(p, max_tokens=50, temperature=0)[0] for p in PROMPTS] + \
+        eng.submit(PROMPTS[0], max_tokens=50, temperature=0, n=4)   # four more than the slots: waiting
+    monkeypatch.setattr(cpu.transformer, "forward_batch", slow)
+    eng.start()
+    try:
+        assert entered.wait(30)                     # a decode step is under way
+        t0 = time.perf_counter()
+        eng.abort()
+        got = [r.take(block=True, timeout=5) for r in reqs]
+        assert time.perf_counter() - t0 < 1.5       # not the step's 3 s
+        while any(not isinstance(g, BaseException) for g in got):  # chunks already out come first
+            got = [g if isinstance(g, BaseException) else r.take(block=True, timeout=5) for r, g in zip(reqs, got)]
+        assert all(isinstance(g, EngineStopped) for g in got)
+        with pytest.raises(EngineStopped):
+            eng.submit("late", max_tokens=1)
+    finally:
+        eng.stop()
+    assert (eng.running, eng.queued) == (0, 0)
 
 
 def test_a_failed_copy_of_a_prefill_loses_no_sample(cpu, monkeypatch):

@@ -482,7 +482,9 @@ def test_bad_requests_get_openai_errors(server, client):
 
 
 def test_top_k_minus_one_means_off(client):
-    """vLLM's and llama.cpp's clients send top_k = -1 for "no top-k": the same draws as top_k = 0."""
+    """vLLM's and llama.cpp's clients send top_k = -1 for "no top-k": the library's 0, the same draws."""
+    from wasmchord.serve.protocol import CompletionRequest
+    assert CompletionRequest.model_validate({"prompt": "x", "top_k": -1}).engine_args(4)["top_k"] == 0
     kw = dict(model=MODEL, prompt="Once upon a time", max_tokens=6, temperature=1, seed=7)
     off = [client.completions.create(**kw, extra_body={"top_k": k}).choices[0].text for k in (-1, 0)]
     assert off[0] == off[1]

@@ -644,6 +644,8 @@ def _iq4_pshufb(typingctx, src, si, lo, hi):
     """lo[r], hi[r] = kvalues[low nibble], kvalues[high nibble] of byte src[si + r], r < R, as float32:
     the 16-entry table looked up by vpshufb (AVX2, 32 bytes per instruction), where indexing a table
     compiles to gathers (5x Q4_K's matvec time)."""
+    assert R in (32, 64), "two 32-byte vpshufb at most"
+
     def codegen(context, builder, sig, args):
         i8, i32 = ir.IntType(8), ir.IntType(32)
         v32, idx = ir.VectorType(i8, 32), ir.VectorType(i32, 32)

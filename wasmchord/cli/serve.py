@@ -82,9 +82,10 @@ def cmd_serve(a):
             first, engine = not self.should_exit, app.state.served.engine
             super().handle_exit(sig, frame)  # first: a failed print must not lose the signal
             if first and engine is not None and (engine.running or engine.queued):
-                # At the timeout the engine fails what is left (EngineStopped): each client gets a 503 or
-                # an error event, written within uvicorn's own timeout, which comes STOP_GRACE s later.
-                timer = threading.Timer(a.shutdown_timeout, engine.stop)
+                # At the timeout the engine fails what is left (EngineStopped) without waiting for its
+                # step: each client gets a 503 or an error event, written within uvicorn's own timeout,
+                # which comes STOP_GRACE s later.
+                timer = threading.Timer(a.shutdown_timeout, engine.abort)
                 timer.daemon = True  # requests done sooner: nothing waits for it
                 timer.start()
                 try:

@@ -139,13 +139,16 @@ class Engine:
         for r in reqs[1:]:
             r.leader = reqs[0]
         with self._wake:
-            if self._stopped:  # checked under the lock stop() takes: no request lands in a stopped engine
-                raise GenerationError("the engine was stopped: start() it again before submitting")
+            # under the lock stop() takes: no request lands in an engine stopped or whose thread is stopping
+            if self._stopped or self._stopping and self._thread is not None:
+                raise EngineStopped("the engine was stopped: start() it again before submitting")
             self.tf._check_open()
             # requests that would find no free slot at the next step: the ones queued, these, less free slots
             # (a cancelled request leaves its place in the queue or its slot at that step: it counts as gone)
-            free = sum(r is None or r.cancelled for r in self.busy)
-            waiting = sum(not r.cancelled for r in self.waiting) + sum(not r.cancelled for r in self._inbox) - free
+            # (the engine's thread changes `waiting` without the lock: it is read through list(), which
+            # copies it at once where iterating would fail when it changes meanwhile)
+            free = sum(r is None or r.cancelled for r in list(self.busy))
+            waiting = sum(not r.cancelled for r in list(self.waiting) + self._inbox) - free
             if waiting + n > self.max_queue:
                 raise QueueFull(f"the engine's queue is full ({max(waiting, 0)} requests waiting for a slot, "
                                 f"max_queue {self.max_queue})")
@@ -426,6 +429,17 @@ class Engine:
         self._stopping = self._stopped = False
         self._thread = threading.Thread(target=self._loop, name="wasmchord-engine", daemon=True)
         self._thread.start()
+
+    def abort(self):
+        """Without waiting for the current step: every request still waiting or running gets
+        EngineStopped now (its reader ends at once) and the engine's thread ends after that step;
+        `stop()` then joins it. For a shutdown whose time is up, when a step may take seconds."""
+        with self._wake:
+            self._stopping = True
+            left = [r for r in list(self.active) + list(self.waiting) + self._inbox if not r.done]
+            self._wake.notify()
+        for req in left:
+            req.push(EngineStopped("the engine was stopped before this request finished"))
 
     def stop(self):
         """End the engine's thread after its current step. Requests still waiting or running fail with

@@ -255,7 +255,7 @@ def iq4_xs_values(b):
     scales_l, high 2 from bits 2j, 2j+1 of scales_h."""
     n = b.shape[0]
     lo = (b[:, 4:8].reshape(n, 4, 1) >> np.array([0, 4], np.uint8).reshape(1, 1, 2)).reshape(n, 8) & 0xF
-    h = np.ascontiguousarray(b[:, 2:4]).view(np.uint16) >> (2 * np.arange(8, dtype=np.uint16)).reshape(1, 8)
+    h = np.ascontiguousarray(b[:, 2:4]).view("<u2") >> (2 * np.arange(8, dtype=np.uint16)).reshape(1, 8)
     ls = (lo | ((h & 3).astype(np.uint8) << 4)).astype(np.int8) - np.int8(32)
     dl = (_f16(b[:, 0:2]) * ls.astype(np.float32)).reshape(n, 8, 1)
     return IQ4_VALUES[_nibbles(b[:, 8:136].reshape(n * 8, 16))].reshape(n, 8, 32), dl

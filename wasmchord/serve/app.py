@@ -336,10 +336,16 @@ def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), 
                 served.engine.cancel(r)
             served.metrics.count("wasmchord_requests_rejected_total")
             raise ApiError(503, str(e), kind="server_error", code="queue_full", headers={"Retry-After": "1"}) from None
+        except EngineStopped:
+            raise ApiError(503, "the server is shutting down", kind="server_error", code="shutting_down") from None
         except (GenerationError, TypeError) as e:
             for r in reqs:
                 served.engine.cancel(r)
             raise ApiError(400, str(e), param="logit_bias" if str(e).startswith("logit_bias") else None) from None
+        except BaseException:  # a bug, or the handler cancelled: the prompts already submitted end too
+            for r in reqs:
+                served.engine.cancel(r)
+            raise
         served.metrics.count("wasmchord_requests_total")
         rid = new_id("chatcmpl" if chat else "cmpl")
         kind = "chat.completion" if chat else "text_completion"
