@@ -29,6 +29,8 @@ from numba import carray, njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
+from ..formats.quants import IQ4_VALUES
+
 R = 64  # rows per group: 4 AVX-512 (8 AVX2) registers per vector; fewer would let LLVM unroll the row
         # loops before vectorizing them, and it then vectorizes across columns (gathers) instead
 # reassoc lets sums vectorize, contract makes multiply-adds FMAs; no nnan/ninf: inf and nan stay
@@ -636,7 +638,7 @@ def _q2_k_values(tg, k, sink):
                     _scale(sink, c, 16, a, m)
 
 
-_IQ4 = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.float32)  # kvalues_iq4nl
+_IQ4 = IQ4_VALUES.astype(np.float32)  # kvalues_iq4nl
 
 
 @intrinsic
@@ -649,7 +651,7 @@ def _iq4_pshufb(typingctx, src, si, lo, hi):
     def codegen(context, builder, sig, args):
         i8, i32 = ir.IntType(8), ir.IntType(32)
         v32, idx = ir.VectorType(i8, 32), ir.VectorType(i32, 32)
-        table = ir.Constant(v32, [int(v) & 0xFF for v in _IQ4.astype(np.int8)] * 2)
+        table = ir.Constant(v32, [int(v) & 0xFF for v in IQ4_VALUES] * 2)
         fn = builder.module.declare_intrinsic("llvm.x86.avx2.pshuf.b", (), ir.FunctionType(v32, [v32, v32]))
         v = builder.load(_pointer(context, builder, sig.args[0], args[0], args[1], ir.VectorType(i8, R)), align=1)
         for nib, out, ai in ((builder.and_(v, ir.Constant(v.type, [15] * R)), lo, 2),

@@ -10,7 +10,8 @@ logits within a few 1e-4 of float32; "int8", one plane, as llama.cpp). One or tw
 integer kernel for its types (VNNI's, or AVX2's for Q4_K and Q6_K). `prefill = "sgemm"` instead
 decodes tiles of rows into a reused float32 buffer and multiplies them with BLAS sgemm. F32 runs and
 a decodable type without a kernel (none today) are float32 arrays multiplied by BLAS (with a warning);
-Q3_K and IQ4_NL are rewritten at load as the same values in Q6_K and Q8_0 blocks. Embedding lookups decode their rows from the file's own blocks.
+Q3_K and IQ4_NL are rewritten at load as the same values in Q6_K and Q8_0 blocks. Embedding lookups
+decode their rows from the file's own blocks.
 """
 
 from __future__ import annotations

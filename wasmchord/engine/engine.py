@@ -62,6 +62,9 @@ class EngineStopped(GenerationError):
     """The engine was stopped before the request finished (a server shutting down)."""
 
 
+STOPPED = "the engine was stopped before this request finished"
+
+
 class Engine:
     """Continuous batching over the model's KV cache slots (`Model.load(..., slots=N)`).
 
@@ -143,10 +146,9 @@ class Engine:
             if self._stopped or self._stopping and self._thread is not None:
                 raise EngineStopped("the engine was stopped: start() it again before submitting")
             self.tf._check_open()
-            # requests that would find no free slot at the next step: the ones queued, these, less free slots
-            # (a cancelled request leaves its place in the queue or its slot at that step: it counts as gone)
-            # (the engine's thread changes `waiting` without the lock: it is read through list(), which
-            # copies it at once where iterating would fail when it changes meanwhile)
+            # requests that would find no free slot at the next step: the ones queued, these, less free slots;
+            # a cancelled request leaves its place or slot at that step, so it counts as gone. The engine's
+            # thread changes these lists without the lock: list() copies them at once (iterating could fail)
             free = sum(r is None or r.cancelled for r in list(self.busy))
             waiting = sum(not r.cancelled for r in list(self.waiting) + self._inbox) - free
             if waiting + n > self.max_queue:
@@ -217,9 +219,9 @@ class Engine:
             slot = max(free, key=lambda i: (shared[i], -i))
             seq = self.slots[slot]
             seq.claim()
-            have = shared[slot] if req.prompt_logprobs_k is None else 0  # scoring needs every position's logits
+            have = 0  # scoring (prompt_logprobs) needs every position's logits
             if req.prompt_logprobs_k is None:
-                have = self._copy_prefix(req.prompt, slot, have)
+                have = self._copy_prefix(req.prompt, slot, shared[slot])
             req.evaluated = min(have, len(req.prompt) - 1)  # the last prompt token gives the logits
             req.stats.cached_tokens = req.evaluated
             seq.tokens = seq.tokens[:req.evaluated]
@@ -439,7 +441,7 @@ class Engine:
             left = [r for r in list(self.active) + list(self.waiting) + self._inbox if not r.done]
             self._wake.notify()
         for req in left:
-            req.push(EngineStopped("the engine was stopped before this request finished"))
+            req.push(EngineStopped(STOPPED))
 
     def stop(self):
         """End the engine's thread after its current step. Requests still waiting or running fail with
@@ -461,7 +463,7 @@ class Engine:
                 self.waiting.clear()
                 self._inbox.clear()
             for req in left:
-                self._fail(req, EngineStopped("the engine was stopped before this request finished"))
+                self._fail(req, EngineStopped(STOPPED))
 
     def _loop(self):
         while True:

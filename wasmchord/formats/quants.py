@@ -132,25 +132,24 @@ def _deq_q2_k(b, out):  # scales[16], qs[64], d:f16, dmin:f16
     return _scale(dl, q, out.reshape(b.shape[0], 16, 16), ml, sub=True)
 
 
-def _q3_k_scales(b):
-    """Q3_K's 16 6-bit scales minus 32, as int8 [n, 16]: low 4 bits from bytes 0..7 (low then high
-    nibble), high 2 bits from bytes 8..11."""
-    n, sc = b.shape[0], b[:, 96:108]
+def _q3_k_ints(b):
+    """Q3_K blocks -> (signed 3-bit values as int8 [n, 16, 16] in element order, the 16 6-bit scales
+    minus 32 as int8 [n, 16]: low 4 bits from bytes 0..7 (low then high nibble), high 2 bits from bytes
+    8..11)."""
+    n, hmask, qs, sc = b.shape[0], b[:, 0:32], b[:, 32:96], b[:, 96:108]
     lo = (sc[:, 0:8].reshape(n, 1, 8) >> np.array([0, 4], np.uint8).reshape(1, 2, 1)).reshape(n, 16) & 0xF
     hi = (sc[:, 8:12].reshape(n, 1, 4) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 4, 1)).reshape(n, 16) & 3
-    return (lo | (hi << 4)).astype(np.int8) - np.int8(32)
+    ql = (qs.reshape(n, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)).reshape(n, 16, 16) & 3
+    qh = (hmask.reshape(n, 1, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 1, 8, 1)).reshape(n, 16, 16) & 1
+    # A clear high bit means "subtract 4" (ggml dequantize_row_q3_K).
+    return ql.astype(np.int8) - ((qh ^ 1) << 2).astype(np.int8), (lo | (hi << 4)).astype(np.int8) - np.int8(32)
 
 
 def q3_k_values(b):
     """Q3_K blocks -> (signed 3-bit values as int8 [n, 16, 16] in element order, scales d*sc [n, 16, 1]).
     Shared by the NumPy decoder and the GPU repacker."""
-    n = b.shape[0]
-    hmask, qs, d = b[:, 0:32], b[:, 32:96], _f16(b[:, 108:110])
-    dl = (d * _q3_k_scales(b).astype(np.float32)).reshape(n, 16, 1)
-    ql = (qs.reshape(n, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)).reshape(n, 16, 16) & 3
-    qh = (hmask.reshape(n, 1, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 1, 8, 1)).reshape(n, 16, 16) & 1
-    # A clear high bit means "subtract 4" (ggml dequantize_row_q3_K).
-    return ql.astype(np.int8) - ((qh ^ 1) << 2).astype(np.int8), dl
+    q, sc = _q3_k_ints(b)
+    return q, (_f16(b[:, 108:110]) * sc.astype(np.float32)).reshape(b.shape[0], 16, 1)
 
 
 def _deq_q3_k(b, out):  # hmask[32], qs[64], scales[12], d:f16
@@ -164,14 +163,14 @@ def q3_k_as_q6_k(raw: np.ndarray) -> np.ndarray:
     instead of 110, read by the Q6_K kernels (Q3_K has none)."""
     b = raw.reshape(-1, 110)
     n = b.shape[0]
-    q, _ = q3_k_values(b)
+    q, sc = _q3_k_ints(b)
     v = (q.reshape(n, 2, 4, 32) + np.int8(32)).view(np.uint8)    # [block, half, group of 32, l]
     lo, hi = v & 0xF, v >> 4
     out = np.empty((n, 210), np.uint8)
     ql = out[:, 0:128].reshape(n, 2, 2, 32)                     # [half, 32-byte run, l]
     ql[:] = lo[:, :, 0:2] | (lo[:, :, 2:4] << 4)                # groups 0, 1 low nibbles; 2, 3 high nibbles
     out[:, 128:192].reshape(n, 2, 32)[:] = hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)
-    out[:, 192:208] = _q3_k_scales(b).view(np.uint8)
+    out[:, 192:208] = sc.view(np.uint8)
     out[:, 208:210] = b[:, 108:110]
     return out.reshape(-1)
 

@@ -79,18 +79,15 @@ def repack(src: WeightSource):
         return 7, _u32(b[:, 8:24]), _interleave(_f16col(b, 0), _f16col(b, 2)), _u32(b[:, 4:8]).reshape(-1)
     if t == "Q8_0":
         return 5, _u32(b[:, 2:34]), _f16col(b, 0), None
-    if t == "Q4_K":  # 8 sub-blocks of 32 with scale d*sc and min dmin*m (exact in f32)
+    if t in ("Q4_K", "Q5_K"):  # 8 sub-blocks of 32 with scale d*sc and min dmin*m (exact in f32)
         n = b.shape[0]
         d, dmin = _f16col(b, 0)[:, None], _f16col(b, 2)[:, None]
         sc, mn = k_scale_min(b[:, 4:16])
-        v = k4_nibbles(b[:, 16:144]).reshape(n * 8, 32)
-        return 3, _pack_q4(v), (d * sc).reshape(-1), (-(dmin * mn)).reshape(-1)
-    if t == "Q5_K":  # Q4_K's sub-blocks with the high bits in m
-        n = b.shape[0]
-        d, dmin = _f16col(b, 0)[:, None], _f16col(b, 2)[:, None]
-        sc, mn = k_scale_min(b[:, 4:16])
-        v = k5_values(b).reshape(n * 8, 32)
-        return 7, _pack_q4(v & 15), _interleave(d * sc, -(dmin * mn)), _hi_bits(v)
+        scale, minimum = d * sc, -(dmin * mn)
+        if t == "Q4_K":
+            return 3, _pack_q4(k4_nibbles(b[:, 16:144]).reshape(n * 8, 32)), scale.reshape(-1), minimum.reshape(-1)
+        v = k5_values(b).reshape(n * 8, 32)  # Q5_K: the high bits in m
+        return 7, _pack_q4(v & 15), _interleave(scale, minimum), _hi_bits(v)
     if t == "Q6_K":  # int8 values q-32 in element order, a scale d*sc per 16
         q, dl = q6_k_values(b)
         return 6, _u32(q.reshape(-1, 32)), dl.reshape(-1), None
