@@ -28,15 +28,22 @@ SHAPES = [
     ("qwen2.5-1.5b", "ffn_gate_up", 17920, 1536, "Q4_K"), ("qwen2.5-1.5b", "ffn_down", 1536, 8960, "Q6_K"),
     ("qwen2.5-1.5b", "output", 151936, 1536, "Q6_K"),
 ]
-SCALES = {"Q8_0": [(0, 0.004)], "Q4_1": [(0, 0.008), (2, -0.06)], "Q4_K": [(0, 0.0004), (2, 0.0004)],
-          "Q6_K": [(208, 0.0004)], "Q5_0": [(0, 0.004)]}
+# Every other weight type on Qwen2.5's largest layer matrix (`--shapes types`)
+TYPES = ["Q4_0", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q5_K", "IQ4_NL", "IQ4_XS"]
+TYPE_SHAPES = [("types", "ffn_gate_up", 17920, 1536, t) for t in TYPES]
+# float16 scale fields (offset, value) set to sane values; the other bytes stay random
+SCALES = {"Q8_0": [(0, 0.004)], "Q4_0": [(0, 0.008)], "Q4_1": [(0, 0.008), (2, -0.06)], "Q5_0": [(0, 0.004)],
+          "Q5_1": [(0, 0.004), (2, -0.06)], "Q4_K": [(0, 0.0004), (2, 0.0004)], "Q5_K": [(0, 0.0004), (2, 0.0004)],
+          "Q2_K": [(80, 0.0004), (82, 0.0004)], "Q3_K": [(108, 0.0004)], "Q6_K": [(208, 0.0004)],
+          "IQ4_NL": [(0, 0.004)], "IQ4_XS": [(0, 0.004)]}
+IN_PASS = 50  # matvecs recorded back to back in one timed pass (each depends on the one before)
 
 
 def random_weight(name, rows, k, rng) -> WeightSource:
     t = ggml_type(name)
     nb = k // t.block_size
     raw = rng.integers(0, 256, size=(rows, nb, t.type_size), dtype=np.uint8)
-    for off, val in SCALES[name]:
+    for off, val in SCALES.get(name, []):
         raw[:, :, off:off + 2] = np.frombuffer(np.float16(val).tobytes(), np.uint8)
     return WeightSource(name, raw.reshape(-1), t, (rows, k))
 
@@ -54,19 +61,37 @@ def time_op(be, f, reps) -> float:
     return float(np.median([sum(ticks[i * per:(i + 1) * per]) for i in range(1, reps)])) * 1e-9
 
 
+def time_in_pass(be, f, reps) -> float:
+    """Median seconds per call of `f` with IN_PASS calls in one timed compute pass: what a call costs
+    inside a decode step, where the dispatches share one pass (no pass of its own around each). The
+    calls must depend on each other (as a step's do), or the GPU may overlap them."""
+    be.enable_profiling("step")
+    for _ in range(reps):
+        be.begin_forward()
+        for _ in range(IN_PASS):
+            f()
+        be.stream.flush()
+    ticks = [t for _, t in be.stream.profile_log[1:]]
+    be.enable_profiling(None)
+    return float(np.median(ticks)) * 1e-9 / IN_PASS
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--json")
     ap.add_argument("--shader-checks", default="none", help="naga runtime checks: all, bounds or none (the backend default: none)")
+    ap.add_argument("--shapes", default="models", choices=["models", "types", "all"],
+                    help="the real models' matrices, every other weight type on one shape, or both")
     a = ap.parse_args()
+    shapes = {"models": SHAPES, "types": TYPE_SHAPES, "all": SHAPES + TYPE_SHAPES}[a.shapes]
     be, rng = WgpuBackend(shader_checks=a.shader_checks), np.random.default_rng(0)
     bw = be.stream.read_bandwidth_gbps()
     print(f"{be.describe()}, shader checks: {a.shader_checks}\nread bandwidth (WGSL read kernel): {bw:.0f} GB/s")
     rows_out = []
     print(f"{'model':<14}{'matrix':<13}{'shape':>14}{'type':>6}{'MB':>7}  matvec us (lanes 8/16/32/64, auto)"
-          f"   best GB/s  of read   matmul n=512 TFLOP/s")
-    for model, mat, rows, k, t in SHAPES:
+          f"   best GB/s  of read   in one pass us   matmul n=512 TFLOP/s")
+    for model, mat, rows, k, t in shapes:
         W = be.load_matrix([random_weight(t, rows, k, rng)])
         x1 = be.load_vector(rng.standard_normal((1, k)).astype(np.float32))
         x1 = GTensor(x1.buf, 0, (1, k))
@@ -83,16 +108,19 @@ def main():
                 be.matvec_rows, be.matvec_lanes = rt, lanes
                 sweep[f"rt{rt}/l{lanes}"] = time_op(be, lambda: be.matmul(x1, W), a.reps) * 1e6
         be.matvec_rows = be.matvec_lanes = None
+        acc = be.load_vector(rng.standard_normal((1, rows)).astype(np.float32))
+        acc = GTensor(acc.buf, 0, (1, rows))  # each call adds into it: the calls depend on each other
+        in_pass = time_in_pass(be, lambda: be.matmul(x1, W, residual=acc), max(3, a.reps // 4))
         mm = time_op(be, lambda: be.matmul(xn, W), max(3, a.reps // 4))
         best = min(times.values())
         r = dict(model=model, matrix=mat, rows=rows, k=k, type=t, MB=W.nbytes / 1e6,
                  matvec_us={str(kk): v * 1e6 for kk, v in times.items()}, best_GBps=W.nbytes / best / 1e9,
-                 sweep_us=sweep,
+                 sweep_us=sweep, in_pass_us=in_pass * 1e6,
                  matmul512_TFLOPs=2 * 512 * rows * k / mm / 1e12)
         rows_out.append(r)
         us = "/".join(f"{v * 1e6:.1f}" for v in times.values())
         print(f"{model:<14}{mat:<13}{f'{rows}x{k}':>14}{t:>6}{r['MB']:>7.1f}  {us:<40}{r['best_GBps']:>8.0f}"
-              f"{100 * r['best_GBps'] / bw:>8.0f}%{r['matmul512_TFLOPs']:>10.2f}", flush=True)
+              f"{100 * r['best_GBps'] / bw:>8.0f}%{in_pass * 1e6:>12.1f}{r['matmul512_TFLOPs']:>14.2f}", flush=True)
         print("    rows x lanes sweep (us): " + "  ".join(f"{k} {v:.1f}" for k, v in sweep.items()), flush=True)
     if a.json:
         Path(a.json).write_text(json.dumps({"device": be.describe(), "shader_checks": a.shader_checks, "read_GBps": bw,
