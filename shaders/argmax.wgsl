@@ -1,6 +1,8 @@
 // argmax.wgsl: index of the largest value of a vector (ties: the lowest index), in two dispatches:
 // `partial` has each workgroup reduce a grid-stride share of the vector to (value, index); `final`
-// reduces those in one workgroup and writes the token buffer. wg_argmax: reduce.wgsl.
+// reduces those in one workgroup and writes the token buffer. `partial_rows` / `combine_rows` do the
+// same for several rows of a [rows, count] matrix at once (grid.y: the row; row r's token to ids[r]).
+// wg_argmax: reduce.wgsl.
 //
 // Bindings (group 0):
 //   0 uniform P
@@ -14,6 +16,7 @@ struct P {
     x_off: u32,
     parts: u32,   // workgroups of `partial`
     masked: u32,  // 1: only tokens `mask` allows
+    row_stride: u32,  // partial_rows / combine_rows: elements between rows of x
 }
 
 @group(0) @binding(0) var<uniform> p: P;
@@ -26,33 +29,55 @@ fn allowed(j: u32) -> bool {
     return p.masked == 0u || ((mask[j / 32u] >> (j % 32u)) & 1u) == 1u;
 }
 
-// grid: (parts)
-@compute @workgroup_size(256)
-fn partial(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+// Workgroup w's share of the row at x_off into part[slot].
+fn partial_of(w: u32, lid: u32, x_off: u32, slot: u32) {
     var best = -3.4e38;
     var idx = 0xffffffffu;
-    for (var j = wg.x * 256u + lid; j < p.count; j += p.parts * 256u) {
-        let v = x[p.x_off + j];
+    for (var j = w * 256u + lid; j < p.count; j += p.parts * 256u) {
+        let v = x[x_off + j];
         if (v > best && allowed(j)) { best = v; idx = j; }
     }
     let i = wg_argmax(lid, 256u, best, idx);
     if (lid == 0u) {
         var v = -3.4e38;
-        if (i != 0xffffffffu) { v = x[p.x_off + i]; }
-        part[wg.x] = vec2<u32>(bitcast<u32>(v), i);
+        if (i != 0xffffffffu) { v = x[x_off + i]; }
+        part[slot] = vec2<u32>(bitcast<u32>(v), i);
     }
+}
+
+// The partials part[first..first + parts) reduced to one token, written to ids[out].
+fn combine_of(lid: u32, first: u32, out: u32) {
+    var best = -3.4e38;
+    var idx = 0xffffffffu;
+    for (var j = lid; j < p.parts; j += 256u) {
+        let v = bitcast<f32>(part[first + j].x);
+        let i = part[first + j].y;
+        if (v > best || (v == best && i < idx)) { best = v; idx = i; }
+    }
+    let tok = wg_argmax(lid, 256u, best, idx);
+    if (lid == 0u) { ids[out] = tok; }
+}
+
+// grid: (parts)
+@compute @workgroup_size(256)
+fn partial(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    partial_of(wg.x, lid, p.x_off, wg.x);
 }
 
 // grid: (1)
 @compute @workgroup_size(256)
 fn combine(@builtin(local_invocation_index) lid: u32) {
-    var best = -3.4e38;
-    var idx = 0xffffffffu;
-    for (var j = lid; j < p.parts; j += 256u) {
-        let v = bitcast<f32>(part[j].x);
-        let i = part[j].y;
-        if (v > best || (v == best && i < idx)) { best = v; idx = i; }
-    }
-    let tok = wg_argmax(lid, 256u, best, idx);
-    if (lid == 0u) { ids[0] = tok; }
+    combine_of(lid, 0u, 0u);
+}
+
+// grid: (parts, rows)
+@compute @workgroup_size(256)
+fn partial_rows(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    partial_of(wg.x, lid, p.x_off + wg.y * p.row_stride, wg.y * p.parts + wg.x);
+}
+
+// grid: (1, rows)
+@compute @workgroup_size(256)
+fn combine_rows(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    combine_of(lid, wg.y * p.parts, wg.y);
 }

@@ -145,6 +145,17 @@ def test_bench_checks_its_json_path_before_running(tmp_path):
     assert ".partial" not in r.stderr  # our temporary is not the user's business
 
 
+def test_bench_batch_sweep_runs_each_batch_size_against_one_by_one(tmp_path):
+    out = tmp_path / "sweep.json"
+    r = run("bench", "smollm2-135m-instruct", "--backend", "cpu", "--batch", "1,3", "--gen-tokens", "6",
+            "--json", str(out), timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["batch"] for row in rows] == [1, 3]
+    assert all(row["same_tokens"] and row["tokens"] > 0 and row["aggregate_tok_s"] > 0 for row in rows)
+    assert "agg tok/s" in r.stdout and "same tokens" in r.stdout
+
+
 def test_a_bad_sampling_flag_is_named_as_the_flag_before_loading():
     for flags, said in ((["-n", "0"], "-n/--max-tokens 0: expected an integer >= 1"),
                         (["--seed", "-1"], "--seed -1: expected an integer >= 0"),

@@ -411,8 +411,10 @@ def test_gpu_batch_equals_one_by_one_and_the_cpu(gpu_backend):
     g = Model.load("smollm2-135m-instruct", device="gpu", context_length=64, slots=3)
     prompts = PROMPTS[:3]
     alone = [g.generate(p, max_tokens=5, temperature=0).tokens for p in prompts]
+    replayed = g.backend.stream.replayed
     batch = g.generate(prompts, max_tokens=5, temperature=0)
     assert [c.tokens for c in batch] == alone
+    assert g.backend.stream.replayed > replayed  # batched steps after the first replayed its capture
     c = Model.load("smollm2-135m-instruct", device="cpu", context_length=64)
     assert alone == [c.generate(p, max_tokens=5, temperature=0).tokens for p in prompts]
     shared = g.generate(prompts[0], n=2, max_tokens=4, temperature=0)
@@ -428,6 +430,34 @@ def test_gpu_batch_equals_one_by_one_and_the_cpu(gpu_backend):
     assert second.stats.cached_tokens >= len(g.tokenizer.encode(head)) - 1 and not first.done
     assert second.tokens == g.generate(head + " Europe", max_tokens=5, temperature=0).tokens
     eng.run([first])
+
+
+@pytest.mark.gpu
+def test_gpu_batch_replay_follows_positions_and_slots(gpu_backend, tmp_path):
+    """A replayed batched step takes each step's tokens, positions and slots: a sequence crossing an
+    attention split (128 positions) beside a shorter one that started first, in slot 0, gets the
+    log-probabilities that the whole text's logits give (Model.logits: the prompt path)."""
+    from tiny_hf import make_llama
+    from wasmchord.convert import convert
+    make_llama(tmp_path / "hf", tokenizer="bytes", calm=True, max_pos=256)
+    g = Model.load(convert(tmp_path / "hf", tmp_path / "tiny.gguf", quant="f32"), device="gpu", context_length=144,
+                   slots=2)
+    rng = np.random.default_rng()
+    short, long = ([int(t) for t in rng.integers(3, 200, n)] for n in (9, 123))
+    ban = {t: -100 for t in g.tokenizer.eot_ids}
+    eng = Engine(g)
+    first = eng.submit(short, max_tokens=12, temperature=0, logit_bias=ban, logprobs=0)[0]
+    eng.step()
+    second = eng.submit(long, max_tokens=12, temperature=0, logit_bias=ban, logprobs=0)[0]
+    replayed = g.backend.stream.replayed
+    eng.run([first, second])
+    assert g.backend.stream.replayed - replayed >= 8
+    for prompt, req in ((short, first), (long, second)):
+        chunks = [c for c in iter(lambda: req.take(False), None) if c.token is not None]
+        assert len(chunks) == 12
+        lg = g.logits(prompt + req.tokens[:-1])[len(prompt) - 1:]                          # [12, vocab]
+        want = (lg - np.logaddexp.reduce(lg, axis=1, keepdims=True))[np.arange(12), req.tokens]
+        np.testing.assert_allclose([c.logprob for c in chunks], want, atol=1e-4)
 
 
 def test_extreme_sampling_values_that_are_accepted_do_not_fail_the_batch(cpu):

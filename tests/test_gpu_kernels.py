@@ -184,6 +184,24 @@ def test_argmax_writes_the_token_buffer(gpu_backend, size):
     assert int(np.frombuffer(g.gpu.device.queue.read_buffer(g.tokens.ids, 0, 4), np.uint32)[0]) == tok
 
 
+@pytest.mark.parametrize("rows,size", [(1, 255), (5, 49152), (17, 4099)])
+def test_argmax_rows_writes_one_token_per_row(gpu_backend, rows, size):
+    """The batch engine's greedy rows: each row's argmax (ties: the lower index) to ids[row], read
+    back by read_tokens; the rows sit at a stride wider than their length, after an offset."""
+    g, rng = gpu_backend, np.random.default_rng()
+    x = rng.standard_normal((rows, size + 3)).astype(np.float32)
+    for r in range(rows):
+        j = int(rng.integers(0, size))
+        x[r, j] = x[r, (j + 1) % size] = 10.0 + r
+        x[r, size:] = 99.0  # past each row's end: never read
+    g.gpu.device.queue.write_buffer(g.tokens.ids, 0, np.full(rows, 0xDEADBEEF, np.uint32))  # poisoned
+    flat = np.concatenate([np.full(4, 99.0, np.float32), x.reshape(-1)])
+    view = GTensor(g.gpu.buffer(flat.nbytes, flat), 4, (rows, size), size + 3)
+    g.begin_forward()
+    g.argmax_rows(view)
+    assert g.read_tokens(rows).tolist() == x[:, :size].argmax(1).tolist()
+
+
 @pytest.mark.parametrize("shape", [(1, 64), (7, 96)])
 def test_layernorm_with_bias(gpu_backend, shape):
     g, rng = gpu_backend, np.random.default_rng()

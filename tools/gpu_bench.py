@@ -41,6 +41,7 @@ def main():
     ap.add_argument("--gen-tokens", type=int, default=128)
     ap.add_argument("--shader-checks", default=None, help="naga runtime checks: all, bounds or none")
     ap.add_argument("--batch", default="1,2,4,8,16", help="batch engine sweep sizes ('' to skip)")
+    ap.add_argument("--sweep-only", action="store_true", help="only the batch sweep (no prefill/decode/profile)")
     a = ap.parse_args()
     problems = check_vulkan()
     for p in problems:
@@ -65,11 +66,13 @@ def main():
     lengths = tuple(int(x) for x in a.prompt_lengths.split(","))
     for model in a.models:
         opts = {"shader_checks": a.shader_checks} if a.shader_checks else {}
-        res = bench.run(resolve_model(model), device="gpu", prompt_lengths=lengths, n_gen=a.gen_tokens, profile=True,
-                        timestamp_period_ns=a.timestamp_period, **opts)
+        res = {}
+        if not a.sweep_only:
+            res = bench.run(resolve_model(model), device="gpu", prompt_lengths=lengths, n_gen=a.gen_tokens,
+                            profile=True, timestamp_period_ns=a.timestamp_period, **opts)
+            md.append(f"## {model}\n\n```\n{bench.format_result(res)}\n```\n")
+            print(bench.format_result(res), flush=True)
         results["models"][f"{model} {opts}"] = res
-        md.append(f"## {model}\n\n```\n{bench.format_result(res)}\n```\n")
-        print(bench.format_result(res), flush=True)
         if a.batch:
             sweep = bench.batch_sweep(resolve_model(model), device="gpu",
                                       batches=tuple(int(x) for x in a.batch.split(",")), **opts)

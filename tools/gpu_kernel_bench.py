@@ -83,8 +83,10 @@ def main():
     ap.add_argument("--shader-checks", default="none", help="naga runtime checks: all, bounds or none (the backend default: none)")
     ap.add_argument("--shapes", default="models", choices=["models", "types", "all"],
                     help="the real models' matrices, every other weight type on one shape, or both")
+    ap.add_argument("--types", help="comma-separated weight types for --shapes types, in this order (default: all)")
     a = ap.parse_args()
-    shapes = {"models": SHAPES, "types": TYPE_SHAPES, "all": SHAPES + TYPE_SHAPES}[a.shapes]
+    types = [("types", "ffn_gate_up", 17920, 1536, t) for t in a.types.split(",")] if a.types else TYPE_SHAPES
+    shapes = {"models": SHAPES, "types": types, "all": SHAPES + types}[a.shapes]
     be, rng = WgpuBackend(shader_checks=a.shader_checks), np.random.default_rng(0)
     bw = be.stream.read_bandwidth_gbps()
     print(f"{be.describe()}, shader checks: {a.shader_checks}\nread bandwidth (WGSL read kernel): {bw:.0f} GB/s")

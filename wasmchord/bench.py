@@ -213,7 +213,8 @@ def batch_sweep(model_path, *, device="cpu", batches=(1, 2, 4, 8, 16), n_gen=48,
                 **backend_options) -> dict:
     """The batch engine at each batch size B: B different prompts generating `n_gen` tokens each
     (greedy) as one batch, against the same prompts run one by one in the same run: aggregate tok/s,
-    the speedup, each sequence's inter-token latency, and the KV cache the slots take."""
+    the speedup, each sequence's inter-token latency, and the KV cache the slots take. Every batch
+    size runs a few tokens first, untimed (kernels compiled, GPU steps captured)."""
     from .engine import Engine
     from .model import Model
     top = max(batches)
@@ -222,6 +223,10 @@ def batch_sweep(model_path, *, device="cpu", batches=(1, 2, 4, 8, 16), n_gen=48,
     words = m.tokenizer.encode(TEXT * (top // 4 + prompt_len // 40 + 2), add_bos=False)
     bos = [m.tokenizer.bos_id] if m.tokenizer.bos_id is not None else []
     prompts = [bos + words[5 * i:5 * i + prompt_len - len(bos)] for i in range(top)]  # all different
+    m.generate(prompts[0], max_tokens=3, temperature=0)  # warm-up: kernels compiled, steps captured
+    for b in batches:
+        eng = Engine(m, max_queue=b)
+        eng.run([r for p in prompts[:b] for r in eng.submit(p, max_tokens=3, temperature=0)])
     rows = []
     for b in batches:
         ps = prompts[:b]

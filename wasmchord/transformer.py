@@ -215,7 +215,8 @@ class Transformer:
 
         def attend(i, q, k, v, **kw):
             return self.be.attend_batch(q, k, v, self.cache, i, positions, slots, **kw)
-        return self._run(np.asarray(ids, np.int64), attend, True, None)
+        ids = np.asarray(ids, np.int64)
+        return self.be.decode_batch(self.cache, ids, positions, slots, lambda: self._run(ids, attend, True, None))
 
     def _run(self, ids, attend, all_logits, hidden):
         """The layers over token rows `ids` [n]; `attend(layer, q, k, v, rope=, scale=, window=, qk_norm=)`

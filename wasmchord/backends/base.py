@@ -104,6 +104,12 @@ class Backend:
         time and replay it at later positions without running the graph (the GPU does)."""
         return run()
 
+    def decode_batch(self, cache, ids: np.ndarray, positions, slots, run):
+        """One batched decode step (token ids[b] at positions[b] of cache slot slots[b]): returns
+        `run()`'s output. A backend may capture the step of a batch size the first time and replay it
+        with later steps' ids, positions and slots (the GPU does)."""
+        return run()
+
     # ------------------------------------------------------------------------------------ ops
     def embed(self, table, ids: np.ndarray, scale: float = 1.0):
         """Rows `ids` of `table` [vocab, d], times `scale` -> [n, d]."""

@@ -224,7 +224,8 @@ def add_bench(sub):
     add_device_options(s)
     s.add_argument("--prompt-lengths", default=(64, 256, 1024), type=positive_ints,
                    help="prompt lengths to time, comma-separated (default: 64,256,1024)")
-    s.add_argument("--gen-tokens", type=positive_int, default=128, help="tokens to decode (default: 128)")
+    s.add_argument("--gen-tokens", type=positive_int, default=None,
+                   help="tokens to decode (default: 128; per sequence with --batch: 48)")
     s.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp comparison")
     s.add_argument("--profile", action="store_true", help="GPU: per-kernel times (timestamp queries), GB/s, "
                    "host encode time and dispatches per decode step")
@@ -250,11 +251,12 @@ def cmd_bench(a):
     path = resolve(a.model, a)
     if a.batch:
         with ProgressBar() as bar:
-            res = bench.batch_sweep(path, device=a.backend, batches=a.batch, progress=bar, **backend_options(a))
+            res = bench.batch_sweep(path, device=a.backend, batches=a.batch, n_gen=a.gen_tokens or 48, progress=bar,
+                                    **backend_options(a))
         print(bench.format_sweep(res))
     else:
         with ProgressBar() as bar:
-            res = bench.run(path, device=a.backend, prompt_lengths=a.prompt_lengths, n_gen=a.gen_tokens,
+            res = bench.run(path, device=a.backend, prompt_lengths=a.prompt_lengths, n_gen=a.gen_tokens or 128,
                             llama_cpp="off" if a.no_llama_cpp else "auto", progress=bar, profile=a.profile,
                             profile_steps=a.profile_steps,
                             timestamp_period_ns=a.timestamp_period, **backend_options(a))

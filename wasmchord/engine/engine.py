@@ -19,7 +19,7 @@ import numpy as np
 from ..constrain import Constraint, apply_mask
 from ..errors import GenerationError, WasmchordError, is_integer
 from ..generate import Chunk, Sequence, TextStream, check_args
-from ..sampling import SamplingParams, apply_logit_bias, logit_bias_of, sample
+from ..sampling import NON_FINITE, SamplingParams, apply_logit_bias, logit_bias_of, sample
 from .request import DONE, PREFILL, RUNNING, WAITING, Request
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,13 @@ def check_n(n, slots: int) -> int:
     if not is_integer(n) or not 1 <= n <= slots:
         raise GenerationError(f"n = {n!r}: expected an integer from 1 to the model's {slots} slots")
     return int(n)
+
+
+def plain_greedy(req: Request) -> bool:
+    """Argmax of the raw logits: no penalty, bias, constraint or logprobs (the device can find it)."""
+    p = req.params
+    return (p.greedy and p.repeat_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty
+            and not req.bias and req.matcher is None and req.logprobs is None)
 
 
 def token_logprobs(logits: np.ndarray, toks, k: int) -> list[tuple[float, list]]:
@@ -324,21 +331,29 @@ class Engine:
         if not batch:
             return
         t0 = time.perf_counter()
+        be = self.tf.be
         positions = [len(self.slots[r.slot].tokens) for r in batch]
         logits = self.tf.forward_batch([r.tokens[-1] for r in batch], positions, [r.slot for r in batch])
-        self.tf.be.flush()
+        on_device = [plain_greedy(r) for r in batch] if hasattr(be, "argmax_rows") and hasattr(logits, "cols") else []
+        if any(on_device):  # their tokens found on the device: B ids read back, not B rows of logits
+            be.argmax_rows(logits)
+        be.flush()
         for r in batch:  # the constrained rows' masks, while the device runs the step
             if r.matcher is not None:
                 try:
                     r.matcher.words()
                 except Exception:  # raised again when the row samples: it fails that request alone
                     pass
-        host = np.asarray(self.tf.be.read(logits), np.float32).reshape(len(batch), -1)      # [B, vocab]
+        host = None if all(on_device or [False]) else np.asarray(be.read(logits), np.float32).reshape(len(batch), -1)
+        toks = be.read_tokens(len(batch)) if any(on_device) else None                        # [B]
         dt = (time.perf_counter() - t0) / len(batch)
-        for r, row in zip(batch, host):
+        for i, r in enumerate(batch):
             self.slots[r.slot].tokens.append(r.tokens[-1])
             r.stats.eval_s += dt
-            self._sample_and_emit(r, row)
+            if on_device and on_device[i]:
+                self._emit_token(r, int(toks[i]))
+            else:
+                self._sample_and_emit(r, host[i])
 
     def _first_token(self, req: Request, logits: np.ndarray):
         """`req`'s prompt is in its cache: its first token, or its end when it generates nothing."""
@@ -360,6 +375,17 @@ class Engine:
         except WasmchordError as e:  # non-finite logits: this request fails, the others go on
             self._fail(req, e)
         except Exception as e:  # a bug in one request's sampling, matcher or text
+            log.exception("request %d failed", req.id)
+            self._fail(req, e)
+
+    def _emit_token(self, req: Request, tok: int):
+        """Emit a token the device found (plain greedy rows); an id past the vocabulary means every
+        logit was NaN."""
+        if not 0 <= tok < self.model.config.vocab_size:
+            return self._fail(req, GenerationError(NON_FINITE))
+        try:
+            self._emit(req, tok)
+        except Exception as e:  # a bug in one request's text or callback
             log.exception("request %d failed", req.id)
             self._fail(req, e)
 

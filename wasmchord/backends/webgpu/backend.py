@@ -100,6 +100,7 @@ class WgpuBackend(Backend):
         self._kv_scratch = None
         self._mask = None
         self._argmax_parts = gpu.buffer(8 * ARGMAX_PARTS)
+        self._argmax_rows_parts = None
         self._hist = None
 
     def _probe_subgroups(self) -> int | None:
@@ -142,6 +143,23 @@ class WgpuBackend(Backend):
             self.stream.capture_end(cache, out, min(self.rope_tables.positions, cache.max_ctx))
         return out
 
+    def decode_batch(self, cache, ids, positions, slots, run):
+        """Replay the step captured for this many sequences with this step's token ids and (slot,
+        position) rows written to their buffers, or run the graph (`run`) and capture it. The attention
+        grid is the only part that moves, with the highest position."""
+        key, top = (cache, len(ids)), max(positions)
+        if self.replay_steps:
+            out = self.stream.replay(key, top)
+            if out is not None:
+                self.tokens.write(np.asarray(ids, np.uint32))  # lands before the replayed step's submit
+                self._write_seq(slots, positions)
+                return out
+            self.stream.capture_begin(top)
+        out = run()
+        if self.replay_steps:
+            self.stream.capture_end(key, out, min(self.rope_tables.positions, cache.max_ctx))
+        return out
+
     def release(self):
         self.stream.flush()
         self.stream.capture = None
@@ -151,6 +169,7 @@ class WgpuBackend(Backend):
         self.tokens.on_device = None
         self._bias_slices.clear()
         self._scratch = self._partials = self._seq = self._kv_scratch = self._mask = self._hist = None
+        self._argmax_rows_parts = None
 
     def enable_profiling(self, mode: str | None = "kernels"):
         """Timestamp queries (the `timestamp-query` feature) around every dispatch ("kernels", each in a
@@ -479,19 +498,24 @@ class WgpuBackend(Backend):
         top = max(positions)
         if top + 1 > cache.max_ctx:
             raise BackendError(f"KV cache overflow: positions up to {top + 1} > context {cache.max_ctx}")
-        seq = np.stack([np.asarray(slots, np.uint32), np.asarray(positions, np.uint32)], axis=1)
-        if self._seq is None or self._seq.size < seq.nbytes:
-            self.gpu.invalidate()
-            self._seq = self.gpu.buffer(max(256, 2 * seq.nbytes))
-        self.gpu.device.queue.write_buffer(self._seq, 0, seq)  # lands before this step's submit
+        self._write_seq(slots, positions)
         params, bufs = self._attention_params(q, k, v, cache, rope, scale, window, qk_norm, top + 1)
         out = self._out((B, H * hdv))
         self._dispatch("decode_attention", "attend_batch",
                        (top // DEC_SPLIT + 1, kvh, B * math.ceil(H // kvh / MAX_REP)), params,
-                       dict(bufs, kc=cache.k[layer], vc=cache.v[layer], seq=self._seq))
+                       dict(bufs, kc=cache.k[layer], vc=cache.v[layer], seq=self._seq),
+                       moving_grid=(0, DEC_SPLIT, top + 1))
         self._dispatch("decode_attention", "merge_batch", (H, B), params,
                        dict(part=self._partials, seq=self._seq, out=out.buf))
         return out
+
+    def _write_seq(self, slots, positions):
+        """Each batch row's (cache slot, position) into the buffer attend_batch and merge_batch read."""
+        seq = np.stack([np.asarray(slots, np.uint32), np.asarray(positions, np.uint32)], axis=1)  # [B, 2]
+        if self._seq is None or self._seq.size < seq.nbytes:
+            self.gpu.invalidate()
+            self._seq = self.gpu.buffer(max(256, 2 * seq.nbytes))
+        self.gpu.device.queue.write_buffer(self._seq, 0, seq)  # lands before this step's submit
 
     def _mask_buffer(self, mask) -> object:
         """A constraint's bitmask (int32 words) uploaded for this step's argmax or sample."""
@@ -512,6 +536,29 @@ class WgpuBackend(Backend):
         self._dispatch("argmax", "partial", (parts,), p, bufs)
         self._dispatch("argmax", "combine", (1,), p, bufs)
         return self._submit_token(defer)
+
+    def argmax_rows(self, logits):
+        """The greedy token of every row of logits [B, vocab] (a GTensor), found on the device into
+        ids[0..B) of the token buffer (argmax.wgsl's partial_rows / combine_rows): after the step is
+        submitted, `read_tokens(B)` reads them, 4 bytes per row instead of the row's logits."""
+        B, count = logits.shape[0], logits.cols
+        parts = max(1, min(ARGMAX_PARTS, count // 2048))
+        if self._argmax_rows_parts is None or self._argmax_rows_parts.size < 8 * parts * B:
+            self.gpu.invalidate()
+            self._argmax_rows_parts = self.gpu.buffer(8 * parts * max(B, 16))
+        p = dict(count=count, x_off=logits.off, parts=parts, masked=0, row_stride=logits.stride)
+        bufs = dict(x=logits.buf, ids=self.tokens.ids, part=self._argmax_rows_parts, mask=self._dummy)
+        self._dispatch("argmax", "partial_rows", (parts, B), p, bufs)
+        self._dispatch("argmax", "combine_rows", (1, B), p, bufs)
+        self.tokens.on_device = None
+
+    def read_tokens(self, n: int) -> np.ndarray:
+        """ids[0..n) of the token buffer (argmax_rows' tokens), once the work that writes them is done."""
+        self.stream.flush()
+        try:
+            return np.frombuffer(self.gpu.device.queue.read_buffer(self.tokens.ids, 0, 4 * n), np.uint32).copy()
+        except Exception as e:
+            self.gpu.fail("reading the sampled tokens", e)
 
     def sample(self, logits, params, rng, history, step, *, defer=False, mask=None):
         """sample.wgsl: penalties, top-k/top-p/min-p, temperature and a counter-based draw on the GPU.

@@ -191,7 +191,7 @@ class CommandStream:
         """The captured step's output with its dispatches queued for position pos0, or None when there
         is no valid capture for `key` at this position."""
         c = self.capture
-        if c is None or c.gen != self.gpu.gen or c.key is not key or self.profile == "kernels" or pos0 + 1 > c.max_pos:
+        if c is None or c.gen != self.gpu.gen or c.key != key or self.profile == "kernels" or pos0 + 1 > c.max_pos:
             return None
         self.flush()
         c.params.view(np.uint32)[c.words] = pos0 + c.offsets
