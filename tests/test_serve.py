@@ -631,6 +631,40 @@ def test_shutdown_waits_at_most_its_timeout_then_answers_what_is_left(lib, sig):
     assert sorted(got, key=str) == [("stream", "shutting_down")] * 4 + [(503, "shutting_down")] * 4, got
 
 
+def test_a_second_signal_stops_at_once(lib):
+    """SIGTERM, then SIGTERM again (as Ctrl-C twice): the requests left get shutting_down at once and
+    the server ends, without waiting out the 60 s shutdown timeout."""
+    proc, url = start("--slots", "2", "--shutdown-timeout", "60", key=None)
+    ban = {str(i): -100 for i in lib.tokenizer.eot_ids}
+    ask = {"prompt": "Once upon a time", "max_tokens": 2000, "temperature": 1, "seed": 1, "logit_bias": ban}
+    got = []
+
+    def whole():
+        try:
+            r = httpx.post(url + "/v1/completions", timeout=120, json=ask)
+            got.append((r.status_code, r.json()["error"]["code"] if r.status_code != 200 else None))
+        except (httpx.HTTPError, ValueError, KeyError) as e:
+            got.append(type(e).__name__)
+    clients = [threading.Thread(target=whole) for _ in range(2)]
+    for c in clients:
+        c.start()
+    deadline = time.time() + 60
+    while "wasmchord_requests_running 2" not in httpx.get(url + "/metrics").text and time.time() < deadline:
+        time.sleep(0.1)
+    t0 = time.time()
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(1)
+    assert proc.poll() is None  # the first signal waits for the requests
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    for c in clients:
+        c.join(timeout=60)
+    assert time.time() - t0 < 20
+    err = proc.stderr.read()
+    assert "second signal: stopping now" in err and "Traceback" not in err, err
+    assert got == [(503, "shutting_down")] * 2, got
+
+
 def test_requests_that_finish_within_the_shutdown_timeout_complete_and_the_server_ends_then(lib):
     proc, url = start("--shutdown-timeout", "60", key=None)
     ban = {str(i): -100 for i in lib.tokenizer.eot_ids}

@@ -81,7 +81,15 @@ def cmd_serve(a):
         def handle_exit(self, sig, frame):
             first, engine = not self.should_exit, app.state.served.engine
             super().handle_exit(sig, frame)  # first: a failed print must not lose the signal
-            if first and engine is not None and (engine.running or engine.queued):
+            if not first:  # a second Ctrl-C or SIGTERM: what is left fails now, the server ends at once
+                self.force_exit = True
+                if engine is not None:
+                    engine.abort()
+                try:
+                    print("wasmchord: second signal: stopping now", file=sys.stderr, flush=True)
+                except RuntimeError:
+                    pass
+            elif engine is not None and (engine.running or engine.queued):
                 # At the timeout the engine fails what is left (EngineStopped) without waiting for its
                 # step: each client gets a 503 or an error event, written within uvicorn's own timeout,
                 # which comes STOP_GRACE s later.
