@@ -1,8 +1,8 @@
 // argmax.wgsl: index of the largest value of a vector (ties: the lowest index), in two dispatches:
 // `partial` has each workgroup reduce a grid-stride share of the vector to (value, index); `final`
-// reduces those in one workgroup and writes the token buffer. `partial_rows` / `combine_rows` do the
-// same for several rows of a [rows, count] matrix at once (grid.y: the row; row r's token to ids[r]).
-// wg_argmax: reduce.wgsl.
+// reduces those in one workgroup and writes the token buffer: the index, or NONE / BAD (below).
+// `partial_rows` / `combine_rows` do the same for several rows of a [rows, count] matrix at once
+// (grid.y: the row; row r's token to ids[r]). wg_argmax: reduce.wgsl.
 //
 // Bindings (group 0):
 //   0 uniform P
@@ -29,18 +29,36 @@ fn allowed(j: u32) -> bool {
     return p.masked == 0u || ((mask[j / 32u] >> (j % 32u)) & 1u) == 1u;
 }
 
+const NONE: u32 = 0xffffffffu;  // no value above -3.4e38 is allowed (every allowed logit is -infinity)
+const BAD: u32 = 0xfffffffeu;   // a NaN or +infinity among the allowed values: the host fails the request
+const TOP: u32 = 0x7f7fffffu;   // the largest finite f32's bits: a BAD share outranks every other one
+
+// NaN or +infinity, told by the bits (comparisons with NaN are not reliable in shaders).
+fn non_finite(v: f32) -> bool {
+    let b = bitcast<u32>(v);
+    return (b & 0x7fffffffu) > 0x7f800000u || b == 0x7f800000u;
+}
+
 // Workgroup w's share of the row at x_off into part[slot].
 fn partial_of(w: u32, lid: u32, x_off: u32, slot: u32) {
     var best = -3.4e38;
-    var idx = 0xffffffffu;
+    var idx = NONE;
     for (var j = w * 256u + lid; j < p.count; j += p.parts * 256u) {
         let v = x[x_off + j];
-        if (v > best && allowed(j)) { best = v; idx = j; }
+        if (idx != BAD && allowed(j)) {
+            if (non_finite(v)) {
+                best = bitcast<f32>(TOP);
+                idx = BAD;
+            } else if (v > best) {
+                best = v;
+                idx = j;
+            }
+        }
     }
     let i = wg_argmax(lid, 256u, best, idx);
     if (lid == 0u) {
         var v = -3.4e38;
-        if (i != 0xffffffffu) { v = x[x_off + i]; }
+        if (i == BAD) { v = bitcast<f32>(TOP); } else if (i != NONE) { v = x[x_off + i]; }
         part[slot] = vec2<u32>(bitcast<u32>(v), i);
     }
 }
@@ -48,7 +66,7 @@ fn partial_of(w: u32, lid: u32, x_off: u32, slot: u32) {
 // The partials part[first..first + parts) reduced to one token, written to ids[out].
 fn combine_of(lid: u32, first: u32, out: u32) {
     var best = -3.4e38;
-    var idx = 0xffffffffu;
+    var idx = NONE;
     for (var j = lid; j < p.parts; j += 256u) {
         let v = bitcast<f32>(part[first + j].x);
         let i = part[first + j].y;

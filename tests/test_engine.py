@@ -445,18 +445,20 @@ def test_gpu_batch_replay_follows_positions_and_slots(gpu_backend, tmp_path):
     rng = np.random.default_rng()
     short, long = ([int(t) for t in rng.integers(3, 200, n)] for n in (9, 123))
     ban = {t: -100 for t in g.tokenizer.eot_ids}
-    eng = Engine(g)
-    first = eng.submit(short, max_tokens=12, temperature=0, logit_bias=ban, logprobs=0)[0]
+    eng = Engine(g, prefill_chunk=16)
+    first = eng.submit(short, max_tokens=20, temperature=0, logit_bias=ban, logprobs=0)[0]
     eng.step()
     second = eng.submit(long, max_tokens=12, temperature=0, logit_bias=ban, logprobs=0)[0]
     replayed = g.backend.stream.replayed
     eng.run([first, second])
-    assert g.backend.stream.replayed - replayed >= 8
+    # first decodes alone while second's prompt is read in 8 chunks (replayed too), then beside it
+    assert g.backend.stream.replayed - replayed >= 15
     for prompt, req in ((short, first), (long, second)):
         chunks = [c for c in iter(lambda: req.take(False), None) if c.token is not None]
-        assert len(chunks) == 12
-        lg = g.logits(prompt + req.tokens[:-1])[len(prompt) - 1:]                          # [12, vocab]
-        want = (lg - np.logaddexp.reduce(lg, axis=1, keepdims=True))[np.arange(12), req.tokens]
+        n = len(req.tokens)
+        assert len(chunks) == n == (20 if req is first else 12)
+        lg = g.logits(prompt + req.tokens[:-1])[len(prompt) - 1:]                           # [n, vocab]
+        want = (lg - np.logaddexp.reduce(lg, axis=1, keepdims=True))[np.arange(n), req.tokens]
         np.testing.assert_allclose([c.logprob for c in chunks], want, atol=1e-4)
 
 

@@ -202,6 +202,26 @@ def test_argmax_rows_writes_one_token_per_row(gpu_backend, rows, size):
     assert g.read_tokens(rows).tolist() == x[:, :size].argmax(1).tolist()
 
 
+def test_argmax_names_rows_without_a_token(gpu_backend):
+    """A NaN or +infinity anywhere in a row gives BAD (the host's sampler fails such a request), a row
+    of -infinity NONE, whatever the largest other value; single rows (`argmax`) the same."""
+    from wasmchord.generate import NONE_ID
+    g, rng = gpu_backend, np.random.default_rng()
+    x = rng.standard_normal((4, 5000)).astype(np.float32)
+    x[0, int(rng.integers(0, 5000))] = np.nan
+    x[1, int(rng.integers(0, 5000))] = np.inf
+    x[1, int(rng.integers(0, 5000))] = 1e30
+    x[2] = -np.inf
+    x[3, int(rng.integers(0, 5000))] = -np.inf  # a banned token: not a failure
+    g.begin_forward()
+    g.argmax_rows(upload(g, x))
+    want = [NONE_ID - 1, NONE_ID - 1, NONE_ID, int(np.argmax(x[3]))]
+    assert g.read_tokens(4).tolist() == want
+    for row, tok in zip(x, want):
+        g.begin_forward()
+        assert g.argmax(upload(g, row)) == tok
+
+
 @pytest.mark.parametrize("shape", [(1, 64), (7, 96)])
 def test_layernorm_with_bias(gpu_backend, shape):
     g, rng = gpu_backend, np.random.default_rng()

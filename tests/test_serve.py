@@ -586,6 +586,15 @@ def test_cli_generate_applies_the_chat_template():
     assert chat.stdout.strip() and chat.stdout != raw.stdout
 
 
+def post_whole(url: str, ask: dict, got: list):
+    """A whole completion: (status, error code or None) to `got`, or the exception's name."""
+    try:
+        r = httpx.post(url + "/v1/completions", timeout=120, json=ask)
+        got.append((r.status_code, r.json()["error"]["code"] if r.status_code != 200 else None))
+    except (httpx.HTTPError, ValueError, KeyError) as e:
+        got.append(type(e).__name__)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_shutdown_waits_at_most_its_timeout_then_answers_what_is_left(lib, sig):
     """Ctrl-C or SIGTERM with 8 requests of 1,000 tokens on 2 slots: the server gives them the timeout,
@@ -597,11 +606,7 @@ def test_shutdown_waits_at_most_its_timeout_then_answers_what_is_left(lib, sig):
     got = []
 
     def whole():
-        try:
-            r = httpx.post(url + "/v1/completions", timeout=120, json=ask)
-            got.append((r.status_code, r.json()["error"]["code"] if r.status_code != 200 else None))
-        except (httpx.HTTPError, ValueError, KeyError) as e:
-            got.append(type(e).__name__)
+        post_whole(url, ask, got)
 
     def streamed():
         try:
@@ -640,11 +645,7 @@ def test_a_second_signal_stops_at_once(lib):
     got = []
 
     def whole():
-        try:
-            r = httpx.post(url + "/v1/completions", timeout=120, json=ask)
-            got.append((r.status_code, r.json()["error"]["code"] if r.status_code != 200 else None))
-        except (httpx.HTTPError, ValueError, KeyError) as e:
-            got.append(type(e).__name__)
+        post_whole(url, ask, got)
     clients = [threading.Thread(target=whole) for _ in range(2)]
     for c in clients:
         c.start()

@@ -14,7 +14,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from .errors import GenerationError
-from .sampling import NON_FINITE, SamplingParams, make_rng
+from .sampling import NON_FINITE, NOTHING_ALLOWED, SamplingParams, make_rng
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_TOKENS = 256
@@ -211,7 +211,7 @@ def generate_tokens(seq: Sequence, prompt_ids: list[int], params: SamplingParams
                 tok = be.argmax(logits, mask=mask)
             else:
                 tok = be.sample(logits, params, rng, history, i, mask=mask)
-            _check_token(tok, vocab)
+            check_device_token(tok, vocab)
             if matcher is not None:
                 matcher.consume(tok)
             if tok in stop_ids:
@@ -229,10 +229,14 @@ def generate_tokens(seq: Sequence, prompt_ids: list[int], params: SamplingParams
         stats.eval_s = time.perf_counter() - t1
 
 
-def _check_token(tok: int, vocab: int):
-    """A device sampler finds no token (an id past the vocabulary) only when every logit is NaN."""
+NONE_ID = 0xFFFFFFFF  # argmax.wgsl: every allowed logit is -infinity (a constraint and bans leave none)
+
+
+def check_device_token(tok: int, vocab: int):
+    """GenerationError for an id a device argmax or sampler gives instead of a token: NONE_ID (nothing
+    allowed, as sample()'s check says) or another past the vocabulary (a NaN or +infinity)."""
     if not 0 <= tok < vocab:
-        raise GenerationError(NON_FINITE)
+        raise GenerationError(NOTHING_ALLOWED if tok == NONE_ID else NON_FINITE)
 
 
 def _generate_ahead(seq, live, logits, params, rng, max_tokens, stop_ids, stats, vocab):
@@ -255,7 +259,7 @@ def _generate_ahead(seq, live, logits, params, rng, max_tokens, stop_ids, stats,
         if i + 1 < max_tokens and pos < seq.n_ctx:
             ahead = select(tf.decode(pos, seq.slot), i + 1)  # submitted before step i is read
         tok = be.collect(pending)
-        _check_token(tok, vocab)
+        check_device_token(tok, vocab)
         if tok in stop_ids:
             return
         if ahead is not None:  # its K/V are at `pos` only if the step after it ran

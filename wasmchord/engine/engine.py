@@ -18,8 +18,8 @@ import numpy as np
 
 from ..constrain import Constraint, apply_mask
 from ..errors import GenerationError, WasmchordError, is_integer
-from ..generate import Chunk, Sequence, TextStream, check_args
-from ..sampling import NON_FINITE, SamplingParams, apply_logit_bias, logit_bias_of, sample
+from ..generate import Chunk, Sequence, TextStream, check_args, check_device_token
+from ..sampling import SamplingParams, apply_logit_bias, logit_bias_of, sample
 from .request import DONE, PREFILL, RUNNING, WAITING, Request
 
 log = logging.getLogger(__name__)
@@ -379,10 +379,12 @@ class Engine:
             self._fail(req, e)
 
     def _emit_token(self, req: Request, tok: int):
-        """Emit a token the device found (plain greedy rows); an id past the vocabulary means every
-        logit was NaN."""
-        if not 0 <= tok < self.model.config.vocab_size:
-            return self._fail(req, GenerationError(NON_FINITE))
+        """Emit a token the device found (plain greedy rows), or fail the request as sample() would
+        (non-finite logits, or none allowed)."""
+        try:
+            check_device_token(tok, self.model.config.vocab_size)
+        except GenerationError as e:
+            return self._fail(req, e)
         try:
             self._emit(req, tok)
         except Exception as e:  # a bug in one request's text or callback

@@ -132,32 +132,32 @@ class WgpuBackend(Backend):
 
     def decode_step(self, cache, pos0, run):
         """Replay the captured decode step at pos0, or run the graph (`run`) and capture it."""
-        if self.replay_steps:
-            out = self.stream.replay(cache, pos0)
-            if out is not None:
-                self.tokens.on_device = None
-                return out
-            self.stream.capture_begin(pos0)
-        out = run()
-        if self.replay_steps:
-            self.stream.capture_end(cache, out, min(self.rope_tables.positions, cache.max_ctx))
-        return out
+        def inputs():  # the input token is the one the last argmax/sample left on the device
+            self.tokens.on_device = None
+        return self._replay_or_capture(cache, cache, pos0, run, inputs)
 
     def decode_batch(self, cache, ids, positions, slots, run):
         """Replay the step captured for this many sequences with this step's token ids and (slot,
         position) rows written to their buffers, or run the graph (`run`) and capture it. The attention
         grid is the only part that moves, with the highest position."""
-        key, top = (cache, len(ids)), max(positions)
-        if self.replay_steps:
-            out = self.stream.replay(key, top)
-            if out is not None:
-                self.tokens.write(np.asarray(ids, np.uint32))  # lands before the replayed step's submit
-                self._write_seq(slots, positions)
-                return out
-            self.stream.capture_begin(top)
+        def inputs():  # written now, they land before the replayed step's submit
+            self.tokens.write(np.asarray(ids, np.uint32))
+            self._write_seq(slots, positions)
+        return self._replay_or_capture((cache, len(ids)), cache, max(positions), run, inputs)
+
+    def _replay_or_capture(self, key, cache, pos, run, inputs):
+        """The step captured under `key` queued for position `pos` once `inputs()` wrote what it reads,
+        or `run()` (the graph) captured under `key`."""
+        if not self.replay_steps:
+            return run()
+        out = self.stream.replay(key, pos)
+        if out is not None:
+            inputs()
+            return out
+        self.stream.flush()  # what is pending (a prefill chunk) is not part of the step: a flush in it ends a capture
+        self.stream.capture_begin(pos)
         out = run()
-        if self.replay_steps:
-            self.stream.capture_end(key, out, min(self.rope_tables.positions, cache.max_ctx))
+        self.stream.capture_end(key, out, min(self.rope_tables.positions, cache.max_ctx))
         return out
 
     def release(self):
@@ -543,8 +543,7 @@ class WgpuBackend(Backend):
         submitted, `read_tokens(B)` reads them, 4 bytes per row instead of the row's logits."""
         B, count = logits.shape[0], logits.cols
         parts = max(1, min(ARGMAX_PARTS, count // 2048))
-        if self._argmax_rows_parts is None or self._argmax_rows_parts.size < 8 * parts * B:
-            self.gpu.invalidate()
+        if self._argmax_rows_parts is None or self._argmax_rows_parts.size < 8 * parts * B:  # no captured step binds it
             self._argmax_rows_parts = self.gpu.buffer(8 * parts * max(B, 16))
         p = dict(count=count, x_off=logits.off, parts=parts, masked=0, row_stride=logits.stride)
         bufs = dict(x=logits.buf, ids=self.tokens.ids, part=self._argmax_rows_parts, mask=self._dummy)
