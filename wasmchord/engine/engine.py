@@ -334,8 +334,9 @@ class Engine:
         be = self.tf.be
         positions = [len(self.slots[r.slot].tokens) for r in batch]
         logits = self.tf.forward_batch([r.tokens[-1] for r in batch], positions, [r.slot for r in batch])
-        on_device = [plain_greedy(r) for r in batch] if hasattr(be, "argmax_rows") and hasattr(logits, "cols") else []
-        if any(on_device):  # their tokens found on the device: B ids read back, not B rows of logits
+        device = hasattr(be, "argmax_rows") and hasattr(logits, "cols")  # the GPU, logits in one binding
+        greedy = [device and plain_greedy(r) for r in batch]
+        if any(greedy):  # their tokens found on the device: B ids read back, not B rows of logits
             be.argmax_rows(logits)
         be.flush()
         for r in batch:  # the constrained rows' masks, while the device runs the step
@@ -344,13 +345,13 @@ class Engine:
                     r.matcher.words()
                 except Exception:  # raised again when the row samples: it fails that request alone
                     pass
-        host = None if all(on_device or [False]) else np.asarray(be.read(logits), np.float32).reshape(len(batch), -1)
-        toks = be.read_tokens(len(batch)) if any(on_device) else None                        # [B]
+        host = None if all(greedy) else np.asarray(be.read(logits), np.float32).reshape(len(batch), -1)  # [B, vocab]
+        toks = be.read_tokens(len(batch)) if any(greedy) else None                                     # [B]
         dt = (time.perf_counter() - t0) / len(batch)
         for i, r in enumerate(batch):
             self.slots[r.slot].tokens.append(r.tokens[-1])
             r.stats.eval_s += dt
-            if on_device and on_device[i]:
+            if greedy[i]:
                 self._emit_token(r, int(toks[i]))
             else:
                 self._sample_and_emit(r, host[i])
