@@ -313,3 +313,26 @@ def test_every_weight_type_runs_on_both_backends(gpu_backend, tmp_path):
     for m in (g, k):
         assert np.abs(m.logits(ids) - want).max() < 1e-4 * np.abs(want).max()
     assert g.generate(ids, max_tokens=8, temperature=0).tokens == ref.generate(ids, max_tokens=8, temperature=0).tokens
+
+
+def test_a_pass_that_grows_its_buffers_keeps_the_other_bind_groups(gpu_backend, tmp_path, monkeypatch):
+    """A longer prompt replaces activation buffers one by one; the bind groups of the others stay
+    cached, so the same prompt again creates almost none (before, it created all of them again: a
+    fixed cost of the first prompts after a longer one, ~360 groups for SmolLM2)."""
+    from tiny_hf import make_llama
+    from wasmchord.convert import convert
+    from wasmchord.generate import Sequence
+    make_llama(tmp_path / "hf", tokenizer="bytes", calm=True)
+    m = Model.load(convert(tmp_path / "hf", tmp_path / "tiny.gguf", quant="q8_0"), device="gpu", context_length=64)
+    dev = m.backend.gpu.device
+    created = []
+    real = type(dev).create_bind_group
+    monkeypatch.setattr(type(dev), "create_bind_group", lambda self, **kw: created.append(1) or real(self, **kw))
+    s = Sequence(m.transformer)
+    runs = []
+    for n in (4, 16, 16):
+        s.reset()
+        before = len(created)
+        runs.append((m.backend.read(s.prefill(list(range(3, 3 + n)))[0]), len(created) - before))
+    (_, _), (first, _), (again, made) = runs
+    assert made <= 10 and np.array_equal(first, again), made

@@ -145,6 +145,7 @@ class Gpu:
         self.name = _label(self.adapter)
         self.failed: str | None = None
         self.gen = 0
+        self.replaced: set | None = set()  # ids of the buffers replaced since the bind-group cache looked; None: unknown
 
     def check(self):
         if self.failed:
@@ -154,9 +155,15 @@ class Gpu:
         self.failed = f"{what}: {type(e).__name__}: {e}"
         raise BackendError(self.failed) from None
 
-    def invalidate(self):
-        """Buffers that cached bind groups (and recorded steps) refer to were replaced."""
+    def invalidate(self, *replaced):
+        """Buffers that cached bind groups (and recorded steps) refer to were replaced. Naming the
+        `replaced` ones lets the bind-group cache drop only the groups that hold them; without
+        names it drops them all."""
         self.gen += 1
+        if replaced and self.replaced is not None:
+            self.replaced.update(id(b) for b in replaced)
+        else:
+            self.replaced = None
 
     def buffer(self, nbytes, data=None, usage=None):
         """A storage buffer of at least `nbytes` (rounded up to 4, at least 16), optionally filled."""

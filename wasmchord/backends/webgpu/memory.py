@@ -71,7 +71,7 @@ class Arena:
         buf = self.buffers.get(slot)
         if buf is None or buf.size < nbytes:
             if buf is not None:
-                self.gpu.invalidate()
+                self.gpu.invalidate(buf)
             buf = self.buffers[slot] = self.gpu.buffer(nbytes)
         return GTensor(buf, 0, shape)
 

@@ -98,9 +98,17 @@ class Programs:
     def bind_group(self, kernel: Kernel, param_buf, offset: int, buffers: dict):
         """The bind group of `kernel` over these buffers with its parameters at `offset` of
         `param_buf`. Keyed by the buffer objects (not id()): the key keeps them alive, so a freed
-        buffer's id can never alias a new one. Dropped whenever `gpu.gen` moves."""
+        buffer's id can never alias a new one. When `gpu.gen` moves, the groups that hold a replaced
+        buffer are dropped (all of them when the replaced buffers were not named), so that a pass
+        that grows its buffers one by one keeps the groups of the others."""
         if self._bg_gen != self.gpu.gen:
-            self._bind_groups.clear()
+            gone = self.gpu.replaced
+            if gone is None:
+                self._bind_groups.clear()
+            elif gone:
+                self._bind_groups = {k: g for k, g in self._bind_groups.items()
+                                     if not any(id(b) in gone for b in k[3:])}
+            self.gpu.replaced = set()
             self._bg_gen = self.gpu.gen
         key = (kernel, param_buf, offset, *(buffers[n] for n in kernel.slots))
         bg = self._bind_groups.get(key)
