@@ -586,6 +586,13 @@ def test_cli_generate_applies_the_chat_template():
     assert chat.stdout.strip() and chat.stdout != raw.stdout
 
 
+def wait_metrics(url: str, *lines: str, timeout: float = 120):
+    """Poll /metrics until it holds all of these lines (or the timeout passes)."""
+    deadline = time.time() + timeout
+    while not set(lines) <= set(httpx.get(url + "/metrics").text.splitlines()) and time.time() < deadline:
+        time.sleep(0.05)
+
+
 def post_whole(url: str, ask: dict, got: list):
     """A whole completion: (status, error code or None) to `got`, or the exception's name."""
     try:
@@ -619,10 +626,7 @@ def test_shutdown_waits_at_most_its_timeout_then_answers_what_is_left(lib, sig):
     clients = [threading.Thread(target=whole if i % 2 else streamed) for i in range(8)]
     for c in clients:
         c.start()
-    deadline = time.time() + 120
-    while not {"wasmchord_requests_running 2", "wasmchord_requests_waiting 6"} <= \
-            set(httpx.get(url + "/metrics").text.splitlines()) and time.time() < deadline:
-        time.sleep(0.2)
+    wait_metrics(url, "wasmchord_requests_running 2", "wasmchord_requests_waiting 6")
     t0 = time.time()
     proc.send_signal(sig)
     proc.wait(timeout=60)
@@ -649,9 +653,7 @@ def test_a_second_signal_stops_at_once(lib):
     clients = [threading.Thread(target=whole) for _ in range(2)]
     for c in clients:
         c.start()
-    deadline = time.time() + 60
-    while "wasmchord_requests_running 2" not in httpx.get(url + "/metrics").text and time.time() < deadline:
-        time.sleep(0.1)
+    wait_metrics(url, "wasmchord_requests_running 2")
     t0 = time.time()
     proc.send_signal(signal.SIGTERM)
     time.sleep(1)
@@ -673,9 +675,7 @@ def test_requests_that_finish_within_the_shutdown_timeout_complete_and_the_serve
     client = threading.Thread(target=lambda: got.append(httpx.post(url + "/v1/completions", timeout=120, json={
         "prompt": "Once upon a time", "max_tokens": 60, "temperature": 0, "logit_bias": ban})))
     client.start()
-    deadline = time.time() + 60
-    while "wasmchord_requests_running 1" not in httpx.get(url + "/metrics").text and time.time() < deadline:
-        time.sleep(0.05)
+    wait_metrics(url, "wasmchord_requests_running 1")
     t0 = time.time()
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=90)
