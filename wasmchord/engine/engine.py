@@ -352,7 +352,7 @@ class Engine:
             self.slots[r.slot].tokens.append(r.tokens[-1])
             r.stats.eval_s += dt
             if greedy[i]:
-                self._emit_token(r, int(toks[i]))
+                self._sample_and_emit(r, None, device_tok=int(toks[i]))
             else:
                 self._sample_and_emit(r, host[i])
 
@@ -363,32 +363,24 @@ class Engine:
         else:
             self._sample_and_emit(req, logits)
 
-    def _sample_and_emit(self, req: Request, logits: np.ndarray):
-        """Draw `req`'s next token and emit it. Whatever goes wrong here fails this request alone."""
+    def _sample_and_emit(self, req: Request, logits: np.ndarray | None, device_tok: int | None = None):
+        """Draw `req`'s next token from its logits, or take the one the device found for a plain greedy
+        row (`device_tok`), and emit it. Whatever goes wrong here fails this request alone."""
         try:
-            allowed = apply_logit_bias(logits, req.bias)
-            allowed = allowed if req.matcher is None else apply_mask(allowed, req.matcher.words())
-            tok = sample(allowed, req.params, req.rng, req.history())
-            if req.matcher is not None:
-                req.matcher.consume(tok)
-            lp = None if req.logprobs is None else token_logprobs(logits[None], [tok], req.logprobs)[0]
+            if device_tok is not None:  # an id past the vocabulary: the row's logits fail sample()'s check
+                check_device_token(device_tok, self.model.config.vocab_size)
+                tok, lp = device_tok, None
+            else:
+                allowed = apply_logit_bias(logits, req.bias)
+                allowed = allowed if req.matcher is None else apply_mask(allowed, req.matcher.words())
+                tok = sample(allowed, req.params, req.rng, req.history())
+                if req.matcher is not None:
+                    req.matcher.consume(tok)
+                lp = None if req.logprobs is None else token_logprobs(logits[None], [tok], req.logprobs)[0]
             self._emit(req, tok, lp)
         except WasmchordError as e:  # non-finite logits: this request fails, the others go on
             self._fail(req, e)
         except Exception as e:  # a bug in one request's sampling, matcher or text
-            log.exception("request %d failed", req.id)
-            self._fail(req, e)
-
-    def _emit_token(self, req: Request, tok: int):
-        """Emit a token the device found (plain greedy rows), or fail the request as sample() would
-        (non-finite logits, or none allowed)."""
-        try:
-            check_device_token(tok, self.model.config.vocab_size)
-        except GenerationError as e:
-            return self._fail(req, e)
-        try:
-            self._emit(req, tok)
-        except Exception as e:  # a bug in one request's text or callback
             log.exception("request %d failed", req.id)
             self._fail(req, e)
 

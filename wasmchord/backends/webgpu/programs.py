@@ -40,6 +40,7 @@ class Programs:
         self._modules: dict = {}
         self._kernels: dict = {}
         self._bind_groups: dict = {}
+        self._holding: dict[int, set] = {}  # id of a buffer -> the keys of the cached groups that bind it
         self._bg_gen = gpu.gen
 
     def source(self, shader: str) -> shaders.Source:
@@ -94,6 +95,17 @@ class Programs:
     def forget(self):
         """Drop the cached bind groups (and with them the buffers their keys hold)."""
         self._bind_groups.clear()
+        self._holding.clear()
+
+    def _drop(self, key):
+        """Forget one cached group, also in the sets of the other buffers it binds."""
+        self._bind_groups.pop(key, None)
+        for b in key[3:]:
+            keys = self._holding.get(id(b))
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self._holding[id(b)]
 
     def bind_group(self, kernel: Kernel, param_buf, offset: int, buffers: dict):
         """The bind group of `kernel` over these buffers with its parameters at `offset` of
@@ -104,10 +116,10 @@ class Programs:
         if self._bg_gen != self.gpu.gen:
             gone = self.gpu.replaced
             if gone is None:
-                self._bind_groups.clear()
-            elif gone:
-                self._bind_groups = {k: g for k, g in self._bind_groups.items()
-                                     if not any(id(b) in gone for b in k[3:])}
+                self.forget()
+            for i in gone or ():
+                for key in list(self._holding.get(i, ())):
+                    self._drop(key)
             self.gpu.replaced = set()
             self._bg_gen = self.gpu.gen
         key = (kernel, param_buf, offset, *(buffers[n] for n in kernel.slots))
@@ -118,4 +130,6 @@ class Programs:
                         "resource": {"buffer": param_buf, "offset": offset, "size": PARAM_BYTES}}]
             entries += [{"binding": src.bindings[n][0], "resource": {"buffer": buffers[n]}} for n in kernel.slots]
             bg = self._bind_groups[key] = self.gpu.device.create_bind_group(layout=kernel.bind_layout, entries=entries)
+            for b in key[3:]:
+                self._holding.setdefault(id(b), set()).add(key)
         return bg
