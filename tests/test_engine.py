@@ -462,6 +462,46 @@ def test_gpu_batch_replay_follows_positions_and_slots(gpu_backend, tmp_path):
         np.testing.assert_allclose([c.logprob for c in chunks], want, atol=1e-4)
 
 
+@pytest.mark.gpu
+def test_gpu_steps_submitted_ahead_give_the_tokens_of_one_by_one(gpu_backend, tmp_path):
+    """Greedy rows on the GPU: the next step is submitted (reading the tokens the device just found)
+    before this step's are read. Rows that finish at different steps, one cancelled midway and one
+    that arrives while the others run (the step in flight then serves only its own rows) all get the
+    tokens they get alone and with encode-ahead off."""
+    from tiny_hf import make_llama
+    from wasmchord.convert import convert
+    make_llama(tmp_path / "hf", tokenizer="bytes")  # not calm: a token depends on the whole context
+    g = Model.load(convert(tmp_path / "hf", tmp_path / "tiny.gguf", quant="f32"), device="gpu", context_length=64,
+                   slots=4)
+    rng = np.random.default_rng()
+    prompts = [[int(t) for t in rng.integers(3, 200, n)] for n in (5, 9, 7, 11)]
+    lengths = (14, 6, 20, 9)
+    alone = [g.generate(p, max_tokens=n, temperature=0).tokens for p, n in zip(prompts, lengths)]
+
+    def run(encode_ahead):
+        eng = Engine(g, encode_ahead=encode_ahead)
+        reqs = [eng.submit(p, max_tokens=n, temperature=0)[0] for p, n in zip(prompts[:3], lengths[:3])]
+        for _ in range(4):
+            eng.step()
+        late = eng.submit(prompts[3], max_tokens=lengths[3], temperature=0)[0]
+        victim = eng.submit(prompts[0], max_tokens=30, temperature=0)[0]  # only the 4th slot is free: it waits
+        for _ in range(3):
+            eng.step()
+        eng.run([late])
+        eng.cancel(victim)
+        eng.run(reqs + [victim])
+        assert victim.finish_reason in ("cancelled", "stop") and victim.tokens == alone[0][:len(victim.tokens)]
+        return eng, [r.tokens for r in reqs + [late]]
+
+    eng, got = run(True)
+    assert got == alone
+    assert eng.ahead_steps >= 8
+    plain, got_plain = run(False)
+    assert got_plain == alone and plain.ahead_steps == 0
+    # a step in flight whose rows are gone is dropped: the model serves a new request as before
+    assert g.generate(prompts[1], max_tokens=lengths[1], temperature=0).tokens == alone[1]
+
+
 def test_extreme_sampling_values_that_are_accepted_do_not_fail_the_batch(cpu):
     """A temperature that divides the logits past float range, a repeat penalty that overflows them:
     accepted values, so each request gets tokens, and the others in its batch are untouched."""

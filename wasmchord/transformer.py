@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backends.base import ON_DEVICE, Backend, WeightSource
+from .backends.base import ON_DEVICE, Backend, OnDevice, WeightSource
 from .config import ModelConfig
 from .errors import ConfigError, GenerationError, GGUFError, UnsupportedError
 from .formats.gguf import GGUFFile
@@ -208,14 +208,15 @@ class Transformer:
 
     def forward_batch(self, ids, positions, slots):
         """One decode step of B sequences: token ids[b] at position positions[b] of the sequence in cache
-        slot slots[b]; writes their K/V. Returns logits [B, vocab] (a backend handle)."""
+        slot slots[b]; writes their K/V. Returns logits [B, vocab] (a backend handle). `ids` may be
+        OnDevice(B): the tokens the last argmax_rows left on the device (encode-ahead)."""
         self._check_open()
         if max(positions) + 1 > self.max_ctx:
             raise ConfigError(f"context full: {max(positions) + 1} positions > context length {self.max_ctx}")
 
         def attend(i, q, k, v, **kw):
             return self.be.attend_batch(q, k, v, self.cache, i, positions, slots, **kw)
-        ids = np.asarray(ids, np.int64)
+        ids = ids if isinstance(ids, OnDevice) else np.asarray(ids, np.int64)
         return self.be.decode_batch(self.cache, ids, positions, slots, lambda: self._run(ids, attend, True, None))
 
     def _run(self, ids, attend, all_logits, hidden):

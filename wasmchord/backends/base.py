@@ -31,10 +31,14 @@ def rope_cos_sin(base: float, n_rot: int, scale: float, n_pos: int, factors: tup
 
 
 class OnDevice:
-    """Stands for token ids that the last argmax/sample left on the device (encode-ahead decoding)."""
+    """Stands for the `n` token ids that the last argmax/sample left on the device (encode-ahead
+    decoding: one for a sequence, a batch's rows after argmax_rows)."""
+
+    def __init__(self, n: int = 1):
+        self.n = n
 
     def __len__(self):
-        return 1
+        return self.n
 
 
 ON_DEVICE = OnDevice()

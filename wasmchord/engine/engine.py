@@ -13,9 +13,11 @@ import collections
 import logging
 import threading
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
+from ..backends.base import OnDevice
 from ..constrain import Constraint, apply_mask
 from ..errors import GenerationError, WasmchordError, is_integer
 from ..generate import Chunk, Sequence, TextStream, check_args, check_device_token
@@ -72,6 +74,16 @@ class EngineStopped(GenerationError):
 STOPPED = "the engine was stopped before this request finished"
 
 
+@dataclass(slots=True)
+class Ahead:
+    """A batched step submitted before the tokens of the step before it were read (encode-ahead): its
+    rows in order, the position each row evaluates, and the backend's handle for its tokens."""
+
+    batch: list
+    positions: list
+    handle: object
+
+
 class Engine:
     """Continuous batching over the model's KV cache slots (`Model.load(..., slots=N)`).
 
@@ -80,9 +92,11 @@ class Engine:
         max_queue: requests that may wait for a slot (beyond the free ones) before `submit` refuses more
             (QueueFull); 0: only what free slots take at once.
         prefill_chunk: prompt tokens evaluated per step, so running sequences keep getting tokens.
+        encode_ahead: on a GPU, while a step of greedy rows runs, submit the next one (its input tokens
+            are the ones the device just found) before reading this one's; False: one step at a time.
     """
 
-    def __init__(self, model, *, max_queue: int = 64, prefill_chunk: int = 512):
+    def __init__(self, model, *, max_queue: int = 64, prefill_chunk: int = 512, encode_ahead: bool = True):
         if not is_integer(prefill_chunk) or prefill_chunk < 1:
             raise GenerationError(f"prefill_chunk = {prefill_chunk!r}: expected an integer >= 1")
         if not is_integer(max_queue) or max_queue < 0:
@@ -101,7 +115,10 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._stopped = False  # stop() ended its thread: submissions would wait for no one
+        self.encode_ahead = bool(encode_ahead)
+        self._ahead: Ahead | None = None
         self.steps = 0
+        self.ahead_steps = 0       # batched steps whose tokens came from a step submitted ahead (statistics)
         self.evaluated_tokens = 0  # prompt tokens evaluated (not found in a slot's cache)
         self.generated_tokens = 0
         # observe(name, seconds): "ttft" (submit to first token) and "itl" (between tokens) per request
@@ -326,8 +343,16 @@ class Engine:
             self._first_token(req, logits)
 
     def _decode(self):
-        """One batched decode over the running sequences whose last token is not yet in their cache."""
+        """One batched decode over the running sequences whose last token is not yet in their cache.
+        When a step was submitted ahead, its rows still running take their tokens from it (a row that
+        started running since waits for the next step)."""
         batch = [r for r in self.active if r.state == RUNNING]
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            rows = [(j, r) for j, r in enumerate(ahead.batch)
+                    if r.state == RUNNING and len(self.slots[r.slot].tokens) == ahead.positions[j]]
+            if rows:
+                return self._decode_ahead(ahead, rows, len(rows) == len(ahead.batch) == len(batch))
         if not batch:
             return
         t0 = time.perf_counter()
@@ -336,9 +361,14 @@ class Engine:
         logits = self.tf.forward_batch([r.tokens[-1] for r in batch], positions, [r.slot for r in batch])
         device = hasattr(be, "argmax_rows") and hasattr(logits, "cols")  # the GPU, logits in one binding
         greedy = [device and plain_greedy(r) for r in batch]
+        handle = None
         if any(greedy):  # their tokens found on the device: B ids read back, not B rows of logits
             be.argmax_rows(logits)
-        be.flush()
+            handle = be.submit_rows(len(batch))
+        else:
+            be.flush()
+        if all(greedy) and self._may_run_ahead(positions):
+            self._ahead = self._submit_ahead(batch, [p + 1 for p in positions])
         for r in batch:  # the constrained rows' masks, while the device runs the step
             if r.matcher is not None:
                 try:
@@ -346,7 +376,7 @@ class Engine:
                 except Exception:  # raised again when the row samples: it fails that request alone
                     pass
         host = None if all(greedy) else np.asarray(be.read(logits), np.float32).reshape(len(batch), -1)  # [B, vocab]
-        toks = be.read_tokens(len(batch)) if any(greedy) else None                                     # [B]
+        toks = be.collect_rows(handle) if handle is not None else None                                 # [B]
         dt = (time.perf_counter() - t0) / len(batch)
         for i, r in enumerate(batch):
             self.slots[r.slot].tokens.append(r.tokens[-1])
@@ -355,6 +385,36 @@ class Engine:
                 self._sample_and_emit(r, None, device_tok=int(toks[i]))
             else:
                 self._sample_and_emit(r, host[i])
+
+    def _may_run_ahead(self, positions: list[int]) -> bool:
+        """A step of these rows may be submitted ahead: the backend can, there is room in the context,
+        and the next step will run the same rows (no prompt being evaluated, none about to be admitted)."""
+        return (self.encode_ahead and hasattr(self.tf.be, "submit_rows") and max(positions) + 2 <= self.tf.max_ctx
+                and not any(r.state == PREFILL for r in self.active)
+                and not ((self.waiting or self._inbox) and None in self.busy))
+
+    def _submit_ahead(self, batch: list[Request], positions: list[int]) -> Ahead:
+        """Submit the step after the one just submitted, for the same greedy rows: its input tokens are
+        the ones that step's argmax leaves on the device. A row that finishes meanwhile wastes its part
+        (its cache position past its tokens is written, and never read)."""
+        be = self.tf.be
+        logits = self.tf.forward_batch(OnDevice(len(batch)), positions, [r.slot for r in batch])
+        be.argmax_rows(logits)
+        return Ahead(batch, positions, be.submit_rows(len(batch)))
+
+    def _decode_ahead(self, ahead: Ahead, rows: list[tuple[int, Request]], whole: bool):
+        """The step submitted ahead gives `rows` (index in it, request) their tokens. When it still
+        runs every row (`whole`), the step after it is submitted before its tokens are read."""
+        t0 = time.perf_counter()
+        if whole and self._may_run_ahead([p + 1 for p in ahead.positions]):
+            self._ahead = self._submit_ahead(ahead.batch, [p + 1 for p in ahead.positions])
+        toks = self.tf.be.collect_rows(ahead.handle)                                                   # [B]
+        self.ahead_steps += 1
+        dt = (time.perf_counter() - t0) / len(rows)
+        for j, r in rows:
+            self.slots[r.slot].tokens.append(r.tokens[-1])
+            r.stats.eval_s += dt
+            self._sample_and_emit(r, None, device_tok=int(toks[j]))
 
     def _first_token(self, req: Request, logits: np.ndarray):
         """`req`'s prompt is in its cache: its first token, or its end when it generates nothing."""

@@ -141,7 +141,10 @@ class WgpuBackend(Backend):
         position) rows written to their buffers, or run the graph (`run`) and capture it. The attention
         grid is the only part that moves, with the highest position."""
         def inputs():  # written now, they land before the replayed step's submit
-            self.tokens.write(np.asarray(ids, np.uint32))
+            if isinstance(ids, OnDevice):  # encode-ahead: the last argmax_rows left them in the token buffer
+                self.tokens.on_device = None
+            else:
+                self.tokens.write(np.asarray(ids, np.uint32))
             self._write_seq(slots, positions)
         return self._replay_or_capture((cache, len(ids)), cache, max(positions), run, inputs)
 
@@ -248,8 +251,8 @@ class WgpuBackend(Backend):
 
     # ------------------------------------------------------------------------------------ ops
     def embed(self, table, ids, scale=1.0):
-        if isinstance(ids, OnDevice):  # encode-ahead: the previous step's sample is already in the token buffer
-            n = 1
+        if isinstance(ids, OnDevice):  # encode-ahead: the previous step's sample(s) already in the token buffer
+            n = len(ids)
             self.tokens.on_device = None
         else:
             ids = np.asarray(ids, dtype=np.uint32)
@@ -540,7 +543,8 @@ class WgpuBackend(Backend):
     def argmax_rows(self, logits):
         """The greedy token of every row of logits [B, vocab] (a GTensor), found on the device into
         ids[0..B) of the token buffer (argmax.wgsl's partial_rows / combine_rows): after the step is
-        submitted, `read_tokens(B)` reads them, 4 bytes per row instead of the row's logits."""
+        submitted, `read_tokens(B)` (or `submit_rows` then `collect_rows`) reads them, 4 bytes per row
+        instead of the row's logits; a next step's embedding may read them where they are (OnDevice(B))."""
         B, count = logits.shape[0], logits.cols
         parts = max(1, min(ARGMAX_PARTS, count // 2048))
         if self._argmax_rows_parts is None or self._argmax_rows_parts.size < 8 * parts * B:  # no captured step binds it
@@ -551,13 +555,21 @@ class WgpuBackend(Backend):
         self._dispatch("argmax", "combine_rows", (1, B), p, bufs)
         self.tokens.on_device = None
 
+    def submit_rows(self, n: int) -> tuple[int, int]:
+        """Submit the step, with its argmax_rows tokens ids[0..n) copied into a ring buffer of their own;
+        returns a handle for `collect_rows`. The host may record the next step before collecting."""
+        slot = self.tokens.take_rows(n)
+        self.tokens.rows_submitted[slot] = self.stream.flush(copy=(self.tokens.ids, 0, self.tokens.rows[slot], 0, 4 * n))
+        return slot, n
+
+    def collect_rows(self, handle: tuple[int, int]) -> np.ndarray:
+        """The tokens of the step `submit_rows` returned `handle` for, once that step is done (work
+        submitted after it may still run)."""
+        return self.tokens.collect_rows(*handle)
+
     def read_tokens(self, n: int) -> np.ndarray:
         """ids[0..n) of the token buffer (argmax_rows' tokens), once the work that writes them is done."""
-        self.stream.flush()
-        try:
-            return np.frombuffer(self.gpu.device.queue.read_buffer(self.tokens.ids, 0, 4 * n), np.uint32).copy()
-        except Exception as e:
-            self.gpu.fail("reading the sampled tokens", e)
+        return self.collect_rows(self.submit_rows(n))
 
     def sample(self, logits, params, rng, history, step, *, defer=False, mask=None):
         """sample.wgsl: penalties, top-k/top-p/min-p, temperature and a counter-based draw on the GPU.

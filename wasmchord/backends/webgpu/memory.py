@@ -116,6 +116,10 @@ class TokenRing:
         self.next = self.last = 0
         self.submitted = [None] * self.RING  # submission index of the step that fills each ring slot
         self.on_device: int | None = None  # the token the ids buffer holds, when known
+        # a batch's tokens (argmax_rows' ids[0..B)) are copied into a ring of their own, grown on demand
+        self.rows: list = [None] * self.RING
+        self.rows_next = 0
+        self.rows_submitted = [None] * self.RING
 
     def write(self, ids: np.ndarray):
         """Put `ids` in the token buffer (unless it holds exactly that one token already)."""
@@ -141,7 +145,7 @@ class TokenRing:
         buf = self.ring[slot]
         try:
             if self.native is not None and self.submitted[slot] is not None:  # wait for that step only
-                tok = self.native.read_u32(self.gpu.device, buf, self.submitted[slot])
+                tok = int(self.native.read_u32s(self.gpu.device, buf, self.submitted[slot])[0])
             else:  # wgpu-py's mapping waits for all submitted work
                 buf.map_sync(self.gpu.wgpu.MapMode.READ)
                 tok = int(np.frombuffer(buf.read_mapped(), np.uint32)[0])
@@ -150,3 +154,25 @@ class TokenRing:
             self.gpu.fail("reading the sampled token", e)
         self.on_device = tok if slot == self.last and idle else None
         return tok
+
+    def take_rows(self, n: int) -> int:
+        """The next ring slot for a batch of `n` tokens (its buffer grown to hold them)."""
+        slot = self.rows_next
+        self.rows_next = (slot + 1) % self.RING
+        if self.rows[slot] is None or self.rows[slot].size < 4 * n:
+            U = self.gpu.wgpu.BufferUsage
+            self.rows[slot] = self.gpu.device.create_buffer(size=4 * max(16, n), usage=U.MAP_READ | U.COPY_DST)
+        return slot
+
+    def collect_rows(self, slot: int, n: int) -> np.ndarray:
+        """Wait for the step that filled rows slot `slot` and return its `n` tokens."""
+        buf = self.rows[slot]
+        try:
+            if self.native is not None and self.rows_submitted[slot] is not None:  # wait for that step only
+                return self.native.read_u32s(self.gpu.device, buf, self.rows_submitted[slot], n)
+            buf.map_sync(self.gpu.wgpu.MapMode.READ, 0, 4 * n)  # wgpu-py's mapping waits for all submitted work
+            words = np.frombuffer(buf.read_mapped(0, 4 * n), np.uint32).copy()
+            buf.unmap()
+            return words
+        except Exception as e:
+            self.gpu.fail("reading the sampled tokens", e)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
+
 log = logging.getLogger(__name__)
 
 # naga's runtime checks (WGPUShaderRuntimeChecks): bounds checks on every array access, and a
@@ -60,9 +62,9 @@ class Native:
         return int(self.api.libf.wgpuQueueSubmitForIndex(queue._internal, 1,
                                                          self.ffi.new("WGPUCommandBuffer[]", [command_buffer._internal])))
 
-    def read_u32(self, device, buffer, index: int) -> int:
+    def read_u32s(self, device, buffer, index: int, n: int = 1) -> np.ndarray:
         """Wait for submission `index` only (not for work submitted after it), then map `buffer`
-        (MAP_READ) and return its first u32."""
+        (MAP_READ) and return its first `n` u32 words."""
         ffi, lib, libf = self.ffi, self.lib, self.api.libf
         dev = device._internal
         libf.wgpuDevicePoll(dev, True, ffi.new("WGPUSubmissionIndex *", index))
@@ -75,14 +77,15 @@ class Native:
         info = ffi.new("WGPUBufferMapCallbackInfo *")
         info.mode = lib.WGPUCallbackMode_AllowProcessEvents
         info.callback = done
-        libf.wgpuBufferMapAsync(buffer._internal, lib.WGPUMapMode_Read, 0, 4, info[0])
+        libf.wgpuBufferMapAsync(buffer._internal, lib.WGPUMapMode_Read, 0, 4 * n, info[0])
         while not status:  # the copy is done, so the mapping resolves at the next poll
             libf.wgpuDevicePoll(dev, False, ffi.NULL)
         if status[0] != lib.WGPUMapAsyncStatus_Success:
             raise RuntimeError(f"could not map the token buffer (status {status[0]})")
-        tok = int(ffi.cast("uint32_t *", lib.wgpuBufferGetConstMappedRange(buffer._internal, 0, 4))[0])
+        ptr = lib.wgpuBufferGetConstMappedRange(buffer._internal, 0, 4 * n)
+        words = np.frombuffer(ffi.buffer(ptr, 4 * n), np.uint32).copy()
         lib.wgpuBufferUnmap(buffer._internal)
-        return tok
+        return words
 
     def shader_module(self, device, label: str, code: str, checks: str):
         """A WGSL module with naga's runtime checks as `checks` names (wgpuDeviceCreateShaderModuleTrusted)."""
