@@ -12,6 +12,7 @@ import pytest
 from wasmchord import Model
 from wasmchord.engine import Engine, EngineStopped, QueueFull
 from wasmchord.errors import GenerationError
+from wasmchord.generate import Sequence
 
 PROMPTS = ["The capital of France is", "Once upon a time", "def fibonacci(n):", "Water boils at",
            "The three laws of robotics are"]
@@ -465,9 +466,11 @@ def test_gpu_batch_replay_follows_positions_and_slots(gpu_backend, tmp_path):
 @pytest.mark.gpu
 def test_gpu_steps_submitted_ahead_give_the_tokens_of_one_by_one(gpu_backend, tmp_path):
     """Greedy rows on the GPU: the next step is submitted (reading the tokens the device just found)
-    before this step's are read. Rows that finish at different steps, one cancelled midway and one
-    that arrives while the others run (the step in flight then serves only its own rows) all get the
-    tokens they get alone and with encode-ahead off."""
+    before this step's are read. Rows that finish at different steps, one cancelled midway, one that
+    arrives while the others run (the step in flight then serves only its own rows), a prompt
+    evaluated and finished within one step while a step is in flight (it writes the token buffer
+    that step's successor would read), and a generation outside the engine between two steps (on a
+    slot the engine does not use) all leave the tokens they get alone and with encode-ahead off."""
     from tiny_hf import make_llama
     from wasmchord.convert import convert
     make_llama(tmp_path / "hf", tokenizer="bytes")  # not calm: a token depends on the whole context
@@ -481,8 +484,14 @@ def test_gpu_steps_submitted_ahead_give_the_tokens_of_one_by_one(gpu_backend, tm
     def run(encode_ahead):
         eng = Engine(g, encode_ahead=encode_ahead)
         reqs = [eng.submit(p, max_tokens=n, temperature=0)[0] for p, n in zip(prompts[:3], lengths[:3])]
-        for _ in range(4):
+        for _ in range(2):
             eng.step()
+        assert (eng._ahead is not None) == encode_ahead
+        brief = eng.submit(prompts[3][:6], max_tokens=1, temperature=0)[0]  # admitted, evaluated, done in one step
+        eng.step()
+        assert len(brief.tokens) <= 1
+        eng.step()
+        g.generate(prompts[1][:4], max_tokens=3, temperature=0, sequence=Sequence(g.transformer, slot=3))  # a free slot
         late = eng.submit(prompts[3], max_tokens=lengths[3], temperature=0)[0]
         victim = eng.submit(prompts[0], max_tokens=30, temperature=0)[0]  # only the 4th slot is free: it waits
         for _ in range(3):

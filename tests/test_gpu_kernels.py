@@ -202,6 +202,26 @@ def test_argmax_rows_writes_one_token_per_row(gpu_backend, rows, size):
     assert g.read_tokens(rows).tolist() == x[:, :size].argmax(1).tolist()
 
 
+def test_tokens_of_a_step_wait_for_their_reader(gpu_backend):
+    """A batch's tokens stay readable however many steps are submitted and read before them (the
+    engine's step in flight, another engine's batches meanwhile), and are read once."""
+    from wasmchord.errors import BackendError
+    g, rng = gpu_backend, np.random.default_rng()
+    x = rng.standard_normal((6, 8, 300)).astype(np.float32)
+    g.begin_forward()
+    g.argmax_rows(upload(g, x[0]))
+    first = g.submit_rows(8)
+    assert g.rows_on_device(first)
+    for i in range(1, 6):
+        g.begin_forward()
+        g.argmax_rows(upload(g, x[i]))
+        assert g.collect_rows(g.submit_rows(8)).tolist() == x[i].argmax(1).tolist()
+    assert not g.rows_on_device(first)
+    assert g.collect_rows(first).tolist() == x[0].argmax(1).tolist()
+    with pytest.raises(BackendError, match="collected or discarded"):
+        g.collect_rows(first)
+
+
 def test_argmax_names_rows_without_a_token(gpu_backend):
     """A NaN or +infinity anywhere in a row gives BAD (the host's sampler fails such a request), a row
     of -infinity NONE, whatever the largest other value; single rows (`argmax`) the same."""

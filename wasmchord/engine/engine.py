@@ -353,6 +353,7 @@ class Engine:
                     if r.state == RUNNING and len(self.slots[r.slot].tokens) == ahead.positions[j]]
             if rows:
                 return self._decode_ahead(ahead, rows, len(rows) == len(ahead.batch) == len(batch))
+            self.tf.be.discard_rows(ahead.handle)
         if not batch:
             return
         t0 = time.perf_counter()
@@ -404,9 +405,11 @@ class Engine:
 
     def _decode_ahead(self, ahead: Ahead, rows: list[tuple[int, Request]], whole: bool):
         """The step submitted ahead gives `rows` (index in it, request) their tokens. When it still
-        runs every row (`whole`), the step after it is submitted before its tokens are read."""
+        runs every row (`whole`) and its tokens are still where its argmax left them (no prompt was
+        evaluated since, nothing else used the model), the step after it is submitted before its
+        tokens are read."""
         t0 = time.perf_counter()
-        if whole and self._may_run_ahead([p + 1 for p in ahead.positions]):
+        if whole and self.tf.be.rows_on_device(ahead.handle) and self._may_run_ahead(ahead.positions):
             self._ahead = self._submit_ahead(ahead.batch, [p + 1 for p in ahead.positions])
         toks = self.tf.be.collect_rows(ahead.handle)                                                   # [B]
         self.ahead_steps += 1

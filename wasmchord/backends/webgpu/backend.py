@@ -15,7 +15,7 @@ from ...errors import BackendError, UnsupportedError
 from ...sampling import recent_tokens
 from ..base import Backend, OnDevice
 from .device import Gpu
-from .memory import Arena, GTensor, KVCacheGPU, RopeTables, TokenRing
+from .memory import Arena, GTensor, KVCacheGPU, RopeTables, RowsHandle, TokenRing
 from .native import Native
 from .programs import Programs
 from .stream import CommandStream
@@ -555,17 +555,28 @@ class WgpuBackend(Backend):
         self._dispatch("argmax", "combine_rows", (1, B), p, bufs)
         self.tokens.on_device = None
 
-    def submit_rows(self, n: int) -> tuple[int, int]:
-        """Submit the step, with its argmax_rows tokens ids[0..n) copied into a ring buffer of their own;
+    def submit_rows(self, n: int) -> RowsHandle:
+        """Submit the step, with its argmax_rows tokens ids[0..n) copied into a buffer of their own;
         returns a handle for `collect_rows`. The host may record the next step before collecting."""
-        slot = self.tokens.take_rows(n)
-        self.tokens.rows_submitted[slot] = self.stream.flush(copy=(self.tokens.ids, 0, self.tokens.rows[slot], 0, 4 * n))
-        return slot, n
+        buf = self.tokens.rows_buffer(n)
+        h = RowsHandle(buf, None, n)
+        h.index = self.stream.flush(copy=(self.tokens.ids, 0, buf, 0, 4 * n))
+        self.tokens.rows_on_device = h
+        return h
 
-    def collect_rows(self, handle: tuple[int, int]) -> np.ndarray:
+    def rows_on_device(self, handle: RowsHandle) -> bool:
+        """The token buffer still holds the tokens of the step `handle` belongs to (nothing wrote it
+        since): a next step may embed them where they are (OnDevice)."""
+        return self.tokens.rows_on_device is handle
+
+    def collect_rows(self, handle: RowsHandle) -> np.ndarray:
         """The tokens of the step `submit_rows` returned `handle` for, once that step is done (work
-        submitted after it may still run)."""
-        return self.tokens.collect_rows(*handle)
+        submitted after it may still run). Once per handle."""
+        return self.tokens.collect_rows(handle)
+
+    def discard_rows(self, handle: RowsHandle):
+        """Tokens of a submitted step that will not be read."""
+        self.tokens.discard_rows(handle)
 
     def read_tokens(self, n: int) -> np.ndarray:
         """ids[0..n) of the token buffer (argmax_rows' tokens), once the work that writes them is done."""
@@ -598,6 +609,7 @@ class WgpuBackend(Backend):
         """Submit the step, copying the 4-byte token into the next ring buffer. With defer, return the
         ring slot without waiting (collect() reads it later); else wait and return the token."""
         slot = self.tokens.take_slot()
+        self.tokens.rows_on_device = None  # ids[0] is this token now
         self.tokens.submitted[slot] = self.stream.flush(copy=(self.tokens.ids, 0, self.tokens.ring[slot], 0, 4))
         return slot if defer else self.collect(slot)
 

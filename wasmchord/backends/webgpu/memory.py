@@ -116,10 +116,11 @@ class TokenRing:
         self.next = self.last = 0
         self.submitted = [None] * self.RING  # submission index of the step that fills each ring slot
         self.on_device: int | None = None  # the token the ids buffer holds, when known
-        # a batch's tokens (argmax_rows' ids[0..B)) are copied into a ring of their own, grown on demand
-        self.rows: list = [None] * self.RING
-        self.rows_next = 0
-        self.rows_submitted = [None] * self.RING
+        # a batch's tokens (argmax_rows' ids[0..B)) are copied into mappable buffers of their own, each
+        # held by its RowsHandle until collected or discarded; `rows_on_device` is the handle whose
+        # tokens ids[0..B) still holds (nothing wrote the token buffer since)
+        self._free_rows: list = []
+        self.rows_on_device: RowsHandle | None = None
 
     def write(self, ids: np.ndarray):
         """Put `ids` in the token buffer (unless it holds exactly that one token already)."""
@@ -131,6 +132,7 @@ class TokenRing:
             self.on_device = None
         if not (n == 1 and self.on_device == int(ids[0])):
             self.gpu.device.queue.write_buffer(self.ids, 0, ids)
+            self.rows_on_device = None
         self.on_device = None
 
     def take_slot(self) -> int:
@@ -155,24 +157,45 @@ class TokenRing:
         self.on_device = tok if slot == self.last and idle else None
         return tok
 
-    def take_rows(self, n: int) -> int:
-        """The next ring slot for a batch of `n` tokens (its buffer grown to hold them)."""
-        slot = self.rows_next
-        self.rows_next = (slot + 1) % self.RING
-        if self.rows[slot] is None or self.rows[slot].size < 4 * n:
-            U = self.gpu.wgpu.BufferUsage
-            self.rows[slot] = self.gpu.device.create_buffer(size=4 * max(16, n), usage=U.MAP_READ | U.COPY_DST)
-        return slot
+    def rows_buffer(self, n: int):
+        """A mappable buffer for `n` tokens that no outstanding handle holds."""
+        for i, buf in enumerate(self._free_rows):
+            if buf.size >= 4 * n:
+                return self._free_rows.pop(i)
+        U = self.gpu.wgpu.BufferUsage
+        return self.gpu.device.create_buffer(size=4 * max(16, n), usage=U.MAP_READ | U.COPY_DST)
 
-    def collect_rows(self, slot: int, n: int) -> np.ndarray:
-        """Wait for the step that filled rows slot `slot` and return its `n` tokens."""
-        buf = self.rows[slot]
+    def collect_rows(self, h: "RowsHandle") -> np.ndarray:
+        """Wait for the step `h` belongs to and return its tokens; the buffer goes back to the pool."""
+        if h.buffer is None:
+            raise BackendError("these tokens were collected or discarded already")
+        buf, h.buffer = h.buffer, None
         try:
-            if self.native is not None and self.rows_submitted[slot] is not None:  # wait for that step only
-                return self.native.read_u32s(self.gpu.device, buf, self.rows_submitted[slot], n)
-            buf.map_sync(self.gpu.wgpu.MapMode.READ, 0, 4 * n)  # wgpu-py's mapping waits for all submitted work
-            words = np.frombuffer(buf.read_mapped(0, 4 * n), np.uint32).copy()
-            buf.unmap()
-            return words
+            if self.native is not None and h.index is not None:  # wait for that step only
+                words = self.native.read_u32s(self.gpu.device, buf, h.index, h.n)
+            else:  # wgpu-py's mapping waits for all submitted work
+                buf.map_sync(self.gpu.wgpu.MapMode.READ, 0, 4 * h.n)
+                words = np.frombuffer(buf.read_mapped(0, 4 * h.n), np.uint32).copy()
+                buf.unmap()
         except Exception as e:
             self.gpu.fail("reading the sampled tokens", e)
+        self._free_rows.append(buf)
+        return words
+
+    def discard_rows(self, h: "RowsHandle"):
+        """Tokens nobody will read: their buffer goes back to the pool (its copy is ordered before any
+        later one into it)."""
+        if h.buffer is not None:
+            self._free_rows.append(h.buffer)
+            h.buffer = None
+        if self.rows_on_device is h:
+            self.rows_on_device = None
+
+
+class RowsHandle:
+    """The tokens a submitted step copied into `buffer` (submission `index`, when known)."""
+
+    __slots__ = ("buffer", "index", "n")
+
+    def __init__(self, buffer, index, n: int):
+        self.buffer, self.index, self.n = buffer, index, n
