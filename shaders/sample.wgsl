@@ -10,8 +10,8 @@
 // Bindings (group 0):
 //   0 uniform P
 //   1 storage x     f32 logits, read_write (penalties are applied in place)
-//   2 storage ids   u32 token buffer, read_write: ids[0] = the sampled token (next step's input)
-//   3 storage hist  u32 recent tokens for the penalties [n_hist], read
+//   2 storage ids   u32 token buffer, read_write: ids[row] = the sampled token (next step's input)
+//   3 storage hist  u32 recent tokens for the penalties [hist_off, hist_off + n_hist), read
 //   4 storage mask  u32 allowed tokens (bit j % 32 of word j / 32), read   (P.masked == 1: a constraint;
 //                   the others are set to -infinity in x first)
 
@@ -29,7 +29,9 @@ struct P {
     seed: u32,
     step: u32,
     masked: u32,
-    pad1: u32, pad2: u32, pad3: u32,
+    row: u32,          // the token goes to ids[row] (a batch's rows are drawn one dispatch each)
+    hist_off: u32,     // this draw's recent tokens start at hist[hist_off]
+    pad3: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: P;
@@ -122,11 +124,11 @@ fn sample(@builtin(local_invocation_index) lid: u32) {
     }
     // ---- penalties (llama.cpp llama_sampler_penalties_apply), once per distinct recent token
     for (var j = lid; j < p.n_hist; j += WG) {
-        let t = hist[j];
+        let t = hist[p.hist_off + j];
         var first = true;
         var n = 0u;
         for (var k = 0u; k < p.n_hist; k++) {
-            if (hist[k] == t) {
+            if (hist[p.hist_off + k] == t) {
                 if (k < j) { first = false; }
                 n++;
             }
@@ -209,5 +211,5 @@ fn sample(@builtin(local_invocation_index) lid: u32) {
         }
     }
     let tok = wg_argmax(lid, WG, best, bi);
-    if (lid == 0u) { ids[0] = tok; }
+    if (lid == 0u) { ids[p.row] = tok; }
 }

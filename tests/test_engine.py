@@ -511,6 +511,39 @@ def test_gpu_steps_submitted_ahead_give_the_tokens_of_one_by_one(gpu_backend, tm
     assert g.generate(prompts[1], max_tokens=lengths[1], temperature=0).tokens == alone[1]
 
 
+@pytest.mark.gpu
+def test_gpu_sampled_rows_are_drawn_on_the_device_whatever_shares_the_batch(gpu_backend, tmp_path, monkeypatch):
+    """Sampled rows of a GPU batch draw their tokens on the device (no logits read back after the
+    prompt's), each with its own parameters, penalties and seed: a seeded request gets the same
+    tokens alone and beside others; steps without penalties are submitted ahead."""
+    from tiny_hf import make_llama
+    from wasmchord.convert import convert
+    make_llama(tmp_path / "hf", tokenizer="bytes")
+    g = Model.load(convert(tmp_path / "hf", tmp_path / "tiny.gguf", quant="f32"), device="gpu", context_length=48,
+                   slots=3)
+    rng = np.random.default_rng()
+    prompts = [[int(t) for t in rng.integers(3, 200, n)] for n in (6, 9, 4)]
+    kws = [dict(temperature=0.9, top_k=30, seed=5), dict(temperature=1.1, top_p=0.9, repeat_penalty=1.2, seed=6),
+           dict(temperature=0)]
+    reads = []
+    orig = g.backend.read
+    monkeypatch.setattr(g.backend, "read", lambda x: reads.append(x) or orig(x))
+
+    def run(idx):
+        eng = Engine(g)
+        reqs = [eng.submit(prompts[i], max_tokens=12, **kws[i])[0] for i in idx]
+        eng.run(reqs)
+        return eng, [r.tokens for r in reqs]
+
+    alone = [run([i])[1][0] for i in range(3)]
+    assert len(reads) == 3  # each prompt's last logits (its first token), nothing per step
+    eng, together = run([0, 1, 2])
+    assert together == alone
+    eng, pair = run([0, 2])  # no penalty: submitted ahead
+    assert pair == [alone[0], alone[2]] and eng.ahead_steps >= 5
+    assert len(alone[0]) == 12 and len(set(alone[0])) > 3  # sampled, not stuck
+
+
 def test_extreme_sampling_values_that_are_accepted_do_not_fail_the_batch(cpu):
     """A temperature that divides the logits past float range, a repeat penalty that overflows them:
     accepted values, so each request gets tokens, and the others in its batch are untouched."""

@@ -222,6 +222,36 @@ def test_tokens_of_a_step_wait_for_their_reader(gpu_backend):
         g.collect_rows(first)
 
 
+def test_sample_rows_draws_each_row_as_sample_does(gpu_backend):
+    """A batch's sampled rows, each with its own parameters, recent tokens (penalties) and generator,
+    drawn one dispatch each into ids[row] after a batched argmax: the tokens `sample` draws for each
+    row alone with the same generator; the argmax rows keep theirs."""
+    from wasmchord.sampling import SamplingParams, make_rng
+    g, rng = gpu_backend, np.random.default_rng()
+    B, V = 5, 3000
+    x = (2 * rng.standard_normal((B, V))).astype(np.float32)
+    params = {1: SamplingParams(temperature=0.8, top_k=40, top_p=0.9),
+              2: SamplingParams(temperature=1.2, min_p=0.05, repeat_penalty=1.3, presence_penalty=0.5),
+              4: SamplingParams(temperature=0.0, frequency_penalty=2.0)}  # greedy with a penalty
+    hist = {b: [int(t) for t in np.argsort(-x[b])[:6]] for b in params}  # the likeliest: penalties matter
+    hist[4] += [int(x[4].argmax())] * 20  # its argmax, 21 times: 42 lower
+    seeds = {b: int(rng.integers(0, 1000)) for b in params}
+    steps = {b: int(rng.integers(0, 500)) for b in params}
+    g.gpu.device.queue.write_buffer(g.tokens.ids, 0, np.full(B, 0xDEADBEEF, np.uint32))  # poisoned
+    g.begin_forward()
+    lg = upload(g, x)
+    g.argmax_rows(lg)
+    g.sample_rows(lg, [(b, params[b], make_rng(seeds[b]), hist[b], steps[b]) for b in params])
+    got = g.collect_rows(g.submit_rows(B)).tolist()
+    for b in range(B):
+        if b in params:
+            g.begin_forward()
+            assert got[b] == g.sample(upload(g, x[b]), params[b], make_rng(seeds[b]), hist[b], steps[b]), b
+        else:
+            assert got[b] == int(x[b].argmax())
+    assert got[4] != int(x[4].argmax())  # the penalty moved the greedy row off its argmax (the history's first)
+
+
 def test_argmax_names_rows_without_a_token(gpu_backend):
     """A NaN or +infinity anywhere in a row gives BAD (the host's sampler fails such a request), a row
     of -infinity NONE, whatever the largest other value; single rows (`argmax`) the same."""

@@ -43,6 +43,17 @@ def plain_greedy(req: Request) -> bool:
             and not req.bias and req.matcher is None and req.logprobs is None)
 
 
+def device_drawn(req: Request) -> bool:
+    """Its token can be drawn on the device (argmax or sample.wgsl, penalties included): no bias,
+    constraint or logprobs, which need the logits on the host."""
+    return not req.bias and req.matcher is None and req.logprobs is None
+
+
+def penalized(req: Request) -> bool:
+    p = req.params
+    return p.repeat_penalty != 1.0 or bool(p.presence_penalty) or bool(p.frequency_penalty)
+
+
 def token_logprobs(logits: np.ndarray, toks, k: int) -> list[tuple[float, list]]:
     """For each row of `logits` [n, vocab] (the model's distribution, before penalties and filters) and
     its token in `toks` [n]: (the token's log-probability, [(token id, log-probability)] of the `k` most
@@ -92,8 +103,9 @@ class Engine:
         max_queue: requests that may wait for a slot (beyond the free ones) before `submit` refuses more
             (QueueFull); 0: only what free slots take at once.
         prefill_chunk: prompt tokens evaluated per step, so running sequences keep getting tokens.
-        encode_ahead: on a GPU, while a step of greedy rows runs, submit the next one (its input tokens
-            are the ones the device just found) before reading this one's; False: one step at a time.
+        encode_ahead: on a GPU, while a step of rows whose tokens the device draws runs (no bias,
+            constraint, logprobs or penalty), submit the next one (its input tokens are the ones the
+            device just drew) before reading this one's; False: one step at a time.
     """
 
     def __init__(self, model, *, max_queue: int = 64, prefill_chunk: int = 512, encode_ahead: bool = True):
@@ -361,14 +373,14 @@ class Engine:
         positions = [len(self.slots[r.slot].tokens) for r in batch]
         logits = self.tf.forward_batch([r.tokens[-1] for r in batch], positions, [r.slot for r in batch])
         device = hasattr(be, "argmax_rows") and hasattr(logits, "cols")  # the GPU, logits in one binding
-        greedy = [device and plain_greedy(r) for r in batch]
+        drawn = [device and device_drawn(r) for r in batch]
         handle = None
-        if any(greedy):  # their tokens found on the device: B ids read back, not B rows of logits
-            be.argmax_rows(logits)
+        if any(drawn):  # their tokens found on the device: B ids read back, not B rows of logits
+            self._draw(logits, batch, positions, drawn, [r.history() if penalized(r) else () for r in batch])
             handle = be.submit_rows(len(batch))
         else:
             be.flush()
-        if all(greedy) and self._may_run_ahead(positions):
+        if all(drawn) and not any(penalized(r) for r in batch) and self._may_run_ahead(positions):
             self._ahead = self._submit_ahead(batch, [p + 1 for p in positions])
         for r in batch:  # the constrained rows' masks, while the device runs the step
             if r.matcher is not None:
@@ -376,31 +388,44 @@ class Engine:
                     r.matcher.words()
                 except Exception:  # raised again when the row samples: it fails that request alone
                     pass
-        host = None if all(greedy) else np.asarray(be.read(logits), np.float32).reshape(len(batch), -1)  # [B, vocab]
+        host = None if all(drawn) else np.asarray(be.read(logits), np.float32).reshape(len(batch), -1)  # [B, vocab]
         toks = be.collect_rows(handle) if handle is not None else None                                 # [B]
         dt = (time.perf_counter() - t0) / len(batch)
         for i, r in enumerate(batch):
             self.slots[r.slot].tokens.append(r.tokens[-1])
             r.stats.eval_s += dt
-            if greedy[i]:
+            if drawn[i]:
                 self._sample_and_emit(r, None, device_tok=int(toks[i]))
             else:
                 self._sample_and_emit(r, host[i])
 
+    def _draw(self, logits, batch, positions, drawn, histories):
+        """The device finds the tokens of the rows marked in `drawn`: plain greedy ones by one batched
+        argmax, the others sampled one dispatch each with their own parameters, penalties and
+        generator (a seed per step, the position as the draw's counter)."""
+        be = self.tf.be
+        if any(d and plain_greedy(r) for d, r in zip(drawn, batch)):
+            be.argmax_rows(logits)
+        rows = [(i, r.params, r.rng, histories[i], positions[i]) for i, r in enumerate(batch)
+                if drawn[i] and not plain_greedy(r)]
+        if rows:
+            be.sample_rows(logits, rows)
+
     def _may_run_ahead(self, positions: list[int]) -> bool:
-        """A step of these rows may be submitted ahead: the backend can, there is room in the context,
+        """A step of these rows may be submitted ahead (their tokens drawn on the device, no penalty: the
+        step's recent tokens are not known when it is submitted): the backend can, there is room in the context,
         and the next step will run the same rows (no prompt being evaluated, none about to be admitted)."""
         return (self.encode_ahead and hasattr(self.tf.be, "submit_rows") and max(positions) + 2 <= self.tf.max_ctx
                 and not any(r.state == PREFILL for r in self.active)
                 and not ((self.waiting or self._inbox) and None in self.busy))
 
     def _submit_ahead(self, batch: list[Request], positions: list[int]) -> Ahead:
-        """Submit the step after the one just submitted, for the same greedy rows: its input tokens are
-        the ones that step's argmax leaves on the device. A row that finishes meanwhile wastes its part
+        """Submit the step after the one just submitted, for the same rows: its input tokens are the
+        ones that step's argmax or sampling leaves on the device. A row that finishes meanwhile wastes its part
         (its cache position past its tokens is written, and never read)."""
         be = self.tf.be
         logits = self.tf.forward_batch(OnDevice(len(batch)), positions, [r.slot for r in batch])
-        be.argmax_rows(logits)
+        self._draw(logits, batch, positions, [True] * len(batch), [()] * len(batch))  # no penalties: no history
         return Ahead(batch, positions, be.submit_rows(len(batch)))
 
     def _decode_ahead(self, ahead: Ahead, rows: list[tuple[int, Request]], whole: bool):

@@ -585,25 +585,48 @@ class WgpuBackend(Backend):
     def sample(self, logits, params, rng, history, step, *, defer=False, mask=None):
         """sample.wgsl: penalties, top-k/top-p/min-p, temperature and a counter-based draw on the GPU.
         The host's RNG only supplies a 32-bit seed per step, so a seeded generation repeats exactly."""
+        count = logits.cols if len(logits.shape) > 1 else logits.shape[0]
+        hist = self._write_history([self._recent(params, history)])
+        self._sample_dispatch(logits.buf, logits.off, count, params, rng, step, hist[0], 0, self._mask_buffer(mask))
+        return self._submit_token(defer)
+
+    def sample_rows(self, logits, rows):
+        """Each listed row of logits [B, vocab] (a GTensor) drawn as `sample` draws, into ids[b] of the
+        token buffer: `rows` holds (b, params, rng, history, step) per row, each with its own
+        parameters, recent tokens and generator; one dispatch per row. After `argmax_rows` on the
+        same logits, these rows' tokens replace the argmax's. `submit_rows` then reads them."""
+        hist = self._write_history([self._recent(params, history) for _, params, _, history, _ in rows])
+        for (b, params, rng, _, step), h in zip(rows, hist):
+            self._sample_dispatch(logits.buf, logits.off + b * logits.stride, logits.cols, params, rng, step, h, b,
+                                  self._dummy)
+
+    @staticmethod
+    def _recent(params, history) -> np.ndarray:
+        penalize = params.repeat_penalty != 1.0 or params.presence_penalty or params.frequency_penalty
+        return np.asarray(recent_tokens(history, params.penalty_last_n) if penalize else [], np.uint32)
+
+    def _write_history(self, hists) -> list[tuple[int, int]]:
+        """The draws' recent tokens, one after the other in the history buffer: (offset, count) each."""
+        n = sum(h.size for h in hists)
+        if self._hist is None or self._hist.size < max(16, 4 * n):
+            self._hist = self.gpu.buffer(max(256, 8 * n))
+            self.gpu.invalidate()
+        if n:
+            self.gpu.device.queue.write_buffer(self._hist, 0, np.concatenate(hists))
+        offs = np.cumsum([0] + [h.size for h in hists])
+        return [(int(o), int(h.size)) for o, h in zip(offs, hists)]
+
+    def _sample_dispatch(self, x, x_off, count, params, rng, step, hist, row, mask):
         if params.greedy:  # penalties then argmax: temperature 0 in the kernel would divide by zero
             params = type(params)(**{**params.__dict__, "temperature": 1e-6, "top_k": 1})
-        count = logits.cols if len(logits.shape) > 1 else logits.shape[0]
-        penalize = params.repeat_penalty != 1.0 or params.presence_penalty or params.frequency_penalty
-        hist = np.asarray(recent_tokens(history, params.penalty_last_n) if penalize else [], np.uint32)
-        if self._hist is None or self._hist.size < max(16, hist.nbytes):
-            self._hist = self.gpu.buffer(max(256, hist.nbytes))
-            self.gpu.invalidate()
-        if hist.size:
-            self.gpu.device.queue.write_buffer(self._hist, 0, hist)
         seed = int(rng.integers(0, 2**32))
         self._dispatch("sample", "sample", (1,),
-                       dict(count=count, x_off=logits.off, top_k=int(params.top_k), n_hist=int(hist.size),
+                       dict(count=count, x_off=x_off, top_k=int(params.top_k), n_hist=hist[1], hist_off=hist[0],
                             temperature=params.temperature, top_p=params.top_p, min_p=params.min_p,
                             repeat=params.repeat_penalty, presence=params.presence_penalty,
                             frequency=params.frequency_penalty, seed=seed, step=int(step),
-                            masked=int(mask is not None)),
-                       dict(x=logits.buf, ids=self.tokens.ids, hist=self._hist, mask=self._mask_buffer(mask)))
-        return self._submit_token(defer)
+                            masked=int(mask is not self._dummy), row=int(row)),
+                       dict(x=x, ids=self.tokens.ids, hist=self._hist, mask=mask))
 
     def _submit_token(self, defer: bool):
         """Submit the step, copying the 4-byte token into the next ring buffer. With defer, return the
