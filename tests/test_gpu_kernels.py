@@ -54,10 +54,11 @@ def close(a, b, tol=1e-4):
 
 
 # One token runs matvec.wgsl, whose lanes per row follow k (4, 8, 16, 32 lanes for k = 128, 256,
-# 512, 2048); several tokens run the tiled matmul of qmatrix.wgsl (70 tokens x 130 rows cross tiles).
+# 512, 2048); 2 to 8 tokens (to 16 on a small matrix: 13 here) its matvec_batch, 4 tokens per weight
+# read; more run the tiled matmul of qmatrix.wgsl (70 tokens x 130 rows cross tiles).
 @pytest.mark.parametrize("name", GPU_TYPES)
 @pytest.mark.parametrize("n,rows,k", [(1, 37, 256), (1, 8, 512), (1, 67, 128), (1, 130, 2048), (1, 20000, 512), (3, 45, 512), (7, 33, 256),
-                                      (19, 5, 768), (70, 130, 256)])
+                                      (13, 29, 512), (19, 5, 768), (70, 130, 256)])
 @pytest.mark.parametrize("sums", ["subgroup", "shared"])
 def test_matmul_every_type(gpu_backend, name, n, rows, k, sums):
     """Both ways a matvec sums its lanes: subgroup operations (on devices whose subgroups are

@@ -22,7 +22,9 @@ from .stream import CommandStream
 from .weights import FMT_NAMES, upload_matrix
 
 MV_WG = 256             # matvec.wgsl: invocations per workgroup
-MV_BATCH = 8            # matvec.wgsl matvec_batch for 2..MV_BATCH tokens (decode batches); the tiled matmul beyond
+MV_BATCH = 8            # matvec.wgsl matvec_batch for 2..MV_BATCH tokens (decode batches); the tiled matmul beyond,
+MV_BATCH_SMALL = 16     # but up to MV_BATCH_SMALL tokens for matrices of at most MV_SMALL weights (see _batch_limit)
+MV_SMALL = 4 << 20
 MM_TILE = 64            # qmatrix.wgsl: tokens and rows per matmul workgroup
 DEC_SPLIT = 128         # key positions per split in decode attention (attention.wgsl, decode_attention.wgsl)
 MAX_REP = 8             # decode_attention.wgsl: query heads per workgroup
@@ -57,6 +59,16 @@ def _rows_per_group(rows: int, k: int) -> int:
     """Rows per lane group for a matvec: each block's activations serve 4 rows on matrices large enough
     to be bandwidth-bound; small ones take 1, so that more workgroups share the latency."""
     return 4 if rows * k >= 1 << 22 else 1
+
+
+def _batch_limit(rows: int, k: int) -> int:
+    """The most tokens matvec_batch takes for a rows x k matrix before the tiled matmul does. It reads
+    the weights once per 4 tokens; the tiled matmul once per 64, in only rows / 64 workgroups. On an
+    H200 (BENCHMARKS.md, batch profile) SmolLM2's matrices (<= 1.8 M weights) took 11.5 us at 4 tokens
+    and 15.6 at 8 in matvec_batch against 49 in the tiled matmul at 16; Qwen2.5's (2.4-27 M) 55 and
+    104 against 165: so small matrices stay on matvec_batch up to 16 tokens (~24 us by that slope),
+    large ones leave it after 8 (~200 > 165)."""
+    return MV_BATCH_SMALL if rows * k <= MV_SMALL else MV_BATCH
 
 
 def _lanes(rows: int, k: int) -> int:
@@ -305,7 +317,7 @@ class WgpuBackend(Backend):
                 params = dict(k=k, rows=pc.rows, out_off=out.off, out_col0=pc.col0, has_bias=int(bias is not None),
                               accumulate=int(residual is not None), norm=int(norm is not None), eps=eps)
                 self._matvec("matvec", x, params, dict(bufs, g=g), pc, pc.rows)
-            elif n <= MV_BATCH and x.off % 4 == 0 and x.stride % 4 == 0:
+            elif n <= _batch_limit(pc.rows, k) and x.off % 4 == 0 and x.stride % 4 == 0:
                 lanes = self.matvec_lanes or _lanes(pc.rows, k)
                 sg = self.subgroup_size if self.subgroup_size and lanes % self.subgroup_size == 0 else 0
                 self._dispatch("matvec", "matvec_batch", (math.ceil(pc.rows / (MV_WG // lanes)), math.ceil(n / 4)),
