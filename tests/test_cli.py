@@ -156,6 +156,17 @@ def test_bench_batch_sweep_runs_each_batch_size_against_one_by_one(tmp_path):
     assert "agg tok/s" in r.stdout and "same tokens" in r.stdout
 
 
+def test_bench_batch_sweep_samples_at_a_temperature(tmp_path):
+    out = tmp_path / "sweep.json"
+    r = run("bench", "smollm2-135m-instruct", "--backend", "cpu", "--batch", "2", "--gen-tokens", "4",
+            "--temperature", "0.8", "--json", str(out), timeout=300)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    assert res["temperature"] == 0.8 and [row["batch"] for row in res["rows"]] == [2]
+    assert res["rows"][0]["tokens"] > 0 and res["rows"][0]["same_tokens"] is None  # draws are not compared
+    assert "temperature 0.8" in r.stdout
+
+
 def test_a_bad_sampling_flag_is_named_as_the_flag_before_loading():
     for flags, said in ((["-n", "0"], "-n/--max-tokens 0: expected an integer >= 1"),
                         (["--seed", "-1"], "--seed -1: expected an integer >= 0"),

@@ -42,6 +42,7 @@ def main():
     ap.add_argument("--shader-checks", default=None, help="naga runtime checks: all, bounds or none")
     ap.add_argument("--batch", default="1,2,4,8,16", help="batch engine sweep sizes ('' to skip)")
     ap.add_argument("--sweep-only", action="store_true", help="only the batch sweep (no prefill/decode/profile)")
+    ap.add_argument("--temperature", default="0", help="batch sweeps at these temperatures (e.g. 0,0.8)")
     a = ap.parse_args()
     problems = check_vulkan()
     for p in problems:
@@ -73,10 +74,10 @@ def main():
             md.append(f"## {model}\n\n```\n{bench.format_result(res)}\n```\n")
             print(bench.format_result(res), flush=True)
         results["models"][f"{model} {opts}"] = res
-        if a.batch:
+        for temp in (float(x) for x in a.temperature.split(",")) if a.batch else ():
             sweep = bench.batch_sweep(resolve_model(model), device="gpu",
-                                      batches=tuple(int(x) for x in a.batch.split(",")), **opts)
-            res["batch_sweep"] = sweep
+                                      batches=tuple(int(x) for x in a.batch.split(",")), temperature=temp, **opts)
+            res["batch_sweep" if not temp else f"batch_sweep_t{temp:g}"] = sweep
             md.append(f"```\n{bench.format_sweep(sweep)}\n```\n")
             print(bench.format_sweep(sweep), flush=True)
         (out / "results.json").write_text(json.dumps(results, indent=2, default=str))

@@ -210,11 +210,13 @@ def format_profile(p: dict) -> str:
 
 
 def batch_sweep(model_path, *, device="cpu", batches=(1, 2, 4, 8, 16), n_gen=48, prompt_len=32, progress=None,
-                **backend_options) -> dict:
+                temperature=0.0, **backend_options) -> dict:
     """The batch engine at each batch size B: B different prompts generating `n_gen` tokens each
     (greedy) as one batch, against the same prompts run one by one in the same run: aggregate tok/s,
     the speedup, each sequence's inter-token latency, and the KV cache the slots take. Every batch
-    size runs a few tokens first, untimed (kernels compiled, GPU steps captured)."""
+    size runs a few tokens first, untimed (kernels compiled, GPU steps captured). `temperature` > 0
+    samples instead (prompt i with seed i, both ways); "same tokens" then compares nothing (None): a
+    single sequence and the engine may draw differently (README, sampling on the GPU)."""
     from .engine import Engine
     from .model import Model
     top = max(batches)
@@ -223,18 +225,18 @@ def batch_sweep(model_path, *, device="cpu", batches=(1, 2, 4, 8, 16), n_gen=48,
     words = m.tokenizer.encode(TEXT * (top // 4 + prompt_len // 40 + 2), add_bos=False)
     bos = [m.tokenizer.bos_id] if m.tokenizer.bos_id is not None else []
     prompts = [bos + words[5 * i:5 * i + prompt_len - len(bos)] for i in range(top)]  # all different
-    m.generate(prompts[0], max_tokens=3, temperature=0)  # warm-up: kernels compiled, steps captured
+    m.generate(prompts[0], max_tokens=3, temperature=temperature)  # warm-up: kernels compiled, steps captured
     for b in batches:
         eng = Engine(m, max_queue=b)
-        eng.run([r for p in prompts[:b] for r in eng.submit(p, max_tokens=3, temperature=0)])
+        eng.run([r for p in prompts[:b] for r in eng.submit(p, max_tokens=3, temperature=temperature)])
     rows = []
     for b in batches:
         ps = prompts[:b]
         t = time.perf_counter()
-        alone = [m.generate(p, max_tokens=n_gen, temperature=0) for p in ps]
+        alone = [m.generate(p, max_tokens=n_gen, temperature=temperature, seed=i) for i, p in enumerate(ps)]
         one_s = time.perf_counter() - t
         eng = Engine(m, max_queue=b)
-        reqs = [r for p in ps for r in eng.submit(p, max_tokens=n_gen, temperature=0)]
+        reqs = [r for i, p in enumerate(ps) for r in eng.submit(p, max_tokens=n_gen, temperature=temperature, seed=i)]
         t = time.perf_counter()
         eng.run(reqs)
         batch_s = time.perf_counter() - t
@@ -243,22 +245,24 @@ def batch_sweep(model_path, *, device="cpu", batches=(1, 2, 4, 8, 16), n_gen=48,
         rows.append({"batch": b, "tokens": n, "batch_s": batch_s, "one_by_one_s": one_s,
                      "aggregate_tok_s": n / batch_s, "one_by_one_tok_s": sum(c.completion_tokens for c in alone) / one_s,
                      "speedup": one_s / batch_s, "inter_token_ms": 1e3 * float(np.median(itl)) if itl else None,
-                     "same_tokens": [r.tokens for r in reqs] == [c.tokens for c in alone]})
+                     "same_tokens": [r.tokens for r in reqs] == [c.tokens for c in alone] if not temperature else None})
     return {"model": str(model_path), "backend": m.backend.name, "backend_detail": m.backend.describe(),
-            "slots": top, "kv_cache_MB": m.load_stats.kv_cache_bytes / 1e6, "n_gen": n_gen, "prompt_len": prompt_len,
-            "peak_rss_mb": peak_rss_mb(), "rows": rows}
+            "temperature": temperature, "slots": top, "kv_cache_MB": m.load_stats.kv_cache_bytes / 1e6,
+            "n_gen": n_gen, "prompt_len": prompt_len, "peak_rss_mb": peak_rss_mb(), "rows": rows}
 
 
 def format_sweep(res: dict) -> str:
     lines = [f"model: {res['model']}", f"backend: {res['backend_detail']}",
-             f"batch engine, {res['prompt_len']}-token prompts, {res['n_gen']} new tokens each (greedy); KV cache "
+             f"batch engine, {res['prompt_len']}-token prompts, {res['n_gen']} new tokens each ("
+             + (f"temperature {res['temperature']:g}" if res.get("temperature") else "greedy") + "); KV cache "
              f"{res['slots']} slots = {res['kv_cache_MB']:.1f} MB; peak RSS {res['peak_rss_mb']:.0f} MB",
              f"{'B':>4}{'tokens':>8}{'batch s':>9}{'1-by-1 s':>10}{'agg tok/s':>11}{'speedup':>9}{'ITL ms':>8}"
              f"{'same tokens':>13}"]
     for r in res["rows"]:
         itl = f"{r['inter_token_ms']:.1f}" if r["inter_token_ms"] else ""
         lines.append(f"{r['batch']:>4}{r['tokens']:>8}{r['batch_s']:>9.2f}{r['one_by_one_s']:>10.2f}"
-                     f"{r['aggregate_tok_s']:>11.1f}{r['speedup']:>8.2f}x{itl:>8}{str(r['same_tokens']):>13}")
+                     f"{r['aggregate_tok_s']:>11.1f}{r['speedup']:>8.2f}x{itl:>8}"
+                     f"{'-' if r['same_tokens'] is None else str(r['same_tokens']):>13}")
     return "\n".join(lines)
 
 

@@ -235,6 +235,8 @@ def add_bench(sub):
                    help="ns per GPU timestamp tick (Vulkan timestampPeriod: 1 on lavapipe and NVIDIA)")
     s.add_argument("--batch", default=None, type=positive_ints, metavar="B,B,...",
                    help="instead: the batch engine at these batch sizes (e.g. 1,2,4,8,16) against one by one")
+    s.add_argument("--temperature", type=float, default=0.0,
+                   help="with --batch: sample at this temperature (prompt i with seed i) instead of greedy")
     s.add_argument("--json", help="write results as JSON here")
     s.set_defaults(func=cmd_bench)
 
@@ -252,7 +254,7 @@ def cmd_bench(a):
     if a.batch:
         with ProgressBar() as bar:
             res = bench.batch_sweep(path, device=a.backend, batches=a.batch, n_gen=a.gen_tokens or 48, progress=bar,
-                                    **backend_options(a))
+                                    temperature=a.temperature, **backend_options(a))
         print(bench.format_sweep(res))
     else:
         with ProgressBar() as bar:
