@@ -6,6 +6,7 @@
 # and types while the GPU kernel tests run on the real driver, then benchmarks each model with the
 # decode-step profile and the batch sweep (tools/gpu_bench.py), times the matrix kernels of every
 # weight type (tools/gpu_kernel_bench.py), the constrained-decoding mask (tools/bench_constrain.py),
+# where a SmolLM2 batch of 8 and 16 and a short prompt spend their GPU time (tools/gpu_forward_profile.py),
 # and checks GPU vs NumPy parity and batch = one by one (tools/gpu_parity.py). Everything goes to
 # $OUT (at most 8 files); the whole run stops itself by $BUDGET seconds (default 500).
 set -u
@@ -42,6 +43,8 @@ timeout $(lim 120) python3 tools/gpu_kernel_bench.py --reps 10 --shapes all --js
 stamp "kernels done"
 timeout $(lim 60) python3 tools/bench_constrain.py /tmp/syn-smollm2-135m-instruct.gguf --backend gpu --batches 1,8 --tokens 64 --repeats 3 --json $OUT/constrain.json 2>&1 | log
 stamp "constrain done"
+timeout $(lim 60) python3 tools/gpu_forward_profile.py /tmp/syn-smollm2-135m-instruct.gguf --prefill 64 --batch 8,16 2>&1 | log
+stamp "forward profile done"
 for n in smollm2-135m-instruct gemma3-270m qwen2.5-coder-1.5b-instruct; do
   timeout $(lim 90) python3 tools/gpu_parity.py /tmp/syn-$n.gguf --gen 16 --batch 4 2>&1 | log
 done
