@@ -5,7 +5,8 @@
 // order-preserving keys (4 passes of 8 bits), then the tokens that can survive (at least the top-k
 // and min-p thresholds, at most CAP of them) gathered into workgroup memory, where the top-p
 // threshold is found by bisection and the draw is made. More than CAP candidates (no top-k and no
-// min-p over a flat distribution) takes the same steps over the whole vocabulary.
+// min-p over a flat distribution) takes the same steps over the whole vocabulary. A NaN or +infinity
+// among the allowed logits draws nothing: the token is BAD; no allowed finite logit gives NONE.
 //
 // Bindings (group 0):
 //   0 uniform P
@@ -112,8 +113,26 @@ fn candidate(j: u32, few: bool) -> f32 {  // the j-th value looked at: a gathere
     return x[p.x_off + j];
 }
 
+const NONE: u32 = 0xffffffffu;  // nothing can be drawn (every allowed logit is -infinity)
+const BAD: u32 = 0xfffffffeu;   // a NaN or +infinity among the allowed logits: the host fails the request
+
+fn non_finite(v: f32) -> bool {  // told by the bits, as in argmax.wgsl
+    let b = bitcast<u32>(v);
+    return (b & 0x7fffffffu) > 0x7f800000u || b == 0x7f800000u;
+}
+
 @compute @workgroup_size(256)
 fn sample(@builtin(local_invocation_index) lid: u32) {
+    // ---- a NaN or +infinity among the allowed logits: no draw, BAD (as argmax.wgsl and the host's check)
+    var bad = 0u;
+    for (var j = lid; j < p.count; j += WG) {
+        let allowed = p.masked == 0u || ((mask[j / 32u] >> (j % 32u)) & 1u) == 1u;
+        if (allowed && non_finite(x[p.x_off + j])) { bad = 1u; }
+    }
+    if (wg_sum_u(lid, WG, bad) > 0u) {
+        if (lid == 0u) { ids[p.row] = BAD; }
+        return;
+    }
     // ---- a constraint: the tokens it leaves out cannot be drawn
     if (p.masked == 1u) {
         for (var j = lid; j < p.count; j += WG) {
@@ -200,7 +219,7 @@ fn sample(@builtin(local_invocation_index) lid: u32) {
 
     // ---- temperature and a Gumbel-max draw among the survivors (ties: the lowest index)
     var best = -3.4e38;
-    var bi = 0xffffffffu;
+    var bi = NONE;
     for (var j = lid; j < n; j += WG) {
         let v = candidate(j, few);
         var i = j;

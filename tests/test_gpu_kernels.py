@@ -273,6 +273,35 @@ def test_argmax_names_rows_without_a_token(gpu_backend):
         assert g.argmax(upload(g, row)) == tok
 
 
+def test_sample_names_rows_without_a_token(gpu_backend):
+    """The sampler as the argmax: a NaN or +infinity among the allowed logits gives BAD (the host's
+    sampler fails such a request), every allowed logit -infinity NONE; a NaN that a constraint
+    leaves out does not count. Batch rows (`sample_rows`) and single draws (`sample`) alike."""
+    from wasmchord.generate import NONE_ID
+    from wasmchord.sampling import SamplingParams, make_rng
+    g, rng = gpu_backend, np.random.default_rng()
+    x = rng.standard_normal((5, 3000)).astype(np.float32)
+    x[0, int(rng.integers(0, 3000))] = np.nan
+    x[1, int(rng.integers(0, 3000))] = np.inf
+    x[2] = -np.inf
+    x[3, int(rng.integers(0, 3000))] = -np.inf  # a banned token: not a failure
+    x[4, 7] = np.nan
+    want = [NONE_ID - 1, NONE_ID - 1, NONE_ID]
+    params = SamplingParams(temperature=0.9, top_p=0.95)
+    g.begin_forward()
+    g.sample_rows(upload(g, x[:4]), [(b, params, make_rng(b), (), 3) for b in range(4)])
+    got = g.collect_rows(g.submit_rows(4)).tolist()
+    assert got[:3] == want and 0 <= got[3] < 3000 and x[3, got[3]] > -np.inf
+    for b in range(3):
+        g.begin_forward()
+        assert g.sample(upload(g, x[b]), params, make_rng(b), (), 3) == want[b]
+    mask = np.full(3000 // 32 + 1, -1, np.int32)
+    mask[0] = ~(1 << 7)  # token 7, the NaN, left out
+    g.begin_forward()
+    tok = g.sample(upload(g, x[4]), params, make_rng(0), (), 0, mask=mask)
+    assert 0 <= tok < 3000 and tok != 7
+
+
 @pytest.mark.parametrize("shape", [(1, 64), (7, 96)])
 def test_layernorm_with_bias(gpu_backend, shape):
     g, rng = gpu_backend, np.random.default_rng()
