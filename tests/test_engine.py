@@ -2,6 +2,7 @@
 greedy, prefix reuse evaluates only the new tokens, chunked prefill equals one-shot prefill, seeded
 sampling does not depend on what shares the batch, cancellation frees the slot; bad input; threads."""
 
+import math
 import re
 import threading
 import time
@@ -260,6 +261,23 @@ def test_the_queue_holds_what_the_free_slots_do_not_take(cpu):
     none.submit("a", max_tokens=1, n=4)
     with pytest.raises(QueueFull, match="queue is full"):
         none.submit("b", max_tokens=1)
+
+
+def test_retry_after_follows_how_long_requests_hold_a_slot(cpu):
+    """A full queue's Retry-After: 1 s before any request finished; then the time recent requests held
+    their slot (a moving average) times the requests waiting per slot ahead of the caller, 1 to 60."""
+    eng = Engine(cpu, max_queue=8)
+    assert eng.retry_after() == 1
+    reqs = [r for p in PROMPTS[:2] for r in eng.submit(p, max_tokens=6, temperature=0)]
+    eng.run(reqs)
+    held = [r.finished_at - r.admitted_at for r in sorted(reqs, key=lambda r: r.finished_at)]
+    assert all(h > 0 for h in held) and eng._held == pytest.approx(0.8 * held[0] + 0.2 * held[1])
+    eng._held = 3.2  # as if requests held their slot 3.2 s
+    for p in "abcdefg":  # 4 take the slots at the next step; all 7 wait now
+        eng.submit(p, max_tokens=1)
+    assert eng.queued == 7 and eng.retry_after() == math.ceil(3.2 * 8 / 4)
+    eng._held = 100.0
+    assert eng.retry_after() == 60
 
 
 def test_a_cancelled_request_leaves_its_place_at_once(cpu):

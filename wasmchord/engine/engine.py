@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -131,6 +132,7 @@ class Engine:
         self._ahead: Ahead | None = None
         self.steps = 0
         self.ahead_steps = 0       # batched steps whose tokens came from a step submitted ahead (statistics)
+        self._held: float | None = None  # how long recent requests held their slot (seconds, moving average)
         self.evaluated_tokens = 0  # prompt tokens evaluated (not found in a slot's cache)
         self.generated_tokens = 0
         # observe(name, seconds): "ttft" (submit to first token) and "itl" (between tokens) per request
@@ -214,6 +216,14 @@ class Engine:
         """Requests waiting for a slot."""
         return len(self.waiting) + len(self._inbox)
 
+    def retry_after(self) -> int:
+        """Seconds a request turned away by a full queue might wait before it tries again: how long
+        recent requests held a slot, times the requests waiting per slot ahead of it; 1 to 60 (1 before
+        any request finished)."""
+        if self._held is None:
+            return 1
+        return int(min(60, max(1, math.ceil(self._held * (self.queued + 1) / len(self.slots)))))
+
     # ------------------------------------------------------------------------------------ the step
     def step(self) -> bool:
         """Run one engine step; False when there was nothing to do."""
@@ -261,7 +271,7 @@ class Engine:
             req.evaluated = min(have, len(req.prompt) - 1)  # the last prompt token gives the logits
             req.stats.cached_tokens = req.evaluated
             seq.tokens = seq.tokens[:req.evaluated]
-            req.slot, req.state = slot, PREFILL
+            req.slot, req.state, req.admitted_at = slot, PREFILL, time.perf_counter()
             self.busy[slot] = req
             self.active.append(req)
 
@@ -348,6 +358,7 @@ class Engine:
             seq.claim()
             seq.tokens = list(req.prompt)
             req.slot, req.state, req.evaluated = slot, RUNNING, len(req.prompt)
+            req.admitted_at = time.perf_counter()
             req.prompt_logprobs = leader.prompt_logprobs
             req.stats.cached_tokens = len(req.prompt)
             self.busy[slot] = req
@@ -499,6 +510,9 @@ class Engine:
         tail, hit = req.text.finish() if flush else ("", False)
         req.finish_reason = "stop" if hit else reason
         req.state, req.finished_at = DONE, time.perf_counter()
+        if req.admitted_at is not None:
+            held = req.finished_at - req.admitted_at
+            self._held = held if self._held is None else 0.8 * self._held + 0.2 * held
         if req.slot is not None and self.busy[req.slot] is req:
             self.busy[req.slot] = None
         if req in self.active:

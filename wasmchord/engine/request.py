@@ -38,6 +38,7 @@ class Request:
     stats: Stats = field(default_factory=Stats)
     cancelled: bool = False
     submitted: float = field(default_factory=time.perf_counter)
+    admitted_at: float | None = None  # when it took a slot
     first_token_at: float | None = None
     finished_at: float | None = None
     out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # Chunks (the last has finish_reason) or an error

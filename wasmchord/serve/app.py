@@ -335,7 +335,8 @@ def create_app(load, *, name: str, api_key: str | None = None, cors_origins=(), 
             for r in reqs:
                 served.engine.cancel(r)
             served.metrics.count("wasmchord_requests_rejected_total")
-            raise ApiError(503, str(e), kind="server_error", code="queue_full", headers={"Retry-After": "1"}) from None
+            raise ApiError(503, str(e), kind="server_error", code="queue_full",
+                           headers={"Retry-After": str(served.engine.retry_after())}) from None
         except EngineStopped:
             raise ApiError(503, "the server is shutting down", kind="server_error", code="shutting_down") from None
         except (GenerationError, TypeError) as e:
